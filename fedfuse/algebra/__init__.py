@@ -1,0 +1,35 @@
+"""Pure tensor algebra: task vectors, sparse tensors, sparsifiers, seeds. No Flower, no I/O."""
+
+from fedfuse.algebra.seeds import derive_seed
+from fedfuse.algebra.sparse import SparseTensor, Update, UpdateTensor, to_dense
+from fedfuse.algebra.sparsify import (
+    Sparsifier,
+    dare_drop,
+    dare_indices,
+    dare_mask,
+    dare_seed_fn,
+    global_trim,
+    sparsify_update,
+    ties_trim,
+    trim_count,
+)
+from fedfuse.algebra.task_vector import apply_task_vector, task_vector
+
+__all__ = [
+    "SparseTensor",
+    "Sparsifier",
+    "Update",
+    "UpdateTensor",
+    "apply_task_vector",
+    "dare_drop",
+    "dare_indices",
+    "dare_mask",
+    "dare_seed_fn",
+    "derive_seed",
+    "global_trim",
+    "sparsify_update",
+    "task_vector",
+    "ties_trim",
+    "to_dense",
+    "trim_count",
+]

@@ -1,0 +1,64 @@
+"""A sparse tensor as sorted flat indices plus values, and the helpers that add it into dense state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """A tensor of ``shape`` that is zero except at ``indices`` (flat, sorted, unique, int64).
+
+    ``dare_seed``/``dare_density`` are set when the support came from a seeded DARE mask: the
+    indices can then be regenerated from the seed alone, so the wire format sends no indices.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: torch.Size
+    dare_seed: int | None = None
+    dare_density: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.indices.dim() != 1 or self.values.dim() != 1:
+            raise ValueError("SparseTensor indices and values must be 1-D")
+        if self.indices.numel() != self.values.numel():
+            raise ValueError(
+                f"SparseTensor has {self.indices.numel()} indices but {self.values.numel()} values"
+            )
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+
+    @property
+    def numel(self) -> int:
+        """Number of entries of the dense tensor this represents."""
+        return self.shape.numel()
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (kept) entries."""
+        return self.values.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense tensor (allocates ``numel`` entries: for tests and small tensors)."""
+        dense = torch.zeros(self.numel, dtype=self.values.dtype, device=self.values.device)
+        dense[self.indices.to(dense.device)] = self.values
+        return dense.reshape(self.shape)
+
+
+UpdateTensor = Union[torch.Tensor, SparseTensor]
+"""One tensor of an update: dense, or sparse (kept entries only)."""
+
+Update = Mapping[str, UpdateTensor]
+"""A task vector keyed by parameter name, each tensor dense or sparse."""
+
+
+def to_dense(tensor: UpdateTensor) -> torch.Tensor:
+    """Dense view of an update tensor (a no-op for dense tensors)."""
+    return tensor.to_dense() if isinstance(tensor, SparseTensor) else tensor

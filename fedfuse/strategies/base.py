@@ -1,0 +1,276 @@
+"""The merge-strategy contract: a commutative monoid of per-parameter sufficient statistics.
+
+A strategy names its element-wise statistics, says how one update's kept entries add into them
+(``accumulate``) and how the summed statistics become the merged task vector (``finalize_tensor``).
+Everything else — dense vs sparse updates, devices, dtypes, combining partial states, λ — lives
+here once, so a custom strategy is one short class. ``combine`` is an element-wise sum for every
+strategy; that is what makes streaming, tiers and GPU placement exact and memory-flat.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from fedfuse.algebra.sparse import SparseTensor, Update
+
+STAT_SEPARATOR = "::"
+"""Joins a parameter name and a statistic name in serialized states (``"layer.weight::S"``)."""
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` means CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')")
+    return resolved
+
+
+def add_at(stat: torch.Tensor, contribution: torch.Tensor, index: torch.Tensor | None, alpha: float = 1.0) -> None:
+    """``stat += alpha·contribution``, at ``index`` when the update is sparse (no densifying)."""
+    if index is None:
+        stat.add_(contribution, alpha=alpha)
+    else:
+        stat.index_add_(0, index, contribution, alpha=alpha)
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` where the denominator is positive, 0 elsewhere."""
+    tiny = torch.finfo(denominator.dtype).tiny
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(tiny), torch.zeros_like(numerator))
+
+
+class MergeStrategy(ABC):
+    """Base class of every merge method.
+
+    Parameters
+    ----------
+    lam : float
+        Scale λ applied to the merged task vector at :meth:`finalize` (default 1.0).
+    device : str
+        Where the statistics live: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+    dtype : str
+        Accumulation precision, ``"float32"`` (default) or ``"float64"``. Inputs in bf16/fp16 are
+        always accumulated at this precision.
+
+    Subclasses set ``statistics`` (element-wise statistic names) and implement
+    :meth:`accumulate` and :meth:`finalize_tensor`; extra constructor parameters go in
+    :meth:`params` so partial states from different processes can be checked for compatibility.
+    """
+
+    name: ClassVar[str] = ""
+    statistics: tuple[str, ...] = ()
+    default_sparsifier: ClassVar[str] = "none"
+    needs_fisher: ClassVar[bool] = False
+
+    def __init__(self, *, lam: float = 1.0, device: str = "cpu", dtype: str = "float32") -> None:
+        if not math.isfinite(lam):
+            raise ValueError(f"lam must be finite, got {lam}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.lam = float(lam)
+        self.dtype_name = dtype
+        self.dtype = _DTYPES[dtype]
+        self.device = resolve_device(device)
+
+    @abstractmethod
+    def accumulate(
+        self,
+        stats: dict[str, torch.Tensor],
+        values: torch.Tensor,
+        weight: float,
+        fisher: torch.Tensor | None,
+        index: torch.Tensor | None,
+    ) -> None:
+        """Add one update's entries of one tensor into ``stats`` (flat, on the state's device).
+
+        ``values`` are the kept entries (all entries when ``index`` is None); ``fisher`` is the
+        Fisher diagonal on the same entries, or None. Use :func:`add_at` to write.
+        """
+
+    @abstractmethod
+    def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
+        """The merged task vector of one tensor (flat, before λ) from its summed statistics."""
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that change the merge's meaning (serialized with partial states)."""
+        return {"lam": self.lam, "dtype": self.dtype_name}
+
+    def identity(self) -> dict[str, Any]:
+        """Name plus parameters: two states combine only when their identities are equal."""
+        return {"strategy": self.name, **self.params()}
+
+    def new_state(self) -> "MergeState":
+        """An empty state (the monoid's identity element)."""
+        return MergeState(self)
+
+    def combine(self, a: "MergeState", b: "MergeState") -> "MergeState":
+        """Fold state ``b`` into state ``a`` (element-wise sums) and return ``a``."""
+        return a.combine(b)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args}, device={str(self.device)!r})"
+
+
+def _flat_values(tensor: torch.Tensor | SparseTensor, device: torch.device, dtype: torch.dtype):
+    if isinstance(tensor, SparseTensor):
+        return tensor.values.to(device=device, dtype=dtype), tensor.indices.to(device=device)
+    return tensor.reshape(-1).to(device=device, dtype=dtype), None
+
+
+def _fisher_on_support(
+    name: str, fisher: torch.Tensor | SparseTensor, tensor: torch.Tensor | SparseTensor,
+    device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The Fisher diagonal on the entries the update kept."""
+    if fisher.shape != tensor.shape:
+        raise ValueError(f"tensor {name!r}: Fisher shape {tuple(fisher.shape)} but update shape {tuple(tensor.shape)}")
+    if isinstance(fisher, SparseTensor):
+        if not isinstance(tensor, SparseTensor) or not torch.equal(fisher.indices, tensor.indices):
+            raise ValueError(f"tensor {name!r}: a sparse Fisher diagonal must share the update's indices")
+        values = fisher.values.to(device=device, dtype=dtype)
+    else:
+        flat = fisher.reshape(-1)
+        if isinstance(tensor, SparseTensor):
+            flat = flat[tensor.indices.to(flat.device)]
+        values = flat.to(device=device, dtype=dtype)
+    if bool((values < 0).any()):
+        raise ValueError(f"tensor {name!r}: Fisher diagonal has negative entries")
+    return values
+
+
+class MergeState:
+    """Summed sufficient statistics of the updates added so far (one strategy, one device).
+
+    Memory is the strategy's statistics for each parameter, whatever the number of updates.
+    """
+
+    def __init__(self, strategy: MergeStrategy) -> None:
+        self.strategy = strategy
+        self.shapes: dict[str, torch.Size] = {}
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.total_weight = 0.0
+        self.num_updates = 0
+
+    def _stats_for(self, name: str, shape: torch.Size) -> dict[str, torch.Tensor]:
+        known = self.shapes.get(name)
+        if known is None:
+            self.shapes[name] = torch.Size(shape)
+            numel = torch.Size(shape).numel()
+            s = self.strategy
+            self.stats[name] = {stat: torch.zeros(numel, dtype=s.dtype, device=s.device) for stat in s.statistics}
+        elif known != shape:
+            raise ValueError(f"tensor {name!r}: shape {tuple(shape)} but earlier updates had {tuple(known)}")
+        return self.stats[name]
+
+    def add(self, update: Update, weight: float = 1.0, fisher: Mapping[str, Any] | None = None) -> "MergeState":
+        """Fold one update (dense and/or sparse tensors) with ``weight`` and optional Fisher diagonal."""
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"update weight must be finite and >= 0, got {weight}")
+        s = self.strategy
+        if s.needs_fisher and fisher is None:
+            raise ValueError(f"strategy {s.name!r} needs a Fisher diagonal with every update")
+        if fisher is not None:
+            unknown = sorted(set(fisher) - set(update))
+            if unknown:
+                raise ValueError(f"Fisher diagonal names tensors the update lacks: {', '.join(unknown[:5])}")
+        for name, tensor in update.items():
+            if not isinstance(tensor, SparseTensor) and not tensor.is_floating_point():
+                raise ValueError(f"tensor {name!r}: updates must be floating point, got {tensor.dtype}")
+            fisher_tensor = None if fisher is None else fisher.get(name)
+            if s.needs_fisher and fisher_tensor is None:
+                raise ValueError(f"tensor {name!r}: strategy {s.name!r} needs its Fisher diagonal")
+            stats = self._stats_for(name, tensor.shape)
+            values, index = _flat_values(tensor, s.device, s.dtype)
+            fisher_values = None
+            if fisher_tensor is not None:
+                fisher_values = _fisher_on_support(name, fisher_tensor, tensor, s.device, s.dtype)
+            s.accumulate(stats, values, weight, fisher_values, index)
+        self.total_weight += weight
+        self.num_updates += 1
+        return self
+
+    def combine(self, other: "MergeState") -> "MergeState":
+        """Fold ``other`` into this state (element-wise sums); ``other`` is left unchanged."""
+        if self.strategy.identity() != other.strategy.identity():
+            raise ValueError(
+                f"cannot combine states of different strategies: {self.strategy.identity()} vs {other.strategy.identity()}"
+            )
+        for name, other_stats in other.stats.items():
+            stats = self._stats_for(name, other.shapes[name])
+            for stat, tensor in other_stats.items():
+                stats[stat].add_(tensor.to(device=stats[stat].device, dtype=stats[stat].dtype))
+        self.total_weight += other.total_weight
+        self.num_updates += other.num_updates
+        return self
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """The merged task vector λ·merge(τ₁…τ_K), one tensor per parameter (state dtype and device)."""
+        if self.num_updates == 0:
+            raise ValueError("no updates were added to this merge state")
+        lam = self.strategy.lam
+        out = {}
+        for name, stats in self.stats.items():
+            merged = self.strategy.finalize_tensor(stats, self.total_weight)
+            out[name] = (merged * lam if lam != 1.0 else merged).reshape(self.shapes[name])
+        return out
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics as ``{"param::stat": tensor}`` in parameter shape (for files and the wire)."""
+        return {
+            f"{name}{STAT_SEPARATOR}{stat}": tensor.reshape(self.shapes[name])
+            for name, stats in self.stats.items()
+            for stat, tensor in stats.items()
+        }
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata that, with :meth:`to_tensors`, fully describes this state."""
+        return {
+            "fedfuse_state": json.dumps(self.strategy.identity(), sort_keys=True),
+            "total_weight": repr(self.total_weight),
+            "num_updates": str(self.num_updates),
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, strategy: MergeStrategy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    ) -> "MergeState":
+        """Rebuild a state written by :meth:`to_tensors`/:meth:`metadata`, checking it fits ``strategy``."""
+        try:
+            identity = json.loads(metadata["fedfuse_state"])
+            total_weight = float(metadata["total_weight"])
+            num_updates = int(metadata["num_updates"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"not a fedfuse partial state (bad metadata: {exc})") from exc
+        if identity != strategy.identity():
+            raise ValueError(f"partial state was made by {identity}, not by {strategy.identity()}")
+        state = cls(strategy)
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, sep, stat = key.rpartition(STAT_SEPARATOR)
+            if not sep or stat not in strategy.statistics:
+                raise ValueError(f"partial state has an unexpected tensor {key!r}")
+            grouped.setdefault(name, {})[stat] = tensor
+        for name, stats in grouped.items():
+            missing = sorted(set(strategy.statistics) - set(stats))
+            if missing:
+                raise ValueError(f"partial state lacks statistics {missing} for tensor {name!r}")
+            shapes = {tuple(t.shape) for t in stats.values()}
+            if len(shapes) != 1:
+                raise ValueError(f"partial state has statistics of different shapes for tensor {name!r}")
+            target = state._stats_for(name, next(iter(stats.values())).shape)
+            for stat, tensor in stats.items():
+                target[stat].copy_(tensor.reshape(-1))
+        state.total_weight = total_weight
+        state.num_updates = num_updates
+        return state
