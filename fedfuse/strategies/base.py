@@ -43,9 +43,12 @@ def add_at(stat: torch.Tensor, contribution: torch.Tensor, index: torch.Tensor |
 
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator`` where the denominator is positive, 0 elsewhere."""
-    tiny = torch.finfo(denominator.dtype).tiny
-    return torch.where(denominator > 0, numerator / denominator.clamp_min(tiny), torch.zeros_like(numerator))
+    """``numerator / denominator`` where the denominator is positive, 0 where both are 0.
+
+    For sums of non-negative weights a zero denominator always comes with a zero numerator
+    (nothing was added), so clamping the denominator to the smallest normal float is exact.
+    """
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
 
 
 class MergeStrategy(ABC):

@@ -49,9 +49,11 @@ class Ties(MergeStrategy):
 
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
         score = stats["C"] if self.vote == "count" else stats["P"] + stats["N"]
-        return torch.where(
-            score >= 0, safe_divide(stats["P"], stats["Wp"]), safe_divide(stats["N"], stats["Wn"])
-        )
+        plus_elected = score >= 0
+        del score
+        agreeing_sum = torch.where(plus_elected, stats["P"], stats["N"])
+        agreeing_weight = torch.where(plus_elected, stats["Wp"], stats["Wn"])
+        return safe_divide(agreeing_sum, agreeing_weight)
 
 
 class DareTies(Ties):
