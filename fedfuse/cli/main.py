@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from fedfuse import __version__
+from fedfuse.cli.demo import demo
+from fedfuse.cli.merge import merge
 
 app = typer.Typer(
     name="fedfuse",
@@ -22,3 +24,6 @@ def main(
     if version:
         typer.echo(__version__)
         raise typer.Exit()
+
+app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
+app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
