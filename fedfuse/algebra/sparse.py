@@ -29,7 +29,17 @@ class SparseTensor:
             raise ValueError(
                 f"SparseTensor has {self.indices.numel()} indices but {self.values.numel()} values"
             )
-        object.__setattr__(self, "shape", torch.Size(self.shape))
+        if self.indices.dtype != torch.int64:
+            raise ValueError(f"SparseTensor indices must be int64, got {self.indices.dtype}")
+        shape = torch.Size(self.shape)
+        object.__setattr__(self, "shape", shape)
+        if self.indices.numel() > 1 and not bool((self.indices[1:] > self.indices[:-1]).all()):
+            raise ValueError("SparseTensor indices must be sorted and unique")
+        if self.indices.numel() and (int(self.indices[0]) < 0 or int(self.indices[-1]) >= shape.numel()):
+            raise ValueError(
+                f"SparseTensor index out of range for shape {tuple(shape)}: "
+                f"[{int(self.indices[0])}, {int(self.indices[-1])}] not within [0, {shape.numel()})"
+            )
 
     @property
     def numel(self) -> int:

@@ -130,25 +130,30 @@ def _flat_values(tensor: torch.Tensor | SparseTensor, device: torch.device, dtyp
     return tensor.reshape(-1).to(device=device, dtype=dtype), None
 
 
-def _fisher_on_support(
-    name: str, fisher: torch.Tensor | SparseTensor, tensor: torch.Tensor | SparseTensor,
-    device: torch.device, dtype: torch.dtype,
-) -> torch.Tensor:
-    """The Fisher diagonal on the entries the update kept."""
+def _check_fisher(name: str, fisher: torch.Tensor | SparseTensor, tensor: torch.Tensor | SparseTensor) -> None:
+    """A Fisher diagonal must have the update's shape, share a sparse update's support, and be >= 0."""
     if fisher.shape != tensor.shape:
         raise ValueError(f"tensor {name!r}: Fisher shape {tuple(fisher.shape)} but update shape {tuple(tensor.shape)}")
     if isinstance(fisher, SparseTensor):
         if not isinstance(tensor, SparseTensor) or not torch.equal(fisher.indices, tensor.indices):
             raise ValueError(f"tensor {name!r}: a sparse Fisher diagonal must share the update's indices")
-        values = fisher.values.to(device=device, dtype=dtype)
+        values = fisher.values
     else:
-        flat = fisher.reshape(-1)
-        if isinstance(tensor, SparseTensor):
-            flat = flat[tensor.indices.to(flat.device)]
-        values = flat.to(device=device, dtype=dtype)
+        values = fisher
     if bool((values < 0).any()):
         raise ValueError(f"tensor {name!r}: Fisher diagonal has negative entries")
-    return values
+
+
+def _fisher_on_support(
+    fisher: torch.Tensor | SparseTensor, tensor: torch.Tensor | SparseTensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The Fisher diagonal on the entries the update kept (checked by :func:`_check_fisher`)."""
+    if isinstance(fisher, SparseTensor):
+        return fisher.values.to(device=device, dtype=dtype)
+    flat = fisher.reshape(-1)
+    if isinstance(tensor, SparseTensor):
+        flat = flat[tensor.indices.to(flat.device)]
+    return flat.to(device=device, dtype=dtype)
 
 
 class MergeState:
@@ -164,19 +169,26 @@ class MergeState:
         self.total_weight = 0.0
         self.num_updates = 0
 
-    def _stats_for(self, name: str, shape: torch.Size) -> dict[str, torch.Tensor]:
+    def _check_shape(self, name: str, shape: torch.Size) -> None:
         known = self.shapes.get(name)
-        if known is None:
+        if known is not None and known != shape:
+            raise ValueError(f"tensor {name!r}: shape {tuple(shape)} but earlier updates had {tuple(known)}")
+
+    def _stats_for(self, name: str, shape: torch.Size) -> dict[str, torch.Tensor]:
+        self._check_shape(name, shape)
+        if name not in self.shapes:
             self.shapes[name] = torch.Size(shape)
             numel = torch.Size(shape).numel()
             s = self.strategy
             self.stats[name] = {stat: torch.zeros(numel, dtype=s.dtype, device=s.device) for stat in s.statistics}
-        elif known != shape:
-            raise ValueError(f"tensor {name!r}: shape {tuple(shape)} but earlier updates had {tuple(known)}")
         return self.stats[name]
 
     def add(self, update: Update, weight: float = 1.0, fisher: Mapping[str, Any] | None = None) -> "MergeState":
-        """Fold one update (dense and/or sparse tensors) with ``weight`` and optional Fisher diagonal."""
+        """Fold one update (dense and/or sparse tensors) with ``weight`` and optional Fisher diagonal.
+
+        All-or-nothing: every tensor is checked before any is accumulated, so a rejected update
+        leaves the state exactly as it was.
+        """
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"update weight must be finite and >= 0, got {weight}")
@@ -190,25 +202,32 @@ class MergeState:
         for name, tensor in update.items():
             if not isinstance(tensor, SparseTensor) and not tensor.is_floating_point():
                 raise ValueError(f"tensor {name!r}: updates must be floating point, got {tensor.dtype}")
+            self._check_shape(name, tensor.shape)
             fisher_tensor = None if fisher is None else fisher.get(name)
-            if s.needs_fisher and fisher_tensor is None:
-                raise ValueError(f"tensor {name!r}: strategy {s.name!r} needs its Fisher diagonal")
-            stats = self._stats_for(name, tensor.shape)
-            values, index = _flat_values(tensor, s.device, s.dtype)
-            fisher_values = None
             if fisher_tensor is not None:
-                fisher_values = _fisher_on_support(name, fisher_tensor, tensor, s.device, s.dtype)
-            s.accumulate(stats, values, weight, fisher_values, index)
+                _check_fisher(name, fisher_tensor, tensor)
+            elif s.needs_fisher:
+                raise ValueError(f"tensor {name!r}: strategy {s.name!r} needs its Fisher diagonal")
+        for name, tensor in update.items():
+            values, index = _flat_values(tensor, s.device, s.dtype)
+            fisher_tensor = None if fisher is None else fisher.get(name)
+            fisher_values = None if fisher_tensor is None else _fisher_on_support(fisher_tensor, tensor, s.device, s.dtype)
+            s.accumulate(self._stats_for(name, tensor.shape), values, weight, fisher_values, index)
         self.total_weight += weight
         self.num_updates += 1
         return self
 
     def combine(self, other: "MergeState") -> "MergeState":
-        """Fold ``other`` into this state (element-wise sums); ``other`` is left unchanged."""
+        """Fold ``other`` into this state (element-wise sums); ``other`` is left unchanged.
+
+        All-or-nothing like :meth:`add`: incompatible states raise before anything is summed.
+        """
         if self.strategy.identity() != other.strategy.identity():
             raise ValueError(
                 f"cannot combine states of different strategies: {self.strategy.identity()} vs {other.strategy.identity()}"
             )
+        for name, shape in other.shapes.items():
+            self._check_shape(name, shape)
         for name, other_stats in other.stats.items():
             stats = self._stats_for(name, other.shapes[name])
             for stat, tensor in other_stats.items():
@@ -229,7 +248,10 @@ class MergeState:
         return out
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The statistics as ``{"param::stat": tensor}`` in parameter shape (for files and the wire)."""
+        """The statistics as ``{"param::stat": tensor}`` in parameter shape (for files and the wire).
+
+        The tensors are views of the live statistics: encode or copy them before adding more.
+        """
         return {
             f"{name}{STAT_SEPARATOR}{stat}": tensor.reshape(self.shapes[name])
             for name, stats in self.stats.items()

@@ -1,0 +1,179 @@
+"""Shared test helpers: hypothesis strategies for updates, every built-in merge configuration, tolerances.
+
+Updates are drawn as a seed plus shapes (torch fills the values), so hypothesis explores counts,
+shapes, weights, densities and dense/sparse representations while tensors stay cheap to build.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from hypothesis import strategies as st
+
+from fedfuse.algebra import SparseTensor, dare_drop, ties_trim, to_dense
+from fedfuse.strategies import Contribution, MergeState, MergeStrategy, get_strategy
+
+STRATEGY_CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("fedavg", {}),
+    ("task_arithmetic", {}),
+    ("fisher", {}),
+    ("ties", {"vote": "mass"}),
+    ("ties", {"vote": "count"}),
+    ("dare_linear", {}),
+    ("dare_ties", {}),
+]
+"""Every built-in strategy, with both TIES votes."""
+
+CONFIG_IDS = [name + ("-" + params["vote"] if "vote" in params else "") for name, params in STRATEGY_CONFIGS]
+
+
+def make_strategy(config: tuple[str, dict[str, Any]], **common: Any) -> MergeStrategy:
+    """Build one of :data:`STRATEGY_CONFIGS` with extra common parameters (lam, dtype, device)."""
+    name, params = config
+    return get_strategy(name, **params, **common)
+
+
+def seeded_values(shape: tuple[int, ...], seed: int, dyadic: bool = False) -> torch.Tensor:
+    """fp32 values with ~10% exact zeros; ``dyadic`` puts them on the grid k/8, |k| ≤ 16 (exact sums)."""
+    gen = torch.Generator().manual_seed(seed)
+    if dyadic:
+        values = torch.randint(-16, 17, shape, generator=gen).to(torch.float32) / 8
+    else:
+        values = torch.randn(shape, generator=gen)
+    return values * (torch.rand(shape, generator=gen) > 0.1)
+
+
+shapes_st = st.dictionaries(
+    st.sampled_from(["w", "b", "emb"]),
+    st.lists(st.integers(1, 6), min_size=1, max_size=2).map(tuple),
+    min_size=1,
+    max_size=2,
+)
+"""Parameter names → small shapes."""
+
+
+@st.composite
+def contributions(draw: st.DrawFn, min_size: int = 1, max_size: int = 5, dyadic: bool = False) -> list[Contribution]:
+    """Updates of one model with weights and Fisher diagonals; each tensor dense, trimmed or DARE-dropped.
+
+    ``dyadic`` keeps values, weights, Fisher entries and DARE rescales on a power-of-two grid so
+    every sum the strategies form is exact in fp32, whatever the order.
+    """
+    shapes = draw(shapes_st)
+    count = draw(st.integers(min_size, max_size))
+    weights_st = st.sampled_from([0.5, 1.0, 2.0]) if dyadic else st.floats(0.1, 4.0)
+    out = []
+    for _ in range(count):
+        update: dict[str, torch.Tensor | SparseTensor] = {}
+        fisher: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            seed = draw(st.integers(0, 2**31 - 1))
+            tau = seeded_values(shape, seed, dyadic)
+            kind = draw(st.sampled_from(["dense", "trim", "dare"]))
+            if kind == "trim":
+                update[name] = ties_trim(tau, draw(st.sampled_from([0.0, 0.2, 0.5, 0.9, 1.0])))
+            elif kind == "dare":
+                update[name] = dare_drop(tau, draw(st.sampled_from([0.25, 0.5, 1.0])), seed + 1)
+            else:
+                update[name] = tau
+            grid = torch.tensor([0.25, 0.5, 1.0, 2.0])
+            fisher_gen = torch.Generator().manual_seed(seed + 2)
+            fisher[name] = (
+                grid[torch.randint(0, 4, shape, generator=fisher_gen)]
+                if dyadic
+                else torch.rand(shape, generator=fisher_gen) + 0.05
+            )
+        out.append(Contribution(update, draw(weights_st), fisher))
+    return out
+
+
+def dense_equivalent(c: Contribution) -> Contribution:
+    """The same contribution with every tensor dense; Fisher mass only on the entries the update kept.
+
+    A sparse update's dropped entries mean "τ = 0" for the sums, and "no information" for Fisher.
+    """
+    update, fisher = {}, {}
+    for name, tensor in c.update.items():
+        update[name] = to_dense(tensor)
+        fisher[name] = c.fisher[name] * _support(tensor) if c.fisher is not None else None
+    return Contribution(update, c.weight, fisher if c.fisher is not None else None)
+
+
+def absolute(c: Contribution) -> Contribution:
+    """The same contribution with |τ|: its statistics bound the rounding error of any summation order."""
+    update = {
+        name: SparseTensor(t.indices, t.values.abs(), t.shape) if isinstance(t, SparseTensor) else t.abs()
+        for name, t in c.update.items()
+    }
+    return Contribution(update, c.weight, c.fisher)
+
+
+def _support(tensor: torch.Tensor | SparseTensor) -> torch.Tensor:
+    if isinstance(tensor, SparseTensor):
+        mask = torch.zeros(tensor.numel)
+        mask[tensor.indices] = 1.0
+        return mask.reshape(tensor.shape)
+    return torch.ones(tensor.shape)
+
+
+def fold(strategy: MergeStrategy, items: Sequence[Contribution]) -> MergeState:
+    """A state with ``items`` added in order."""
+    state = strategy.new_state()
+    for c in items:
+        state.add(c.update, c.weight, c.fisher)
+    return state
+
+
+ABS_STAT = {"N": "P", "Wn": "Wp"}
+"""For each statistic, the one of the |τ| state that bounds its magnitude (others: itself)."""
+
+
+def stat_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per statistic, Σ of the absolute values of its terms (fp64): the scale of its rounding error."""
+    abs_state = fold(_as_fp64(strategy), [absolute(c) for c in items])
+    return {
+        name: {stat: abs_state.stats[name][ABS_STAT.get(stat, stat)] for stat in stats}
+        for name, stats in abs_state.stats.items()
+    }
+
+
+def output_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[str, torch.Tensor]:
+    """Per entry, the magnitude against which a merged value's rounding error is measured (fp64)."""
+    abs_out = fold(_as_fp64(strategy), [absolute(c) for c in items]).finalize()
+    if strategy.name in ("ties", "dare_ties"):
+        exact = fold(_as_fp64(strategy), items).finalize()
+        return {name: exact[name].abs() for name in exact}
+    return {name: t.abs() for name, t in abs_out.items()}
+
+
+def ties_vote_is_close(strategy: MergeStrategy, items: Sequence[Contribution], rel: float = 1e-5) -> dict[str, torch.Tensor]:
+    """Entries whose TIES mass vote |P+N| is within ``rel``·(P−N) of 0 (all False for other votes)."""
+    state = fold(_as_fp64(strategy), items)
+    out = {}
+    for name, stats in state.stats.items():
+        if strategy.name in ("ties", "dare_ties") and getattr(strategy, "vote", "") == "mass":
+            mass = stats["P"] - stats["N"]
+            out[name] = ((stats["P"] + stats["N"]).abs() <= rel * mass) & (mass > 0)
+        else:
+            out[name] = torch.zeros_like(stats[strategy.statistics[0]], dtype=torch.bool)
+        out[name] = out[name].reshape(state.shapes[name])
+    return out
+
+
+def _as_fp64(strategy: MergeStrategy) -> MergeStrategy:
+    params = {k: v for k, v in strategy.params().items() if k != "dtype"}
+    return get_strategy(strategy.name, **params, dtype="float64")
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, rel: float, what: str,
+                  skip: torch.Tensor | None = None) -> None:
+    """|got − want| ≤ rel·scale entry by entry (entries where ``skip`` is True are not compared)."""
+    error = (got.double() - want.double()).abs()
+    bad = error > rel * scale.double().reshape(error.shape)
+    if skip is not None:
+        bad &= ~skip.reshape(bad.shape)
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} entries differ beyond {rel} relative; "
+        f"worst error {float(error[bad].max()):.3g} at scale {float(scale.reshape(error.shape)[bad].max()):.3g}"
+    )
