@@ -5,7 +5,7 @@
 >>> state = ties.new_state()          # add(update, weight, fisher) → combine → finalize
 """
 
-from fedfuse.strategies.base import MergeState, MergeStrategy, add_at, resolve_device, safe_divide
+from fedfuse.strategies.base import MergeState, MergeStrategy, add_at, resolve_device
 from fedfuse.strategies.fedavg import FedAvg
 from fedfuse.strategies.fisher import FisherMerge
 from fedfuse.strategies.registry import (
@@ -40,6 +40,5 @@ __all__ = [
     "reduce_tree",
     "register_strategy",
     "resolve_device",
-    "safe_divide",
     "strategy_class",
 ]

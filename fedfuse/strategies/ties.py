@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import torch
 
-from fedfuse.strategies.base import MergeStrategy, add_at, safe_divide
+from fedfuse.strategies.base import MergeStrategy, add_at
 
 
 class Ties(MergeStrategy):
@@ -38,22 +38,25 @@ class Ties(MergeStrategy):
         return {**super().params(), "vote": self.vote}
 
     def accumulate(self, stats, values, weight, fisher, index) -> None:
-        positive = values > 0
-        negative = values < 0
-        add_at(stats["P"], values.clamp(min=0), index, alpha=weight)
-        add_at(stats["N"], values.clamp(max=0), index, alpha=weight)
-        add_at(stats["Wp"], positive.to(values.dtype), index, alpha=weight)
-        add_at(stats["Wn"], negative.to(values.dtype), index, alpha=weight)
+        weighted = values * weight
+        add_at(stats["P"], weighted.clamp(min=0), index)
+        add_at(stats["N"], weighted.clamp(max=0), index)
+        add_at(stats["Wp"], (values > 0).to(values.dtype), index, alpha=weight)
+        add_at(stats["Wn"], (values < 0).to(values.dtype), index, alpha=weight)
         if self.vote == "count":
             add_at(stats["C"], values.sign(), index)
 
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
-        score = stats["C"] if self.vote == "count" else stats["P"] + stats["N"]
-        plus_elected = score >= 0
-        del score
-        agreeing_sum = torch.where(plus_elected, stats["P"], stats["N"])
+        if self.vote == "count":
+            plus_elected = stats["C"] >= 0
+            merged = torch.empty_like(stats["P"])
+        else:
+            merged = torch.add(stats["P"], stats["N"])
+            plus_elected = merged >= 0
+        torch.where(plus_elected, stats["P"], stats["N"], out=merged)
+        # A zero agreeing weight comes with a zero agreeing sum (nothing was added), so clamping is exact.
         agreeing_weight = torch.where(plus_elected, stats["Wp"], stats["Wn"])
-        return safe_divide(agreeing_sum, agreeing_weight)
+        return merged.div_(agreeing_weight.clamp_min_(torch.finfo(agreeing_weight.dtype).tiny))
 
 
 class DareTies(Ties):
