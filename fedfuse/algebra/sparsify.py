@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping
 
+import numpy as np
 import torch
 
 from fedfuse.algebra.seeds import derive_seed
@@ -54,7 +55,7 @@ def dare_mask(shape: torch.Size | tuple[int, ...], density: float, seed: int) ->
 
 def dare_indices(numel: int, density: float, seed: int) -> torch.Tensor:
     """Sorted flat indices kept by :func:`dare_mask` for a tensor of ``numel`` entries."""
-    return dare_mask((numel,), density, seed).nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(dare_mask((numel,), density, seed).numpy()).astype(np.int64, copy=False))
 
 
 def dare_drop(tensor: torch.Tensor, density: float, seed: int, rescale: bool = True) -> SparseTensor:

@@ -1,0 +1,113 @@
+"""One round on the server: decode each payload, validate it, fold it, drop it.
+
+The aggregator holds a single merge state whatever the number of clients, so server memory stays
+flat when replies are folded as they arrive. A bad payload — undecodable, for another round or base,
+the wrong shapes, non-finite, a second reply from the same node, or not fit for the strategy — is
+rejected with a reason and a readable message, and the round goes on with the state untouched.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fedfuse.strategies import MergeStrategy
+from fedfuse.wire import Expectation, UpdateRejected, decode_partial, decode_update
+
+Weighting = Literal["num_examples", "uniform"]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why one payload was not folded: ``reason`` is a short slug for counting, ``message`` is for humans."""
+
+    node_id: str | None
+    reason: str
+    message: str
+
+
+class RoundAggregator:
+    """Fold client updates and gateway partial states of one round into one merge state.
+
+    Parameters
+    ----------
+    strategy : MergeStrategy
+        The merge method; its state is the only thing kept between payloads.
+    expect : Expectation
+        What every payload must match (tensor shapes, run, round, base fingerprint, size limit).
+    weighting : {"num_examples", "uniform"}
+        An update's weight: its number of examples (FedAvg's convention) or 1.
+    """
+
+    def __init__(self, strategy: MergeStrategy, expect: Expectation, *, weighting: Weighting = "num_examples") -> None:
+        if weighting not in ("num_examples", "uniform"):
+            raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
+        self.strategy = strategy
+        self.expect = expect
+        self.weighting = weighting
+        self.state = strategy.new_state()
+        self.accepted_nodes: list[str] = []
+        self.rejections: list[Rejection] = []
+        self.bytes_received = 0
+
+    def _reject(self, node_id: str | None, reason: str, message: str) -> Rejection:
+        rejection = Rejection(node_id, reason, message)
+        self.rejections.append(rejection)
+        return rejection
+
+    def offer_update(self, payload: bytes) -> Rejection | None:
+        """Decode, validate and fold one client update; return the rejection, or None if folded."""
+        self.bytes_received += len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+        try:
+            update = decode_update(payload, expect=self.expect)
+        except UpdateRejected as exc:
+            return self._reject(None, exc.reason, str(exc))
+        node_id = str(update.header.node_id)
+        if node_id in self.accepted_nodes:
+            return self._reject(node_id, "duplicate_node", f"node {node_id} already sent an update this round")
+        weight = float(update.header.num_examples) if self.weighting == "num_examples" else 1.0
+        if weight <= 0:
+            return self._reject(node_id, "zero_weight", f"node {node_id} reported {update.header.num_examples} examples")
+        try:
+            self.state.add(update.tensors, weight=weight, fisher=update.fisher)
+        except ValueError as exc:
+            return self._reject(node_id, "incompatible_update", f"node {node_id}: {exc}")
+        self.accepted_nodes.append(node_id)
+        return None
+
+    def offer_partial(self, payload: bytes) -> Rejection | None:
+        """Decode, validate and fold a gateway's partial state; return the rejection, or None if folded."""
+        self.bytes_received += len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+        try:
+            partial = decode_partial(payload, strategy=self.strategy, expect=self.expect)
+        except UpdateRejected as exc:
+            return self._reject(None, exc.reason, str(exc))
+        node_id = str(partial.header.node_id)
+        if node_id in self.accepted_nodes:
+            return self._reject(node_id, "duplicate_node", f"gateway {node_id} already sent a state this round")
+        try:
+            self.state.combine(partial.state)
+        except ValueError as exc:
+            return self._reject(node_id, "incompatible_update", f"gateway {node_id}: {exc}")
+        self.accepted_nodes.append(node_id)
+        return None
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """The merged task vector of every accepted payload (raises if none was accepted)."""
+        if not self.accepted_nodes:
+            reasons = ", ".join(sorted({r.reason for r in self.rejections})) or "no payloads"
+            raise ValueError(f"no update was accepted this round ({reasons})")
+        return self.state.finalize()
+
+    def metrics(self) -> dict[str, int]:
+        """Counts for the round's report: accepted, rejected, rejected per reason, bytes received."""
+        counts = Counter(r.reason for r in self.rejections)
+        return {
+            "accepted": len(self.accepted_nodes),
+            "rejected": len(self.rejections),
+            "bytes_received": self.bytes_received,
+            **{f"rejected.{reason}": n for reason, n in sorted(counts.items())},
+        }

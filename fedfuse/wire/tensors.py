@@ -1,0 +1,153 @@
+"""One tensor to and from its byte blobs: dense values, or kept values + packed indices, or DARE values.
+
+Blob keys: ``"v:<name>"`` values, ``"i:<name>"`` packed indices (bitmap/delta only) and
+``"f:<name>"`` the Fisher diagonal on the same support (values only). A DARE tensor sends no
+indices: the decoder regenerates them with :func:`fedfuse.algebra.dare_indices`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from fedfuse.algebra import SparseTensor, dare_indices
+from fedfuse.wire.errors import UpdateRejected
+from fedfuse.wire.header import TensorEntry
+from fedfuse.wire.indices import bitmap_size, check_indices, decode_indices, encode_indices
+from fedfuse.wire.values import blob_to_values, check_finite, values_to_blob
+
+UpdateTensor = torch.Tensor | SparseTensor
+
+
+def values_key(name: str) -> str:
+    return f"v:{name}"
+
+
+def indices_key(name: str) -> str:
+    return f"i:{name}"
+
+
+def fisher_key(name: str) -> str:
+    return f"f:{name}"
+
+
+def blob_keys(name: str, entry: TensorEntry) -> list[str]:
+    """The blobs a tensor with this entry must have (and no others)."""
+    keys = [values_key(name)]
+    if entry.encoding in ("bitmap", "delta"):
+        keys.append(indices_key(name))
+    if entry.fisher:
+        keys.append(fisher_key(name))
+    return keys
+
+
+def _fisher_on_support(name: str, fisher: UpdateTensor, tensor: UpdateTensor) -> torch.Tensor:
+    """The Fisher diagonal's values on the update's support (encoder side, plain ValueError)."""
+    if tuple(fisher.shape) != tuple(tensor.shape):
+        raise ValueError(f"tensor {name!r}: Fisher shape {tuple(fisher.shape)} but update shape {tuple(tensor.shape)}")
+    if isinstance(fisher, SparseTensor):
+        if not isinstance(tensor, SparseTensor) or not torch.equal(fisher.indices.cpu(), tensor.indices.cpu()):
+            raise ValueError(f"tensor {name!r}: a sparse Fisher diagonal must share the update's indices")
+        return fisher.values
+    if not isinstance(fisher, torch.Tensor) or not fisher.is_floating_point():
+        raise ValueError(f"tensor {name!r}: the Fisher diagonal must be a floating tensor or a SparseTensor")
+    flat = fisher.reshape(-1)
+    if isinstance(tensor, SparseTensor):
+        flat = flat[tensor.indices.to(flat.device)]
+    return flat
+
+
+def encode_tensor(
+    name: str, tensor: UpdateTensor, value_dtype: str, fisher: UpdateTensor | None = None
+) -> tuple[TensorEntry, dict[str, torch.Tensor]]:
+    """The header entry and blobs of one tensor (dense stays dense; DARE sends seed, not indices)."""
+    has_fisher = fisher is not None
+    blobs: dict[str, torch.Tensor] = {}
+    shape = tuple(int(d) for d in tensor.shape)
+    if isinstance(tensor, SparseTensor):
+        if not tensor.values.is_floating_point():
+            raise ValueError(f"tensor {name!r}: values must be floating point, got {tensor.values.dtype}")
+        if tensor.dare_seed is not None:
+            seed, density = tensor.dare_seed, tensor.dare_density
+            if not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise ValueError(f"tensor {name!r}: DARE seed must be an int in [0, 2**64), got {seed!r}")
+            if density is None or not 0 < density <= 1:
+                raise ValueError(f"tensor {name!r}: DARE density must be in (0, 1], got {density!r}")
+            entry = TensorEntry(shape, "dare", tensor.nnz, seed, float(density), has_fisher)
+        else:
+            indices = tensor.indices.detach().cpu().numpy()
+            check_indices(indices, tensor.numel, f"tensor {name!r}")
+            encoding, packed = encode_indices(indices, tensor.numel)
+            blobs[indices_key(name)] = torch.from_numpy(packed)
+            entry = TensorEntry(shape, encoding, tensor.nnz, fisher=has_fisher)
+        values = tensor.values
+    elif isinstance(tensor, torch.Tensor):
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {name!r}: update tensors must be floating point, got {tensor.dtype}")
+        entry = TensorEntry(shape, "dense", tensor.numel(), fisher=has_fisher)
+        values = tensor
+    else:
+        raise ValueError(f"tensor {name!r}: expected a torch.Tensor or SparseTensor, got {type(tensor).__name__}")
+    blobs[values_key(name)] = values_to_blob(values, value_dtype)
+    if fisher is not None:
+        blobs[fisher_key(name)] = values_to_blob(_fisher_on_support(name, fisher, tensor), value_dtype)
+    return entry, blobs
+
+
+def _support(name: str, entry: TensorEntry, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    what = f"tensor {name!r}"
+    if entry.encoding == "dare":
+        indices = dare_indices(entry.numel, entry.density, entry.seed)
+        if indices.numel() != entry.nnz:
+            raise UpdateRejected(
+                "dare_count_mismatch",
+                f"{what}: {entry.nnz} DARE values but the mask regenerated from seed {entry.seed} "
+                f"keeps {indices.numel()}",
+            )
+        return indices
+    indices = decode_indices(entry.encoding, blobs[indices_key(name)].numpy(), entry.numel, what)
+    if indices.size != entry.nnz:
+        raise UpdateRejected("value_count", f"{what}: {indices.size} indices but {entry.nnz} values")
+    return torch.from_numpy(indices)
+
+
+def decode_tensor(
+    name: str, entry: TensorEntry, blobs: Mapping[str, torch.Tensor], value_dtype: str
+) -> tuple[UpdateTensor, UpdateTensor | None]:
+    """The tensor (values in ``value_dtype``) and its Fisher diagonal (same form), fully validated."""
+    what = f"tensor {name!r}"
+    values = blob_to_values(blobs[values_key(name)], value_dtype, what)
+    if values.numel() != entry.nnz:
+        raise UpdateRejected("value_count", f"{what}: {values.numel()} values but the header says {entry.nnz}")
+    if entry.encoding == "dense" and entry.nnz != entry.numel:
+        raise UpdateRejected("value_count", f"{what}: dense with {entry.nnz} values for {entry.numel} entries")
+    check_finite(values, what)
+    fisher_values = None
+    if entry.fisher:
+        fisher_values = blob_to_values(blobs[fisher_key(name)], value_dtype, f"{what} Fisher")
+        if fisher_values.numel() != entry.nnz:
+            raise UpdateRejected(
+                "value_count", f"{what}: {fisher_values.numel()} Fisher values but {entry.nnz} update values"
+            )
+        check_finite(fisher_values, f"{what} Fisher")
+        if bool((fisher_values < 0).any()):
+            raise UpdateRejected("negative_fisher", f"{what}: the Fisher diagonal has negative entries")
+    if entry.encoding == "dense":
+        dense_fisher = None if fisher_values is None else fisher_values.reshape(entry.shape)
+        return values.reshape(entry.shape), dense_fisher
+    indices = _support(name, entry, blobs)
+    seed, density = (entry.seed, entry.density) if entry.encoding == "dare" else (None, None)
+    tensor = SparseTensor(indices, values, torch.Size(entry.shape), dare_seed=seed, dare_density=density)
+    fisher = None if fisher_values is None else SparseTensor(indices, fisher_values, torch.Size(entry.shape))
+    return tensor, fisher
+
+
+def compact(tensor: torch.Tensor) -> UpdateTensor:
+    """A dense tensor as a SparseTensor of its nonzeros when that is smaller on the wire, else unchanged."""
+    flat = tensor.detach().reshape(-1).cpu()
+    indices = flat.nonzero().squeeze(1)
+    itemsize = flat.element_size()
+    if indices.numel() * itemsize + bitmap_size(flat.numel()) >= flat.numel() * itemsize:
+        return tensor
+    return SparseTensor(indices, flat[indices], tensor.shape)

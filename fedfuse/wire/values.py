@@ -1,0 +1,64 @@
+"""Float values to and from uint8 byte blobs (fp32, fp16, bf16; bf16 through torch, numpy lacks it).
+
+Blobs are little-endian, as safetensors stores everything; torch views them without a copy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from fedfuse.wire.errors import UpdateRejected
+
+VALUE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+"""Value dtypes the wire format knows. Updates use the first three; float64 is for partial states."""
+
+UPDATE_VALUE_DTYPES = ("float32", "float16", "bfloat16")
+"""Value dtypes :func:`fedfuse.wire.encode_update` accepts."""
+
+if sys.byteorder != "little":
+    raise ImportError("fedfuse.wire assumes a little-endian machine (as safetensors blobs are)")
+
+
+def values_to_blob(values: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """The values (any shape, any float dtype, any device) cast to ``dtype_name`` as a flat uint8 CPU tensor."""
+    cast = values.detach().reshape(-1).to(device="cpu", dtype=VALUE_DTYPES[dtype_name]).contiguous()
+    return cast.view(torch.uint8)
+
+
+def blob_to_values(blob: torch.Tensor, dtype_name: str, what: str) -> torch.Tensor:
+    """View a uint8 blob as a flat tensor of ``dtype_name`` values (no copy); checks the length fits."""
+    dtype = VALUE_DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if blob.numel() % itemsize:
+        raise UpdateRejected(
+            "value_count", f"{what}: {blob.numel()} bytes is not a whole number of {dtype_name} values"
+        )
+    if blob.numel() == 0:
+        return torch.empty(0, dtype=dtype)
+    return blob.view(dtype)
+
+
+_EXPONENT_MASKS = {torch.bfloat16: 0x7F80}
+"""Integer masks of the exponent bits for dtypes numpy cannot hold: all ones means Inf or NaN."""
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Reject NaN and ±Inf (a single-threaded numpy pass over CPU values, free of OpenMP stalls)."""
+    if values.numel() == 0:
+        return
+    flat = values.detach().reshape(-1).cpu()
+    mask = _EXPONENT_MASKS.get(flat.dtype)
+    if mask is None:
+        finite = np.isfinite(flat.numpy())
+    else:
+        finite = (flat.view(torch.int16).numpy() & mask) != mask
+    if not bool(finite.all()):
+        raise UpdateRejected("non_finite", f"{what}: {int((~finite).sum())} NaN/Inf value(s)")
