@@ -1,5 +1,6 @@
 """Pure tensor algebra: task vectors, sparse tensors, sparsifiers, seeds. No Flower, no I/O."""
 
+from fedfuse.algebra.names import name_mismatch
 from fedfuse.algebra.seeds import derive_seed
 from fedfuse.algebra.sparse import SparseTensor, Update, UpdateTensor, to_dense
 from fedfuse.algebra.sparsify import (
@@ -27,6 +28,7 @@ __all__ = [
     "dare_seed_fn",
     "derive_seed",
     "global_trim",
+    "name_mismatch",
     "sparsify_update",
     "task_vector",
     "ties_trim",

@@ -6,19 +6,14 @@ from typing import Mapping
 
 import torch
 
+from fedfuse.algebra.names import name_mismatch
 from fedfuse.algebra.sparse import SparseTensor, Update
 
 
 def _check_same_keys(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
-    missing = sorted(set(base) - set(tuned))
-    extra = sorted(set(tuned) - set(base))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing from the tuned model: {', '.join(missing[:5])}")
-        if extra:
-            parts.append(f"not in the base model: {', '.join(extra[:5])}")
-        raise ValueError("state dicts do not match (" + "; ".join(parts) + ")")
+    problem = name_mismatch(base, tuned, missing="missing from the tuned model", extra="not in the base model")
+    if problem:
+        raise ValueError(f"state dicts do not match ({problem})")
 
 
 def task_vector(

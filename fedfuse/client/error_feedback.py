@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from fedfuse.algebra import SparseTensor, Sparsifier, dare_drop, sparsify_update
+from fedfuse.algebra import SparseTensor, Sparsifier, dare_drop, name_mismatch, sparsify_update
 
 
 def _untransmitted(corrected: torch.Tensor, sent: torch.Tensor | SparseTensor) -> torch.Tensor:
@@ -98,17 +98,9 @@ class ErrorFeedback:
     def _corrected(self, tau: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """τ + residual in fp32, after checking names, shapes and dtypes against earlier rounds."""
         if self._residual:
-            missing = sorted(set(self._residual) - set(tau))
-            new = sorted(set(tau) - set(self._residual))
-            if missing or new:
-                parts = []
-                if missing:
-                    parts.append(f"missing this round: {', '.join(missing[:5])}")
-                if new:
-                    parts.append(f"new this round: {', '.join(new[:5])}")
-                raise ValueError(
-                    "task vector tensors changed since the last round (" + "; ".join(parts) + "); call reset() first"
-                )
+            problem = name_mismatch(self._residual, tau, missing="missing this round", extra="new this round")
+            if problem:
+                raise ValueError(f"task vector tensors changed since the last round ({problem}); call reset() first")
         corrected: dict[str, torch.Tensor] = {}
         for name, tensor in tau.items():
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
