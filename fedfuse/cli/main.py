@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from fedfuse import __version__
+from fedfuse.bench.aggregate import aggregate
+from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.merge import merge
 
@@ -25,5 +27,11 @@ def main(
         typer.echo(__version__)
         raise typer.Exit()
 
+
 app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
+
+bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
+bench_app.command("aggregate", help="Server-side aggregation time and peak memory against Flower and PEFT.")(aggregate)
+bench_app.command("wire", help="Bytes per parameter and encode/decode speed of update payloads.")(wire)
+app.add_typer(bench_app, name="bench")

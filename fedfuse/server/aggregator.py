@@ -96,11 +96,14 @@ class RoundAggregator:
         return None
 
     def finalize(self) -> dict[str, torch.Tensor]:
-        """The merged task vector of every accepted payload (raises if none was accepted)."""
+        """The merged task vector of every accepted payload (raises if none was accepted).
+
+        Ends the round: statistics are freed as results appear, so the peak stays at one state.
+        """
         if not self.accepted_nodes:
             reasons = ", ".join(sorted({r.reason for r in self.rejections})) or "no payloads"
             raise ValueError(f"no update was accepted this round ({reasons})")
-        return self.state.finalize()
+        return self.state.finalize(release=True)
 
     def metrics(self) -> dict[str, int]:
         """Counts for the round's report: accepted, rejected, rejected per reason, bytes received."""

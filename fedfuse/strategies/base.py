@@ -162,6 +162,7 @@ class MergeState:
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.total_weight = 0.0
         self.num_updates = 0
+        self.released = False
 
     def _check_shape(self, name: str, shape: torch.Size) -> None:
         known = self.shapes.get(name)
@@ -183,6 +184,7 @@ class MergeState:
         All-or-nothing: every tensor is checked before any is accumulated, so a rejected update
         leaves the state exactly as it was.
         """
+        self._check_not_released()
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"update weight must be finite and >= 0, got {weight}")
@@ -216,6 +218,8 @@ class MergeState:
 
         All-or-nothing like :meth:`add`: incompatible states raise before anything is summed.
         """
+        self._check_not_released()
+        other._check_not_released()
         if self.strategy.identity() != other.strategy.identity():
             raise ValueError(
                 f"cannot combine states of different strategies: {self.strategy.identity()} vs {other.strategy.identity()}"
@@ -230,22 +234,36 @@ class MergeState:
         self.num_updates += other.num_updates
         return self
 
-    def finalize(self) -> dict[str, torch.Tensor]:
-        """The merged task vector λ·merge(τ₁…τ_K), one tensor per parameter (state dtype and device)."""
+    def finalize(self, *, release: bool = False) -> dict[str, torch.Tensor]:
+        """The merged task vector λ·merge(τ₁…τ_K), one tensor per parameter (state dtype and device).
+
+        ``release=True`` frees each parameter's statistics as soon as its result exists, so the
+        peak is the state plus one tensor's work instead of the state plus the whole output; the
+        state is spent afterwards (a server does this at the end of a round).
+        """
+        self._check_not_released()
         if self.num_updates == 0:
             raise ValueError("no updates were added to this merge state")
         lam = self.strategy.lam
         out = {}
-        for name, stats in self.stats.items():
-            merged = self.strategy.finalize_tensor(stats, self.total_weight)
+        for name in list(self.stats):
+            merged = self.strategy.finalize_tensor(self.stats[name], self.total_weight)
             out[name] = (merged * lam if lam != 1.0 else merged).reshape(self.shapes[name])
+            if release:
+                del self.stats[name]
+        self.released = release
         return out
+
+    def _check_not_released(self) -> None:
+        if self.released:
+            raise ValueError("this merge state was spent by finalize(release=True); start a new one")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The statistics as ``{"param::stat": tensor}`` in parameter shape (for files and the wire).
 
         The tensors are views of the live statistics: encode or copy them before adding more.
         """
+        self._check_not_released()
         return {
             f"{name}{STAT_SEPARATOR}{stat}": tensor.reshape(self.shapes[name])
             for name, stats in self.stats.items()
