@@ -35,9 +35,13 @@ class FisherMerge(MergeStrategy):
         return {**super().params(), "eps": self.eps}
 
     def accumulate(self, stats, values, weight, fisher, index) -> None:
-        weighted_fisher = fisher * weight
-        add_at(stats["S"], weighted_fisher * values, index)
-        add_at(stats["Z"], weighted_fisher, index)
+        if index is None:
+            stats["S"].addcmul_(fisher, values, value=weight)
+            stats["Z"].add_(fisher, alpha=weight)
+        else:
+            weighted_fisher = fisher * weight
+            add_at(stats["Z"], weighted_fisher, index)
+            add_at(stats["S"], weighted_fisher.mul_(values), index)
 
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
         return stats["S"] / stats["Z"].clamp_min(self.eps)

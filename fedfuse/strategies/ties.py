@@ -38,24 +38,31 @@ class Ties(MergeStrategy):
         return {**super().params(), "vote": self.vote}
 
     def accumulate(self, stats, values, weight, fisher, index) -> None:
-        weighted = values * weight
-        add_at(stats["P"], weighted.clamp(min=0), index)
-        add_at(stats["N"], weighted.clamp(max=0), index)
-        add_at(stats["Wp"], (values > 0).to(values.dtype), index, alpha=weight)
-        add_at(stats["Wn"], (values < 0).to(values.dtype), index, alpha=weight)
+        # Comparisons are written straight into a float scratch: bool tensors and bool→float casts
+        # are several times slower on CPU. add_at consumes the scratch before it is reused.
+        scratch = torch.empty_like(values)
+        add_at(stats["Wp"], torch.gt(values, 0, out=scratch), index, alpha=weight)
+        add_at(stats["Wn"], torch.lt(values, 0, out=scratch), index, alpha=weight)
+        add_at(stats["P"], torch.clamp(values, min=0, out=scratch), index, alpha=weight)
+        add_at(stats["N"], torch.clamp(values, max=0, out=scratch), index, alpha=weight)
         if self.vote == "count":
-            add_at(stats["C"], values.sign(), index)
+            add_at(stats["C"], torch.sign(values, out=scratch), index)
 
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
+        # A float 0/1 mask and multiply-adds instead of torch.where on a bool mask (several times
+        # faster on CPU). Exact: each output is x·1 + y·0, one of the two terms being ±0.
+        plus = torch.empty_like(stats["P"])
         if self.vote == "count":
-            plus_elected = stats["C"] >= 0
-            merged = torch.empty_like(stats["P"])
+            torch.ge(stats["C"], 0, out=plus)
         else:
-            merged = torch.add(stats["P"], stats["N"])
-            plus_elected = merged >= 0
-        torch.where(plus_elected, stats["P"], stats["N"], out=merged)
+            torch.ge(torch.add(stats["P"], stats["N"], out=plus), 0, out=plus)
+        merged = torch.mul(stats["P"], plus)
+        agreeing_weight = torch.mul(stats["Wp"], plus)
+        minus = plus.neg_().add_(1)
+        merged.addcmul_(stats["N"], minus)
+        agreeing_weight.addcmul_(stats["Wn"], minus)
+        del plus, minus
         # A zero agreeing weight comes with a zero agreeing sum (nothing was added), so clamping is exact.
-        agreeing_weight = torch.where(plus_elected, stats["Wp"], stats["Wn"])
         return merged.div_(agreeing_weight.clamp_min_(torch.finfo(agreeing_weight.dtype).tiny))
 
 
