@@ -437,9 +437,6 @@ def merge_models(
                 _check_layout(floating, ckpt, f"Fisher file {i + 1}", f"the base {base_ckpt.path}", dtypes=False)
                 fisher_ckpts.append(ckpt)
 
-        total_weight = 0.0
-        for w in checked_weights:
-            total_weight += w
         plan = _Plan(
             base=base_ckpt,
             layout=layout,
@@ -448,7 +445,7 @@ def merge_models(
             kind=kind,
             force=force,
             max_shard_size=max_shard_size,
-            total_weight=total_weight,
+            total_weight=sum(checked_weights),
             num_updates=len(model_ckpts),
             partial_metadata={
                 "format": "pt",
@@ -585,8 +582,8 @@ def combine_partials(
 
         def state_for(name: str, base_tensor: torch.Tensor) -> MergeState:
             state: MergeState | None = None
+            keys = [f"{name}{STAT_SEPARATOR}{stat}" for stat in strategy.statistics]
             for ckpt, header in zip(ckpts, headers):
-                keys = [f"{name}{STAT_SEPARATOR}{stat}" for stat in strategy.statistics]
                 part = MergeState.from_tensors(strategy, {key: ckpt.get(key) for key in keys}, header)
                 state = part if state is None else state.combine(part)
             assert state is not None

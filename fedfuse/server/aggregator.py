@@ -53,6 +53,10 @@ class RoundAggregator:
         self.rejections: list[Rejection] = []
         self.bytes_received = 0
 
+    def _count_received(self, payload: object) -> None:
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            self.bytes_received += len(payload)
+
     def _reject(self, node_id: str | None, reason: str, message: str) -> Rejection:
         rejection = Rejection(node_id, reason, message)
         self.rejections.append(rejection)
@@ -60,7 +64,7 @@ class RoundAggregator:
 
     def offer_update(self, payload: bytes) -> Rejection | None:
         """Decode, validate and fold one client update; return the rejection, or None if folded."""
-        self.bytes_received += len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+        self._count_received(payload)
         try:
             update = decode_update(payload, expect=self.expect)
         except UpdateRejected as exc:
@@ -80,7 +84,7 @@ class RoundAggregator:
 
     def offer_partial(self, payload: bytes) -> Rejection | None:
         """Decode, validate and fold a gateway's partial state; return the rejection, or None if folded."""
-        self.bytes_received += len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else 0
+        self._count_received(payload)
         try:
             partial = decode_partial(payload, strategy=self.strategy, expect=self.expect)
         except UpdateRejected as exc:
