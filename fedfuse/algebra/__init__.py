@@ -1,5 +1,14 @@
 """Pure tensor algebra: task vectors, sparse tensors, sparsifiers, seeds. No Flower, no I/O."""
 
+from fedfuse.algebra.lora import (
+    Refactored,
+    factor_names,
+    factors_to_deltas,
+    lora_delta,
+    lora_modules,
+    naive_factor_average,
+    svd_refactor,
+)
 from fedfuse.algebra.names import name_mismatch
 from fedfuse.algebra.seeds import derive_seed
 from fedfuse.algebra.sparse import SparseTensor, Update, UpdateTensor, to_dense
@@ -17,6 +26,13 @@ from fedfuse.algebra.sparsify import (
 from fedfuse.algebra.task_vector import apply_task_vector, task_vector
 
 __all__ = [
+    "Refactored",
+    "factor_names",
+    "factors_to_deltas",
+    "lora_delta",
+    "lora_modules",
+    "naive_factor_average",
+    "svd_refactor",
     "SparseTensor",
     "Sparsifier",
     "Update",

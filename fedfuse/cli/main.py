@@ -9,6 +9,7 @@ from fedfuse.bench.aggregate import aggregate
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.merge import merge
+from fedfuse.cli.simulate import simulate
 
 app = typer.Typer(
     name="fedfuse",
@@ -29,6 +30,7 @@ def main(
 
 
 app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
+app.command("simulate", help="Run a federated simulation (Flower simulation engine) and write a report.")(simulate)
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
 
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
 from fedfuse.strategies import MergeStrategy
-from fedfuse.wire import Expectation, UpdateRejected, decode_partial, decode_update
+from fedfuse.wire import DecodedUpdate, Expectation, UpdateRejected, decode_partial, decode_update
+
+UpdateTransform = Callable[[DecodedUpdate], tuple[dict, dict | None]]
+"""Maps a decoded update to the (tensors, fisher) the strategy folds, e.g. LoRA factors → ΔW."""
 
 Weighting = Literal["num_examples", "uniform"]
 
@@ -40,14 +44,25 @@ class RoundAggregator:
         What every payload must match (tensor shapes, run, round, base fingerprint, size limit).
     weighting : {"num_examples", "uniform"}
         An update's weight: its number of examples (FedAvg's convention) or 1.
+    transform : callable, optional
+        Turns a decoded update into the tensors the strategy merges (default: as decoded). A
+        ``ValueError`` from it rejects the update as ``incompatible_update``.
     """
 
-    def __init__(self, strategy: MergeStrategy, expect: Expectation, *, weighting: Weighting = "num_examples") -> None:
+    def __init__(
+        self,
+        strategy: MergeStrategy,
+        expect: Expectation,
+        *,
+        weighting: Weighting = "num_examples",
+        transform: UpdateTransform | None = None,
+    ) -> None:
         if weighting not in ("num_examples", "uniform"):
             raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
         self.strategy = strategy
         self.expect = expect
         self.weighting = weighting
+        self.transform = transform
         self.state = strategy.new_state()
         self.accepted_nodes: list[str] = []
         self.rejections: list[Rejection] = []
@@ -76,7 +91,8 @@ class RoundAggregator:
         if weight <= 0:
             return self._reject(node_id, "zero_weight", f"node {node_id} reported {update.header.num_examples} examples")
         try:
-            self.state.add(update.tensors, weight=weight, fisher=update.fisher)
+            tensors, fisher = self.transform(update) if self.transform else (update.tensors, update.fisher)
+            self.state.add(tensors, weight=weight, fisher=fisher)
         except ValueError as exc:
             return self._reject(node_id, "incompatible_update", f"node {node_id}: {exc}")
         self.accepted_nodes.append(node_id)

@@ -1,0 +1,100 @@
+"""LoRA factors as task vectors: exact ΔW products, the naive factor average, SVD refactoring.
+
+A LoRA module adds ΔW = s·B·A to a base weight (A: r×in, B: out×r, s = alpha/r). Averaging A and B
+separately gives (Σ pₖBₖ)(Σ pₖAₖ), which is not Σ pₖBₖAₖ: the cross terms BⱼAₖ (j ≠ k) creep in.
+fedfuse merges ΔWₖ itself; the naive average stays here as a named baseline.
+
+Factors travel under ``"<module>.lora_A"`` / ``"<module>.lora_B"``; the ΔW of a module is merged
+under the name of the base weight it changes, ``"<module>.weight"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+LORA_A_SUFFIX = ".lora_A"
+LORA_B_SUFFIX = ".lora_B"
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = scale · B @ A in float32 (A: r×in, B: out×r)."""
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(
+            f"LoRA factors do not chain: A is {tuple(lora_a.shape)}, B is {tuple(lora_b.shape)} (need B: out×r, A: r×in)"
+        )
+    return (lora_b.float() @ lora_a.float()).mul_(scale)
+
+
+def factor_names(module: str) -> tuple[str, str]:
+    """The wire names of a module's A and B factors."""
+    return module + LORA_A_SUFFIX, module + LORA_B_SUFFIX
+
+
+def lora_modules(names: Sequence[str]) -> list[str]:
+    """The modules whose A and B factors are both among ``names`` (sorted); an unpaired factor is an error."""
+    a_modules = {n[: -len(LORA_A_SUFFIX)] for n in names if n.endswith(LORA_A_SUFFIX)}
+    b_modules = {n[: -len(LORA_B_SUFFIX)] for n in names if n.endswith(LORA_B_SUFFIX)}
+    unpaired = sorted(a_modules ^ b_modules)
+    if unpaired:
+        raise ValueError(f"LoRA factors without their partner for modules: {', '.join(unpaired[:5])}")
+    return sorted(a_modules)
+
+
+def factors_to_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Replace every A/B pair by its ΔW under ``"<module>.weight"``; other tensors pass through."""
+    modules = lora_modules(list(tensors))
+    out: dict[str, torch.Tensor] = {}
+    factor_keys = set()
+    for module in modules:
+        a_name, b_name = factor_names(module)
+        factor_keys.update((a_name, b_name))
+        weight_name = module + ".weight"
+        if weight_name in tensors:
+            raise ValueError(f"{weight_name} arrives both as a tensor and as LoRA factors")
+        out[weight_name] = lora_delta(tensors[a_name], tensors[b_name], scale)
+    for name, tensor in tensors.items():
+        if name not in factor_keys:
+            out[name] = tensor
+    return out
+
+
+def naive_factor_average(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], scale: float
+) -> torch.Tensor:
+    """The FedIT/FlowerTune baseline: ΔW = s·(Σ pₖBₖ)(Σ pₖAₖ) with pₖ = wₖ/Σw (cross terms included)."""
+    if len(factors) != len(weights) or not factors:
+        raise ValueError("need one weight per (A, B) pair and at least one pair")
+    total = float(sum(weights))
+    mean_a = sum(w / total * a.float() for (a, _), w in zip(factors, weights))
+    mean_b = sum(w / total * b.float() for (_, b), w in zip(factors, weights))
+    return lora_delta(mean_a, mean_b, scale)
+
+
+@dataclass(frozen=True)
+class Refactored:
+    """A rank-``rank`` form B·A of a matrix and its relative Frobenius error ‖ΔW − BA‖/‖ΔW‖."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    rank: int
+    relative_error: float
+
+
+def svd_refactor(delta: torch.Tensor, rank: int) -> Refactored:
+    """Best rank-``rank`` factors of ``delta`` (truncated SVD, singular values split evenly over B and A)."""
+    if delta.ndim != 2:
+        raise ValueError(f"can only refactor a matrix, got shape {tuple(delta.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    matrix = delta.float()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    lora_b = u[:, :rank] * root
+    lora_a = root[:, None] * vh[:rank]
+    norm = torch.linalg.matrix_norm(matrix).item()
+    residual = torch.linalg.matrix_norm(matrix - lora_b @ lora_a).item()
+    return Refactored(lora_a, lora_b, rank, residual / norm if norm > 0 else 0.0)

@@ -1,0 +1,54 @@
+"""``fedfuse simulate``: the fedfuse apps on Flower's simulation engine, with run-config overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from fedfuse.settings import RunSettings, SettingsError
+from fedfuse.simulation import DEFAULT_CLIENTS, simulate as run_simulation
+
+
+def parse_run_config(text: str) -> dict[str, str]:
+    """``"key=value key2=value2"`` (Flower's ``--run-config`` syntax, quotes optional) → dict."""
+    pairs: dict[str, str] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"--run-config entries are key=value, got {item!r}")
+        pairs[key] = value.strip("\"'")
+    return pairs
+
+
+def simulate(
+    clients: int = typer.Option(DEFAULT_CLIENTS, "--clients", "-n", min=1, help="Simulated institutions (SuperNodes)."),
+    rounds: int = typer.Option(None, "--rounds", "-r", help="Server rounds (run config num-server-rounds)."),
+    strategy: str = typer.Option(None, "--strategy", "-s", help="Merge strategy: fedavg, ties, fisher, task_arithmetic, dare_linear, dare_ties or a plug-in."),
+    sparsifier: str = typer.Option(None, "--sparsifier", help="Client update sparsifier: none, trim (TIES) or dare."),
+    density: float = typer.Option(None, "--density", "-d", help="Kept fraction of each task vector (trim/dare)."),
+    mode: str = typer.Option(None, "--mode", help="Local training: lora (PEFT) or full."),
+    lora_aggregation: str = typer.Option(None, "--lora-aggregation", help="exact (merge ΔW = s·BA) or factors (naive A/B average)."),
+    model: str = typer.Option(None, "--model", "-m", help="'default' (embedded all-MiniLM-L6-v2), a local folder or a hub id."),
+    task: str = typer.Option(None, "--task", help="Dataset/task: topics (stdlib docstring topics) or lm (causal LM on the same texts)."),
+    partition: str = typer.Option(None, "--partition", help="Client partition: dirichlet, domain or iid."),
+    alpha: float = typer.Option(None, "--alpha", help="Dirichlet concentration α (smaller = more non-IID)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of data split, partitions, head init, DARE masks, training order."),
+    local_steps: int = typer.Option(None, "--local-steps", help="Optimizer steps per client per round."),
+    output_dir: str = typer.Option(None, "--output-dir", "-o", help="Where checkpoints and the report go."),
+    resume: str = typer.Option(None, "--resume", help="Continue from a run folder or checkpoint (same settings)."),
+    run_config: str = typer.Option("", "--run-config", help='Any other run-config keys, e.g. "lora-rank=4 batch-size=16".'),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
+) -> None:
+    """Simulate a federation on this machine and write report.json, report.md and plots."""
+    named: dict[str, Any] = {
+        "num-server-rounds": rounds, "strategy": strategy, "sparsifier": sparsifier, "density": density,
+        "mode": mode, "lora-aggregation": lora_aggregation, "model": model, "task": task, "partition": partition,
+        "alpha": alpha, "seed": seed, "local-steps": local_steps, "output-dir": output_dir, "resume": resume,
+    }
+    try:
+        overrides = {**parse_run_config(run_config), **{k: v for k, v in named.items() if v is not None}}
+        RunSettings.from_run_config({}, **overrides)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run_simulation(overrides, num_clients=clients, verbose=verbose)

@@ -1,0 +1,99 @@
+"""The fedfuse ClientApp: train on the local share, reply with an encoded task vector; evaluate locally.
+
+Node config (``--node-config`` of a SuperNode; set by Flower in simulation): ``partition-id`` and
+``num-partitions`` pick the local share; ``institution`` (optional) names the node in updates and
+seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging.
+Error-feedback residuals live in ``Context.state`` between rounds of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedfuse.client.error_feedback import ErrorFeedback
+from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
+from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, RESIDUAL_RECORD, UPDATE_RECORD, payload_record
+from fedfuse.settings import RunSettings
+
+
+def shard_of(context: Context) -> Shard:
+    """The node's share of the data and its name, from the node config."""
+    config = context.node_config
+    try:
+        partition_id = int(config["partition-id"])
+        num_partitions = int(config["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            "node config needs integer 'partition-id' and 'num-partitions' "
+            f"(e.g. --node-config \"partition-id=0 num-partitions=2\"); got {dict(config)}"
+        ) from exc
+    name = str(config.get("institution", "") or f"partition-{partition_id}")
+    return Shard(partition_id, num_partitions, name)
+
+
+def _error_feedback(settings: RunSettings, context: Context) -> ErrorFeedback | None:
+    if not settings.error_feedback or settings.sparsifier == "none" or settings.mode == "lora":
+        return None
+    feedback = ErrorFeedback(settings.sparsifier_spec)
+    stored = context.state.array_records.get(RESIDUAL_RECORD)
+    if stored is not None:
+        feedback.load_state_dict(stored.to_torch_state_dict())
+    return feedback
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose settings are the run config with ``overrides`` on top (``fedfuse simulate`` uses them)."""
+    app = ClientApp()
+    extra = dict(overrides or {})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        settings = RunSettings.from_run_config(context.run_config, **extra)
+        config = msg.content.config_records[CONFIG_RECORD]
+        round_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
+        shard = shard_of(context)
+        feedback = _error_feedback(settings, context)
+        result = run_local_round(
+            settings,
+            dict(round_state),
+            round_number=int(config["round"]),
+            run_id=str(config["run-id"]),
+            shard=shard,
+            error_feedback=feedback,
+        )
+        if feedback is not None:
+            context.state.array_records[RESIDUAL_RECORD] = ArrayRecord(feedback.state_dict())
+        metrics = MetricRecord(
+            {
+                "num-examples": result.num_examples,
+                "train-loss": result.train_loss,
+                "local-accuracy": result.local.accuracy,
+                "uplink-bytes": len(result.payload),
+            }
+        )
+        reply = RecordDict(
+            {
+                UPDATE_RECORD: payload_record(result.payload),
+                METRICS_RECORD: metrics,
+                CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": str(context.node_config.get("tier", ""))}),
+            }
+        )
+        return Message(content=reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        settings = RunSettings.from_run_config(context.run_config, **extra)
+        round_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
+        result = evaluate_locally(settings, dict(round_state), shard_of(context))
+        metrics = MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.examples})
+        return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()
+"""The ClientApp ``flwr run`` loads (``fedfuse.client.app:app``)."""

@@ -1,0 +1,146 @@
+"""The fedfuse ServerApp: rounds of streaming merges, server-side evaluation, checkpoints, resume, report.
+
+Every round it samples nodes, folds their updates as they arrive (``FedFuseStrategy``), evaluates the
+merged model on the held-out test split (overall and per domain), writes an atomic checkpoint to
+``<output-dir>/checkpoint`` and prints one line. At the end it writes ``report.json``, ``report.md``
+and PNG plots to ``<output-dir>``. ``resume`` continues a run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedfuse.server.display import RoundDisplay
+from fedfuse.server.evaluation import ServerEvaluator
+from fedfuse.server.report import write_report
+from fedfuse.server.strategy import FedFuseStrategy
+from fedfuse.server.update_space import UpdateSpace
+from fedfuse.settings import RunSettings
+from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
+
+RESUME_MUST_MATCH = (
+    "model", "task", "mode", "strategy", "lora-rank", "lora-alpha", "lora-target-modules", "lora-aggregation",
+    "seed", "partition", "alpha",
+)
+"""Settings a resumed run must share with the checkpoint (others, such as rounds, may change)."""
+
+
+def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    train, server, client = event["train"], event["server_eval"], event["client_eval"]
+    counts: dict[str, int] = {}
+    for rejection in event["rejections"]:
+        counts[str(rejection["reason"])] = counts.get(str(rejection["reason"]), 0) + 1
+    return {
+        "round": event["round"],
+        "accuracy": server.get("accuracy"),
+        "loss": server.get("loss"),
+        "accuracy_per_domain": {k.removeprefix("accuracy."): v for k, v in server.items() if k.startswith("accuracy.")}
+        or None,
+        "train_loss": train.get("train-loss"),
+        "client_accuracy": client.get("accuracy"),
+        "uplink_bytes": int(train.get("uplink-bytes", 0)),
+        "downlink_bytes": int(event["downlink_bytes"]),
+        "accepted": int(train.get("accepted", 0)),
+        "rejected": int(train.get("rejected", 0)),
+        "rejections": counts,
+        "rejection_messages": [f"{r['node'] or '?'}: {r['message']}" for r in event["rejections"]],
+        "seconds": round(float(event["seconds"]), 3),
+    }
+
+
+def _evaluation_record(metrics: MetricRecord | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    return {
+        "accuracy": metrics["accuracy"],
+        "loss": metrics["loss"],
+        "accuracy_per_domain": {k.removeprefix("accuracy."): v for k, v in metrics.items() if k.startswith("accuracy.")},
+    }
+
+
+def _resume(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
+    checkpoint = load_checkpoint(settings.resume)
+    ours = settings.to_run_config()
+    different = [key for key in RESUME_MUST_MATCH if str(checkpoint.settings.get(key)) != str(ours[key])]
+    if different:
+        raise CheckpointError(
+            "cannot resume: settings differ from the checkpoint's: "
+            + ", ".join(f"{k} {checkpoint.settings.get(k)!r} → {ours[k]!r}" for k in different)
+        )
+    if checkpoint.round >= settings.num_server_rounds:
+        raise CheckpointError(
+            f"checkpoint already holds round {checkpoint.round} of {settings.num_server_rounds}: nothing to resume "
+            "(raise num-server-rounds to continue)"
+        )
+    return checkpoint.weights, checkpoint.history, checkpoint.round + 1
+
+
+def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
+    """The whole federated run; returns the history written to ``report.json``."""
+    started = time.perf_counter()
+    run_dir = Path(settings.output_dir)
+    model, _ = base_model(settings)
+    if settings.resume:
+        weights, history, first_round = _resume(settings)
+    else:
+        weights, first_round = global_state(model), 1
+        history = {"settings": settings.to_run_config(), "initial": None, "rounds": []}
+    history["settings"] = settings.to_run_config()
+    space = UpdateSpace(settings, update_shapes(settings), lora_scale(settings))
+    evaluator = ServerEvaluator(settings)
+    display = RoundDisplay(settings.num_server_rounds)
+    base = global_state(model)
+    strategy = FedFuseStrategy(settings, space, str(context.run_id), base, on_reply=display.reply)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        metrics = evaluator(arrays)
+        if server_round == 0:
+            history["initial"] = _evaluation_record(metrics)
+            display.initial(history["initial"])
+        return metrics
+
+    def on_round(event: dict[str, Any]) -> None:
+        record = _round_record(event)
+        history["rounds"].append(record)
+        history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
+        state = event["arrays"].to_torch_state_dict()
+        history["checkpoint"] = str(save_checkpoint(run_dir, record["round"], dict(state), history, history["settings"]))
+        display.round(record)
+
+    with display:
+        strategy.start(
+            grid,
+            ArrayRecord(weights),
+            num_rounds=settings.num_server_rounds,
+            timeout=settings.timeout,
+            evaluate_fn=evaluate,
+            first_round=first_round,
+            on_round=on_round,
+        )
+    history["run_seconds"] = round(time.perf_counter() - started, 3)
+    write_report(history, run_dir)
+    display.summary(history, run_dir)
+    return history
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose settings are the run config with ``overrides`` on top (``fedfuse simulate`` uses them)."""
+    app = ServerApp()
+    extra = dict(overrides or {})
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, RunSettings.from_run_config(context.run_config, **extra))
+
+    return app
+
+
+app = make_server_app()
+"""The ServerApp ``flwr run`` loads (``fedfuse.server.app:app``)."""

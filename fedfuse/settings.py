@@ -1,0 +1,237 @@
+"""Run settings shared by the ClientApp, the ServerApp and ``fedfuse simulate``.
+
+Flower hands both apps ``context.run_config``: the ``[tool.flwr.app.config]`` table of
+``pyproject.toml`` with any ``--run-config`` overrides. ``RunSettings.from_run_config`` reads it on
+top of the defaults below (so the apps also work with an empty run config, as Flower's Python
+simulation API gives them), checks every value and names the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedfuse.algebra import Sparsifier
+from fedfuse.strategies import available_strategies
+
+Scalar = int | float | str | bool
+
+MODES = ("lora", "full")
+LORA_AGGREGATIONS = ("exact", "factors")
+PARTITIONS = ("dirichlet", "domain", "iid")
+TASKS = ("topics", "lm")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+AUTO_LEARNING_RATE = {"lora": 3e-3, "full": 1e-4}
+AUTO_TARGET_MODULES = ("query", "value", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class SettingsError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every knob of a federated run; field ``num_server_rounds`` is run-config key ``num-server-rounds``.
+
+    Model and data: ``model`` ("default" = embedded all-MiniLM-L6-v2, a folder or a hub id), ``task``
+    ("topics": standard-library docstring topics; "lm": causal language modelling on the same texts),
+    ``partition`` ("dirichlet" with ``alpha``, "domain": whole domains per client, "iid"),
+    ``max_length`` tokens, ``seed`` (data split, partitions, head init, DARE masks, training order).
+
+    Local training: ``mode`` ("lora" or "full"), ``lora_rank``, ``lora_alpha``,
+    ``lora_target_modules`` ("auto" or a comma list), ``learning_rate`` ("auto": 3e-3 LoRA, 1e-4
+    full), ``local_steps`` (or ``local_epochs`` > 0), ``batch_size``, ``fisher_batches`` (diagonal
+    Fisher on that many batches; "auto" = 4 when the strategy is fisher, else 0),
+    ``client_threads`` (torch threads per client), ``client_eval_examples``.
+
+    Update: ``sparsifier`` ("none", "trim", "dare"), ``density``, ``sparsify_scope``,
+    ``seed_scope``, ``error_feedback``, ``wire_dtype``.
+
+    Server: ``strategy`` (any registered name, plug-ins too), ``lam``, ``vote``, ``lora_aggregation``
+    ("exact" merges ΔW = s·BA, "factors" averages A and B: the baseline), ``weighting``,
+    ``fraction_train``, ``min_train_nodes``, ``fraction_evaluate``, ``device``, ``eval_examples``
+    (0 = whole test split), ``output_dir``, ``resume`` (a run folder or checkpoint), ``timeout``.
+    """
+
+    num_server_rounds: int = 4
+    model: str = "default"
+    task: str = "topics"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    max_length: int = 32
+    seed: int = 0
+    mode: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_target_modules: str = "auto"
+    learning_rate: float | str = "auto"
+    local_steps: int = 20
+    local_epochs: int = 0
+    batch_size: int = 32
+    fisher_batches: int | str = "auto"
+    client_threads: int = 1
+    client_eval_examples: int = 64
+    sparsifier: str = "none"
+    density: float = 0.1
+    sparsify_scope: str = "tensor"
+    seed_scope: str = "node"
+    error_feedback: bool = True
+    wire_dtype: str = "float32"
+    strategy: str = "fedavg"
+    lam: float = 1.0
+    vote: str = "mass"
+    lora_aggregation: str = "exact"
+    weighting: str = "num_examples"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    fraction_evaluate: float = 1.0
+    device: str = "auto"
+    eval_examples: int = 0
+    output_dir: str = "runs/fedfuse"
+    resume: str = ""
+    timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> RunSettings:
+        """Defaults, then ``run_config`` (dashed keys), then ``overrides`` (dashed or underscored keys)."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for source in (run_config or {}, overrides):
+            for key, value in source.items():
+                name = key.replace("-", "_")
+                if name not in known:
+                    close = sorted(k.replace("_", "-") for k in known if k[:3] == name[:3])
+                    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                    raise SettingsError(f"unknown run-config key {key!r}{hint}")
+                if value is not None:
+                    values[name] = value
+        return cls(**{name: _coerce(name, value) for name, value in values.items()})
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """The settings as Flower run-config entries (dashed keys, scalar values)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """A copy with some fields changed (underscored names)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate, with "auto" resolved for the mode."""
+        return AUTO_LEARNING_RATE[self.mode] if self.learning_rate == "auto" else float(self.learning_rate)
+
+    @property
+    def fisher_batch_count(self) -> int:
+        """Batches for the Fisher diagonal ("auto": 4 for the fisher strategy, else none)."""
+        if self.fisher_batches == "auto":
+            return 4 if self.strategy == "fisher" else 0
+        return int(self.fisher_batches)
+
+    @property
+    def target_modules(self) -> list[str] | None:
+        """LoRA target module names, or None for "auto" (attention query/value or q/k/v/o projections)."""
+        if self.lora_target_modules == "auto":
+            return None
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    @property
+    def sparsifier_spec(self) -> Sparsifier:
+        """The client sparsifier these settings describe."""
+        density = 1.0 if self.sparsifier == "none" else self.density
+        return Sparsifier(self.sparsifier, density, self.sparsify_scope, self.seed_scope)
+
+    def _check(self) -> None:
+        choices = {
+            "mode": MODES, "lora_aggregation": LORA_AGGREGATIONS, "partition": PARTITIONS, "task": TASKS,
+            "wire_dtype": WIRE_DTYPES, "device": DEVICES, "vote": ("mass", "count"),
+            "weighting": ("num_examples", "uniform"), "sparsifier": ("none", "trim", "dare"),
+            "sparsify_scope": ("tensor", "global"), "seed_scope": ("node", "round"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{_key(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.strategy not in available_strategies():
+            raise SettingsError(
+                f"strategy must be one of {', '.join(available_strategies())}; got {self.strategy!r}"
+            )
+        positive = ("num_server_rounds", "max_length", "lora_rank", "batch_size", "client_threads", "min_train_nodes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{_key(name)} must be >= 1; got {getattr(self, name)}")
+        non_negative = ("local_steps", "local_epochs", "client_eval_examples", "eval_examples", "seed")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{_key(name)} must be >= 0; got {getattr(self, name)}")
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise SettingsError("local-steps and local-epochs are both 0: a client would not train")
+        if not 0.0 < self.density <= 1.0:
+            raise SettingsError(f"density must be in (0, 1]; got {self.density}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SettingsError(f"{_key(name)} must be in [0, 1]; got {getattr(self, name)}")
+        if self.fraction_train == 0.0:
+            raise SettingsError("fraction-train must be > 0")
+        if self.alpha <= 0 or self.lora_alpha <= 0 or self.timeout <= 0:
+            raise SettingsError("alpha, lora-alpha and timeout must be > 0")
+        if self.learning_rate != "auto" and not float(self.learning_rate) > 0:
+            raise SettingsError(f"learning-rate must be > 0 or 'auto'; got {self.learning_rate!r}")
+        if self.fisher_batches != "auto" and int(self.fisher_batches) < 0:
+            raise SettingsError(f"fisher-batches must be >= 0 or 'auto'; got {self.fisher_batches!r}")
+        if self.strategy == "fisher" and self.fisher_batch_count == 0:
+            raise SettingsError("strategy 'fisher' needs fisher-batches >= 1 (or 'auto')")
+        if self.strategy == "fisher" and self.mode == "lora":
+            raise SettingsError(
+                "strategy 'fisher' needs mode 'full': a LoRA client has no Fisher diagonal for the ΔW the server merges"
+            )
+        if self.error_feedback and self.sparsifier == "dare" and self.seed_scope == "round":
+            raise SettingsError("error-feedback with round-scoped DARE seeds would drop the same entries every round")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a run-config value (TOML or CLI string) into the field's type, or say which key is wrong."""
+    default = RunSettings.__dataclass_fields__[name].default
+    try:
+        if name in ("learning_rate", "fisher_batches"):
+            if value == "auto":
+                return value
+            return float(value) if name == "learning_rate" else _as_int(value)
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    return True
+                if lowered in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(default, int):
+            return _as_int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{_key(name)}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(value)

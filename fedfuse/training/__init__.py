@@ -1,0 +1,1 @@
+"""Local work of a federated round, without Flower: data, model, LoRA, training, evaluation, Fisher."""

@@ -1,0 +1,143 @@
+"""The run's model: the base loaded once per process, LoRA attached through PEFT, factors read back.
+
+In LoRA mode every client starts the round from the same fresh adapter (B = 0, A drawn from a seed
+shared by the round) on the round's merged weights; the classification head, new to the base model,
+trains fully and travels as an ordinary task vector.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from fedfuse.algebra import derive_seed, factor_names
+from fedfuse.data import LABEL_NAMES
+from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer
+from fedfuse.settings import AUTO_TARGET_MODULES, RunSettings, SettingsError
+
+HEAD_PREFIXES = ("classifier.", "score.")
+PEFT_PREFIX = "base_model.model."
+
+
+@functools.lru_cache(maxsize=2)
+def _base(model: str, task: str, seed: int) -> tuple[torch.nn.Module, object]:
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if task == "lm":
+        return load_causal_lm(model).float(), load_tokenizer(model)
+    return load_classifier(model, num_labels=len(LABEL_NAMES), seed=seed)
+
+
+def base_model(settings: RunSettings) -> tuple[torch.nn.Module, object]:
+    """A fresh copy of the run's base model (fp32, eval mode) and its tokenizer; loaded once per process."""
+    model, tokenizer = _base(settings.model, settings.task, settings.seed)
+    fresh = copy.deepcopy(model)
+    fresh.eval()
+    return fresh, tokenizer
+
+
+def global_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter by name (tied weights once): what the server broadcasts and merges into.
+
+    Buffers are not trained, so every process already has them from the base model.
+    """
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def load_global_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite ``model``'s parameters named in ``state`` (the rest keep the base model's values).
+
+    The server broadcasts only the parameters that differ from the base model, so a partial
+    ``state`` is normal; a name the model lacks or a wrong shape is an error.
+    """
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(parameters))
+    wrong = sorted(n for n in state if n in parameters and tuple(state[n].shape) != tuple(parameters[n].shape))
+    if unknown or wrong:
+        raise ValueError(f"round weights do not fit the model: unknown {unknown[:3]}, wrong shape {wrong[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor)
+
+
+def head_names(model: torch.nn.Module) -> list[str]:
+    """Parameters of a classification head the base checkpoint did not have (trained fully under LoRA)."""
+    return [name for name, _ in model.named_parameters() if name.startswith(HEAD_PREFIXES)]
+
+
+def _target_modules(model: torch.nn.Module, settings: RunSettings) -> list[str]:
+    wanted = settings.target_modules
+    leaf_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if wanted is None:
+        wanted = [name for name in AUTO_TARGET_MODULES if name in leaf_names]
+        if settings.task == "lm":
+            wanted = [name for name in wanted if name.endswith("_proj")] or wanted
+    missing = [name for name in wanted if name not in leaf_names]
+    if missing or not wanted:
+        raise SettingsError(
+            f"lora-target-modules {missing or wanted} name no Linear layer of the model "
+            f"(its Linear layers: {', '.join(sorted(leaf_names))})"
+        )
+    return wanted
+
+
+def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int) -> torch.nn.Module:
+    """Wrap ``model`` with fresh LoRA adapters (A seeded by the run and round), head trainable."""
+    heads = set(head_names(model))
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        target_modules=_target_modules(model, settings),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(settings.seed, round_number, None, "lora-init") % 2**63)
+        peft_model = get_peft_model(model, config)
+    for name, parameter in peft_model.named_parameters():
+        if name.removeprefix(PEFT_PREFIX) in heads:
+            parameter.requires_grad_(True)
+    return peft_model
+
+
+def lora_scale(settings: RunSettings) -> float:
+    """s = lora_alpha / r, as PEFT scales ΔW = s·B·A."""
+    return settings.lora_alpha / settings.lora_rank
+
+
+def lora_layers(peft_model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """Module name (without PEFT's prefix) → its LoRA layer."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {})
+    }
+
+
+def lora_update(peft_model: torch.nn.Module, round_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a LoRA client sends: every module's A and B, and the head's task vector."""
+    out: dict[str, torch.Tensor] = {}
+    for module, layer in lora_layers(peft_model).items():
+        a_name, b_name = factor_names(module)
+        out[a_name] = layer.lora_A["default"].weight.detach().float().clone()
+        out[b_name] = layer.lora_B["default"].weight.detach().float().clone()
+    for name, parameter in peft_model.named_parameters():
+        plain = name.removeprefix(PEFT_PREFIX)
+        if parameter.requires_grad and plain.startswith(HEAD_PREFIXES):
+            out[plain] = parameter.detach().float() - round_state[plain].float()
+    return out
+
+
+def update_shapes(settings: RunSettings) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor a client of this run sends (what the server expects)."""
+    model, _ = base_model(settings)
+    if settings.mode == "full":
+        return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    peft_model = attach_lora(model, settings, 0)
+    probe = {n.removeprefix(PEFT_PREFIX): p.detach() for n, p in peft_model.named_parameters()}
+    return {name: tuple(t.shape) for name, t in lora_update(peft_model, probe).items()}
