@@ -2,7 +2,9 @@
 
 Node config (``--node-config`` of a SuperNode; set by Flower in simulation): ``partition-id`` and
 ``num-partitions`` pick the local share; ``institution`` (optional) names the node in updates and
-seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging.
+seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging;
+``gateway-members`` (optional, >= 2) makes the node a tier gateway that trains that many members on
+slices of its share and replies with their merged partial state.
 Error-feedback residuals live in ``Context.state`` between rounds of a run.
 """
 
@@ -16,7 +18,16 @@ from flwr.clientapp import ClientApp
 
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
-from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, RESIDUAL_RECORD, UPDATE_RECORD, payload_record
+from fedfuse.client.gateway import run_gateway_round
+from fedfuse.messages import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    PARTIAL_RECORD,
+    RESIDUAL_RECORD,
+    UPDATE_RECORD,
+    payload_record,
+)
 from fedfuse.settings import RunSettings
 
 
@@ -56,6 +67,20 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         config = msg.content.config_records[CONFIG_RECORD]
         round_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
         shard = shard_of(context)
+        tier = str(context.node_config.get("tier", ""))
+        gateway_members = int(context.node_config.get("gateway-members", 0) or 0)
+        if gateway_members:
+            payload, examples, loss = run_gateway_round(
+                settings, dict(round_state), round_number=int(config["round"]), run_id=str(config["run-id"]),
+                shard=shard, members=gateway_members,
+            )
+            metrics = MetricRecord({"num-examples": examples, "train-loss": loss, "uplink-bytes": len(payload)})
+            reply = RecordDict({
+                PARTIAL_RECORD: payload_record(payload),
+                METRICS_RECORD: metrics,
+                CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": tier}),
+            })
+            return Message(content=reply, reply_to=msg)
         feedback = _error_feedback(settings, context)
         result = run_local_round(
             settings,
@@ -79,7 +104,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             {
                 UPDATE_RECORD: payload_record(result.payload),
                 METRICS_RECORD: metrics,
-                CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": str(context.node_config.get("tier", ""))}),
+                CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": tier}),
             }
         )
         return Message(content=reply, reply_to=msg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedfuse.algebra import Sparsifier, dare_seed_fn, derive_seed, sparsify_update
@@ -23,15 +24,26 @@ from fedfuse.wire import UpdateHeader, encode_update, fingerprint
 
 @dataclass(frozen=True)
 class Shard:
-    """Which share of the run's partition a client owns, and the name it signs its updates with."""
+    """Which share of the run's partition a client owns, and the name it sends its updates under.
+
+    A gateway node splits its share over ``members`` institutions behind it; ``member`` picks one.
+    """
 
     partition_id: int
     num_partitions: int
     node_name: str
+    member: int = 0
+    members: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
             raise ValueError(f"partition-id {self.partition_id} is outside [0, {self.num_partitions})")
+        if not 0 <= self.member < self.members:
+            raise ValueError(f"member {self.member} is outside [0, {self.members})")
+
+    def member_shard(self, member: int, members: int) -> Shard:
+        """The share of one of ``members`` institutions behind this node (a gateway's member)."""
+        return Shard(self.partition_id, self.num_partitions, f"{self.node_name}/member-{member}", member, members)
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,8 @@ def local_data(settings: RunSettings, shard: Shard, tokenizer):
     share = data.train.subset(data.partitions[shard.partition_id])
     tokens = tokenize(share, tokenizer, settings.max_length, settings.task)
     train_pos, eval_pos = client_split(len(tokens), settings.client_eval_examples, settings.seed, shard.partition_id)
+    if shard.members > 1:
+        train_pos = np.array_split(train_pos, shard.members)[shard.member]
     return tokens.rows(train_pos), tokens.rows(eval_pos), data.domain_names
 
 

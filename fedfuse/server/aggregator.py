@@ -8,9 +8,10 @@ rejected with a reason and a readable message, and the round goes on with the st
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -47,6 +48,9 @@ class RoundAggregator:
     transform : callable, optional
         Turns a decoded update into the tensors the strategy merges (default: as decoded). A
         ``ValueError`` from it rejects the update as ``incompatible_update``.
+    partial_shapes : mapping, optional
+        Shapes of the merged tensors, when a transform makes them differ from the updates' (a
+        gateway's partial state holds statistics of the merged tensors, e.g. LoRA ΔW).
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class RoundAggregator:
         *,
         weighting: Weighting = "num_examples",
         transform: UpdateTransform | None = None,
+        partial_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         if weighting not in ("num_examples", "uniform"):
             raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
@@ -63,6 +68,7 @@ class RoundAggregator:
         self.expect = expect
         self.weighting = weighting
         self.transform = transform
+        self.partial_expect = expect if partial_shapes is None else dataclasses.replace(expect, shapes=partial_shapes)
         self.state = strategy.new_state()
         self.accepted_nodes: list[str] = []
         self.rejections: list[Rejection] = []
@@ -102,7 +108,7 @@ class RoundAggregator:
         """Decode, validate and fold a gateway's partial state; return the rejection, or None if folded."""
         self._count_received(payload)
         try:
-            partial = decode_partial(payload, strategy=self.strategy, expect=self.expect)
+            partial = decode_partial(payload, strategy=self.strategy, expect=self.partial_expect)
         except UpdateRejected as exc:
             return self._reject(None, exc.reason, str(exc))
         node_id = str(partial.header.node_id)

@@ -122,12 +122,7 @@ class FedFuseStrategy(Strategy):
             run_id=self.run_id,
             base_fingerprint=self._round_fingerprint,
         )
-        return RoundAggregator(
-            self.merge,
-            expect,
-            weighting=self.settings.weighting,
-            transform=lambda update: self.space.merge_input(update, server_round),
-        )
+        return self.space.aggregator(self.merge, expect, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

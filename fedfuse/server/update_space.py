@@ -14,19 +14,42 @@ from collections.abc import Mapping
 
 import torch
 
-from fedfuse.algebra import dare_seed_fn, factors_to_deltas, sparsify_update, to_dense
+from fedfuse.algebra import dare_seed_fn, factor_names, factors_to_deltas, lora_modules, sparsify_update, to_dense
 from fedfuse.settings import RunSettings
-from fedfuse.wire import DecodedUpdate
+from fedfuse.server.aggregator import RoundAggregator
+from fedfuse.strategies import MergeStrategy
+from fedfuse.wire import DecodedUpdate, Expectation
 
 
 class UpdateSpace:
     """Turns decoded updates into what the strategy merges, and the merge result into a task vector."""
+
+    def aggregator(self, strategy: MergeStrategy, expect: Expectation, round_number: int) -> RoundAggregator:
+        """A round aggregator that folds this space's merge inputs (and gateways' partial states)."""
+        return RoundAggregator(
+            strategy,
+            expect,
+            weighting=self.settings.weighting,
+            transform=lambda update: self.merge_input(update, round_number),
+            partial_shapes=self.merge_shapes,
+        )
 
     def __init__(self, settings: RunSettings, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> None:
         self.settings = settings
         self.wire_shapes = dict(wire_shapes)
         self.scale = scale
         self.kind = "full" if settings.mode == "full" else f"lora-{settings.lora_aggregation}"
+
+    @property
+    def merge_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors the strategy merges (LoRA exact: each module's ΔW instead of A and B)."""
+        if self.kind != "lora-exact":
+            return dict(self.wire_shapes)
+        shapes = dict(self.wire_shapes)
+        for module in lora_modules(list(shapes)):
+            a_name, b_name = factor_names(module)
+            shapes[module + ".weight"] = (shapes.pop(b_name)[0], shapes.pop(a_name)[1])
+        return shapes
 
     def merge_input(self, update: DecodedUpdate, round_number: int) -> tuple[dict, dict | None]:
         """The (tensors, fisher) the strategy folds for one decoded update."""
