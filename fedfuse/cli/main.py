@@ -6,6 +6,8 @@ import typer
 
 from fedfuse import __version__
 from fedfuse.bench.aggregate import aggregate
+from fedfuse.bench.overhead import overhead
+from fedfuse.bench.quality import quality
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.merge import merge
@@ -36,4 +38,6 @@ app.command("demo", help="Merge a generated three-institution example with sever
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
 bench_app.command("aggregate", help="Server-side aggregation time and peak memory against Flower and PEFT.")(aggregate)
 bench_app.command("wire", help="Bytes per parameter and encode/decode speed of update payloads.")(wire)
+bench_app.command("quality", help="Accuracy, expert retention, uplink and time of merge methods (same data, seeds).")(quality)
+bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(overhead)
 app.add_typer(bench_app, name="bench")

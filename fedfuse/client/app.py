@@ -96,7 +96,6 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             {
                 "num-examples": result.num_examples,
                 "train-loss": result.train_loss,
-                "local-accuracy": result.local.accuracy,
                 "uplink-bytes": len(result.payload),
             }
         )

@@ -53,7 +53,6 @@ class LocalResult:
     payload: bytes
     num_examples: int
     train_loss: float
-    local: Evaluation
 
 
 def local_data(settings: RunSettings, shard: Shard, tokenizer):
@@ -98,7 +97,7 @@ def run_local_round(
     torch.set_num_threads(settings.client_threads)
     model, round_state, tokenizer = round_model(settings, changed)
     round_state = {name: tensor.clone() for name, tensor in round_state.items()}
-    local_train, local_eval, domains = local_data(settings, shard, tokenizer)
+    local_train, _, _ = local_data(settings, shard, tokenizer)
     if settings.mode == "lora":
         model = attach_lora(model, settings, round_number)
     steps = steps_for(len(local_train), settings.batch_size, settings.local_steps, settings.local_epochs)
@@ -123,7 +122,6 @@ def run_local_round(
             fisher = fisher_diagonal(
                 model, local_train, num_batches=settings.fisher_batch_count, batch_size=settings.batch_size, seed=seed + 1
             )
-    local = evaluate(model, local_eval, domains)
     header = UpdateHeader(
         run_id=run_id,
         round=round_number,
@@ -131,7 +129,7 @@ def run_local_round(
         node_id=shard.node_name,
         num_examples=len(local_train),
         sparsifier=sparsifier,
-        metrics={"train-loss": loss, "local-accuracy": local.accuracy},
+        metrics={"train-loss": loss},
     )
     payload = encode_update(tensors, header=header, value_dtype=settings.wire_dtype, fisher=fisher)
-    return LocalResult(payload, len(local_train), loss, local)
+    return LocalResult(payload, len(local_train), loss)

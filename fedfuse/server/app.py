@@ -52,6 +52,7 @@ def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
         "rejections": counts,
         "rejection_messages": [f"{r['node'] or '?'}: {r['message']}" for r in event["rejections"]],
         "seconds": round(float(event["seconds"]), 3),
+        "finished_at": time.time(),
     }
 
 
