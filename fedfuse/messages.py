@@ -15,6 +15,7 @@ METRICS_RECORD = "metrics"
 CONFIG_RECORD = "config"
 ARRAYS_RECORD = "arrays"
 RESIDUAL_RECORD = "fedfuse.residual"
+SIGNATURE_RECORD = "fedfuse.signature"
 
 
 def payload_record(payload: bytes) -> ArrayRecord:

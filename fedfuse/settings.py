@@ -53,7 +53,9 @@ class RunSettings:
     Server: ``strategy`` (any registered name, plug-ins too), ``lam``, ``vote``, ``lora_aggregation``
     ("exact" merges ΔW = s·BA, "factors" averages A and B: the baseline), ``weighting``,
     ``fraction_train``, ``min_train_nodes``, ``fraction_evaluate``, ``device``, ``eval_examples``
-    (0 = whole test split), ``output_dir``, ``resume`` (a run folder or checkpoint), ``timeout``.
+    (0 = whole test split), ``output_dir``, ``resume`` (a run folder or checkpoint), ``timeout``,
+    ``signer_registry`` (a registry of institutions' Ed25519 keys: when set, only updates signed by a
+    registered institution for this run and round are merged).
     """
 
     num_server_rounds: int = 4
@@ -93,6 +95,7 @@ class RunSettings:
     output_dir: str = "runs/fedfuse"
     resume: str = ""
     timeout: float = 3600.0
+    signer_registry: str = ""
 
     def __post_init__(self) -> None:
         self._check()

@@ -11,6 +11,7 @@ from fedfuse.bench.quality import quality
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.merge import merge
+from fedfuse.cli.security import certs, keys
 from fedfuse.cli.simulate import simulate
 
 app = typer.Typer(
@@ -33,6 +34,8 @@ def main(
 
 app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
 app.command("simulate", help="Run a federated simulation (Flower simulation engine) and write a report.")(simulate)
+app.command("certs", help="Make a CA and a SuperLink TLS certificate with the given SANs.")(certs)
+app.command("keys", help="Make an institution's SuperNode auth and update-signing key pairs.")(keys)
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
 
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
@@ -41,3 +44,8 @@ bench_app.command("wire", help="Bytes per parameter and encode/decode speed of u
 bench_app.command("quality", help="Accuracy, expert retention, uplink and time of merge methods (same data, seeds).")(quality)
 bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(overhead)
 app.add_typer(bench_app, name="bench")
+
+
+if __name__ == "__main__":
+    app()
+

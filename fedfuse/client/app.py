@@ -4,7 +4,9 @@ Node config (``--node-config`` of a SuperNode; set by Flower in simulation): ``p
 ``num-partitions`` pick the local share; ``institution`` (optional) names the node in updates and
 seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging;
 ``gateway-members`` (optional, >= 2) makes the node a tier gateway that trains that many members on
-slices of its share and replies with their merged partial state.
+slices of its share and replies with their merged partial state; ``signing-key`` (optional) is the path
+of the institution's Ed25519 update-signing key: every payload is then signed (run, round, base
+fingerprint, node, payload hash) and the signature travels next to it.
 Error-feedback residuals live in ``Context.state`` between rounds of a run.
 """
 
@@ -25,9 +27,11 @@ from fedfuse.messages import (
     METRICS_RECORD,
     PARTIAL_RECORD,
     RESIDUAL_RECORD,
+    SIGNATURE_RECORD,
     UPDATE_RECORD,
     payload_record,
 )
+from fedfuse.security import load_signing_key, sign_update
 from fedfuse.settings import RunSettings
 
 
@@ -56,6 +60,18 @@ def _error_feedback(settings: RunSettings, context: Context) -> ErrorFeedback | 
     return feedback
 
 
+def _signature(context: Context, shard: Shard, config, payload: bytes) -> dict[str, ConfigRecord]:
+    """The signature record for ``payload`` when the node has a signing key, else nothing."""
+    key_path = str(context.node_config.get("signing-key", "") or "")
+    if not key_path:
+        return {}
+    signed = sign_update(
+        load_signing_key(key_path), institution=shard.node_name, run_id=str(config["run-id"]),
+        round_number=int(config["round"]), base_fingerprint=str(config["base-fingerprint"]), payload=payload,
+    )
+    return {SIGNATURE_RECORD: ConfigRecord(signed.to_config())}
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose settings are the run config with ``overrides`` on top (``fedfuse simulate`` uses them)."""
     app = ClientApp()
@@ -79,6 +95,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 PARTIAL_RECORD: payload_record(payload),
                 METRICS_RECORD: metrics,
                 CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": tier}),
+                **_signature(context, shard, config, payload),
             })
             return Message(content=reply, reply_to=msg)
         feedback = _error_feedback(settings, context)
@@ -104,6 +121,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 UPDATE_RECORD: payload_record(result.payload),
                 METRICS_RECORD: metrics,
                 CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": tier}),
+                **_signature(context, shard, config, result.payload),
             }
         )
         return Message(content=reply, reply_to=msg)

@@ -83,14 +83,19 @@ class RoundAggregator:
         self.rejections.append(rejection)
         return rejection
 
-    def offer_update(self, payload: bytes) -> Rejection | None:
-        """Decode, validate and fold one client update; return the rejection, or None if folded."""
+    def offer_update(self, payload: bytes, *, sender: str | None = None) -> Rejection | None:
+        """Decode, validate and fold one client update; return the rejection, or None if folded.
+
+        ``sender`` (the verified signer, when updates are signed) must be the node the payload names.
+        """
         self._count_received(payload)
         try:
             update = decode_update(payload, expect=self.expect)
         except UpdateRejected as exc:
             return self._reject(None, exc.reason, str(exc))
         node_id = str(update.header.node_id)
+        if sender is not None and node_id != sender:
+            return self._reject(node_id, "signer_mismatch", f"payload names node {node_id} but {sender} signed it")
         if node_id in self.accepted_nodes:
             return self._reject(node_id, "duplicate_node", f"node {node_id} already sent an update this round")
         weight = float(update.header.num_examples) if self.weighting == "num_examples" else 1.0
@@ -104,7 +109,7 @@ class RoundAggregator:
         self.accepted_nodes.append(node_id)
         return None
 
-    def offer_partial(self, payload: bytes) -> Rejection | None:
+    def offer_partial(self, payload: bytes, *, sender: str | None = None) -> Rejection | None:
         """Decode, validate and fold a gateway's partial state; return the rejection, or None if folded."""
         self._count_received(payload)
         try:
@@ -112,6 +117,8 @@ class RoundAggregator:
         except UpdateRejected as exc:
             return self._reject(None, exc.reason, str(exc))
         node_id = str(partial.header.node_id)
+        if sender is not None and node_id != sender:
+            return self._reject(node_id, "signer_mismatch", f"partial state names gateway {node_id} but {sender} signed it")
         if node_id in self.accepted_nodes:
             return self._reject(node_id, "duplicate_node", f"gateway {node_id} already sent a state this round")
         try:

@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedfuse.security import Registry
 from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
 from fedfuse.server.evaluation import ServerEvaluator
@@ -48,6 +49,7 @@ def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
         "uplink_bytes": int(train.get("uplink-bytes", 0)),
         "downlink_bytes": int(event["downlink_bytes"]),
         "accepted": int(train.get("accepted", 0)),
+        "signatures_verified": int(train.get("signatures-verified", 0)),
         "rejected": int(train.get("rejected", 0)),
         "rejections": counts,
         "rejection_messages": [f"{r['node'] or '?'}: {r['message']}" for r in event["rejections"]],
@@ -98,7 +100,8 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
     evaluator = ServerEvaluator(settings)
     display = RoundDisplay(settings.num_server_rounds)
     base = global_state(model)
-    strategy = FedFuseStrategy(settings, space, str(context.run_id), base, on_reply=display.reply)
+    registry = Registry.load(settings.signer_registry) if settings.signer_registry else None
+    strategy = FedFuseStrategy(settings, space, str(context.run_id), base, on_reply=display.reply, registry=registry)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         metrics = evaluator(arrays)

@@ -30,9 +30,11 @@ from fedfuse.messages import (
     CONFIG_RECORD,
     METRICS_RECORD,
     PARTIAL_RECORD,
+    SIGNATURE_RECORD,
     UPDATE_RECORD,
     payload_of,
 )
+from fedfuse.security import Registry, SignatureRejected, UpdateSignature
 from fedfuse.server.aggregator import RoundAggregator
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
 from fedfuse.server.update_space import UpdateSpace
@@ -66,6 +68,9 @@ class FedFuseStrategy(Strategy):
     base_state : dict of str to Tensor
         The base model's parameters, which every client already holds: only parameters that differ
         from it are broadcast (for LoRA runs, the merged target modules and the head).
+    registry : Registry, optional
+        Institutions' update-signing keys; when given, only updates signed for this run and round by
+        a registered institution are folded (the others are rejected with the reason).
     on_reply : callable, optional
         Called with (replies received, replies expected) as each reply is folded (progress bars).
     """
@@ -77,9 +82,11 @@ class FedFuseStrategy(Strategy):
         run_id: str,
         base_state: dict[str, torch.Tensor],
         on_reply: ReplyCallback | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.settings = settings
         self.base_state = base_state
+        self.registry = registry
         self.space = space
         self.run_id = run_id
         self.on_reply = on_reply
@@ -131,7 +138,7 @@ class FedFuseStrategy(Strategy):
         tiers: dict[str, RoundAggregator] = {}
         client_errors: list[dict[str, str | None]] = []
         train_loss = examples = 0.0
-        received = 0
+        received = verified = 0
         for reply in replies:
             received += 1
             if self.on_reply:
@@ -146,15 +153,25 @@ class FedFuseStrategy(Strategy):
                 tier = str(content.config_records[CONFIG_RECORD].get("tier", ""))
             aggregator = tiers.setdefault(tier, self._aggregator(server_round))
             partial = payload_of(content, PARTIAL_RECORD)
-            if partial is not None:
-                rejection = aggregator.offer_partial(partial)
-            else:
-                update = payload_of(content, UPDATE_RECORD)
-                if update is None:
-                    client_errors.append({"node": str(reply.metadata.src_node_id), "reason": "no_payload",
-                                          "message": "reply carries neither an update nor a partial state"})
+            payload = partial if partial is not None else payload_of(content, UPDATE_RECORD)
+            if payload is None:
+                client_errors.append({"node": str(reply.metadata.src_node_id), "reason": "no_payload",
+                                      "message": "reply carries neither an update nor a partial state"})
+                continue
+            sender = None
+            if self.registry is not None:
+                try:
+                    sender = self._verify(content, server_round, payload)
+                except SignatureRejected as exc:
+                    client_errors.append({"node": str(reply.metadata.src_node_id), "reason": exc.reason,
+                                          "message": str(exc)})
+                    log(WARNING, "round %s: rejected update: %s", server_round, exc)
                     continue
-                rejection = aggregator.offer_update(update)
+                verified += 1
+            if partial is not None:
+                rejection = aggregator.offer_partial(payload, sender=sender)
+            else:
+                rejection = aggregator.offer_update(payload, sender=sender)
             if rejection is not None:
                 log(WARNING, "round %s: rejected update from %s: %s", server_round, rejection.node_id or "?",
                     rejection.message)
@@ -178,6 +195,7 @@ class FedFuseStrategy(Strategy):
             "rejected": len(rejections),
             "uplink-bytes": sum(a.bytes_received for a in tiers.values()),
             "tiers": len(tiers),
+            "signatures-verified": verified,
             **{f"rejected.{reason}": n for reason, n in sorted(counts.items())},
         }
         if examples:
@@ -193,6 +211,14 @@ class FedFuseStrategy(Strategy):
         tau = self.space.task_vector({name: t.cpu() for name, t in merged.items()})
         new_state = apply_task_vector(self._round_state, tau)
         return ArrayRecord(new_state), MetricRecord(metrics)
+
+    def _verify(self, content: RecordDict, server_round: int, payload: bytes) -> str:
+        record = content.config_records.get(SIGNATURE_RECORD)
+        signed = None if record is None else UpdateSignature.from_config(record)
+        return self.registry.verify(
+            signed, run_id=self.run_id, round_number=server_round, base_fingerprint=self._round_fingerprint,
+            payload=payload,
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

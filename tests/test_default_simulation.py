@@ -1,0 +1,33 @@
+"""The README's first command, ``fedfuse simulate`` with no arguments, as a user runs it.
+
+The embedded default (MiniLM, stdlib topics, 4 LoRA clients, 4 rounds) must end with a checkpoint and a
+report, and global accuracy must clearly rise over the rounds. Its wall time is a benchmark figure
+(README), not asserted here: this machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_fedfuse_simulate_with_no_arguments(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "fedfuse.cli.main", "simulate"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "runs" / "fedfuse" / "report.json").read_text())
+    accuracy = [report["initial"]["accuracy"]] + [r["accuracy"] for r in report["rounds"]]
+    assert len(accuracy) == 5
+    assert accuracy[-1] >= accuracy[0] + 0.3, accuracy
+    assert accuracy[-1] > accuracy[1] > accuracy[0], accuracy
+    assert all(r["accepted"] == 4 and r["rejected"] == 0 for r in report["rounds"])
+    assert "round 4/4" in done.stderr
+    for name in ("report.md", "accuracy.png", "uplink.png", "checkpoint/state.json"):
+        assert (tmp_path / "runs" / "fedfuse" / name).is_file()
