@@ -77,6 +77,13 @@ def test_cli_writes_certs_keys_and_registry(tmp_path):
     assert sorted(Registry.load(registry).keys) == ["hospital-a", "hospital-b"]
     again = runner.invoke(app, ["keys", "-i", "hospital-a", "--out", str(tmp_path / "keys")])
     assert again.exit_code != 0 and "--force" in again.output
+    received = write_institution_keys(tmp_path / "sent", "clinic-c")["update_signing_public"]
+    added = runner.invoke(app, ["registry", "add", "-i", "clinic-c", "-k", str(received), "--registry", str(registry)])
+    assert added.exit_code == 0, added.output
+    assert sorted(Registry.load(registry).keys) == ["clinic-c", "hospital-a", "hospital-b"]
+    clash = runner.invoke(app, ["registry", "add", "-i", "clinic-c", "-k", str(
+        write_institution_keys(tmp_path / "other", "clinic-c")["update_signing_public"]), "--registry", str(registry)])
+    assert clash.exit_code != 0 and "another key" in clash.output
 
 
 @pytest.fixture

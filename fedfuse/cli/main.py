@@ -11,7 +11,7 @@ from fedfuse.bench.quality import quality
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.merge import merge
-from fedfuse.cli.security import certs, keys
+from fedfuse.cli.security import certs, keys, registry_add
 from fedfuse.cli.simulate import simulate
 
 app = typer.Typer(
@@ -36,6 +36,9 @@ app.command("merge", help="Merge fine-tuned checkpoints into their base (mergeki
 app.command("simulate", help="Run a federated simulation (Flower simulation engine) and write a report.")(simulate)
 app.command("certs", help="Make a CA and a SuperLink TLS certificate with the given SANs.")(certs)
 app.command("keys", help="Make an institution's SuperNode auth and update-signing key pairs.")(keys)
+registry_app = typer.Typer(help="The coordinator's registry of institutions' update-signing keys.", no_args_is_help=True)
+registry_app.command("add", help="Register an institution's update-signing public key.")(registry_add)
+app.add_typer(registry_app, name="registry")
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
 
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)

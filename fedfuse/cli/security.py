@@ -63,3 +63,21 @@ def keys(
         f"send the coordinator only {written['supernode_auth_public']} and {written['update_signing_public']}; "
         "keep the private keys (mode 0600) at the institution"
     )
+
+
+def registry_add(
+    institution: Annotated[str, typer.Option("--institution", "-i", help="The institution's name (as in its node config).")],
+    public_key: Annotated[Path, typer.Option("--public-key", "-k", help="The update-signing.key.pub it sent.")],
+    registry: Annotated[Path, typer.Option("--registry", help="The signer registry (JSON), created if missing.")] = Path(
+        "registry.json"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Replace a different key already registered for the name.")] = False,
+) -> None:
+    """Add a received Ed25519 update-signing public key to the coordinator's signer registry."""
+    try:
+        book = Registry.load(registry) if registry.exists() else Registry({})
+        book.add(institution, public_key.read_text(), force=force)
+        book.save(registry)
+    except (KeyFileError, ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    Console().print(f"registered {institution} in {registry} ({len(book.keys)} institutions)")
