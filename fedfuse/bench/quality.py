@@ -2,7 +2,8 @@
 
 Federated rows run the real apps on Flower's simulation engine (``fedfuse.simulation.simulate``) with
 identical data, partition, seeds, clients, rounds and local steps: dense FedAvg; FedAvg with DARE
-p = 0.9; TIES with trim d = 0.1; Fisher with trim d = 0.1 (full fine-tuning, error feedback on); LoRA
+p = 0.9 (with error feedback: kept entries unrescaled; and without: rescaled by 1/(1−p), DARE's unbiased
+form); TIES with trim d = 0.1; Fisher with trim d = 0.1 (full fine-tuning, error feedback on); LoRA
 merged exactly (ΔW) and by naive factor averaging.
 
 The one-shot expert merge trains one expert per client on whole domains (``partition = domain``), one
@@ -38,6 +39,8 @@ from fedfuse.wire import Expectation, decode_update
 FEDERATED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dense FedAvg", {"mode": "full", "strategy": "fedavg", "sparsifier": "none"}),
     ("FedAvg + DARE p=0.9", {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1}),
+    ("FedAvg + DARE p=0.9, rescaled, no feedback",
+     {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1, "error-feedback": False}),
     ("TIES d=0.1", {"mode": "full", "strategy": "ties", "sparsifier": "trim", "density": 0.1}),
     ("Fisher d=0.1", {"mode": "full", "strategy": "fisher", "sparsifier": "trim", "density": 0.1}),
     ("LoRA exact", {"mode": "lora", "strategy": "fedavg", "lora-aggregation": "exact"}),
@@ -61,7 +64,7 @@ class QualityRow:
 
 
 def _federated(label: str, row: dict[str, Any], common: dict[str, Any], clients: int, out: Path) -> QualityRow:
-    folder = out / label.lower().replace(" ", "-").replace("+", "").replace("=", "").replace(".", "")
+    folder = out / "".join(c if c.isalnum() else "-" for c in label.lower())
     started = time.perf_counter()
     history = simulate({**common, **row, "output-dir": str(folder)}, num_clients=clients)
     accuracies = [r["accuracy"] for r in history["rounds"]]
