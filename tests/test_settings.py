@@ -45,7 +45,7 @@ def test_unknown_key_is_named_with_a_suggestion():
         ({"mode": "qlora"}, "mode must be one of lora, full"),
         ({"strategy": "fisher"}, "strategy 'fisher' needs mode 'full'"),
         ({"local-steps": 0}, "would not train"),
-        ({"sparsifier": "dare", "seed-scope": "round"}, "same entries every round"),
+        ({"mode": "full", "sparsifier": "dare", "seed-scope": "round", "error-feedback": True}, "same entries every round"),
         ({"error-feedback": "maybe"}, "error-feedback: cannot read"),
     ],
 )
@@ -61,6 +61,17 @@ def test_auto_values_resolve_by_mode_and_strategy():
     assert RunSettings().fisher_batch_count == 0
     assert RunSettings().target_modules is None
     assert RunSettings(lora_target_modules="query, key").target_modules == ["query", "key"]
+
+
+def test_error_feedback_auto_means_trim_only_and_never_lora():
+    assert RunSettings(mode="full", sparsifier="trim").uses_error_feedback
+    assert not RunSettings(mode="full", sparsifier="dare").uses_error_feedback
+    assert RunSettings(mode="full", sparsifier="dare", error_feedback=True).uses_error_feedback
+    assert not RunSettings(mode="full", sparsifier="trim", error_feedback=False).uses_error_feedback
+    assert not RunSettings(mode="lora", sparsifier="trim").uses_error_feedback
+    assert not RunSettings(mode="full", sparsifier="none").uses_error_feedback
+    assert RunSettings.from_run_config({"error-feedback": "auto"}).error_feedback == "auto"
+    assert RunSettings(sparsifier="dare", seed_scope="round").uses_error_feedback is False
 
 
 def test_sparsifier_spec_ignores_density_when_dense():

@@ -2,8 +2,8 @@
 
 Federated rows run the real apps on Flower's simulation engine (``fedfuse.simulation.simulate``) with
 identical data, partition, seeds, clients, rounds and local steps: dense FedAvg; FedAvg with DARE
-p = 0.9 (with error feedback: kept entries unrescaled; and without: rescaled by 1/(1−p), DARE's unbiased
-form); TIES with trim d = 0.1; Fisher with trim d = 0.1 (full fine-tuning, error feedback on); LoRA
+p = 0.9 (by default rescaled by 1/(1−p), DARE's unbiased form, without error feedback; and with error
+feedback, which sends kept entries unrescaled); TIES with trim d = 0.1; Fisher with trim d = 0.1 (full fine-tuning, error feedback on for trim); LoRA
 merged exactly (ΔW) and by naive factor averaging.
 
 The one-shot expert merge trains one expert per client on whole domains (``partition = domain``), one
@@ -39,8 +39,8 @@ from fedfuse.wire import Expectation, decode_update
 FEDERATED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dense FedAvg", {"mode": "full", "strategy": "fedavg", "sparsifier": "none"}),
     ("FedAvg + DARE p=0.9", {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1}),
-    ("FedAvg + DARE p=0.9, rescaled, no feedback",
-     {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1, "error-feedback": False}),
+    ("FedAvg + DARE p=0.9 + error feedback",
+     {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1, "error-feedback": True}),
     ("TIES d=0.1", {"mode": "full", "strategy": "ties", "sparsifier": "trim", "density": 0.1}),
     ("Fisher d=0.1", {"mode": "full", "strategy": "fisher", "sparsifier": "trim", "density": 0.1}),
     ("LoRA exact", {"mode": "lora", "strategy": "fedavg", "lora-aggregation": "exact"}),

@@ -51,7 +51,7 @@ def shard_of(context: Context) -> Shard:
 
 
 def _error_feedback(settings: RunSettings, context: Context) -> ErrorFeedback | None:
-    if not settings.error_feedback or settings.sparsifier == "none" or settings.mode == "lora":
+    if not settings.uses_error_feedback:
         return None
     feedback = ErrorFeedback(settings.sparsifier_spec)
     stored = context.state.array_records.get(RESIDUAL_RECORD)
