@@ -151,7 +151,9 @@ class FedFuseStrategy(Strategy):
             tier = ""
             if CONFIG_RECORD in content.config_records:
                 tier = str(content.config_records[CONFIG_RECORD].get("tier", ""))
-            aggregator = tiers.setdefault(tier, self._aggregator(server_round))
+            if tier not in tiers:
+                tiers[tier] = self._aggregator(server_round)
+            aggregator = tiers[tier]
             partial = payload_of(content, PARTIAL_RECORD)
             payload = partial if partial is not None else payload_of(content, UPDATE_RECORD)
             if payload is None:
