@@ -24,6 +24,12 @@ from fedfuse.wire import DecodedUpdate, Expectation
 class UpdateSpace:
     """Turns decoded updates into what the strategy merges, and the merge result into a task vector."""
 
+    def __init__(self, settings: RunSettings, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> None:
+        self.settings = settings
+        self.wire_shapes = dict(wire_shapes)
+        self.scale = scale
+        self.kind = "full" if settings.mode == "full" else f"lora-{settings.lora_aggregation}"
+
     def aggregator(self, strategy: MergeStrategy, expect: Expectation, round_number: int) -> RoundAggregator:
         """A round aggregator that folds this space's merge inputs (and gateways' partial states)."""
         return RoundAggregator(
@@ -33,12 +39,6 @@ class UpdateSpace:
             transform=lambda update: self.merge_input(update, round_number),
             partial_shapes=self.merge_shapes,
         )
-
-    def __init__(self, settings: RunSettings, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> None:
-        self.settings = settings
-        self.wire_shapes = dict(wire_shapes)
-        self.scale = scale
-        self.kind = "full" if settings.mode == "full" else f"lora-{settings.lora_aggregation}"
 
     @property
     def merge_shapes(self) -> dict[str, tuple[int, ...]]:
