@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedfuse.checkpoints import atomic_output
+
 SUPERNODE_AUTH_KEY = "supernode-auth.key"
 UPDATE_SIGNING_KEY = "update-signing.key"
 
@@ -30,21 +32,18 @@ class KeyFileError(ValueError):
 
 
 def write_file(path: Path, data: bytes, *, private: bool, force: bool) -> Path:
-    """Write ``data`` to ``path`` (0600 when private, 0644 otherwise); refuse to overwrite without ``force``."""
+    """Write ``data`` to ``path`` (0600 when private, 0644 otherwise); refuse to overwrite without ``force``.
+
+    The bytes go to a temporary file whose mode is set before anything is written, then renamed into
+    place (:func:`fedfuse.checkpoints.atomic_output`), so a private key is never readable by others.
+    """
     path = Path(path)
     if path.exists() and not force:
         raise KeyFileError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+    with atomic_output(path, directory=False, overwrite=True) as temp:
         os.chmod(temp, 0o600 if private else 0o644)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
+        with open(temp, "wb") as handle:
+            handle.write(data)
     return path
 
 

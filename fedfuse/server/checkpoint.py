@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedfuse.checkpoints import atomic_output
 from fedfuse.wire import fingerprint
 
 STATE_FILE = "state.json"
@@ -38,16 +40,12 @@ class Checkpoint:
     settings: dict[str, Any]
 
 
-def _replace_atomically(target: Path, write) -> None:
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+def _replace_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file, flush it to disk, then rename it onto ``target`` (see atomic_output)."""
+    with atomic_output(target, directory=False, overwrite=True) as temp:
         write(temp)
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(temp, target)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def save_checkpoint(

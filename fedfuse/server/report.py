@@ -3,15 +3,15 @@
 The history is the plain dict the server keeps round by round (and checkpoints), so a finished run
 and an interrupted one are reported the same way: whatever rounds are in it are shown. Values the run
 did not measure — server evaluation turned off, a key absent — are shown as "—" in tables and left
-out of the plots rather than drawn as zeros. Every file is written to ``<name>.tmp`` and renamed, so
-a reader never sees half a report and an older report in the same folder is replaced whole.
+out of the plots rather than drawn as zeros. Every file is written through
+:func:`fedfuse.checkpoints.atomic_output` (a temporary file renamed into place), so a reader never sees
+half a report and an older report in the same folder is replaced whole.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +20,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
+
+from fedfuse.checkpoints import atomic_output
 
 MISSING = "—"
 """What a table shows for a value the run did not record."""
@@ -50,11 +52,16 @@ def write_report(history: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
         "uplink_plot": folder / "uplink.png",
     }
     document = json.dumps(history, indent=2, sort_keys=True) + "\n"
-    _write_atomically(paths["json"], lambda path: path.write_text(document, encoding="utf-8"))
     markdown = render_markdown(history)
-    _write_atomically(paths["markdown"], lambda path: path.write_text(markdown, encoding="utf-8"))
-    _write_atomically(paths["accuracy_plot"], lambda path: _save_png(_accuracy_figure(history), path))
-    _write_atomically(paths["uplink_plot"], lambda path: _save_png(_uplink_figure(history), path))
+    writers: dict[str, Callable[[Path], object]] = {
+        "json": lambda path: path.write_text(document, encoding="utf-8"),
+        "markdown": lambda path: path.write_text(markdown, encoding="utf-8"),
+        "accuracy_plot": lambda path: _save_png(_accuracy_figure(history), path),
+        "uplink_plot": lambda path: _save_png(_uplink_figure(history), path),
+    }
+    for key, write in writers.items():
+        with atomic_output(paths[key], directory=False, overwrite=True) as temp:
+            write(temp)
     return paths
 
 
@@ -87,16 +94,6 @@ def render_markdown(history: Mapping[str, Any]) -> str:
     lines += _domain_section(history, rounds)
     lines += _rejection_section(rounds)
     return "\n".join(lines)
-
-
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    temp = target.with_name(target.name + ".tmp")
-    try:
-        write(temp)
-        os.replace(temp, target)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def _rounds(history: Mapping[str, Any]) -> list[Mapping[str, Any]]:
