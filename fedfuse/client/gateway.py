@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from fedfuse.client.local_round import Shard, run_local_round
+from fedfuse.client.local_round import Shard, round_model, run_local_round
 from fedfuse.server.strategy import build_merge_strategy
 from fedfuse.server.update_space import UpdateSpace
 from fedfuse.settings import RunSettings
-from fedfuse.training.models import base_model, global_state, load_global_state, lora_scale, update_shapes
+from fedfuse.training.models import lora_scale, update_shapes
 from fedfuse.wire import Expectation, UpdateHeader, encode_partial, fingerprint
 
 
@@ -33,9 +33,8 @@ def run_gateway_round(
     """
     if members < 2:
         raise ValueError(f"a gateway needs at least 2 members, got {members}")
-    model, _ = base_model(settings)
-    load_global_state(model, changed)
-    base_fingerprint = fingerprint(global_state(model))
+    _, round_state, _ = round_model(settings, changed)
+    base_fingerprint = fingerprint(round_state)
     space = UpdateSpace(settings, update_shapes(settings), lora_scale(settings))
     expect = Expectation(shapes=space.wire_shapes, round=round_number, run_id=run_id, base_fingerprint=base_fingerprint)
     aggregator = space.aggregator(build_merge_strategy(settings), expect, round_number)

@@ -83,6 +83,14 @@ class RoundAggregator:
         self.rejections.append(rejection)
         return rejection
 
+    def _admit(self, node_id: str, sender: str | None, role: str, what: str) -> Rejection | None:
+        """Refuse a payload whose named sender is not its signer, or whose sender already contributed."""
+        if sender is not None and node_id != sender:
+            return self._reject(node_id, "signer_mismatch", f"payload names {role} {node_id} but {sender} signed it")
+        if node_id in self.accepted_nodes:
+            return self._reject(node_id, "duplicate_node", f"{role} {node_id} already sent {what} this round")
+        return None
+
     def offer_update(self, payload: bytes, *, sender: str | None = None) -> Rejection | None:
         """Decode, validate and fold one client update; return the rejection, or None if folded.
 
@@ -94,10 +102,9 @@ class RoundAggregator:
         except UpdateRejected as exc:
             return self._reject(None, exc.reason, str(exc))
         node_id = str(update.header.node_id)
-        if sender is not None and node_id != sender:
-            return self._reject(node_id, "signer_mismatch", f"payload names node {node_id} but {sender} signed it")
-        if node_id in self.accepted_nodes:
-            return self._reject(node_id, "duplicate_node", f"node {node_id} already sent an update this round")
+        refused = self._admit(node_id, sender, "node", "an update")
+        if refused is not None:
+            return refused
         weight = float(update.header.num_examples) if self.weighting == "num_examples" else 1.0
         if weight <= 0:
             return self._reject(node_id, "zero_weight", f"node {node_id} reported {update.header.num_examples} examples")
@@ -117,10 +124,9 @@ class RoundAggregator:
         except UpdateRejected as exc:
             return self._reject(None, exc.reason, str(exc))
         node_id = str(partial.header.node_id)
-        if sender is not None and node_id != sender:
-            return self._reject(node_id, "signer_mismatch", f"partial state names gateway {node_id} but {sender} signed it")
-        if node_id in self.accepted_nodes:
-            return self._reject(node_id, "duplicate_node", f"gateway {node_id} already sent a state this round")
+        refused = self._admit(node_id, sender, "gateway", "a state")
+        if refused is not None:
+            return refused
         try:
             self.state.combine(partial.state)
         except ValueError as exc:

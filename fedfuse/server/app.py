@@ -33,17 +33,18 @@ RESUME_MUST_MATCH = (
 """Settings a resumed run must share with the checkpoint (others, such as rounds, may change)."""
 
 
+def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries ``<prefix><name>`` of a metric record, by name (per-domain accuracy, rejections per reason)."""
+    return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+
+
 def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
     train, server, client = event["train"], event["server_eval"], event["client_eval"]
-    counts: dict[str, int] = {}
-    for rejection in event["rejections"]:
-        counts[str(rejection["reason"])] = counts.get(str(rejection["reason"]), 0) + 1
     return {
         "round": event["round"],
         "accuracy": server.get("accuracy"),
         "loss": server.get("loss"),
-        "accuracy_per_domain": {k.removeprefix("accuracy."): v for k, v in server.items() if k.startswith("accuracy.")}
-        or None,
+        "accuracy_per_domain": _prefixed(server, "accuracy.") or None,
         "train_loss": train.get("train-loss"),
         "client_accuracy": client.get("accuracy"),
         "uplink_bytes": int(train.get("uplink-bytes", 0)),
@@ -51,7 +52,7 @@ def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
         "accepted": int(train.get("accepted", 0)),
         "signatures_verified": int(train.get("signatures-verified", 0)),
         "rejected": int(train.get("rejected", 0)),
-        "rejections": counts,
+        "rejections": {reason: int(n) for reason, n in _prefixed(train, "rejected.").items()},
         "rejection_messages": [f"{r['node'] or '?'}: {r['message']}" for r in event["rejections"]],
         "seconds": round(float(event["seconds"]), 3),
         "finished_at": time.time(),
@@ -64,7 +65,7 @@ def _evaluation_record(metrics: MetricRecord | None) -> dict[str, Any] | None:
     return {
         "accuracy": metrics["accuracy"],
         "loss": metrics["loss"],
-        "accuracy_per_domain": {k.removeprefix("accuracy."): v for k, v in metrics.items() if k.startswith("accuracy.")},
+        "accuracy_per_domain": _prefixed(metrics, "accuracy."),
     }
 
 

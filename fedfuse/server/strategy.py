@@ -54,6 +54,11 @@ def build_merge_strategy(settings: RunSettings) -> MergeStrategy:
     return get_strategy(settings.strategy, **params)
 
 
+def _reply_rejection(reply: Message, reason: str, message: str) -> dict[str, str | None]:
+    """A rejection decided before the payload was decoded, named by the sending node's Flower id."""
+    return {"node": str(reply.metadata.src_node_id), "reason": reason, "message": message}
+
+
 class FedFuseStrategy(Strategy):
     """Streaming fedfuse merging as a Flower strategy.
 
@@ -111,16 +116,17 @@ class FedFuseStrategy(Strategy):
         """Sample nodes and send each the round's changed weights, round number, run id and weights fingerprint."""
         self._round_state = dict(arrays.to_torch_state_dict())
         self._round_fingerprint = fingerprint(self._round_state)
-        changed = {
-            name: tensor for name, tensor in self._round_state.items() if not torch.equal(tensor, self.base_state[name])
-        }
         nodes = self._sample(grid, server_round, self.settings.fraction_train)
         self._expected = len(nodes)
         round_config = ConfigRecord(
             {**dict(config), "round": server_round, "run-id": self.run_id, "base-fingerprint": self._round_fingerprint}
         )
-        content = RecordDict({ARRAYS_RECORD: ArrayRecord(changed), CONFIG_RECORD: round_config})
+        content = RecordDict({ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: round_config})
         return [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
+
+    def _broadcast(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The parameters of ``state`` that differ from the base model (every node already has the base)."""
+        return ArrayRecord({name: t for name, t in state.items() if not torch.equal(t, self.base_state[name])})
 
     def _aggregator(self, server_round: int) -> RoundAggregator:
         expect = Expectation(
@@ -144,8 +150,7 @@ class FedFuseStrategy(Strategy):
             if self.on_reply:
                 self.on_reply(received, self._expected)
             if reply.has_error():
-                client_errors.append({"node": str(reply.metadata.src_node_id), "reason": "client_error",
-                                      "message": reply.error.reason})
+                client_errors.append(_reply_rejection(reply, "client_error", reply.error.reason))
                 continue
             content = reply.content
             tier = ""
@@ -157,16 +162,16 @@ class FedFuseStrategy(Strategy):
             partial = payload_of(content, PARTIAL_RECORD)
             payload = partial if partial is not None else payload_of(content, UPDATE_RECORD)
             if payload is None:
-                client_errors.append({"node": str(reply.metadata.src_node_id), "reason": "no_payload",
-                                      "message": "reply carries neither an update nor a partial state"})
+                client_errors.append(
+                    _reply_rejection(reply, "no_payload", "reply carries neither an update nor a partial state")
+                )
                 continue
             sender = None
             if self.registry is not None:
                 try:
                     sender = self._verify(content, server_round, payload)
                 except SignatureRejected as exc:
-                    client_errors.append({"node": str(reply.metadata.src_node_id), "reason": exc.reason,
-                                          "message": str(exc)})
+                    client_errors.append(_reply_rejection(reply, exc.reason, str(exc)))
                     log(WARNING, "round %s: rejected update: %s", server_round, exc)
                     continue
                 verified += 1
@@ -229,8 +234,7 @@ class FedFuseStrategy(Strategy):
         if self.settings.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, server_round, self.settings.fraction_evaluate)
-        state = arrays.to_torch_state_dict()
-        changed = ArrayRecord({n: t for n, t in state.items() if not torch.equal(t, self.base_state[n])})
+        changed = self._broadcast(dict(arrays.to_torch_state_dict()))
         content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: ConfigRecord({**dict(config), "round": server_round})})
         return [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
 
