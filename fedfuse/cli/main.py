@@ -10,7 +10,9 @@ from fedfuse.bench.overhead import overhead
 from fedfuse.bench.quality import quality
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
+from fedfuse.cli.export import export
 from fedfuse.cli.merge import merge
+from fedfuse.cli.models import models_app
 from fedfuse.cli.security import certs, keys, registry_add
 from fedfuse.cli.simulate import simulate
 
@@ -34,6 +36,7 @@ def main(
 
 app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
 app.command("simulate", help="Run a federated simulation (Flower simulation engine) and write a report.")(simulate)
+app.command("export", help="Export a run's global model as a Hugging Face folder, or a LoRA run's ΔW as a PEFT adapter.")(export)
 app.command("certs", help="Make a CA and a SuperLink TLS certificate with the given SANs.")(certs)
 app.command("keys", help="Make an institution's SuperNode auth and update-signing key pairs.")(keys)
 registry_app = typer.Typer(help="The coordinator's registry of institutions' update-signing keys.", no_args_is_help=True)
@@ -47,6 +50,7 @@ bench_app.command("wire", help="Bytes per parameter and encode/decode speed of u
 bench_app.command("quality", help="Accuracy, expert retention, uplink and time of merge methods (same data, seeds).")(quality)
 bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(overhead)
 app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Round checkpoints: the global weights (safetensors) and the run's JSON state, written atomically.
 
 Layout of ``<output-dir>/checkpoint/``: ``weights-round-NNNN.safetensors`` and ``state.json``, which
-names the weights file of the last finished round. Weights are written to a temporary file and
-renamed, then ``state.json`` is replaced the same way, then the previous weights file is deleted:
-a crash at any moment leaves ``state.json`` pointing at a complete weights file.
+names the weights file of the last finished round (``"weights"``, what resume reads) and every round
+still kept (``"kept"``: round → file, with ``"kept_fingerprints"``), so an export can pick one.
+``keep`` rounds are kept (1 = the last only, 0 = all). Weights are written to a temporary file and
+renamed, then ``state.json`` is replaced the same way, and only then are weights files that left the
+kept set deleted: a crash at any moment leaves ``state.json`` pointing at complete weights files.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     history: dict[str, Any]
     settings: dict[str, Any]
+    kept: tuple[int, ...] = ()
+    """Every round whose weights the checkpoint folder still holds, ascending."""
 
 
 def _replace_atomically(target: Path, write: Callable[[Path], object]) -> None:
@@ -48,33 +52,68 @@ def _replace_atomically(target: Path, write: Callable[[Path], object]) -> None:
             os.fsync(handle.fileno())
 
 
+def weights_file(round_number: int) -> str:
+    """The weights file name of a round, ``weights-round-NNNN.safetensors``."""
+    return f"weights-round-{round_number:04d}.safetensors"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     round_number: int,
     weights: dict[str, torch.Tensor],
     history: dict[str, Any],
     settings: dict[str, Any],
+    keep: int = 1,
 ) -> Path:
-    """Write round ``round_number``'s checkpoint under ``run_dir/checkpoint``; returns ``state.json``'s path."""
+    """Write round ``round_number``'s checkpoint under ``run_dir/checkpoint``; returns ``state.json``'s path.
+
+    Parameters
+    ----------
+    keep : int
+        Rounds of weights to keep: 1 = only this round (the default), 0 = every round, N = the last N.
+        Kept rounds later than ``round_number`` (left by an earlier run in the same folder) are dropped.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be an integer >= 0 (0 = every round), got {keep!r}")
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / STATE_FILE
-    previous = _read_state(state_path).get("weights") if state_path.is_file() else None
-    weights_name = f"weights-round-{round_number:04d}.safetensors"
+    before = _kept(_read_state(state_path)) if state_path.is_file() else {}
+    weights_name = weights_file(round_number)
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
+    digest = fingerprint(contiguous)
     _replace_atomically(folder / weights_name, lambda path: save_file(contiguous, str(path)))
+    kept = {r: entry for r, entry in before.items() if r < round_number}
+    kept[round_number] = (weights_name, digest)
+    if keep:
+        kept = {r: kept[r] for r in sorted(kept)[-keep:]}
     document = {
         "format": FORMAT,
         "round": round_number,
         "weights": weights_name,
-        "fingerprint": fingerprint(contiguous),
+        "fingerprint": digest,
+        "kept": {str(r): name for r, (name, _) in sorted(kept.items())},
+        "kept_fingerprints": {str(r): fp for r, (_, fp) in sorted(kept.items())},
         "settings": settings,
         "history": history,
     }
     _replace_atomically(state_path, lambda path: path.write_text(json.dumps(document, indent=1, sort_keys=True)))
-    if previous and previous != weights_name and (folder / previous).is_file():
-        (folder / previous).unlink()
+    still_used = {name for name, _ in kept.values()}
+    for name, _ in before.values():
+        if name not in still_used and (folder / name).is_file():
+            (folder / name).unlink()
     return state_path
+
+
+def _kept(document: dict[str, Any]) -> dict[int, tuple[str, str | None]]:
+    """Round → (weights file, fingerprint) of every kept round; the last round's entry is authoritative.
+
+    A state written before rounds were kept (no ``"kept"``) holds the last round only.
+    """
+    digests = document.get("kept_fingerprints", {})
+    kept = {int(r): (name, digests.get(r)) for r, name in document.get("kept", {}).items()}
+    kept[int(document["round"])] = (document["weights"], document["fingerprint"])
+    return kept
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -87,21 +126,39 @@ def _read_state(path: Path) -> dict[str, Any]:
     return document
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint from a run folder, its ``checkpoint/`` folder or its ``state.json``."""
+def find_state(path: str | Path) -> Path:
+    """The ``state.json`` of a run folder, its ``checkpoint/`` folder, or the file itself."""
     path = Path(path)
     for candidate in (path, path / STATE_FILE, path / CHECKPOINT_DIR / STATE_FILE):
         if candidate.is_file():
-            state_path = candidate
-            break
-    else:
-        raise CheckpointError(f"no checkpoint at {path} (looked for {STATE_FILE} and {CHECKPOINT_DIR}/{STATE_FILE})")
+            return candidate
+    raise CheckpointError(f"no checkpoint at {path} (looked for {STATE_FILE} and {CHECKPOINT_DIR}/{STATE_FILE})")
+
+
+def load_checkpoint(path: str | Path, round_number: int | None = None) -> Checkpoint:
+    """Read a checkpoint from a run folder, its ``checkpoint/`` folder or its ``state.json``.
+
+    ``round_number`` picks a kept round (default: the last one, what resume continues from); a round
+    whose weights were not kept is an error that lists the kept rounds. ``history`` is the run's
+    history as of the last round, whichever round is read.
+    """
+    state_path = find_state(path)
     document = _read_state(state_path)
-    weights_path = state_path.parent / document["weights"]
+    kept = _kept(document)
+    if round_number is None:
+        round_number = int(document["round"])
+    if round_number not in kept:
+        listed = ", ".join(str(r) for r in sorted(kept))
+        raise CheckpointError(
+            f"round {round_number} is not kept in {state_path}: kept rounds {listed} "
+            "(run with keep-checkpoints=0 to keep every round)"
+        )
+    name, digest = kept[round_number]
+    weights_path = state_path.parent / name
     try:
         weights = load_file(str(weights_path))
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read checkpoint weights {weights_path}: {exc}") from exc
-    if fingerprint(weights) != document["fingerprint"]:
+    if digest is None or fingerprint(weights) != digest:
         raise CheckpointError(f"checkpoint weights {weights_path} do not match the fingerprint in {state_path}")
-    return Checkpoint(int(document["round"]), weights, document["history"], document["settings"])
+    return Checkpoint(round_number, weights, document["history"], document["settings"], tuple(sorted(kept)))
