@@ -20,11 +20,15 @@ Scalar = int | float | str | bool
 
 MODES = ("lora", "full")
 LORA_AGGREGATIONS = ("exact", "factors")
-PARTITIONS = ("dirichlet", "domain", "iid")
-TASKS = ("topics", "lm")
+PARTITIONS = ("dirichlet", "domain", "iid", "shards", "natural")
+TASKS = ("topics", "classify", "lm", "sft")
+CLIENT_DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "4bit")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO_LEARNING_RATE = {"lora": 3e-3, "full": 1e-4}
+AUTO_MAX_LENGTH = {"sft": 128}
 AUTO_TARGET_MODULES = ("query", "value", "q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -36,10 +40,14 @@ class SettingsError(ValueError):
 class RunSettings:
     """Every knob of a federated run; field ``num_server_rounds`` is run-config key ``num-server-rounds``.
 
-    Model and data: ``model`` ("default" = embedded all-MiniLM-L6-v2, a folder or a hub id), ``task``
-    ("topics": standard-library docstring topics; "lm": causal language modelling on the same texts),
-    ``partition`` ("dirichlet" with ``alpha``, "domain": whole domains per client, "iid"),
-    ``max_length`` tokens, ``seed`` (data split, partitions, head init, DARE masks, training order).
+    Model and data: ``model`` ("default" = embedded all-MiniLM-L6-v2, "smollm2", a folder or a hub id),
+    ``task`` ("topics": the built-in standard-library docstring topics; "classify", "lm", "sft": on
+    ``data`` — one file partitioned over simulated clients, or a node's own file in its node config —
+    or ``data_dir`` (one file per client), with the ``*_column`` names, ``labels`` and
+    ``validation_fraction``; ``eval_data`` is a held-out file the server evaluates on),
+    ``partition`` ("dirichlet" with ``alpha`` over ``partition_column``, "domain", "iid", "shards",
+    "natural" by ``partition_column``), ``max_length`` tokens, ``seed`` (data split, partitions, head
+    init, DARE masks, training order).
 
     Local training: ``mode`` ("lora" or "full"), ``lora_rank``, ``lora_alpha``,
     ``lora_target_modules`` ("auto" or a comma list), ``learning_rate`` ("auto": 3e-3 LoRA, 1e-4
@@ -55,7 +63,7 @@ class RunSettings:
     Server: ``strategy`` (any registered name, plug-ins too), ``lam``, ``vote``, ``lora_aggregation``
     ("exact" merges ΔW = s·BA, "factors" averages A and B: the baseline), ``weighting``,
     ``fraction_train``, ``min_train_nodes``, ``fraction_evaluate``, ``device``, ``eval_examples``
-    (0 = whole test split), ``output_dir``, ``resume`` (a run folder or checkpoint), ``timeout``,
+    (0 = whole test split), ``output_dir``, ``keep_checkpoints`` (rounds of weights kept; 0 = all), ``resume`` (a run folder or checkpoint), ``timeout``,
     ``signer_registry`` (a registry of institutions' Ed25519 keys: when set, only updates signed by a
     registered institution for this run and round are merged).
     """
@@ -63,9 +71,21 @@ class RunSettings:
     num_server_rounds: int = 4
     model: str = "default"
     task: str = "topics"
+    data: str = ""
+    data_dir: str = ""
+    eval_data: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    labels: str = ""
+    validation_fraction: float = 0.1
     partition: str = "dirichlet"
+    partition_column: str = ""
     alpha: float = 0.5
-    max_length: int = 32
+    shards_per_client: int = 2
+    max_length: int | str = "auto"
     seed: int = 0
     mode: str = "lora"
     lora_rank: int = 8
@@ -78,6 +98,11 @@ class RunSettings:
     fisher_batches: int | str = "auto"
     client_threads: int = 1
     client_eval_examples: int = 64
+    trainer: str = "auto"
+    client_device: str = "auto"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    quantization: str = "none"
     sparsifier: str = "none"
     density: float = 0.1
     sparsify_scope: str = "tensor"
@@ -95,6 +120,7 @@ class RunSettings:
     device: str = "auto"
     eval_examples: int = 0
     output_dir: str = "runs/fedfuse"
+    keep_checkpoints: int = 1
     resume: str = ""
     timeout: float = 3600.0
     signer_registry: str = ""
@@ -132,6 +158,13 @@ class RunSettings:
         return AUTO_LEARNING_RATE[self.mode] if self.learning_rate == "auto" else float(self.learning_rate)
 
     @property
+    def sequence_length(self) -> int:
+        """Tokens per example, with "auto" resolved: 128 for chat SFT (template + answer), else 32."""
+        if self.max_length == "auto":
+            return AUTO_MAX_LENGTH.get(self.task, 32)
+        return int(self.max_length)
+
+    @property
     def fisher_batch_count(self) -> int:
         """Batches for the Fisher diagonal ("auto": 4 for the fisher strategy, else none)."""
         if self.fisher_batches == "auto":
@@ -163,6 +196,7 @@ class RunSettings:
     def _check(self) -> None:
         choices = {
             "mode": MODES, "lora_aggregation": LORA_AGGREGATIONS, "partition": PARTITIONS, "task": TASKS,
+            "client_device": CLIENT_DEVICES, "precision": PRECISIONS, "quantization": QUANTIZATIONS,
             "wire_dtype": WIRE_DTYPES, "device": DEVICES, "vote": ("mass", "count"),
             "weighting": ("num_examples", "uniform"), "sparsifier": ("none", "trim", "dare"),
             "sparsify_scope": ("tensor", "global"), "seed_scope": ("node", "round"),
@@ -174,11 +208,16 @@ class RunSettings:
             raise SettingsError(
                 f"strategy must be one of {', '.join(available_strategies())}; got {self.strategy!r}"
             )
-        positive = ("num_server_rounds", "max_length", "lora_rank", "batch_size", "client_threads", "min_train_nodes")
+        if self.max_length != "auto" and int(self.max_length) < 1:
+            raise SettingsError(f"max-length must be >= 1 or 'auto'; got {self.max_length!r}")
+        positive = (
+            "num_server_rounds", "lora_rank", "batch_size", "client_threads", "min_train_nodes",
+            "shards_per_client",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_key(name)} must be >= 1; got {getattr(self, name)}")
-        non_negative = ("local_steps", "local_epochs", "client_eval_examples", "eval_examples", "seed")
+        non_negative = ("local_steps", "local_epochs", "client_eval_examples", "eval_examples", "seed", "keep_checkpoints")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_key(name)} must be >= 0; got {getattr(self, name)}")
@@ -205,8 +244,33 @@ class RunSettings:
             )
         if self.error_feedback not in (True, False, "auto"):
             raise SettingsError(f"error-feedback must be true, false or 'auto'; got {self.error_feedback!r}")
+        self._check_data()
         if self.uses_error_feedback and self.sparsifier == "dare" and self.seed_scope == "round":
             raise SettingsError("error-feedback with round-scoped DARE seeds would drop the same entries every round")
+
+
+    def _check_data(self) -> None:
+        """Own-data keys: which tasks need a file, exclusive sources, the validation fraction, quantization."""
+        if self.data and self.data_dir:
+            raise SettingsError("data and data-dir are exclusive: one file partitioned over clients, or one file per client")
+        if self.task == "topics" and (self.data or self.data_dir):
+            raise SettingsError("task 'topics' is the built-in docstring task: use task 'classify', 'lm' or 'sft' with data")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise SettingsError(f"validation-fraction must be in [0, 1); got {self.validation_fraction}")
+        if self.partition == "natural" and not self.partition_column:
+            raise SettingsError("partition 'natural' needs partition-column (e.g. partition-column=institution)")
+        if self.quantization == "4bit" and self.mode != "lora":
+            raise SettingsError("quantization '4bit' (QLoRA) needs mode 'lora': a 4-bit base cannot be fine-tuned in full")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The ``labels`` run-config list, or () when the label set is read from the data."""
+        return tuple(name.strip() for name in self.labels.split(",") if name.strip())
+
+    @property
+    def uses_builtin_data(self) -> bool:
+        """Whether the run trains on the built-in standard-library docstring texts (no data file)."""
+        return not (self.data or self.data_dir)
 
 
 def _key(name: str) -> str:
@@ -217,7 +281,7 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a run-config value (TOML or CLI string) into the field's type, or say which key is wrong."""
     default = RunSettings.__dataclass_fields__[name].default
     try:
-        if name in ("learning_rate", "fisher_batches", "error_feedback"):
+        if name in ("learning_rate", "fisher_batches", "error_feedback", "max_length"):
             if value == "auto":
                 return value
             if name == "error_feedback":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from own_data_helpers import tiny_chat_llama
+from transformers import LlamaForCausalLM
 
-from fedfuse.models import load_tokenizer
 from fedfuse.server.checkpoint import load_checkpoint
 from fedfuse.simulation import simulate
 
@@ -15,17 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer("default")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_lora_on_attention_projections_of_a_local_causal_lm(tiny_llama, tmp_path):

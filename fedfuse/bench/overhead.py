@@ -28,7 +28,7 @@ from rich.console import Console
 
 from fedfuse.algebra import derive_seed
 from fedfuse.client.app import shard_of
-from fedfuse.client.local_round import local_data
+from fedfuse.client.local_round import client_datasets
 from fedfuse.server.evaluation import ServerEvaluator
 from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate
@@ -48,7 +48,7 @@ def plain_flower_client(settings: RunSettings) -> ClientApp:
         model, tokenizer = base_model(settings)
         load_global_state(model, dict(msg.content["arrays"].to_torch_state_dict()))
         shard = shard_of(context)
-        local_train, _, _ = local_data(settings, shard, tokenizer)
+        local_train = client_datasets(settings, shard, tokenizer).train
         round_number = int(msg.content["config"]["server-round"])
         loss = train(
             model, local_train,

@@ -82,7 +82,7 @@ def _expert_rows(common: dict[str, Any], experts: int, steps: int, console: Cons
     model, tokenizer = base_model(settings)
     base = {name: t.clone() for name, t in global_state(model).items()}
     data = data_for(settings, experts)
-    test = tokenize(data.test, tokenizer, settings.max_length, settings.task)
+    test = tokenize(data.test, tokenizer, settings.sequence_length, settings.task)
     shapes = update_shapes(settings)
     updates, owned = [], []
     for k in range(experts):

@@ -3,6 +3,8 @@
 Node config (``--node-config`` of a SuperNode; set by Flower in simulation): ``partition-id`` and
 ``num-partitions`` pick the local share; ``institution`` (optional) names the node in updates and
 seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging;
+``data`` / ``eval-data`` (optional) are the institution's own training and validation files (JSONL,
+CSV, Parquet or a save_to_disk folder; see ``fedfuse.training.client_data``);
 ``gateway-members`` (optional, >= 2) makes the node a tier gateway that trains that many members on
 slices of its share and replies with their merged partial state; ``signing-key`` (optional) is the path
 of the institution's Ed25519 update-signing key: every payload is then signed (run, round, base
@@ -12,15 +14,29 @@ Error-feedback residuals live in ``Context.state`` between rounds of a run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedfuse.client.error_feedback import ErrorFeedback
-from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
 from fedfuse.client.gateway import run_gateway_round
+from fedfuse.client.local_round import (
+    Shard,
+    evaluate_locally,
+    finite_metrics,
+    run_local_round,
+)
+from fedfuse.data.files import DataSource
 from fedfuse.messages import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -33,6 +49,9 @@ from fedfuse.messages import (
 )
 from fedfuse.security import load_signing_key, sign_update
 from fedfuse.settings import RunSettings
+from fedfuse.training.client_data import NodeData
+
+CAUSAL_TASKS = ("lm", "sft")
 
 
 def shard_of(context: Context) -> Shard:
@@ -47,7 +66,13 @@ def shard_of(context: Context) -> Shard:
             f"(e.g. --node-config \"partition-id=0 num-partitions=2\"); got {dict(config)}"
         ) from exc
     name = str(config.get("institution", "") or f"partition-{partition_id}")
-    return Shard(partition_id, num_partitions, name)
+    node_data = NodeData(str(config.get("data", "") or ""), str(config.get("eval-data", "") or ""))
+    return Shard(partition_id, num_partitions, name, node_data=node_data)
+
+
+def source_config(node: str, tier: str, source: DataSource) -> ConfigRecord:
+    """The reply's config record: node and tier names, and which data the node used (rows, SHA-256)."""
+    return ConfigRecord({"node": node, "tier": tier, "data-rows": source.rows, "data-sha256": source.sha256})
 
 
 def _error_feedback(settings: RunSettings, context: Context) -> ErrorFeedback | None:
@@ -90,7 +115,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 settings, dict(round_state), round_number=int(config["round"]), run_id=str(config["run-id"]),
                 shard=shard, members=gateway_members,
             )
-            metrics = MetricRecord({"num-examples": examples, "train-loss": loss, "uplink-bytes": len(payload)})
+            metrics = MetricRecord(
+                finite_metrics({"num-examples": examples, "train-loss": loss, "uplink-bytes": len(payload)})
+            )
             reply = RecordDict({
                 PARTIAL_RECORD: payload_record(payload),
                 METRICS_RECORD: metrics,
@@ -109,18 +136,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         )
         if feedback is not None:
             context.state.array_records[RESIDUAL_RECORD] = ArrayRecord(feedback.state_dict())
-        metrics = MetricRecord(
-            {
-                "num-examples": result.num_examples,
-                "train-loss": result.train_loss,
-                "uplink-bytes": len(result.payload),
-            }
-        )
+        metrics = MetricRecord(finite_metrics({
+            "num-examples": result.num_examples, "train-loss": result.train_loss, "uplink-bytes": len(result.payload),
+        }))
         reply = RecordDict(
             {
                 UPDATE_RECORD: payload_record(result.payload),
                 METRICS_RECORD: metrics,
-                CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": tier}),
+                CONFIG_RECORD: source_config(shard.node_name, tier, result.source),
                 **_signature(context, shard, config, result.payload),
             }
         )
@@ -130,9 +153,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         settings = RunSettings.from_run_config(context.run_config, **extra)
         round_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
-        result = evaluate_locally(settings, dict(round_state), shard_of(context))
-        metrics = MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.examples})
-        return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
+        shard = shard_of(context)
+        result, source = evaluate_locally(settings, dict(round_state), shard)
+        values = {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.examples}
+        if settings.task in CAUSAL_TASKS:
+            values["perplexity"] = math.exp(min(result.loss, 50.0))
+        config = source_config(shard.node_name, str(context.node_config.get("tier", "")), source)
+        return Message(content=RecordDict({METRICS_RECORD: MetricRecord(values), CONFIG_RECORD: config}), reply_to=msg)
 
     return app
 

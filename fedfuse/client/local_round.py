@@ -1,32 +1,49 @@
-"""One client's round without Flower: train on the local share, form the task vector, shrink it, encode it.
+"""One client's round without Flower: train on the local data, form the task vector, shrink it, encode it.
 
-Full mode sends τ = θ_local − θ_round, sparsified on the client (with error feedback when enabled)
-and optionally with a diagonal Fisher. LoRA mode sends each module's A and B factors and the head's
-task vector dense (they are small); the server forms ΔW = s·B·A and sparsifies there, so TIES and
-DARE act on ΔW.
+Training goes through the run's trainer (built-in or the user's, see ``fedfuse.training.trainers``)
+on the client's device; everything after training is fedfuse's. Full mode sends
+τ = θ_local − θ_round, sparsified on the client (with error feedback when enabled) and optionally
+with a diagonal Fisher. LoRA mode sends each module's A and B factors and the head's task vector
+dense (they are small); the server forms ΔW = s·B·A and sparsifies there, so TIES and DARE act on ΔW.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fedfuse.algebra import Sparsifier, dare_seed_fn, derive_seed, sparsify_update
 from fedfuse.client.error_feedback import ErrorFeedback
+from fedfuse.data.files import DataSource
 from fedfuse.settings import RunSettings
-from fedfuse.training.data import client_split, data_for, tokenize
-from fedfuse.training.loop import Evaluation, evaluate, fisher_diagonal, steps_for, train
-from fedfuse.training.models import attach_lora, base_model, global_state, load_global_state, lora_update
+from fedfuse.training.client_data import ClientDatasets, NodeData, load_client_datasets
+from fedfuse.training.device import (
+    autocast_dtype,
+    client_device,
+    enable_gradient_checkpointing,
+    quantize_4bit,
+)
+from fedfuse.training.loop import Evaluation, evaluate, fisher_diagonal, steps_for
+from fedfuse.training.models import (
+    attach_lora,
+    base_model,
+    global_state,
+    load_global_state,
+    lora_update,
+)
+from fedfuse.training.trainers import TrainingRound, as_result, resolve_trainer
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Which share of the run's partition a client owns, and the name it sends its updates under.
+    """Which share of the run's data a client owns, and the name it sends its updates under.
 
     A gateway node splits its share over ``members`` institutions behind it; ``member`` picks one.
+    ``node_data`` holds the node's own files (node config ``data`` / ``eval-data``), if any.
     """
 
     partition_id: int
@@ -34,6 +51,7 @@ class Shard:
     node_name: str
     member: int = 0
     members: int = 1
+    node_data: NodeData = field(default_factory=NodeData)
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -43,7 +61,9 @@ class Shard:
 
     def member_shard(self, member: int, members: int) -> Shard:
         """The share of one of ``members`` institutions behind this node (a gateway's member)."""
-        return Shard(self.partition_id, self.num_partitions, f"{self.node_name}/member-{member}", member, members)
+        return Shard(
+            self.partition_id, self.num_partitions, f"{self.node_name}/member-{member}", member, members, self.node_data
+        )
 
 
 @dataclass(frozen=True)
@@ -53,17 +73,20 @@ class LocalResult:
     payload: bytes
     num_examples: int
     train_loss: float
+    source: DataSource
 
 
-def local_data(settings: RunSettings, shard: Shard, tokenizer):
-    """The client's tokenized local train and evaluation examples."""
-    data = data_for(settings, shard.num_partitions)
-    share = data.train.subset(data.partitions[shard.partition_id])
-    tokens = tokenize(share, tokenizer, settings.max_length, settings.task)
-    train_pos, eval_pos = client_split(len(tokens), settings.client_eval_examples, settings.seed, shard.partition_id)
-    if shard.members > 1:
-        train_pos = np.array_split(train_pos, shard.members)[shard.member]
-    return tokens.rows(train_pos), tokens.rows(eval_pos), data.domain_names
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The finite entries of a trainer's metrics (a trainer that reports no loss gives NaN)."""
+    return {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
+
+
+def client_datasets(settings: RunSettings, shard: Shard, tokenizer: object) -> ClientDatasets:
+    """The client's train and validation data for its shard."""
+    return load_client_datasets(
+        settings, tokenizer, partition_id=shard.partition_id, num_partitions=shard.num_partitions,
+        node=shard.node_data, member=shard.member, members=shard.members,
+    )
 
 
 def round_model(settings: RunSettings, changed: dict[str, torch.Tensor]):
@@ -73,12 +96,26 @@ def round_model(settings: RunSettings, changed: dict[str, torch.Tensor]):
     return model, global_state(model), tokenizer
 
 
-def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], shard: Shard) -> Evaluation:
-    """The round's global model on the client's held-out local examples."""
+def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], shard: Shard) -> tuple[Evaluation, DataSource]:
+    """The round's global model on the client's held-out local examples, and which data it used."""
     torch.set_num_threads(settings.client_threads)
     model, _, tokenizer = round_model(settings, changed)
-    _, local_eval, domains = local_data(settings, shard, tokenizer)
-    return evaluate(model, local_eval, domains)
+    data = client_datasets(settings, shard, tokenizer)
+    model.to(client_device(settings))
+    return evaluate(model, data.eval, data.domain_names), data.source
+
+
+def _training_model(settings: RunSettings, model: torch.nn.Module, tokenizer: object, round_number: int,
+                    device: torch.device) -> torch.nn.Module:
+    if settings.quantization == "4bit":
+        model = quantize_4bit(model, tokenizer, device)
+    else:
+        model.to(device)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if settings.mode == "lora":
+        model = attach_lora(model, settings, round_number)
+    return model
 
 
 def run_local_round(
@@ -97,21 +134,21 @@ def run_local_round(
     torch.set_num_threads(settings.client_threads)
     model, round_state, tokenizer = round_model(settings, changed)
     round_state = {name: tensor.clone() for name, tensor in round_state.items()}
-    local_train, _, _ = local_data(settings, shard, tokenizer)
-    if settings.mode == "lora":
-        model = attach_lora(model, settings, round_number)
-    steps = steps_for(len(local_train), settings.batch_size, settings.local_steps, settings.local_epochs)
+    data = client_datasets(settings, shard, tokenizer)
+    device = client_device(settings)
+    model = _training_model(settings, model, tokenizer, round_number, device)
+    steps = steps_for(len(data.train), settings.batch_size, settings.local_steps, settings.local_epochs)
     seed = derive_seed(settings.seed, round_number, shard.node_name, "train")
-    loss = train(
-        model, local_train, steps=steps, batch_size=settings.batch_size, learning_rate=settings.lr, seed=seed
-    )
+    trainer = resolve_trainer(settings.trainer, settings.task)
+    context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
+    result = as_result(trainer(model, data, settings, context))
     fisher = None
     if settings.mode == "lora":
-        tensors = lora_update(model, round_state)
+        tensors = {name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()}
         sparsifier = Sparsifier()
     else:
         current = dict(model.named_parameters())
-        tau = {name: current[name].detach() - round_state[name] for name in round_state}
+        tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
         sparsifier = settings.sparsifier_spec
         seed_for = dare_seed_fn(settings.seed, round_number, shard.node_name, settings.seed_scope)
         if error_feedback is not None and sparsifier.kind != "none":
@@ -120,16 +157,17 @@ def run_local_round(
             tensors = sparsify_update(tau, sparsifier, seed_for)
         if settings.fisher_batch_count:
             fisher = fisher_diagonal(
-                model, local_train, num_batches=settings.fisher_batch_count, batch_size=settings.batch_size, seed=seed + 1
+                model, data.train, num_batches=settings.fisher_batch_count, batch_size=settings.batch_size, seed=seed + 1
             )
+            fisher = {name: value.cpu() for name, value in fisher.items()}
     header = UpdateHeader(
         run_id=run_id,
         round=round_number,
         base_fingerprint=fingerprint(round_state),
         node_id=shard.node_name,
-        num_examples=len(local_train),
+        num_examples=len(data.train),
         sparsifier=sparsifier,
-        metrics={"train-loss": loss},
+        metrics=finite_metrics({"train-loss": result.loss, **result.metrics}),
     )
     payload = encode_update(tensors, header=header, value_dtype=settings.wire_dtype, fisher=fisher)
-    return LocalResult(payload, len(local_train), loss)
+    return LocalResult(payload, len(data.train), result.loss, data.source)

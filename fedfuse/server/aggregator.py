@@ -17,7 +17,13 @@ from typing import Literal
 import torch
 
 from fedfuse.strategies import MergeStrategy
-from fedfuse.wire import DecodedUpdate, Expectation, UpdateRejected, decode_partial, decode_update
+from fedfuse.wire import (
+    DecodedUpdate,
+    Expectation,
+    UpdateRejected,
+    decode_partial,
+    decode_update,
+)
 
 UpdateTransform = Callable[[DecodedUpdate], tuple[dict, dict | None]]
 """Maps a decoded update to the (tensors, fisher) the strategy folds, e.g. LoRA factors → ΔW."""

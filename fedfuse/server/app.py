@@ -19,11 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedfuse.security import Registry
 from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
-from fedfuse.server.evaluation import ServerEvaluator
+from fedfuse.server.evaluation import ServerEvaluator, has_server_evaluation
 from fedfuse.server.report import write_report
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.server.update_space import UpdateSpace
 from fedfuse.settings import RunSettings
+from fedfuse.training.client_data import run_label_names
 from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
 
 RESUME_MUST_MATCH = (
@@ -47,6 +48,9 @@ def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
         "accuracy_per_domain": _prefixed(server, "accuracy.") or None,
         "train_loss": train.get("train-loss"),
         "client_accuracy": client.get("accuracy"),
+        "client_loss": client.get("loss"),
+        "client_perplexity": client.get("perplexity"),
+        "clients": event.get("clients") or {},
         "uplink_bytes": int(train.get("uplink-bytes", 0)),
         "downlink_bytes": int(event["downlink_bytes"]),
         "accepted": int(train.get("accepted", 0)),
@@ -86,9 +90,19 @@ def _resume(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
     return checkpoint.weights, checkpoint.history, checkpoint.round + 1
 
 
+def _initial_client_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    client = event["client_eval"]
+    return {
+        "accuracy": None, "loss": None, "accuracy_per_domain": None, "client_accuracy": client.get("accuracy"),
+        "client_loss": client.get("loss"), "client_perplexity": client.get("perplexity"), "clients": event["clients"],
+    }
+
+
 def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
     """The whole federated run; returns the history written to ``report.json``."""
     started = time.perf_counter()
+    if settings.task == "classify" and not settings.labels:
+        settings = settings.replace(labels=",".join(run_label_names(settings)))
     run_dir = Path(settings.output_dir)
     model, _ = base_model(settings)
     if settings.resume:
@@ -98,13 +112,14 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         history = {"settings": settings.to_run_config(), "initial": None, "rounds": []}
     history["settings"] = settings.to_run_config()
     space = UpdateSpace(settings, update_shapes(settings), lora_scale(settings))
-    evaluator = ServerEvaluator(settings)
+    evaluator = ServerEvaluator(settings) if has_server_evaluation(settings) else None
     display = RoundDisplay(settings.num_server_rounds)
     base = global_state(model)
     registry = Registry.load(settings.signer_registry) if settings.signer_registry else None
     strategy = FedFuseStrategy(settings, space, str(context.run_id), base, on_reply=display.reply, registry=registry)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        assert evaluator is not None
         metrics = evaluator(arrays)
         if server_round == 0:
             history["initial"] = _evaluation_record(metrics)
@@ -116,8 +131,14 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         history["rounds"].append(record)
         history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
         state = event["arrays"].to_torch_state_dict()
-        history["checkpoint"] = str(save_checkpoint(run_dir, record["round"], dict(state), history, history["settings"]))
+        history["checkpoint"] = str(save_checkpoint(
+            run_dir, record["round"], dict(state), history, history["settings"], keep=settings.keep_checkpoints
+        ))
         display.round(record)
+
+    def on_initial(event: dict[str, Any]) -> None:
+        history["initial"] = _initial_client_record(event)
+        display.initial(history["initial"])
 
     with display:
         strategy.start(
@@ -125,9 +146,10 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
             ArrayRecord(weights),
             num_rounds=settings.num_server_rounds,
             timeout=settings.timeout,
-            evaluate_fn=evaluate,
+            evaluate_fn=evaluate if evaluator is not None else None,
             first_round=first_round,
             on_round=on_round,
+            on_initial=on_initial,
         )
     history["run_seconds"] = round(time.perf_counter() - started, 3)
     write_report(history, run_dir)

@@ -6,13 +6,29 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from fedfuse.server.report import summary_table
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def evaluation_text(record: dict[str, Any]) -> str:
+    """Server evaluation when the run has one, else the clients' federated evaluation (loss, perplexity)."""
+    if record.get("accuracy") is not None or record.get("loss") is not None:
+        return f"accuracy {_fmt(record.get('accuracy'))}  loss {_fmt(record.get('loss'))}"
+    text = f"federated loss {_fmt(record.get('client_loss'))}"
+    if record.get("client_perplexity") is not None:
+        text += f"  perplexity {_fmt(record['client_perplexity'], 2)}"
+    return text + f"  accuracy {_fmt(record.get('client_accuracy'))}"
 
 
 class RoundDisplay:
@@ -54,7 +70,7 @@ class RoundDisplay:
     def initial(self, evaluation: dict[str, Any] | None) -> None:
         """The base model's accuracy before round 1."""
         if evaluation:
-            self.console.print(f"round 0: accuracy {_fmt(evaluation['accuracy'])}  loss {_fmt(evaluation['loss'])}")
+            self.console.print(f"round 0: {evaluation_text(evaluation)}")
 
     def round(self, record: dict[str, Any]) -> None:
         """A finished round's line."""
@@ -64,8 +80,8 @@ class RoundDisplay:
         self._round = record["round"]
         rejected = f"  [red]rejected {record['rejected']}[/red] {record['rejections']}" if record["rejected"] else ""
         self.console.print(
-            f"round {record['round']}/{self.num_rounds}: accuracy {_fmt(record['accuracy'])}  "
-            f"loss {_fmt(record['loss'])}  train loss {_fmt(record['train_loss'])}  "
+            f"round {record['round']}/{self.num_rounds}: {evaluation_text(record)}  "
+            f"train loss {_fmt(record['train_loss'])}  "
             f"uplink {record['uplink_bytes'] / 1e6:.2f} MB  accepted {record['accepted']}{rejected}  "
             f"{record['seconds']:.1f} s"
         )

@@ -1,32 +1,53 @@
-"""Server-side evaluation of the merged model on the held-out test split, overall and per domain."""
+"""Server-side evaluation of the merged model: the built-in task's held-out split, or the run's ``eval-data``.
+
+Real federations have no central test set, so a run on users' data evaluates on the server only when
+``eval-data`` names a held-out file; otherwise the clients' local evaluation (federated, example-
+weighted) is the run's measure. The built-in task keeps its held-out split, overall and per domain.
+"""
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedfuse.settings import RunSettings
+from fedfuse.training.client_data import FILE_DOMAIN, server_eval_tokens
 from fedfuse.training.data import capped, data_for, tokenize
 from fedfuse.training.loop import evaluate
 from fedfuse.training.models import base_model, load_global_state
 
 
+def has_server_evaluation(settings: RunSettings) -> bool:
+    """Whether the server evaluates: on ``eval-data`` when given, else only on the built-in task's split.
+
+    The server never sees nodes' own files, so "no run data" is the built-in task only for the
+    tasks it has (topics, lm); classify/sft runs on nodes' files evaluate federatedly.
+    """
+    return bool(settings.eval_data) or (settings.uses_builtin_data and settings.task in ("topics", "lm"))
+
+
 class ServerEvaluator:
     """Callable: the global weights → MetricRecord with ``accuracy``, ``loss`` and ``accuracy.<domain>``.
 
-    The test split does not depend on the partition, so it is the same for any number of clients;
-    ``eval-examples`` > 0 evaluates on a fixed seeded sample of that many test examples.
+    The built-in test split does not depend on the partition, so it is the same for any number of
+    clients; ``eval-examples`` > 0 evaluates on a fixed seeded sample of that many examples.
     """
 
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
         self.model, tokenizer = base_model(settings)
-        data = data_for(settings, 1)
-        test = data.test.subset(capped(len(data.test), settings.eval_examples, settings.seed))
-        self.tokens = tokenize(test, tokenizer, settings.max_length, settings.task)
-        self.domain_names = data.domain_names
+        if settings.eval_data:
+            self.tokens = server_eval_tokens(settings, tokenizer)
+            self.domain_names = FILE_DOMAIN
+        else:
+            data = data_for(settings, 1)
+            test = data.test.subset(capped(len(data.test), settings.eval_examples, settings.seed))
+            self.tokens = tokenize(test, tokenizer, settings.sequence_length, settings.task)
+            self.domain_names = data.domain_names
 
     def __call__(self, arrays: ArrayRecord) -> MetricRecord:
         load_global_state(self.model, dict(arrays.to_torch_state_dict()))
         result = evaluate(self.model, self.tokens, self.domain_names)
-        per_domain = {f"accuracy.{name}": value for name, value in result.per_domain.items()}
+        per_domain = {}
+        if len(self.domain_names) > 1:
+            per_domain = {f"accuracy.{name}": value for name, value in result.per_domain.items()}
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, **per_domain})

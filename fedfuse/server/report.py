@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from fedfuse.checkpoints import atomic_output
+from fedfuse.server.report_clients import federated_section, federated_series
 
 MISSING = "—"
 """What a table shows for a value the run did not record."""
@@ -91,6 +92,7 @@ def render_markdown(history: Mapping[str, Any]) -> str:
         lines += _markdown_table(ROUND_COLUMNS, _round_rows(history))
     else:
         lines += ["No round finished.", ""]
+    lines += federated_section(history, _markdown_table)
     lines += _domain_section(history, rounds)
     lines += _rejection_section(rounds)
     return "\n".join(lines)
@@ -130,10 +132,11 @@ def _megabytes(value: Any) -> str:
 def _round_rows(history: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for index, record in enumerate(_rounds(history)):
+        server = record.get("accuracy") is not None or record.get("loss") is not None
         rows.append([
             str(_round_number(record, index)),
-            _fixed(record.get("accuracy"), 4),
-            _fixed(record.get("loss"), 4),
+            _fixed(record.get("accuracy") if server else record.get("client_accuracy"), 4),
+            _fixed(record.get("loss") if server else record.get("client_loss"), 4),
             _fixed(record.get("train_loss"), 4),
             _megabytes(record.get("uplink_bytes")),
             _megabytes(record.get("downlink_bytes")),
@@ -238,15 +241,14 @@ def _accuracy_series(history: Mapping[str, Any]) -> tuple[list[tuple[int, float]
 
 
 def _accuracy_figure(history: Mapping[str, Any]) -> Figure:
+    overall, domains = _accuracy_series(history)
+    if not overall and not domains:
+        return _federated_figure(history)
     figure = Figure(figsize=(7, 4), dpi=110)
     axes = figure.add_subplot()
-    overall, domains = _accuracy_series(history)
     axes.set_title("Server accuracy per round")
     axes.set_xlabel("round")
     axes.set_ylabel("accuracy")
-    if not overall and not domains:
-        axes.text(0.5, 0.5, "no server evaluation", ha="center", va="center", transform=axes.transAxes)
-        return figure
     if overall:
         axes.plot(*zip(*overall), marker="o", linewidth=2.2, color="black", label="global", zorder=3)
     for domain, points in sorted(domains.items()):
@@ -254,6 +256,24 @@ def _accuracy_figure(history: Mapping[str, Any]) -> Figure:
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+    return figure
+
+
+def _federated_figure(history: Mapping[str, Any]) -> Figure:
+    """Without server evaluation: the clients' example-weighted local loss and accuracy per round."""
+    figure = Figure(figsize=(9, 4), dpi=110)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for axes, key, label in ((loss_axes, "client_loss", "loss"), (accuracy_axes, "client_accuracy", "accuracy")):
+        points = federated_series(history, key)
+        axes.set_title(f"Federated {label} per round")
+        axes.set_xlabel("round")
+        axes.set_ylabel(label)
+        if not points:
+            axes.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=axes.transAxes)
+            continue
+        axes.plot(*zip(*points), marker="o", linewidth=2.0, color="black")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
     return figure
 
 

@@ -43,6 +43,8 @@ from fedfuse.strategies import MergeStrategy, get_strategy, strategy_class
 from fedfuse.wire import Expectation, fingerprint
 
 RoundCallback = Callable[[dict[str, Any]], None]
+EVALUATION_METRICS = ("accuracy", "loss", "perplexity")
+"""What a client's evaluate reply reports, averaged by examples over clients."""
 ReplyCallback = Callable[[int, int], None]
 
 
@@ -100,6 +102,7 @@ class FedFuseStrategy(Strategy):
         self._round_fingerprint = ""
         self._expected = 0
         self.last_rejections: list[dict[str, str | None]] = []
+        self.last_clients: dict[str, dict[str, Any]] = {}
 
     def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
         nodes = wait_for_nodes(grid, self.settings.min_train_nodes, self.settings.timeout)
@@ -142,6 +145,7 @@ class FedFuseStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold each reply as it comes, then finalize the merge and apply it to the round's weights."""
         tiers: dict[str, RoundAggregator] = {}
+        self.last_clients = {}
         client_errors: list[dict[str, str | None]] = []
         train_loss = examples = 0.0
         received = verified = 0
@@ -186,8 +190,12 @@ class FedFuseStrategy(Strategy):
             if METRICS_RECORD in content.metric_records:
                 metrics = content.metric_records[METRICS_RECORD]
                 weight = float(metrics.get("num-examples", 0))
-                train_loss += weight * float(metrics.get("train-loss", 0.0))
-                examples += weight
+                if "train-loss" in metrics:
+                    train_loss += weight * float(metrics["train-loss"])
+                    examples += weight
+                self._client_record(content, {
+                    "num_examples": int(weight), "train_loss": metrics.get("train-loss"),
+                })
         rejections = client_errors + [
             {"node": r.node_id, "reason": r.reason, "message": r.message}
             for aggregator in tiers.values() for r in aggregator.rejections
@@ -238,20 +246,46 @@ class FedFuseStrategy(Strategy):
         content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: ConfigRecord({**dict(config), "round": server_round})})
         return [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
 
+    def _client_record(self, content: RecordDict, values: dict[str, Any]) -> None:
+        """Remember one client's reply for the report: its node name, data fingerprint and ``values``."""
+        config = content.config_records.get(CONFIG_RECORD) or {}
+        node = str(config.get("node", "")) or "?"
+        record = self.last_clients.setdefault(node, {})
+        if "data-sha256" in config:
+            record["data_rows"] = int(config.get("data-rows", 0))
+            record["data_sha256"] = str(config["data-sha256"])
+        record.update({key: value for key, value in values.items() if value is not None})
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' local accuracy and loss."""
-        total = accuracy = loss = 0.0
+        """Example-weighted mean of the clients' local evaluation (accuracy, loss, perplexity), kept per client too."""
+        total = 0.0
+        sums: dict[str, float] = {}
         for reply in replies:
             if reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
                 continue
             metrics = reply.content.metric_records[METRICS_RECORD]
             weight = float(metrics.get("num-examples", 0))
+            values = {key: float(metrics[key]) for key in EVALUATION_METRICS if key in metrics}
+            self._client_record(reply.content, {"eval_examples": int(weight), **values})
             total += weight
-            accuracy += weight * float(metrics.get("accuracy", 0.0))
-            loss += weight * float(metrics.get("loss", 0.0))
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + weight * value
         if total == 0:
             return None
-        return MetricRecord({"accuracy": accuracy / total, "loss": loss / total, "num-examples": total})
+        return MetricRecord({**{key: value / total for key, value in sums.items()}, "num-examples": total})
+
+    def _initial_federated_evaluation(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
+                                      result: Result, on_initial: RoundCallback | None) -> None:
+        """Round 0 of federated evaluation: the clients evaluate the initial model on their local data."""
+        messages = list(self.configure_evaluate(0, arrays, config, grid))
+        if not messages:
+            return
+        self.last_clients = {}
+        metrics = self.aggregate_evaluate(0, stream_replies(grid, messages, timeout=timeout))
+        if metrics is not None:
+            result.evaluate_metrics_clientapp[0] = metrics
+        if on_initial:
+            on_initial({"client_eval": dict(metrics or {}), "clients": dict(sorted(self.last_clients.items()))})
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -260,7 +294,7 @@ class FedFuseStrategy(Strategy):
         log(INFO, "\t├── update space: %s, sparsifier %s d=%s", self.space.kind, s.sparsifier, s.density)
         log(INFO, "\t└── fraction train/evaluate: %s / %s", s.fraction_train, s.fraction_evaluate)
 
-    def start(  # noqa: PLR0913 - mirrors Strategy.start
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -272,21 +306,26 @@ class FedFuseStrategy(Strategy):
         *,
         first_round: int = 1,
         on_round: RoundCallback | None = None,
+        on_initial: RoundCallback | None = None,
     ) -> Result:
         """Run rounds ``first_round``..``num_rounds`` like ``Strategy.start``, folding replies as they arrive.
 
         ``on_round`` receives each finished round's record (metrics, timings, the new weights as
-        ``"arrays"``) before the next starts: the ServerApp checkpoints and reports there.
+        ``"arrays"``) before the next starts: the ServerApp checkpoints and reports there. Without
+        server-side evaluation the clients evaluate the initial model too (round 0), and
+        ``on_initial`` receives that federated evaluation.
         """
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         result = Result()
         arrays = initial_arrays
-        if evaluate_fn and first_round == 1:
-            initial = evaluate_fn(0, arrays)
+        if first_round == 1:
+            initial = evaluate_fn(0, arrays) if evaluate_fn else None
             if initial is not None:
                 result.evaluate_metrics_serverapp[0] = initial
+            else:
+                self._initial_federated_evaluation(grid, arrays, evaluate_config, timeout, result, on_initial)
         for server_round in range(first_round, num_rounds + 1):
             started = time.perf_counter()
             messages = list(self.configure_train(server_round, arrays, train_config, grid))
@@ -318,6 +357,7 @@ class FedFuseStrategy(Strategy):
                     "client_eval": dict(client_eval or {}),
                     "server_eval": dict(server_eval or {}),
                     "rejections": list(self.last_rejections),
+                    "clients": {node: dict(record) for node, record in sorted(self.last_clients.items())},
                     "downlink_bytes": downlink,
                     "seconds": time.perf_counter() - started,
                 })

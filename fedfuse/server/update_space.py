@@ -14,9 +14,16 @@ from collections.abc import Mapping
 
 import torch
 
-from fedfuse.algebra import dare_seed_fn, factor_names, factors_to_deltas, lora_modules, sparsify_update, to_dense
-from fedfuse.settings import RunSettings
+from fedfuse.algebra import (
+    dare_seed_fn,
+    factor_names,
+    factors_to_deltas,
+    lora_modules,
+    sparsify_update,
+    to_dense,
+)
 from fedfuse.server.aggregator import RoundAggregator
+from fedfuse.settings import RunSettings
 from fedfuse.strategies import MergeStrategy
 from fedfuse.wire import DecodedUpdate, Expectation
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedfuse.data import TopicDataset, dirichlet_partition, domain_partition, load_stdlib_topics, train_test_split
+from fedfuse.data import (
+    TopicDataset,
+    dirichlet_partition,
+    domain_partition,
+    load_stdlib_topics,
+    train_test_split,
+)
 from fedfuse.settings import RunSettings
 
 TEST_FRACTION = 0.2
@@ -35,6 +41,12 @@ class Tokenized:
         """The examples at ``index``."""
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         return Tokenized(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], self.domains[idx.numpy()])
+
+    def to(self, device: torch.device | str) -> Tokenized:
+        """The same examples with their tensors on ``device``."""
+        return Tokenized(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.domains
+        )
 
 
 @dataclass(frozen=True)

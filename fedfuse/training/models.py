@@ -16,26 +16,38 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fedfuse.algebra import derive_seed, factor_names
-from fedfuse.data import LABEL_NAMES
 from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer
 from fedfuse.settings import AUTO_TARGET_MODULES, RunSettings, SettingsError
+from fedfuse.training.client_data import run_label_names
 
 HEAD_PREFIXES = ("classifier.", "score.")
 PEFT_PREFIX = "base_model.model."
 
 
+CAUSAL_TASKS = ("lm", "sft")
+
+
 @functools.lru_cache(maxsize=2)
-def _base(model: str, task: str, seed: int) -> tuple[torch.nn.Module, object]:
+def _base(model: str, task: str, seed: int, labels: tuple[str, ...]) -> tuple[torch.nn.Module, object]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if task == "lm":
+    if task in CAUSAL_TASKS:
         return load_causal_lm(model).float(), load_tokenizer(model)
-    return load_classifier(model, num_labels=len(LABEL_NAMES), seed=seed)
+    classifier, tokenizer = load_classifier(model, num_labels=len(labels), seed=seed)
+    classifier.config.id2label = dict(enumerate(labels))
+    classifier.config.label2id = {name: i for i, name in enumerate(labels)}
+    if classifier.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        classifier.config.pad_token_id = tokenizer.pad_token_id
+    return classifier, tokenizer
 
 
 def base_model(settings: RunSettings) -> tuple[torch.nn.Module, object]:
-    """A fresh copy of the run's base model (fp32, eval mode) and its tokenizer; loaded once per process."""
-    model, tokenizer = _base(settings.model, settings.task, settings.seed)
+    """A fresh copy of the run's base model (fp32, eval mode) and its tokenizer; loaded once per process.
+
+    Causal LM for tasks lm and sft; otherwise the encoder with a seeded head of one class per label
+    of the run (``run_label_names``: the built-in topics, run config ``labels`` or the run's file).
+    """
+    model, tokenizer = _base(settings.model, settings.task, settings.seed, run_label_names(settings))
     fresh = copy.deepcopy(model)
     fresh.eval()
     return fresh, tokenizer
@@ -70,12 +82,13 @@ def head_names(model: torch.nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if name.startswith(HEAD_PREFIXES)]
 
 
-def _target_modules(model: torch.nn.Module, settings: RunSettings) -> list[str]:
+def target_modules_for(model: torch.nn.Module, settings: RunSettings) -> list[str]:
+    """The LoRA target modules of a run: its list, or the auto choice for the model (checked to exist)."""
     wanted = settings.target_modules
     leaf_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if wanted is None:
         wanted = [name for name in AUTO_TARGET_MODULES if name in leaf_names]
-        if settings.task == "lm":
+        if settings.task in CAUSAL_TASKS:
             wanted = [name for name in wanted if name.endswith("_proj")] or wanted
     missing = [name for name in wanted if name not in leaf_names]
     if missing or not wanted:
@@ -92,7 +105,7 @@ def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int
     config = LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
-        target_modules=_target_modules(model, settings),
+        target_modules=target_modules_for(model, settings),
         lora_dropout=0.0,
         bias="none",
     )
