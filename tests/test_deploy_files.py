@@ -3,7 +3,9 @@
 No Docker engine or cluster is needed: docker-compose.yml and every Kubernetes manifest are parsed with
 PyYAML; the Flower flags they use are checked against the installed ``flower-superlink --help``,
 ``flower-supernode --help`` and ``flwr supernode register --help``; node configs are parsed with Flower's own
-parser. The real TLS + SuperNode-auth flow runs in tests/test_deployment.py.
+parser. Each SuperNode trains on its institution's own data: one data folder per institution, mounted
+read-only into that SuperNode only, with the node config's ``data`` (and ``eval-data``) inside it. The real
+TLS + SuperNode-auth flow on institutions' own files runs in tests/test_deployment.py.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ HEALTHCHECK = DEPLOY / "healthcheck.py"
 FLWR_WRAPPER = DEPLOY / "fedfuse-flwr.sh"
 INSTITUTIONS = ("hospital-a", "hospital-b")
 NAMESPACE = "fedfuse"
-NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "institution", "signing-key")
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "institution", "signing-key", "data")
+DATA_KEYS = ("data", "eval-data")  # node-config paths of the institution's own files
+CLUSTER_SCOPED = {"Namespace", "PersistentVolume"}
 SUPERLINK_REQUIRED = (
     "--ssl-ca-certfile",
     "--ssl-certfile",
@@ -111,6 +115,22 @@ def parse_options(help_text: str) -> dict[str, str]:
             for name in current:
                 options[name] += " " + line.strip(" │")
     return options
+
+
+def data_paths(config: dict) -> list[str]:
+    """The node config's own-data paths (``data``, and ``eval-data`` when set)."""
+    return [str(config[key]) for key in DATA_KEYS if config.get(key)]
+
+
+def compose_data_mount(service: dict) -> tuple[str, str, str]:
+    """The one (source, target, mode) volume of a SuperNode service that holds its node config's data."""
+    command = as_list(service["command"])
+    paths = data_paths(node_config(command))
+    assert paths, f"node config names no data: {command}"
+    volumes = compose_volumes(service)
+    holding = {volume for path in paths for volume in volumes if covered_by(path, [volume[1]])}
+    assert len(holding) == 1, f"data {paths} should lie in exactly one mounted folder: {volumes}"
+    return holding.pop()
 
 
 def pod_spec(doc: dict) -> dict:
@@ -250,11 +270,12 @@ def test_compose_supernode_mounts_only_its_own_keys_and_the_ca_cert(services, in
     volumes = compose_volumes(service)
     assert volumes, f"{institution} mounts nothing"
     others = [name for name in INSTITUTIONS if name != institution]
+    data_mount = compose_data_mount(service)
     key_mounts = []
     for source, target, mode in volumes:
         assert mode == "ro", f"{institution}: {source} must be read-only"
         assert not any(other in source or other in target for other in others), f"{institution} mounts {source}"
-        if PurePosixPath(source).name == "ca.crt":
+        if PurePosixPath(source).name == "ca.crt" or (source, target, mode) == data_mount:
             continue
         assert institution in source, f"{institution} mounts {source}, which is not its own keys"
         assert "superlink" not in source and "registry" not in source
@@ -268,6 +289,39 @@ def test_compose_supernodes_split_the_task_between_them(services):
     assert sorted(c["partition-id"] for c in configs) == list(range(len(INSTITUTIONS)))
     assert {c["num-partitions"] for c in configs} == {len(INSTITUTIONS)}
     assert len({c["signing-key"] for c in configs}) == 1, "same in-container path, different mounted keys"
+    assert len({c["data"] for c in configs}) == 1, "same in-container data path, different mounted folders"
+
+
+@pytest.mark.parametrize("institution", INSTITUTIONS)
+def test_compose_supernode_trains_on_its_own_data_folder_mounted_read_only(services, institution):
+    service = services[f"supernode-{institution}"]
+    command = as_list(service["command"])
+    config = node_config(command)
+    source, target, mode = compose_data_mount(service)
+    assert mode == "ro", f"{institution}'s data folder {source} must be mounted read-only"
+    assert PurePosixPath(source).parts[:2] == ("institutions", institution), (
+        f"{institution}'s data should come from ./institutions/{institution}/..., not {source}"
+    )
+    assert not PurePosixPath(source).suffix, f"mount the data folder, not a single file: {source}"
+    for path in data_paths(config):
+        assert PurePosixPath(path) != PurePosixPath(target), f"{path} is the folder itself, not a file in it"
+    keys = [flag_value(command, "--auth-supernode-private-key"), config["signing-key"]]
+    assert not any(covered_by(path, [target]) for path in keys), "keys and data must be separate mounts"
+    assert target not in ("/", "/keys", "/certs"), target
+
+
+def test_compose_each_data_folder_is_seen_by_its_own_supernode_only(services):
+    sources = {name: compose_data_mount(services[f"supernode-{name}"])[0] for name in INSTITUTIONS}
+    assert len(set(sources.values())) == len(INSTITUTIONS), f"institutions share a data folder: {sources}"
+    for name, service in services.items():
+        mounted = [source for source, _, _ in compose_volumes(service)]
+        for institution, source in sources.items():
+            if name != f"supernode-{institution}":
+                assert not any(covered_by(source, [m]) or covered_by(m, [source]) for m in mounted), (
+                    f"{name} sees {institution}'s data ({source})"
+                )
+        if not name.startswith("supernode-"):
+            assert not any("institutions" in PurePosixPath(m).parts for m in mounted), f"{name} mounts data"
 
 
 def test_compose_services_start_in_order_and_have_health_checks(services):
@@ -316,7 +370,7 @@ def test_flwr_wrapper_registers_with_flwr_supernode_register_and_valid_flags(flo
 def test_the_helpers_the_services_call_are_installed_by_the_dockerfile(services):
     dockerfile = DOCKERFILE.read_text()
     for helper, source in (("fedfuse-healthcheck", HEALTHCHECK), ("fedfuse-flwr", FLWR_WRAPPER)):
-        assert re.search(rf"^COPY\s+deploy/{source.name}\s+\S*/{helper}\s*$", dockerfile, re.M), helper
+        assert re.search(rf"^COPY\s+deploy/{source.name}\s+\S*/{helper}\s*$", dockerfile, re.MULTILINE), helper
         assert source.is_file()
     used = " ".join(" ".join(as_list(s.get("healthcheck", {}).get("test", []))) for s in services.values())
     assert "fedfuse-healthcheck" in used
@@ -332,11 +386,13 @@ def test_every_k8s_object_is_named_and_namespaced(k8s_objects):
         assert metadata.get("name"), f"{doc['kind']} without metadata.name"
         if doc["kind"] == "Namespace":
             assert metadata["name"] == NAMESPACE
+        elif doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in metadata, f"{doc['kind']}/{metadata['name']} is cluster-scoped"
         else:
             assert metadata.get("namespace") == NAMESPACE, f"{doc['kind']}/{metadata['name']} not in {NAMESPACE}"
 
 
-def test_kustomization_lists_every_manifest_except_the_secrets_example(manifests):
+def test_kustomization_lists_every_manifest_except_the_examples(manifests):
     (kustomization,) = manifests["kustomization.yaml"]
     assert kustomization["kind"] == "Kustomization"
     assert kustomization["namespace"] == NAMESPACE
@@ -346,6 +402,7 @@ def test_kustomization_lists_every_manifest_except_the_secrets_example(manifests
     expected = {"namespace.yaml", "superlink.yaml", *(f"supernode-{name}.yaml" for name in INSTITUTIONS)}
     assert set(resources) == expected
     assert "secrets.example.yaml" in manifests, "document the Secrets (secrets.example.yaml)"
+    assert "data-volumes.example.yaml" in manifests, "show how a data volume is bound (data-volumes.example.yaml)"
 
 
 def test_k8s_has_the_expected_deployments_and_service(manifests, deployments):
@@ -437,6 +494,61 @@ def test_k8s_supernodes_split_the_task_between_them(deployments):
     assert {c["num-partitions"] for c in configs} == {len(INSTITUTIONS)}
 
 
+def k8s_data_claim(doc: dict) -> tuple[dict, dict]:
+    """(volumeMount, volume) of a SuperNode Deployment that hold its node config's data paths."""
+    spec = pod_spec(doc)
+    (container,) = spec["containers"]
+    paths = data_paths(node_config(as_list(container["args"])))
+    assert paths, f"{doc['metadata']['name']}'s node config names no data"
+    mounts = [m for m in container.get("volumeMounts", []) if any(covered_by(p, [m["mountPath"]]) for p in paths)]
+    assert len(mounts) == 1, f"data {paths} should lie in exactly one volumeMount: {mounts}"
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mounts[0]["name"]]
+    return mounts[0], volume
+
+
+@pytest.mark.parametrize("institution", INSTITUTIONS)
+def test_k8s_supernode_trains_on_its_own_claim_mounted_read_only(manifests, deployments, institution):
+    doc = deployments[f"supernode-{institution}"]
+    mount, volume = k8s_data_claim(doc)
+    assert mount.get("readOnly") is True, f"{institution}: the data mount must be readOnly"
+    assert "hostPath" not in volume, "Pod Security 'restricted' forbids hostPath in a pod: use a PVC"
+    claim = volume.get("persistentVolumeClaim")
+    assert claim, f"{institution}'s data volume is not a PersistentVolumeClaim: {volume}"
+    assert claim.get("readOnly") is True, "the claim itself must be mounted read-only too"
+    assert claim["claimName"] == f"{institution}-data", claim
+    (container,) = pod_spec(doc)["containers"]
+    for path in data_paths(node_config(as_list(container["args"]))):
+        assert PurePosixPath(path) != PurePosixPath(mount["mountPath"]), f"{path} is the mount itself, not a file"
+    claims = [d for d in manifests[f"supernode-{institution}.yaml"] if d["kind"] == "PersistentVolumeClaim"]
+    assert [c["metadata"]["name"] for c in claims] == [claim["claimName"]], "the claim ships with its SuperNode"
+
+
+def test_k8s_each_data_claim_is_mounted_by_its_own_supernode_only(deployments):
+    owners = {}
+    for name, doc in deployments.items():
+        for volume in pod_spec(doc).get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                owners.setdefault(volume["persistentVolumeClaim"]["claimName"], []).append(name)
+    for institution in INSTITUTIONS:
+        assert owners.get(f"{institution}-data") == [f"supernode-{institution}"], owners
+
+
+def test_k8s_data_volume_example_binds_each_claim_read_only_and_retained(manifests):
+    volumes = {d["metadata"]["name"]: d for d in manifests["data-volumes.example.yaml"]}
+    for institution in INSTITUTIONS:
+        (claim,) = [d for d in manifests[f"supernode-{institution}.yaml"] if d["kind"] == "PersistentVolumeClaim"]
+        volume = volumes[claim["spec"]["volumeName"]]
+        assert volume["kind"] == "PersistentVolume"
+        assert volume["spec"]["claimRef"] == {"namespace": NAMESPACE, "name": claim["metadata"]["name"]}
+        assert volume["spec"]["storageClassName"] == claim["spec"]["storageClassName"] == "", "static binding"
+        assert set(claim["spec"]["accessModes"]) <= set(volume["spec"]["accessModes"])
+        assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain", "deleting a claim must keep the data"
+        assert volume["spec"]["hostPath"]["type"] == "Directory"
+        assert institution in volume["spec"]["hostPath"]["path"]
+        others = [name for name in INSTITUTIONS if name != institution]
+        assert not any(other in yaml.safe_dump(volume) for other in others)
+
+
 def test_k8s_secrets_example_holds_placeholders_and_no_ca_key(manifests):
     docs = manifests["secrets.example.yaml"]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -466,7 +578,7 @@ def test_dockerfile_installs_cpu_torch_then_the_app_as_a_non_root_user():
     assert re.match(r"^FROM\s+python:3\.11-slim\b", next(i for i in instructions if i.startswith("FROM")))
     code = "\n".join(instructions)  # without comments
     assert re.search(r"pip install \S*torch==\$\{TORCH_VERSION\}\S*\s+--index-url", code)
-    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", code, re.M)
+    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", code, re.MULTILINE)
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in code
     assert re.search(r"pip install \.(\s|$)", code), "the image must `pip install .` the app"
     assert code.index("torch==") < code.index("pip install ."), "CPU torch must come before the app"
@@ -530,7 +642,7 @@ def test_valued_flags_have_values(services, deployments):
 
 # ----------------------------------------------------------------------------------- health check helper
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):  # http.server calls it by this name
         self.send_response(200 if self.path == "/health" else 503)
         self.end_headers()
 
@@ -545,7 +657,8 @@ def test_healthcheck_script_exits_zero_only_on_http_200():
     port = server.server_address[1]
     try:
         def check(*args: str) -> int:
-            return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, timeout=60).returncode
+            done = subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, timeout=60, check=False)
+            return done.returncode
 
         assert check(f"http://127.0.0.1:{port}/health") == 0
         assert check(f"http://127.0.0.1:{port}/broken") == 1
@@ -561,3 +674,15 @@ def test_readme_replaced_the_placeholder_and_covers_the_roles():
     for needle in ("flwr supernode register", "signer-registry", "gateway-members", "tier", "docker compose",
                    "kubectl", "fedfuse certs", "fedfuse keys", ".pub"):
         assert needle in text, f"deploy/README.md does not mention {needle}"
+
+
+def test_readme_tells_an_institution_how_to_use_its_own_data():
+    text = (DEPLOY / "README.md").read_text()
+    for needle in ('data="/data/train.jsonl"', "eval-data", "validation-fraction", "text-column", "label-column",
+                   'task="classify"', "labels=", "JSONL", "CSV", "Parquet", "save_to_disk", ":/data:ro",
+                   "readOnly: true", "data_rows", "data_sha256", "data-volumes.example.yaml"):
+        assert needle in text, f"deploy/README.md does not mention {needle}"
+    runs = [block for block in re.findall(r"docker run .*?(?:\n\n|```)", text, re.DOTALL) if "flower-supernode" in block]
+    assert runs and all(":/data:ro" in run and 'data="/data/' in run for run in runs), (
+        "every `docker run` of a SuperNode mounts its data read-only and names it in the node config"
+    )

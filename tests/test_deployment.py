@@ -1,6 +1,12 @@
 """A real federation on loopback: flower-superlink with TLS and SuperNode authentication, two flower-supernode
 processes with registered keys, ``flwr run`` of the fedfuse app with signed updates.
 
+Each SuperNode trains on its institution's OWN file, named in its ``--node-config`` (``data=...``): synthetic
+triage notes with three labels (tests/data/deploy/, 48 and 64 rows), a classification task the built-in one is
+not. The report proves it per client: the SHA-256 and row count of exactly that file, a held-out validation
+split cut from it, and a three-class model; a tripwire on the built-in stdlib task proves no process of the
+federation (SuperLink, ServerApp, SuperNodes, ClientApps) ever built it, and the server evaluates nothing.
+
 Negative cases: a SuperNode whose key was never registered is refused; an institution whose update is
 changed after signing is rejected (bad signature) while the run completes with the others. Every process is
 started by the test and stopped by it, also when an assertion fails.
@@ -8,7 +14,9 @@ started by the test and stopped by it, also when an assertion fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,15 +26,25 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from fedfuse.security import Registry, write_certificates, write_institution_keys
 from fedfuse.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "deploy"  # written by tests/data/deploy/generate.py
 INSTITUTIONS = ("hospital-a", "hospital-b")
+ROWS = {"hospital-a": 48, "hospital-b": 64}
+LABELS = ("cardiac", "respiratory", "musculoskeletal")
+VALIDATION_FRACTION = 0.1
+OWN_DATA = {
+    "task": "classify", "labels": ",".join(LABELS), "text-column": "text", "label-column": "label",
+    "validation-fraction": VALIDATION_FRACTION,
+}
 TINY = {
     "num-server-rounds": 2, "strategy": "ties", "sparsifier": "trim", "density": 0.3, "local-steps": 2,
     "batch-size": 8, "max-length": 16, "lora-rank": 2, "eval-examples": 32, "fraction-evaluate": 0.0,
+    **OWN_DATA,
 }
 
 pytestmark = [
@@ -58,6 +76,46 @@ def train(msg, context):
     content = RecordDict({**reply.content, UPDATE_RECORD: payload_record(bytes(payload))})
     return Message(content=content, reply_to=msg)
 '''
+
+
+TRIPWIRE = '''"""Test tripwire (sitecustomize): any process that builds the built-in stdlib topic task leaves a marker."""
+import importlib.machinery
+import os
+import sys
+from pathlib import Path
+
+TARGET = "fedfuse.data.stdlib_topics"
+
+
+def _tripped(*args, **kwargs):
+    marker = Path(os.environ["FEDFUSE_TEST_TRIPWIRE"]) / f"pid-{os.getpid()}"
+    marker.write_text(" ".join(sys.argv))
+    raise RuntimeError("the built-in stdlib topic task was built in a federation that trains on own data")
+
+
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name != TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            return None
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            module.load_stdlib_topics = module._extract = module.iter_stdlib_sources = _tripped
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
+'''
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def app_config_toml() -> str:
@@ -94,7 +152,22 @@ class Federation:
         self.tmp = tmp
         self.home = tmp / "flwr-home"
         self.home.mkdir()
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        self.tripwire = tmp / "tripwire"
+        (self.tripwire / "site").mkdir(parents=True)
+        (self.tripwire / "site" / "sitecustomize.py").write_text(TRIPWIRE)
+        self.env = {
+            **os.environ, "FLWR_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tripwire / "site"), os.environ.get("PYTHONPATH")])),
+            "FEDFUSE_TEST_TRIPWIRE": str(self.tripwire), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(tmp / "hf-datasets-cache"),
+        }
+        # Each institution's own folder, as deploy/ lays it out: institutions/<name>/data/train.jsonl.
+        self.data = {}
+        for name in INSTITUTIONS:
+            folder = tmp / "institutions" / name / "data"
+            folder.mkdir(parents=True)
+            self.data[name] = folder / "train.jsonl"
+            shutil.copyfile(DATA / f"{name}.jsonl", self.data[name])
         self.processes: list[tuple[subprocess.Popen, Path]] = []
         self.certs = write_certificates(tmp / "certs", ["localhost", "127.0.0.1"])
         self.keys = {name: write_institution_keys(tmp / "keys", name) for name in (*INSTITUTIONS, "intruder")}
@@ -130,7 +203,7 @@ class Federation:
         )
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
 
     def start_supernode(self, name: str, partition: int) -> subprocess.Popen:
         keys = self.keys[name]
@@ -138,6 +211,8 @@ class Federation:
             f"partition-id={partition} num-partitions=2 institution='{name}' "
             f"signing-key='{keys['update_signing_private']}'"
         )
+        if name in self.data:
+            node_config += f" data='{self.data[name]}'"
         return self.start(f"supernode-{name}", [
             "flower-supernode",
             "--superlink", f"127.0.0.1:{self.port}",
@@ -147,6 +222,16 @@ class Federation:
             "--port", str(free_port()),
             "--max-retries", "3",
         ])
+
+    def tripped(self) -> list[str]:
+        """Command lines of processes that built the built-in task (none, in a run on own data)."""
+        return [marker.read_text() for marker in sorted(self.tripwire.glob("pid-*"))]
+
+    def data_folders(self) -> dict[str, list[tuple[str, str]]]:
+        """Each institution's data folder: (file name, SHA-256) of everything in it."""
+        return {
+            name: [(p.name, sha256(p)) for p in sorted(path.parent.iterdir())] for name, path in self.data.items()
+        }
 
     def logs(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in self.processes if log.exists())
@@ -184,14 +269,42 @@ def run_app(fed: Federation, app_dir: Path, out: Path, **changes: object) -> sub
     return fed.flwr("run", str(app_dir), "fed", "--stream", "--run-config", run_config, timeout=600)
 
 
-def test_signed_ties_run_over_tls_with_authenticated_supernodes(federation, tmp_path):
+def classifier_classes(run_dir: Path) -> set[int]:
+    """Output sizes of the classification head(s) in the run's last checkpoint."""
+    (weights,) = sorted((run_dir / "checkpoint").glob("weights-round-*.safetensors"))[-1:]
+    with safe_open(str(weights), "pt") as tensors:
+        heads = [name for name in tensors.keys() if "classifier" in name and name.endswith("weight")]  # noqa: SIM118
+        return {tensors.get_slice(name).get_shape()[0] for name in heads}
+
+
+def test_each_supernode_trains_on_its_own_file_in_a_signed_ties_run_over_tls(federation, tmp_path):
+    before = federation.data_folders()
     out = tmp_path / "run"
-    done = run_app(federation, ROOT, out)
+    done = run_app(federation, ROOT, out, **{"fraction-evaluate": 1.0})
+    assert not federation.tripped(), f"the built-in task was built by: {federation.tripped()}"
     assert (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:] + federation.logs()
     report = json.loads((out / "report.json").read_text())
     assert [r["accepted"] for r in report["rounds"]] == [2, 2]
     assert [r["signatures_verified"] for r in report["rounds"]] == [2, 2]
     assert (out / "checkpoint" / "state.json").is_file() and (out / "report.md").is_file()
+
+    for record in report["rounds"]:
+        assert set(record["clients"]) == set(INSTITUTIONS), record["clients"]
+        for name in INSTITUTIONS:
+            client = record["clients"][name]
+            assert client["data_sha256"] == sha256(federation.data[name]), f"{name} did not train on its own file"
+            assert client["data_rows"] == ROWS[name]
+            held_out = math.ceil(VALIDATION_FRACTION * ROWS[name])  # validation cut from that file
+            assert client["num_examples"] == ROWS[name] - held_out, client
+            assert client["eval_examples"] == held_out, client
+            assert math.isfinite(client["loss"]) and math.isfinite(client["train_loss"])
+            correct = client["accuracy"] * held_out
+            assert abs(correct - round(correct)) < 1e-6, f"{name}'s accuracy is not k/{held_out}: {client}"
+    assert classifier_classes(out) == {len(LABELS)}, "the merged model is not the three-label classifier"
+    # No eval-data and not the built-in task: the server has no test set, so it evaluates nothing.
+    for record in [report.get("initial") or {}, *report["rounds"]]:
+        assert record.get("accuracy") is None and record.get("loss") is None, record
+    assert federation.data_folders() == before, "a node wrote into its (read-only by design) data folder"
 
 
 def test_supernode_with_an_unregistered_key_is_refused(federation):
@@ -225,3 +338,5 @@ def test_an_update_changed_after_signing_is_rejected_and_the_run_completes(feder
     (record,) = json.loads((out / "report.json").read_text())["rounds"]
     assert record["accepted"] == 1 and record["signatures_verified"] == 1
     assert record["rejections"] == {"bad_signature": 1}
+    assert record["clients"]["hospital-a"]["data_sha256"] == sha256(federation.data["hospital-a"])
+    assert not federation.tripped(), f"the built-in task was built by: {federation.tripped()}"
