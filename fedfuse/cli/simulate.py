@@ -6,8 +6,11 @@ from typing import Any
 
 import typer
 
+from fedfuse.data.files import DataError
 from fedfuse.settings import RunSettings, SettingsError
-from fedfuse.simulation import DEFAULT_CLIENTS, simulate as run_simulation
+from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError
+from fedfuse.simulation import simulate as run_simulation
+from fedfuse.training.client_data import preflight
 
 
 def parse_run_config(text: str) -> dict[str, str]:
@@ -29,26 +32,37 @@ def simulate(
     density: float = typer.Option(None, "--density", "-d", help="Kept fraction of each task vector (trim/dare)."),
     mode: str = typer.Option(None, "--mode", help="Local training: lora (PEFT) or full."),
     lora_aggregation: str = typer.Option(None, "--lora-aggregation", help="exact (merge ΔW = s·BA) or factors (naive A/B average)."),
-    model: str = typer.Option(None, "--model", "-m", help="'default' (embedded all-MiniLM-L6-v2), a local folder or a hub id."),
-    task: str = typer.Option(None, "--task", help="Dataset/task: topics (stdlib docstring topics) or lm (causal LM on the same texts)."),
-    partition: str = typer.Option(None, "--partition", help="Client partition: dirichlet, domain or iid."),
+    model: str = typer.Option(None, "--model", "-m", help="'default' (embedded all-MiniLM-L6-v2), 'smollm2' (embedded SmolLM2-135M-Instruct), a local folder or a hub id."),
+    task: str = typer.Option(None, "--task", help="topics (built-in docstring topics), classify (text+label), lm (causal LM) or sft (chat; loss on assistant tokens)."),
+    data: str = typer.Option(None, "--data", help="Your dataset (JSONL/CSV/Parquet file or save_to_disk folder), partitioned over the clients."),
+    data_dir: str = typer.Option(None, "--data-dir", help="A folder with one data file per client (sorted by name)."),
+    eval_data: str = typer.Option(None, "--eval-data", help="A held-out file the server evaluates on (else: federated evaluation only)."),
+    trainer: str = typer.Option(None, "--trainer", help="auto (built-in for the task), an entry point of group fedfuse.trainers, or module:function."),
+    partition: str = typer.Option(None, "--partition", help="Client partition: iid, dirichlet, shards, natural (files) or domain (built-in task)."),
+    partition_column: str = typer.Option(None, "--partition-column", help="Column for dirichlet/shards (default: the label) or natural (e.g. institution)."),
     alpha: float = typer.Option(None, "--alpha", help="Dirichlet concentration α (smaller = more non-IID)."),
     seed: int = typer.Option(None, "--seed", help="Seed of data split, partitions, head init, DARE masks, training order."),
     local_steps: int = typer.Option(None, "--local-steps", help="Optimizer steps per client per round."),
     output_dir: str = typer.Option(None, "--output-dir", "-o", help="Where checkpoints and the report go."),
     resume: str = typer.Option(None, "--resume", help="Continue from a run folder or checkpoint (same settings)."),
     run_config: str = typer.Option("", "--run-config", help='Any other run-config keys, e.g. "lora-rank=4 batch-size=16".'),
+    client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPUs per client, given by Ray (0.5: two clients share a GPU; 0: clients see no GPU). Above 0, Ray runs at most floor(GPUs / client-gpus) clients at once."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Simulate a federation on this machine and write report.json, report.md and plots."""
     named: dict[str, Any] = {
         "num-server-rounds": rounds, "strategy": strategy, "sparsifier": sparsifier, "density": density,
         "mode": mode, "lora-aggregation": lora_aggregation, "model": model, "task": task, "partition": partition,
+        "data": data, "data-dir": data_dir, "eval-data": eval_data, "trainer": trainer,
+        "partition-column": partition_column,
         "alpha": alpha, "seed": seed, "local-steps": local_steps, "output-dir": output_dir, "resume": resume,
     }
     try:
         overrides = {**parse_run_config(run_config), **{k: v for k, v in named.items() if v is not None}}
-        RunSettings.from_run_config({}, **overrides)
-    except SettingsError as exc:
+        preflight(RunSettings.from_run_config({}, **overrides), clients)
+    except (SettingsError, DataError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    run_simulation(overrides, num_clients=clients, verbose=verbose)
+    try:
+        run_simulation(overrides, num_clients=clients, client_gpus=client_gpus, verbose=verbose)
+    except ClientResourcesError as exc:
+        raise typer.BadParameter(str(exc)) from None
