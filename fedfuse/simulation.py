@@ -121,6 +121,10 @@ def simulate(
     settings = RunSettings.from_run_config({}, **overrides)
     if num_clients < 1:
         raise ValueError(f"need at least one client, got {num_clients}")
+    if settings.client_device == "cuda" and client_gpus == 0:
+        raise ClientResourcesError(
+            "client-device 'cuda' needs --client-gpus > 0: Ray hides every GPU from a client given none"
+        )
     parallel = parallel or min(num_clients, os.cpu_count() or 1)
     config = backend_config(
         parallel=parallel, client_gpus=client_gpus, gpus=visible_gpus() if client_gpus > 0 else 0, verbose=verbose,

@@ -152,3 +152,10 @@ def test_the_cli_says_so_in_one_line(monkeypatch, tmp_path):
     assert result.exit_code == 2
     assert "--client-gpus 0.5 asks for GPUs but torch sees no CUDA device" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cuda_clients_without_client_gpus_are_refused_before_anything_starts():
+    from fedfuse.simulation import ClientResourcesError, simulate
+
+    with pytest.raises(ClientResourcesError, match="client-device 'cuda' needs --client-gpus > 0"):
+        simulate({"client-device": "cuda"}, num_clients=2)
