@@ -138,6 +138,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             context.state.array_records[RESIDUAL_RECORD] = ArrayRecord(feedback.state_dict())
         metrics = MetricRecord(finite_metrics({
             "num-examples": result.num_examples, "train-loss": result.train_loss, "uplink-bytes": len(result.payload),
+            "train-seconds": result.train_seconds,
         }))
         reply = RecordDict(
             {

@@ -10,6 +10,7 @@ dense (they are small); the server forms ΔW = s·B·A and sparsifies there, so 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -74,6 +75,7 @@ class LocalResult:
     num_examples: int
     train_loss: float
     source: DataSource
+    train_seconds: float = 0.0
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -141,7 +143,9 @@ def run_local_round(
     seed = derive_seed(settings.seed, round_number, shard.node_name, "train")
     trainer = resolve_trainer(settings.trainer, settings.task)
     context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
+    started = time.perf_counter()
     result = as_result(trainer(model, data, settings, context))
+    train_seconds = time.perf_counter() - started
     fisher = None
     if settings.mode == "lora":
         tensors = {name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()}
@@ -170,4 +174,4 @@ def run_local_round(
         metrics=finite_metrics({"train-loss": result.loss, **result.metrics}),
     )
     payload = encode_update(tensors, header=header, value_dtype=settings.wire_dtype, fisher=fisher)
-    return LocalResult(payload, len(data.train), result.loss, data.source)
+    return LocalResult(payload, len(data.train), result.loss, data.source, train_seconds)

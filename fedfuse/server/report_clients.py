@@ -48,6 +48,7 @@ def client_rows(record: Mapping[str, Any]) -> list[list[str]]:
         rows.append([
             node, str(values.get("data_rows", MISSING)), digest[:12] or MISSING,
             str(values.get("num_examples", MISSING)), _fixed(values.get("train_loss"), 4),
+            _fixed(values.get("train_seconds"), 1),
             str(values.get("eval_examples", MISSING)), _fixed(values.get("loss"), 4),
             _fixed(values.get("perplexity"), 2), _fixed(values.get("accuracy"), 4),
         ])
@@ -65,7 +66,7 @@ def federated_section(history: Mapping[str, Any], table: Callable[[Sequence[str]
     if rounds and rounds[-1].get("clients"):
         lines += [f"## Clients in round {rounds[-1].get('round', len(rounds))}", ""]
         lines += table(
-            ("client", "data rows", "data sha256", "train examples", "train loss", "eval examples", "loss",
+            ("client", "data rows", "data sha256", "train examples", "train loss", "train s", "eval examples", "loss",
              "perplexity", "accuracy"),
             client_rows(rounds[-1]),
         )

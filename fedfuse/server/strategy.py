@@ -195,6 +195,7 @@ class FedFuseStrategy(Strategy):
                     examples += weight
                 self._client_record(content, {
                     "num_examples": int(weight), "train_loss": metrics.get("train-loss"),
+                    "train_seconds": metrics.get("train-seconds"),
                 })
         rejections = client_errors + [
             {"node": r.node_id, "reason": r.reason, "message": r.message}
