@@ -39,7 +39,7 @@ def test_asking_for_cuda_or_fp16_or_4bit_without_a_gpu_is_a_clear_error():
     with pytest.raises(SettingsError, match="precision 'fp16' needs a CUDA device"):
         autocast_dtype(RunSettings(precision="fp16"), torch.device("cpu"))
     with pytest.raises(SettingsError, match="quantization '4bit' needs a CUDA GPU"):
-        quantize_4bit(torch.nn.Linear(2, 2), None, torch.device("cpu"))
+        quantize_4bit(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
 def test_4bit_quantization_is_lora_only():

@@ -107,10 +107,10 @@ def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], sh
     return evaluate(model, data.eval, data.domain_names), data.source
 
 
-def _training_model(settings: RunSettings, model: torch.nn.Module, tokenizer: object, round_number: int,
+def _training_model(settings: RunSettings, model: torch.nn.Module, round_number: int,
                     device: torch.device) -> torch.nn.Module:
     if settings.quantization == "4bit":
-        model = quantize_4bit(model, tokenizer, device)
+        model = quantize_4bit(model, device)
     else:
         model.to(device)
     if settings.gradient_checkpointing:
@@ -138,7 +138,7 @@ def run_local_round(
     round_state = {name: tensor.clone() for name, tensor in round_state.items()}
     data = client_datasets(settings, shard, tokenizer)
     device = client_device(settings)
-    model = _training_model(settings, model, tokenizer, round_number, device)
+    model = _training_model(settings, model, round_number, device)
     steps = steps_for(len(data.train), settings.batch_size, settings.local_steps, settings.local_epochs)
     seed = derive_seed(settings.seed, round_number, shard.node_name, "train")
     trainer = resolve_trainer(settings.trainer, settings.task)

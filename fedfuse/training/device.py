@@ -48,7 +48,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.config.use_cache = False
 
 
-def quantize_4bit(model: torch.nn.Module, tokenizer: object, device: torch.device) -> torch.nn.Module:
+def quantize_4bit(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The round's model reloaded with bitsandbytes NF4 weights on ``device`` (QLoRA); heads stay fp32."""
     if device.type != "cuda":
         raise SettingsError("quantization '4bit' needs a CUDA GPU (bitsandbytes 4-bit kernels); this client has none")
