@@ -121,7 +121,7 @@ def simulate(
     settings = RunSettings.from_run_config({}, **overrides)
     if num_clients < 1:
         raise ValueError(f"need at least one client, got {num_clients}")
-    if settings.client_device == "cuda" and client_gpus == 0:
+    if settings.training.client_device == "cuda" and client_gpus == 0:
         raise ClientResourcesError(
             "client-device 'cuda' needs --client-gpus > 0: Ray hides every GPU from a client given none"
         )
@@ -137,7 +137,7 @@ def simulate(
             backend_config=config,
             verbose_logging=verbose,
         )
-    report = Path(settings.output_dir) / "report.json"
+    report = Path(settings.run.output_dir) / "report.json"
     if not report.is_file():
         raise RuntimeError(f"the simulation ended without writing {report}; see the log above")
     return json.loads(report.read_text())

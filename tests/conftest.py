@@ -6,7 +6,8 @@ shapes, weights, densities and dense/sparse representations while tensors stay c
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -147,7 +148,9 @@ def output_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dic
     return {name: t.abs() for name, t in abs_out.items()}
 
 
-def ties_vote_is_close(strategy: MergeStrategy, items: Sequence[Contribution], rel: float = 1e-5) -> dict[str, torch.Tensor]:
+def ties_vote_is_close(
+    strategy: MergeStrategy, items: Sequence[Contribution], rel: float = 1e-5
+) -> dict[str, torch.Tensor]:
     """Entries whose TIES mass vote |P+N| is within ``rel``·(P−N) of 0 (all False for other votes)."""
     state = fold(_as_fp64(strategy), items)
     out = {}

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from fedfuse.checkpoints import (
     INDEX_FILE,
-    CheckpointError,
+    CheckpointReadError,
+    CheckpointWriteError,
     SafetensorsStreamWriter,
     ShardedWriter,
     TensorSpec,
@@ -27,8 +28,17 @@ from fedfuse.checkpoints import (
 )
 
 DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 ]
 
 
@@ -111,24 +121,24 @@ def test_header_is_length_prefixed_json_padded_with_spaces_to_8_bytes() -> None:
 def test_writer_rejects_out_of_order_wrong_shape_wrong_dtype_and_unwritten_tensors(tmp_path: Path) -> None:
     specs = [TensorSpec("a", (2,), torch.float32), TensorSpec("b", (3,), torch.float16)]
     writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", specs)
-    with pytest.raises(CheckpointError, match="expected tensor 'a' next, got 'b'"):
+    with pytest.raises(CheckpointWriteError, match=r"expected tensor 'a' next, got 'b'"):
         writer.write("b", torch.zeros(3, dtype=torch.float16))
-    with pytest.raises(CheckpointError, match=r"tensor 'a': planned shape \(2,\), got \(3,\)"):
+    with pytest.raises(CheckpointWriteError, match=r"tensor 'a': planned shape \(2,\), got \(3,\)"):
         writer.write("a", torch.zeros(3))
-    with pytest.raises(CheckpointError, match="tensor 'a': planned dtype torch.float32, got torch.float64"):
+    with pytest.raises(CheckpointWriteError, match=r"tensor 'a': planned dtype torch.float32, got torch.float64"):
         writer.write("a", torch.zeros(2, dtype=torch.float64))
     writer.write("a", torch.zeros(2))
-    with pytest.raises(CheckpointError, match="never written, first 'b'"):
+    with pytest.raises(CheckpointWriteError, match=r"never written, first 'b'"):
         writer.close()
 
 
 def test_metadata_must_be_strings() -> None:
-    with pytest.raises(CheckpointError, match="strings to strings"):
+    with pytest.raises(CheckpointWriteError, match=r"strings to strings"):
         build_header([], {"n": 3})  # type: ignore[dict-item]
 
 
 def test_duplicate_names_are_refused() -> None:
-    with pytest.raises(CheckpointError, match="'a' is listed twice"):
+    with pytest.raises(CheckpointWriteError, match=r"'a' is listed twice"):
         build_header([TensorSpec("a", (1,), torch.float32), TensorSpec("a", (1,), torch.float32)])
 
 
@@ -145,7 +155,7 @@ def test_parse_size_reads_transformers_style_sizes(text, size) -> None:
 
 @pytest.mark.parametrize("text", ["5XB", "-1", "0", "GB", "", "1e9"])
 def test_parse_size_rejects_nonsense(text) -> None:
-    with pytest.raises(CheckpointError, match="size"):
+    with pytest.raises(CheckpointWriteError, match=r"size"):
         parse_size(text)
 
 
@@ -188,7 +198,7 @@ def test_sharded_writer_below_the_limit_writes_one_model_safetensors(tmp_path: P
 
 def test_sharded_writer_refuses_an_unplanned_tensor(tmp_path: Path) -> None:
     writer = ShardedWriter(tmp_path, [TensorSpec("a", (4,), torch.float32)])
-    with pytest.raises(CheckpointError, match="'zzz' was not planned"):
+    with pytest.raises(CheckpointWriteError, match=r"'zzz' was not planned"):
         writer.write("zzz", torch.zeros(4))
 
 
@@ -242,24 +252,24 @@ def test_reader_opens_a_sharded_folder(tmp_path: Path, tensors) -> None:
 
 
 def test_reader_reports_a_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not found: .*nothing-here"):
+    with pytest.raises(CheckpointReadError, match=r"not found: .*nothing-here"):
         open_checkpoint(tmp_path / "nothing-here")
 
 
 def test_reader_refuses_pickled_weights(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin.*never unpickles"):
+    with pytest.raises(CheckpointReadError, match=r"pytorch_model.bin.*never unpickles"):
         open_checkpoint(tmp_path)
-    with pytest.raises(CheckpointError, match="not a .safetensors file"):
+    with pytest.raises(CheckpointReadError, match=r"not a .safetensors file"):
         open_checkpoint(tmp_path / "pytorch_model.bin")
 
 
 def test_reader_reports_a_folder_without_weights_and_a_corrupt_file(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(CheckpointReadError, match=r"no model.safetensors or model.safetensors.index.json"):
         open_checkpoint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file at all")
-    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointReadError, match=r"model.safetensors is not a readable safetensors file"):
         open_checkpoint(tmp_path)
 
 
@@ -268,19 +278,21 @@ def test_reader_reports_broken_indexes(tmp_path: Path, tensors) -> None:
     index = tmp_path / INDEX_FILE
     first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
     index.write_text(json.dumps({"weight_map": {"a": first, "b": second}}))
-    with pytest.raises(CheckpointError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+    with pytest.raises(CheckpointReadError, match=r"names shard model-00002-of-00002.safetensors, which is missing"):
         open_checkpoint(tmp_path)
     index.write_text(json.dumps({"weight_map": {"a": first, "b": first}}))
-    with pytest.raises(CheckpointError, match="puts tensor 'b' in model-00001-of-00002.safetensors, which lacks it"):
+    with pytest.raises(
+        CheckpointReadError, match=r"puts tensor 'b' in model-00001-of-00002.safetensors, which lacks it"
+    ):
         open_checkpoint(tmp_path)
     index.write_text("{not json")
-    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+    with pytest.raises(CheckpointReadError, match=r"not a valid safetensors index"):
         open_checkpoint(tmp_path)
 
 
 def test_reader_names_an_unknown_tensor(tmp_path: Path, tensors) -> None:
     save_file(tensors, tmp_path / "model.safetensors")
-    with open_checkpoint(tmp_path) as ckpt, pytest.raises(CheckpointError, match="has no tensor 'missing.weight'"):
+    with open_checkpoint(tmp_path) as ckpt, pytest.raises(CheckpointReadError, match=r"has no tensor 'missing.weight'"):
         ckpt.info("missing.weight")
 
 
@@ -297,11 +309,10 @@ def test_weight_files_are_told_apart_from_config_files() -> None:
 def test_atomic_output_leaves_nothing_when_the_write_fails_midway(tmp_path: Path) -> None:
     out = tmp_path / "out"
     specs = [TensorSpec("a", (4,), torch.float32), TensorSpec("b", (4,), torch.float32)]
-    with pytest.raises(RuntimeError, match="crash"):
-        with atomic_output(out, directory=True) as folder:
-            writer = ShardedWriter(folder, specs)
-            writer.write("a", torch.zeros(4))
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError, match=r"crash"), atomic_output(out, directory=True) as folder:
+        writer = ShardedWriter(folder, specs)
+        writer.write("a", torch.zeros(4))
+        raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -319,13 +330,11 @@ def test_atomic_output_refuses_a_non_empty_folder_unless_overwriting(tmp_path: P
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(CheckpointError, match="is not empty"):
-        with atomic_output(out, directory=True):
-            pass
-    with pytest.raises(RuntimeError):
-        with atomic_output(out, directory=True, overwrite=True) as folder:
-            (folder / "new.txt").write_text("new")
-            raise RuntimeError("crash")
+    with pytest.raises(CheckpointWriteError, match=r"is not empty"), atomic_output(out, directory=True):
+        pass
+    with pytest.raises(RuntimeError), atomic_output(out, directory=True, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+        raise RuntimeError("crash")
     assert [p.name for p in out.iterdir()] == ["old.txt"]
     with atomic_output(out, directory=True, overwrite=True) as folder:
         (folder / "new.txt").write_text("new")
@@ -342,17 +351,14 @@ def test_atomic_output_accepts_an_empty_existing_folder(tmp_path: Path) -> None:
 
 def test_atomic_output_for_a_file(tmp_path: Path) -> None:
     target = tmp_path / "partial.safetensors"
-    with pytest.raises(RuntimeError):
-        with atomic_output(target, directory=False) as path:
-            write_stream(path, {"a": torch.ones(2)})
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_output(target, directory=False) as path:
+        write_stream(path, {"a": torch.ones(2)})
+        raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
     with atomic_output(target, directory=False) as path:
         write_stream(path, {"a": torch.ones(2)})
     assert same(load_file(target)["a"], torch.ones(2))
-    with pytest.raises(CheckpointError, match="exists .*--force"):
-        with atomic_output(target, directory=False):
-            pass
-    with pytest.raises(CheckpointError, match="is a folder"):
-        with atomic_output(tmp_path, directory=False):
-            pass
+    with pytest.raises(CheckpointWriteError, match=r"exists .*--force"), atomic_output(target, directory=False):
+        pass
+    with pytest.raises(CheckpointWriteError, match=r"is a folder"), atomic_output(tmp_path, directory=False):
+        pass

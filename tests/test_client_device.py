@@ -35,16 +35,16 @@ def test_auto_device_and_precision_are_cpu_and_fp32_without_cuda():
 @needs_no_gpu
 def test_asking_for_cuda_or_fp16_or_4bit_without_a_gpu_is_a_clear_error():
     with pytest.raises(SettingsError, match="client-device 'cuda' asks for a GPU, but torch sees no CUDA device"):
-        client_device(RunSettings(client_device="cuda"))
+        client_device(RunSettings.from_run_config(client_device="cuda"))
     with pytest.raises(SettingsError, match="precision 'fp16' needs a CUDA device"):
-        autocast_dtype(RunSettings(precision="fp16"), torch.device("cpu"))
+        autocast_dtype(RunSettings.from_run_config(precision="fp16"), torch.device("cpu"))
     with pytest.raises(SettingsError, match="quantization '4bit' needs a CUDA GPU"):
         quantize_4bit(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
 def test_4bit_quantization_is_lora_only():
     with pytest.raises(SettingsError, match="quantization '4bit' \\(QLoRA\\) needs mode 'lora'"):
-        RunSettings(quantization="4bit", mode="full")
+        RunSettings.from_run_config(quantization="4bit", mode="full")
 
 
 def _tiny_llama() -> LlamaForCausalLM:

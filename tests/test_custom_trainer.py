@@ -35,7 +35,7 @@ PLUGIN = textwrap.dedent('''
         generator = torch.Generator().manual_seed(round.seed)
         model.train()
         for _ in range(round.steps):
-            rows = torch.randint(len(data.train), (settings.batch_size,), generator=generator)
+            rows = torch.randint(len(data.train), (settings.training.batch_size,), generator=generator)
             batch = data.train.rows(rows).to(round.device)
             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
             optimizer.zero_grad()

@@ -56,11 +56,10 @@ pytestmark = [
 ]
 
 TAMPERING_CLIENT = '''"""A ClientApp that behaves, except that hospital-b's payload is changed after it was signed."""
-from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfuse.client.app import make_client_app
-from fedfuse.messages import UPDATE_RECORD, payload_of, payload_record
+from fedfuse.messages import TrainReply
 
 honest = make_client_app()
 app = ClientApp()
@@ -71,10 +70,10 @@ def train(msg, context):
     reply = honest(msg, context)
     if context.node_config.get("institution") != "hospital-b":
         return reply
-    payload = bytearray(payload_of(reply.content, UPDATE_RECORD))
+    signed = TrainReply.from_content(reply.content)
+    payload = bytearray(signed.payload)
     payload[len(payload) // 2] ^= 0x01
-    content = RecordDict({**reply.content, UPDATE_RECORD: payload_record(bytes(payload))})
-    return Message(content=content, reply_to=msg)
+    return TrainReply(signed.kind, bytes(payload), signed.signature).reply_to(msg)
 '''
 
 

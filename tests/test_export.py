@@ -86,11 +86,11 @@ def write_run(
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Checkpoint ``rounds`` of a run: base weights + a rank-3 ΔW on every LoRA target, a moved head."""
     model, _ = base_model(settings)
-    targets = LLAMA_TARGETS if settings.task == "lm" else BERT_TARGETS
+    targets = LLAMA_TARGETS if settings.source.task == "lm" else BERT_TARGETS
     written = {}
     for round_number in rounds:
         state = {name: tensor.clone() for name, tensor in global_state(model).items()}
-        if settings.mode == "lora":
+        if settings.training.mode == "lora":
             for index, name in enumerate(sorted(state)):
                 if name.endswith(targets):
                     state[name] += delta(state[name].shape, 100 * round_number + index)
@@ -103,11 +103,11 @@ def write_run(
 
 
 def lm_settings(llama_dir: Path, **changes: object) -> RunSettings:
-    return RunSettings(model=str(llama_dir), task="lm", lora_rank=2, **changes)
+    return RunSettings.from_run_config(model=str(llama_dir), task="lm", lora_rank=2, **changes)
 
 
 def topics_settings(bert_dir: Path, **changes: object) -> RunSettings:
-    return RunSettings(model=str(bert_dir), task="topics", lora_rank=2, **changes)
+    return RunSettings.from_run_config(model=str(bert_dir), task="topics", lora_rank=2, **changes)
 
 
 def ids() -> torch.Tensor:
@@ -161,7 +161,7 @@ def test_classifier_export_carries_the_trained_head_and_the_run_s_label_names(tm
 
 
 def test_classify_runs_name_their_classes_from_the_labels_key(tmp_path, bert_dir):
-    write_run(tmp_path / "run", RunSettings(model=str(bert_dir), task="classify", labels="negative,neutral,positive"))
+    write_run(tmp_path / "run", RunSettings.from_run_config(model=str(bert_dir), task="classify", labels="negative,neutral,positive"))
     export_model(tmp_path / "run", tmp_path / "model")
     config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").config
     assert config.id2label == {0: "negative", 1: "neutral", 2: "positive"}

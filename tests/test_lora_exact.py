@@ -14,11 +14,10 @@ from fedfuse.algebra import (
     naive_factor_average,
     svd_refactor,
 )
-from fedfuse.server import RoundAggregator
-from fedfuse.server.update_space import UpdateSpace
+from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.settings import RunSettings
 from fedfuse.strategies import get_strategy
-from fedfuse.wire import Expectation, UpdateHeader, encode_update
+from fedfuse.wire import UpdateHeader, encode_update
 
 OUT, IN, RANK, SCALE = 24, 16, 4, 2.0
 MODULE = "encoder.layer.0.attention.self.query"
@@ -79,19 +78,16 @@ def _payload(node: str, a: torch.Tensor, b: torch.Tensor, examples: int, fingerp
 
 @pytest.mark.parametrize("aggregation", ["exact", "factors"])
 def test_server_merge_of_encoded_factors(aggregation):
-    """Through the wire and the round aggregator: exact gives Σ pₖ s BₖAₖ (1e-5), factors does not."""
-    settings = RunSettings(strategy="fedavg", lora_aggregation=aggregation, lora_rank=RANK, lora_alpha=SCALE * RANK)
+    """Through the wire and the round engine: exact gives Σ pₖ s BₖAₖ (1e-5), factors does not."""
+    settings = RunSettings.from_run_config(strategy="fedavg", lora_aggregation=aggregation, lora_rank=RANK, lora_alpha=SCALE * RANK)
     a_name, b_name = factor_names(MODULE)
-    space = UpdateSpace(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
-    expect = Expectation(shapes=space.wire_shapes, round=1, run_id="run", base_fingerprint="fp")
-    aggregator = RoundAggregator(
-        get_strategy("fedavg"), expect, transform=lambda update: space.merge_input(update, 1)
-    )
+    space = UpdateSpace.for_run(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
+    merge_round = RoundEngine(get_strategy("fedavg"), space, round_number=1, run_id="run", base_fingerprint="fp")
     pairs = [random_factors(seed) for seed in (10, 11, 12)]
     examples = [100, 300, 50]
     for k, ((a, b), n) in enumerate(zip(pairs, examples)):
-        assert aggregator.offer_update(_payload(f"node-{k}", a, b, n, "fp")) is None
-    merged = space.task_vector(aggregator.finalize())[MODULE + ".weight"]
+        assert merge_round.offer(_payload(f"node-{k}", a, b, n, "fp")) is None
+    merged = merge_round.merged_task_vector()[MODULE + ".weight"]
     exact = sum(n / sum(examples) * lora_delta(a, b, SCALE) for (a, b), n in zip(pairs, examples))
     if aggregation == "exact":
         assert relative_error(merged, exact) < 1e-5
@@ -101,20 +97,21 @@ def test_server_merge_of_encoded_factors(aggregation):
 
 
 def test_exact_lora_ties_trims_each_delta_on_the_server():
-    settings = RunSettings(strategy="ties", sparsifier="trim", density=0.25, lora_rank=RANK, lora_alpha=SCALE * RANK)
+    settings = RunSettings.from_run_config(strategy="ties", sparsifier="trim", density=0.25, lora_rank=RANK, lora_alpha=SCALE * RANK)
     a_name, b_name = factor_names(MODULE)
-    space = UpdateSpace(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
-    expect = Expectation(shapes=space.wire_shapes, round=1)
     captured = []
 
-    def transform(update):
-        tensors, fisher = space.merge_input(update, 1)
-        captured.append(tensors[MODULE + ".weight"])
-        return tensors, fisher
+    class CapturingSpace(UpdateSpace):
+        def merge_input(self, update):
+            tensors, fisher = super().merge_input(update)
+            captured.append(tensors[MODULE + ".weight"])
+            return tensors, fisher
 
-    aggregator = RoundAggregator(get_strategy("ties"), expect, transform=transform)
+    space = UpdateSpace.for_run(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
+    space = CapturingSpace(space.kind, space.wire_shapes, space.scale, space.sparsifier, space.seed, space.seed_scope)
+    merge_round = RoundEngine(get_strategy("ties"), space, round_number=1)
     a, b = random_factors(3)
-    assert aggregator.offer_update(_payload("n", a, b, 10, "fp")) is None
+    assert merge_round.offer(_payload("n", a, b, 10, "fp")) is None
     assert captured[0].indices.numel() == int(0.25 * OUT * IN)
 
 

@@ -42,8 +42,14 @@ def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bert")
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=100, max_position_embeddings=64)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     (root / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"))
     paths = {"base": root / "base", "m1": root / "m1", "m2": root / "m2"}
@@ -90,10 +96,35 @@ def invoke(args: list[str]):
 def test_console_script_merges_a_bert_that_transformers_loads(tmp_path: Path, bert) -> None:
     out = tmp_path / "merged"
     result = subprocess.run(
-        ["fedfuse", "merge", "--base", bert["base"], "--model", bert["m1"], "--model", bert["m2"],
-         "--method", "ties", "--density", "0.2", "--weight", "1", "--weight", "0.5", "--lambda", "1.0",
-         "--seed", "0", "--device", "cpu", "--out", out],
-        capture_output=True, text=True, timeout=300,
+        [
+            "fedfuse",
+            "merge",
+            "--base",
+            bert["base"],
+            "--model",
+            bert["m1"],
+            "--model",
+            bert["m2"],
+            "--method",
+            "ties",
+            "--density",
+            "0.2",
+            "--weight",
+            "1",
+            "--weight",
+            "0.5",
+            "--lambda",
+            "1.0",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "wrote model" in result.stdout
@@ -107,8 +138,25 @@ def test_console_script_merges_a_bert_that_transformers_loads(tmp_path: Path, be
 
 def test_sharded_output_still_loads(tmp_path: Path, bert) -> None:
     out = tmp_path / "sharded"
-    result = invoke(["--base", bert["base"], "-m", bert["m1"], "-m", bert["m2"], "--method", "task_arithmetic",
-                     "--lambda", "0.5", "--max-shard-size", "20KB", "--out", out, "--quiet"])
+    result = invoke(
+        [
+            "--base",
+            bert["base"],
+            "-m",
+            bert["m1"],
+            "-m",
+            bert["m2"],
+            "--method",
+            "task_arithmetic",
+            "--lambda",
+            "0.5",
+            "--max-shard-size",
+            "20KB",
+            "--out",
+            out,
+            "--quiet",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert result.output == ""
     index = json.loads((out / INDEX_FILE).read_text())
@@ -119,8 +167,15 @@ def test_sharded_output_still_loads(tmp_path: Path, bert) -> None:
 
 
 def test_bf16_llama_with_dare_ties_keeps_its_dtype_and_loads(tmp_path: Path) -> None:
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=100, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
     paths = [tmp_path / name for name in ("base", "m1", "m2", "m3")]
     for i, path in enumerate(paths):
         torch.manual_seed(0)
@@ -129,8 +184,26 @@ def test_bf16_llama_with_dare_ties_keeps_its_dtype_and_loads(tmp_path: Path) -> 
             perturbed(model, i)
         model.save_pretrained(path)
     out = tmp_path / "out"
-    result = invoke(["--base", paths[0], "-m", paths[1], "-m", paths[2], "-m", paths[3], "--method", "dare_ties",
-                     "--density", "0.5", "--seed", "42", "--out", out])
+    result = invoke(
+        [
+            "--base",
+            paths[0],
+            "-m",
+            paths[1],
+            "-m",
+            paths[2],
+            "-m",
+            paths[3],
+            "--method",
+            "dare_ties",
+            "--density",
+            "0.5",
+            "--seed",
+            "42",
+            "--out",
+            out,
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "generation_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -140,16 +213,56 @@ def test_bf16_llama_with_dare_ties_keeps_its_dtype_and_loads(tmp_path: Path) -> 
 
 def test_tiers_through_the_cli_equal_the_flat_merge(tmp_path: Path, bert) -> None:
     common = ["--base", bert["base"], "--method", "ties", "--density", "0.3"]
-    assert invoke(common + ["-m", bert["m1"], "-m", bert["m2"], "--out", tmp_path / "flat"]).exit_code == 0
-    assert invoke(common + ["-m", bert["m1"], "--partial-out", tmp_path / "p1.safetensors"]).exit_code == 0
-    assert invoke(common + ["-m", bert["m2"], "--partial-out", tmp_path / "p2.safetensors"]).exit_code == 0
-    result = invoke(["--base", bert["base"], "--combine", tmp_path / "p1.safetensors",
-                     "--combine", tmp_path / "p2.safetensors", "--out", tmp_path / "tiered"])
+    assert invoke([*common, "-m", bert["m1"], "-m", bert["m2"], "--out", tmp_path / "flat"]).exit_code == 0
+    assert invoke([*common, "-m", bert["m1"], "--partial-out", tmp_path / "p1.safetensors"]).exit_code == 0
+    assert invoke([*common, "-m", bert["m2"], "--partial-out", tmp_path / "p2.safetensors"]).exit_code == 0
+    result = invoke(
+        [
+            "--base",
+            bert["base"],
+            "--combine",
+            tmp_path / "p1.safetensors",
+            "--combine",
+            tmp_path / "p2.safetensors",
+            "--out",
+            tmp_path / "tiered",
+        ]
+    )
     assert result.exit_code == 0, result.output
     flat = load_file(tmp_path / "flat" / "model.safetensors")
     tiered = AutoModel.from_pretrained(tmp_path / "tiered").state_dict()
     for name, tensor in flat.items():
         torch.testing.assert_close(tiered[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_partials_written_under_plain_names_are_combined_by_the_cli(tmp_path: Path, bert, monkeypatch) -> None:
+    """What --partial-out writes, --combine reads: whatever name the user typed (no .safetensors needed)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--base", bert["base"], "--method", "ties", "--density", "0.3"]
+    assert invoke([*common, "-m", bert["m1"], "-m", bert["m2"], "--out", "flat"]).exit_code == 0
+    first = invoke([*common, "-m", bert["m1"], "--partial-out", "p1"])
+    assert first.exit_code == 0, first.output
+    assert "wrote partial statistics to p1" in first.output
+    assert invoke([*common, "-m", bert["m2"], "--partial-out", "p2"]).exit_code == 0
+    region = invoke(["--base", bert["base"], "--combine", "p1", "--combine", "p2", "--partial-out", "region"])
+    assert region.exit_code == 0, region.output
+    result = invoke(["--base", bert["base"], "--combine", "region", "--out", "tiered"])
+    assert result.exit_code == 0, result.output
+    flat = load_file(tmp_path / "flat" / "model.safetensors")
+    tiered = AutoModel.from_pretrained(tmp_path / "tiered").state_dict()
+    for name, tensor in flat.items():
+        torch.testing.assert_close(tiered[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat", "p1", "p2", "region", "tiered"]
+
+
+def test_param_sets_a_declared_strategy_parameter(tmp_path: Path, bert) -> None:
+    common = ["--base", bert["base"], "-m", bert["m1"], "-m", bert["m2"], "--method", "ties", "--density", "0.3"]
+    assert invoke([*common, "--vote", "count", "--out", tmp_path / "flag", "-q"]).exit_code == 0
+    assert invoke([*common, "--param", "vote=count", "--out", tmp_path / "param", "-q"]).exit_code == 0
+    assert invoke([*common, "--out", tmp_path / "mass", "-q"]).exit_code == 0
+    flag, param, mass = (load_file(tmp_path / d / "model.safetensors") for d in ("flag", "param", "mass"))
+    assert all(torch.equal(flag[n], param[n]) for n in flag)
+    assert any(not torch.equal(flag[n], mass[n]) for n in flag)
 
 
 @pytest.mark.parametrize(
@@ -159,12 +272,21 @@ def test_tiers_through_the_cli_equal_the_flat_merge(tmp_path: Path, bert) -> Non
         (["--method", "nope"], "unknown merge strategy 'nope'; available: dare_linear, dare_ties, fedavg"),
         (["--method", "fedavg", "--weight", "1"], "got 1 weight(s) for 2 model(s)"),
         (["--method", "fisher"], "needs a Fisher diagonal file per model"),
-        (["--method", "ties", "--density", "0.2", "--combine", "p.safetensors"],
-         "--model, --method, --density cannot be used with --combine"),
+        (
+            ["--method", "ties", "--density", "0.2", "--combine", "p.safetensors"],
+            "--model, --method, --density cannot be used with --combine",
+        ),
+        (
+            ["--method", "fedavg", "--param", "eps=1e-8"],
+            "strategy 'fedavg' has no parameter 'eps'; its parameters: lam",
+        ),
+        (["--method", "fisher", "--param", "eps"], "--param: strategy parameters are name=value, got 'eps'"),
+        (["--method", "ties", "--density", "0.2", "--vote", "count", "--param", "vote=mass"], "vote is given twice"),
+        (["--method", "fedavg", "--param", "lam=0.5", "--lambda", "2"], "λ is given twice"),
     ],
 )
 def test_bad_input_prints_a_red_error_and_exits_2_without_a_traceback(tmp_path: Path, bert, extra, message) -> None:
-    result = invoke(["--base", bert["base"], "-m", bert["m1"], "-m", bert["m2"], "--out", tmp_path / "out"] + extra)
+    result = invoke(["--base", bert["base"], "-m", bert["m1"], "-m", bert["m2"], "--out", tmp_path / "out", *extra])
     assert result.exit_code == 2
     assert "error:" in result.output and "Traceback" not in result.output
     assert message in " ".join(result.output.split())
@@ -172,11 +294,24 @@ def test_bad_input_prints_a_red_error_and_exits_2_without_a_traceback(tmp_path: 
 
 
 def test_a_mismatched_model_is_named(tmp_path: Path, bert) -> None:
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=100)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=100
+    )
     BertModel(config).save_pretrained(tmp_path / "shallow")
-    result = invoke(["--base", bert["base"], "-m", bert["m1"], "-m", tmp_path / "shallow", "--method", "fedavg",
-                     "--out", tmp_path / "out"])
+    result = invoke(
+        [
+            "--base",
+            bert["base"],
+            "-m",
+            bert["m1"],
+            "-m",
+            tmp_path / "shallow",
+            "--method",
+            "fedavg",
+            "--out",
+            tmp_path / "out",
+        ]
+    )
     assert result.exit_code == 2
     assert "model 2" in result.output and "lacks tensor 'encoder.layer.1." in " ".join(result.output.split())
 

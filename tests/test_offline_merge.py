@@ -11,11 +11,13 @@ from peft.utils import merge_utils
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import fedfuse.offline as offline
+import fedfuse.offline.sinks as sinks
 from fedfuse.algebra import Sparsifier, apply_task_vector, dare_seed_fn, sparsify_update, task_vector
 from fedfuse.checkpoints import INDEX_FILE, open_checkpoint
 from fedfuse.offline import MergeInputError, combine_partials, merge_models
 from fedfuse.strategies import get_strategy
+from fedfuse.wire.container import pack, unpack
+from fedfuse.wire.partial_file import open_partial
 
 NUM_MODELS = 3
 
@@ -67,8 +69,19 @@ def inputs(tmp_path_factory) -> dict:
     }
 
 
-def reference_merge(inputs: dict, method: str, *, weights=None, density=None, kind=None, lam=1.0, seed=0,
-                    dtype="float32", fishers=False, **own) -> dict[str, torch.Tensor]:
+def reference_merge(
+    inputs: dict,
+    method: str,
+    *,
+    weights=None,
+    density=None,
+    kind=None,
+    lam=1.0,
+    seed=0,
+    dtype="float32",
+    fishers=False,
+    **own,
+) -> dict[str, torch.Tensor]:
     """The merge built in memory with the algebra and strategies APIs (the specification)."""
     strategy = get_strategy(method, lam=lam, dtype=dtype, **own)
     kind = kind or strategy.default_sparsifier
@@ -120,12 +133,24 @@ def test_fisher_merge_uses_one_fisher_file_per_model(tmp_path: Path, inputs) -> 
     assert_same_model(out, reference_merge(inputs, "fisher", fishers=True, weights=[1.0, 2.0, 3.0]))
 
 
+def test_declared_parameters_reach_the_strategy_as_strings_or_values(tmp_path: Path, inputs) -> None:
+    fishers = inputs["fisher_paths"]
+    as_string = run_merge(inputs, tmp_path / "a", "fisher", fishers=fishers, params={"eps": "0.5"})
+    assert_same_model(as_string, reference_merge(inputs, "fisher", fishers=True, eps=0.5))
+    default = run_merge(inputs, tmp_path / "b", "fisher", fishers=fishers)
+    assert any(not torch.equal(as_string[n], default[n]) for n in default)
+    with pytest.raises(
+        MergeInputError, match=r"strategy 'fisher' has no parameter 'epsilon'; its parameters: lam, eps"
+    ):
+        run_merge(inputs, tmp_path / "c", "fisher", fishers=fishers, params={"epsilon": 0.5})
+
+
 def test_task_arithmetic_is_base_plus_lambda_times_the_weighted_sum(tmp_path: Path, inputs) -> None:
     weights, lam = [1.0, 0.5, 2.0], 0.3
     out = run_merge(inputs, tmp_path / "out", "task_arithmetic", weights=weights, lam=lam)
     base = inputs["base"]["layer.0.weight"]
     taus = [m["layer.0.weight"] - base for m in inputs["models"]]
-    expected = base + lam * sum(w * t for w, t in zip(weights, taus))
+    expected = base + lam * sum(w * t for w, t in zip(weights, taus, strict=False))
     torch.testing.assert_close(out["layer.0.weight"], expected, rtol=1e-6, atol=1e-6)
 
 
@@ -173,12 +198,18 @@ def test_output_header_names_the_method(tmp_path: Path, inputs) -> None:
 
 def test_sharded_output_matches_the_single_file_output(tmp_path: Path, inputs) -> None:
     single = run_merge(inputs, tmp_path / "single", "ties", density=0.3)
-    result = merge_models(inputs["base_path"], inputs["model_paths"], method="ties", density=0.3,
-                          out=tmp_path / "sharded", max_shard_size="300")
+    result = merge_models(
+        inputs["base_path"],
+        inputs["model_paths"],
+        method="ties",
+        density=0.3,
+        out=tmp_path / "sharded",
+        max_shard_size="300",
+    )
     index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    assert sorted(p.name for p in result.files) == sorted(shards + [INDEX_FILE])
+    assert sorted(p.name for p in result.files) == sorted([*shards, INDEX_FILE])
     with open_checkpoint(tmp_path / "sharded") as ckpt:
         assert_same_model({name: ckpt.get(name) for name in ckpt.names}, single)
 
@@ -219,7 +250,7 @@ def test_force_replaces_a_non_empty_output(tmp_path: Path, inputs) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(MergeInputError, match="is not empty.*--force"):
+    with pytest.raises(MergeInputError, match=r"is not empty.*--force"):
         run_merge(inputs, out, "fedavg")
     assert (out / "stale.txt").exists()
     run_merge(inputs, out, "fedavg", force=True)
@@ -235,10 +266,10 @@ def test_a_crash_mid_merge_leaves_no_output(tmp_path: Path, inputs, monkeypatch)
             raise RuntimeError("disk on fire")
         return apply_task_vector(base, tau, lam)
 
-    monkeypatch.setattr(offline, "apply_task_vector", failing_apply)
+    monkeypatch.setattr(sinks, "apply_task_vector", failing_apply)
     out_root = tmp_path / "outputs"
     out_root.mkdir()
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(RuntimeError, match=r"disk on fire"):
         run_merge(inputs, out_root / "out", "fedavg")
     assert list(out_root.iterdir()) == []
 
@@ -261,14 +292,22 @@ def models_with(inputs: dict, bad: Path) -> list[Path]:
     "change, message",
     [
         (lambda t: t.pop("layer.0.bias"), r"model 2 .*bad.safetensors lacks tensor 'layer.0.bias' that the base"),
-        (lambda t: t.update(extra=torch.zeros(2)),
-         r"model 2 .*bad.safetensors has tensor 'extra' that the base .* lacks"),
-        (lambda t: t.update({"layer.0.weight": torch.zeros(8, 9)}),
-         r"tensor 'layer.0.weight': shape \[8, 9\] in model 2 .*bad.safetensors but \[8, 8\] in the base"),
-        (lambda t: t.update({"layer.1.weight": t["layer.1.weight"].float()}),
-         r"tensor 'layer.1.weight': dtype torch.float32 in model 2 .*bad.safetensors but torch.bfloat16 in the base"),
-        (lambda t: t.update({"position_ids": t["position_ids"].int()}),
-         r"tensor 'position_ids': dtype torch.int32 in model 2 .* but torch.int64 in the base"),
+        (
+            lambda t: t.update(extra=torch.zeros(2)),
+            r"model 2 .*bad.safetensors has tensor 'extra' that the base .* lacks",
+        ),
+        (
+            lambda t: t.update({"layer.0.weight": torch.zeros(8, 9)}),
+            r"tensor 'layer.0.weight': shape \[8, 9\] in model 2 .*bad.safetensors but \[8, 8\] in the base",
+        ),
+        (
+            lambda t: t.update({"layer.1.weight": t["layer.1.weight"].float()}),
+            r"tensor 'layer.1.weight': dtype torch.float32 in model 2 .*bad.safetensors but torch.bfloat16 in the base",
+        ),
+        (
+            lambda t: t.update({"position_ids": t["position_ids"].int()}),
+            r"tensor 'position_ids': dtype torch.int32 in model 2 .* but torch.int64 in the base",
+        ),
     ],
     ids=["missing", "extra", "shape", "dtype", "int-dtype"],
 )
@@ -283,8 +322,9 @@ def test_missing_inputs_are_named(tmp_path: Path, inputs) -> None:
     with pytest.raises(MergeInputError, match=r"base: checkpoint not found: .*no-base"):
         merge_models(tmp_path / "no-base", inputs["model_paths"], method="fedavg", out=tmp_path / "out")
     with pytest.raises(MergeInputError, match=r"model 2: checkpoint not found: .*no-model"):
-        merge_models(inputs["base_path"], models_with(inputs, tmp_path / "no-model"), method="fedavg",
-                     out=tmp_path / "out")
+        merge_models(
+            inputs["base_path"], models_with(inputs, tmp_path / "no-model"), method="fedavg", out=tmp_path / "out"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -298,16 +338,16 @@ def test_a_pickle_only_folder_is_refused(tmp_path: Path, inputs) -> None:
 
 def test_fisher_files_are_required_and_checked(tmp_path: Path, inputs) -> None:
     base, models, out = inputs["base_path"], inputs["model_paths"], tmp_path / "out"
-    with pytest.raises(MergeInputError, match="'fisher' needs a Fisher diagonal file per model"):
+    with pytest.raises(MergeInputError, match=r"'fisher' needs a Fisher diagonal file per model"):
         merge_models(base, models, method="fisher", out=out)
-    with pytest.raises(MergeInputError, match="got 2 Fisher file"):
+    with pytest.raises(MergeInputError, match=r"got 2 Fisher file"):
         merge_models(base, models, method="fisher", fishers=inputs["fisher_paths"][:2], out=out)
-    with pytest.raises(MergeInputError, match="does not use Fisher"):
+    with pytest.raises(MergeInputError, match=r"does not use Fisher"):
         merge_models(base, models, method="fedavg", fishers=inputs["fisher_paths"], out=out)
     partial = {n: t for n, t in inputs["fishers"][0].items() if n != "emb.weight"}
     save_file(partial, tmp_path / "f.safetensors")
     with pytest.raises(MergeInputError, match=r"Fisher file 1 .*f.safetensors lacks tensor 'emb.weight'"):
-        fishers = [tmp_path / "f.safetensors"] + inputs["fisher_paths"][1:]
+        fishers = [tmp_path / "f.safetensors", *inputs["fisher_paths"][1:]]
         merge_models(base, models, method="fisher", fishers=fishers, out=out)
     assert not out.exists()
 
@@ -324,7 +364,7 @@ def test_fisher_files_are_required_and_checked(tmp_path: Path, inputs) -> None:
         ({"method": "merge-by-magic"}, "unknown merge strategy 'merge-by-magic'; available: .*ties"),
         ({"method": ""}, "choose a merge method; available: .*fedavg"),
         ({"method": "fedavg", "vote": "count"}, "strategy 'fedavg'.*vote"),
-        ({"method": "ties", "density": 0.2, "vote": "loudest"}, "vote must be 'mass' or 'count'"),
+        ({"method": "ties", "density": 0.2, "vote": "loudest"}, "'vote' must be one of mass, count; got 'loudest'"),
         ({"method": "fedavg", "weights": [1.0, 2.0]}, r"got 2 weight\(s\) for 3 model\(s\)"),
         ({"method": "fedavg", "weights": [1.0, -2.0, 1.0]}, "weight 2 must be finite and >= 0"),
         ({"method": "fedavg", "weights": [0.0, 0.0, 0.0]}, "all weights are 0"),
@@ -341,15 +381,15 @@ def test_bad_options_are_explained(tmp_path: Path, inputs, kwargs, message) -> N
 
 def test_outputs_must_be_one_and_not_an_input(tmp_path: Path, inputs) -> None:
     base, models = inputs["base_path"], inputs["model_paths"]
-    with pytest.raises(MergeInputError, match="either an output folder"):
+    with pytest.raises(MergeInputError, match=r"either an output folder"):
         merge_models(base, models, method="fedavg", out=tmp_path / "o", partial_out=tmp_path / "p.safetensors")
-    with pytest.raises(MergeInputError, match="give an output folder"):
+    with pytest.raises(MergeInputError, match=r"give an output folder"):
         merge_models(base, models, method="fedavg")
-    with pytest.raises(MergeInputError, match="at least one model"):
+    with pytest.raises(MergeInputError, match=r"at least one model"):
         merge_models(base, [], method="fedavg", out=tmp_path / "o")
-    with pytest.raises(MergeInputError, match="would overwrite the input"):
+    with pytest.raises(MergeInputError, match=r"would overwrite the input"):
         merge_models(base, models, method="fedavg", out=inputs["root"], force=True)
-    with pytest.raises(MergeInputError, match="would overwrite the input"):
+    with pytest.raises(MergeInputError, match=r"would overwrite the input"):
         merge_models(base, models, method="fedavg", partial_out=models[0], force=True)
 
 
@@ -373,17 +413,24 @@ def test_partials_of_groups_combine_to_the_flat_merge(tmp_path: Path, inputs) ->
 
 
 def test_partial_file_holds_every_statistic_and_the_scalars_in_its_header(tmp_path: Path, inputs) -> None:
-    merge_models(inputs["base_path"], inputs["model_paths"][:2], method="ties", density=0.5, weights=[1.0, 3.0],
-                 dtype="float64", partial_out=tmp_path / "p.safetensors")
+    merge_models(
+        inputs["base_path"],
+        inputs["model_paths"][:2],
+        method="ties",
+        density=0.5,
+        weights=[1.0, 3.0],
+        dtype="float64",
+        partial_out=tmp_path / "p.safetensors",
+    )
     floating = [n for n, t in inputs["base"].items() if t.is_floating_point()]
-    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
-        metadata = f.metadata()
-        keys = set(f.keys())
+    with open_partial(tmp_path / "p.safetensors") as f:
+        metadata, identity = f.metadata, f.identity
+        keys = set(f.parsed.entries)
         assert keys == {f"{n}::{s}" for n in floating for s in ("P", "Wp", "N", "Wn")}
-        assert all(f.get_slice(k).get_dtype() == "F64" for k in keys)
+        assert f.parsed.value_dtype == "float64"
     assert metadata["total_weight"] == "4.0" and metadata["num_updates"] == "2"
-    assert metadata["fedfuse_strategy"] == "ties"
-    assert json.loads(metadata["fedfuse_strategy_kwargs"]) == {"lam": 1.0, "dtype": "float64", "vote": "mass"}
+    assert identity["strategy"] == "ties"
+    assert {k: v for k, v in identity.items() if k != "strategy"} == {"lam": 1.0, "dtype": "float64", "vote": "mass"}
 
 
 def test_dare_groups_with_a_model_index_offset_combine_exactly(tmp_path: Path, inputs) -> None:
@@ -392,8 +439,11 @@ def test_dare_groups_with_a_model_index_offset_combine_exactly(tmp_path: Path, i
     flat = run_merge(inputs, tmp_path / "flat", **common)
     merge_models(base, [m1], partial_out=tmp_path / "p1.safetensors", **common)
     merge_models(base, [m2, m3], partial_out=tmp_path / "p23.safetensors", first_model_index=1, **common)
-    combine_partials([tmp_path / "p23.safetensors", tmp_path / "p1.safetensors"], base=base,
-                     partial_out=tmp_path / "region.safetensors")
+    combine_partials(
+        [tmp_path / "p23.safetensors", tmp_path / "p1.safetensors"],
+        base=base,
+        partial_out=tmp_path / "region.safetensors",
+    )
     combine_partials([tmp_path / "region.safetensors"], base=base, out=tmp_path / "tiered")
     tiered = load_file(tmp_path / "tiered" / "model.safetensors")
     for name in flat:
@@ -404,8 +454,10 @@ def test_dare_groups_with_a_model_index_offset_combine_exactly(tmp_path: Path, i
     "second, message",
     [
         ({"method": "ties", "density": 0.3, "lam": 0.5}, r"different strategy parameters: .*lam: 1.0 vs 0.5"),
-        ({"method": "ties", "density": 0.3, "vote": "count"},
-         r"different strategy parameters: .*vote: 'mass' vs 'count'"),
+        (
+            {"method": "ties", "density": 0.3, "vote": "count"},
+            r"different strategy parameters: .*vote: 'mass' vs 'count'",
+        ),
         ({"method": "fedavg"}, r"different strategy parameters: .*strategy: 'ties' vs 'fedavg'"),
         ({"method": "ties", "density": 0.3, "dtype": "float64"}, r"dtype: 'float32' vs 'float64'"),
     ],
@@ -424,20 +476,31 @@ def test_partials_from_another_base_or_not_partials_at_all_are_refused(tmp_path:
     merge_models(base, models, method="fedavg", partial_out=tmp_path / "p.safetensors")
     other = {n: t for n, t in inputs["base"].items() if n != "norm.scale"}
     save_file(other, tmp_path / "other-base.safetensors")
-    with pytest.raises(MergeInputError, match="p.safetensors was made from a base with other tensors"):
+    with pytest.raises(MergeInputError, match=r"p.safetensors was made from a base with other tensors"):
         combine_partials([tmp_path / "p.safetensors"], base=tmp_path / "other-base.safetensors", out=tmp_path / "out")
-    with pytest.raises(MergeInputError, match="m0.safetensors is not a fedfuse partial-statistics file"):
+    with pytest.raises(MergeInputError, match=r"m0.safetensors is not a fedfuse partial-statistics file"):
         combine_partials([models[0]], base=base, out=tmp_path / "out")
-    with pytest.raises(MergeInputError, match="at least one partial"):
+    with pytest.raises(MergeInputError, match=r"at least one partial"):
         combine_partials([], base=base, out=tmp_path / "out")
+
+
+def without(path: Path, out: Path, key: str) -> Path:
+    """A copy of partial file ``path`` without statistic ``key`` (re-checksummed: a well-formed file)."""
+    document, blobs = unpack(path.read_bytes(), None)
+    document["tensors"].pop(key)
+    blobs = {k: v for k, v in blobs.items() if k.partition(":")[2] != key}
+    out.write_bytes(pack(document, blobs))
+    return out
 
 
 def test_a_partial_missing_a_statistic_is_named(tmp_path: Path, inputs) -> None:
     base = inputs["base_path"]
     merge_models(base, inputs["model_paths"], method="fedavg", partial_out=tmp_path / "p.safetensors")
-    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "layer.0.bias::S"}
-    save_file(tensors, tmp_path / "broken.safetensors", metadata=metadata)
+    broken = without(tmp_path / "p.safetensors", tmp_path / "broken.safetensors", "layer.0.bias::S")
     with pytest.raises(MergeInputError, match=r"partial 1 .*broken.safetensors lacks tensor 'layer.0.bias::S'"):
-        combine_partials([tmp_path / "broken.safetensors"], base=base, out=tmp_path / "out")
+        combine_partials([broken, tmp_path / "p.safetensors"], base=base, out=tmp_path / "out")
+    merge_models(base, inputs["model_paths"], method="ties", density=0.5, partial_out=tmp_path / "t.safetensors")
+    half = without(tmp_path / "t.safetensors", tmp_path / "half.safetensors", "layer.0.bias::Wn")
+    with pytest.raises(MergeInputError, match=r"half.safetensors: parameter 'layer.0.bias' lacks statistics \['Wn'\]"):
+        combine_partials([half], base=base, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -73,29 +73,29 @@ def test_a_plain_folder_and_a_multi_split_folder_are_refused(tmp_path):
 
 def test_a_missing_column_is_named_with_the_columns_the_file_has(tmp_path, minilm_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "hi", "label": "x"}])
-    settings = RunSettings(task="classify", data=str(path), labels="x")
+    settings = RunSettings.from_run_config(task="classify", data=str(path), labels="x")
     with pytest.raises(DataError, match=r"d.jsonl: no column 'text' .*its columns are sentence, label"):
         tokenize_rows(read_table(path), minilm_tokenizer, settings, label_names=("x",), source=str(path))
 
 
 def test_the_label_set_comes_from_run_config_or_is_read_once_from_the_file(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(6))
-    assert run_label_names(RunSettings(task="classify", data=str(path))) == ("negative", "positive")
-    assert run_label_names(RunSettings(task="classify", data=str(path), labels="positive,negative,neutral")) == (
+    assert run_label_names(RunSettings.from_run_config(task="classify", data=str(path))) == ("negative", "positive")
+    assert run_label_names(RunSettings.from_run_config(task="classify", data=str(path), labels="positive,negative,neutral")) == (
         "positive", "negative", "neutral",
     )
     numeric = write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": 10}, {"text": "b", "label": 2}])
-    assert run_label_names(RunSettings(task="classify", data=str(numeric))) == ("2", "10")
+    assert run_label_names(RunSettings.from_run_config(task="classify", data=str(numeric))) == ("2", "10")
 
 
 def test_nodes_with_only_their_own_files_need_the_label_set_in_run_config():
     with pytest.raises(DataError, match="task 'classify' needs its label set: set run config labels"):
-        run_label_names(RunSettings(task="classify"))
+        run_label_names(RunSettings.from_run_config(task="classify"))
 
 
 def test_a_client_with_a_label_outside_the_run_label_set_is_refused_with_its_row(tmp_path, minilm_tokenizer):
     path = write_jsonl(tmp_path / "site.jsonl", sentiment_rows(4) + [{"text": "meh", "label": "neutral"}])
-    settings = RunSettings(task="classify", labels="negative,positive", client_eval_examples=0, validation_fraction=0.0)
+    settings = RunSettings.from_run_config(task="classify", labels="negative,positive", client_eval_examples=0, validation_fraction=0.0)
     with pytest.raises(DataError, match=r"site.jsonl row 4: label 'neutral' in column 'label' is not one of the run's labels \(negative, positive\)"):
         load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=NodeData(str(path)))
 
@@ -109,7 +109,7 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tmp_path, chat_model):
         {"role": "user", "content": "and four plus one"},
         {"role": "assistant", "content": "it is five"},
     ]}
-    settings = RunSettings(task="sft", data="x.jsonl", model=str(chat_model), max_length=64)
+    settings = RunSettings.from_run_config(task="sft", data="x.jsonl", model=str(chat_model), max_length=64)
     tokens = tokenize_rows(datasets.Dataset.from_list([row]), tokenizer, settings, label_names=(), source="x.jsonl")
     labels = tokens.labels[0]
     learned = tokenizer.decode(labels[labels != IGNORE])
@@ -121,7 +121,7 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tmp_path, chat_model):
 
 def test_prompt_response_columns_are_the_same_as_a_user_assistant_conversation(chat_model):
     tokenizer = load_tokenizer(str(chat_model))
-    settings = RunSettings(task="sft", data="x.jsonl", model=str(chat_model), max_length=32)
+    settings = RunSettings.from_run_config(task="sft", data="x.jsonl", model=str(chat_model), max_length=32)
     as_messages = tokenize_rows(datasets.Dataset.from_list(chat_rows(3)), tokenizer, settings, label_names=(), source="m")
     pairs = [{"prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]} for r in chat_rows(3)]
     as_pairs = tokenize_rows(datasets.Dataset.from_list(pairs), tokenizer, settings, label_names=(), source="p")
@@ -130,7 +130,7 @@ def test_prompt_response_columns_are_the_same_as_a_user_assistant_conversation(c
 
 def test_sft_input_errors_name_the_row_or_what_is_missing(chat_model, minilm_tokenizer):
     tokenizer = load_tokenizer(str(chat_model))
-    settings = RunSettings(task="sft", data="chat.jsonl", model=str(chat_model), max_length=32)
+    settings = RunSettings.from_run_config(task="sft", data="chat.jsonl", model=str(chat_model), max_length=32)
     no_answer = [{"messages": [{"role": "user", "content": "hello"}]}]
     with pytest.raises(DataError, match="chat.jsonl row 0: no assistant message"):
         tokenize_rows(datasets.Dataset.from_list(no_answer), tokenizer, settings, label_names=(), source="chat.jsonl")
@@ -149,7 +149,7 @@ def test_sft_input_errors_name_the_row_or_what_is_missing(chat_model, minilm_tok
 
 def test_a_node_holds_out_a_seeded_validation_split_or_uses_its_own_eval_file(tmp_path, minilm_tokenizer):
     path = write_jsonl(tmp_path / "site.jsonl", sentiment_rows(40))
-    settings = RunSettings(task="classify", labels="negative,positive", validation_fraction=0.25)
+    settings = RunSettings.from_run_config(task="classify", labels="negative,positive", validation_fraction=0.25)
     node = NodeData(str(path))
     first = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=node)
     again = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=node)
@@ -171,23 +171,23 @@ def test_the_built_in_task_is_not_loaded_when_a_node_has_its_own_file(tmp_path, 
 
     monkeypatch.setattr(client_data, "data_for", forbidden)
     path = write_jsonl(tmp_path / "site.jsonl", sentiment_rows(10))
-    settings = RunSettings(task="classify", labels="negative,positive")
+    settings = RunSettings.from_run_config(task="classify", labels="negative,positive")
     data = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=2, node=NodeData(str(path)))
     assert data.source.path == str(path) and data.label_names == ("negative", "positive")
 
 
 def test_own_data_tasks_without_any_data_and_topics_with_data_are_refused(tmp_path, minilm_tokenizer):
     with pytest.raises(DataError, match="task 'classify' trains on your data"):
-        load_client_datasets(RunSettings(task="classify", labels="a,b"), minilm_tokenizer, partition_id=0,
+        load_client_datasets(RunSettings.from_run_config(task="classify", labels="a,b"), minilm_tokenizer, partition_id=0,
                              num_partitions=1)
     with pytest.raises(SettingsError, match="task 'topics' is the built-in docstring task"):
-        RunSettings(task="topics", data="x.jsonl")
+        RunSettings.from_run_config(task="topics", data="x.jsonl")
     with pytest.raises(DataError, match="task 'sft' trains on your data: give --data FILE or --data-dir DIR"):
-        preflight(RunSettings(task="sft"), 2)
+        preflight(RunSettings.from_run_config(task="sft"), 2)
 
 
 def test_preflight_checks_every_share_before_a_simulation_starts(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(12, institutions=3))
-    preflight(RunSettings(task="classify", data=str(path), partition="natural", partition_column="institution"), 3)
+    preflight(RunSettings.from_run_config(task="classify", data=str(path), partition="natural", partition_column="institution"), 3)
     with pytest.raises(DataError, match="institution"):
-        preflight(RunSettings(task="classify", data=str(path), partition="natural", partition_column="institution"), 4)
+        preflight(RunSettings.from_run_config(task="classify", data=str(path), partition="natural", partition_column="institution"), 4)

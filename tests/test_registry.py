@@ -28,6 +28,7 @@ BUILT_INS = ["dare_linear", "dare_ties", "fedavg", "fisher", "task_arithmetic", 
 def private_registry(monkeypatch):
     """Registrations made by a test are undone afterwards."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_PRESETS", dict(registry._PRESETS))
 
 
 @pytest.mark.parametrize("name", BUILT_INS)
@@ -51,7 +52,7 @@ def test_an_unknown_name_lists_the_available_strategies() -> None:
 
 
 def test_an_unexpected_parameter_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="strategy 'fedavg'.*density"):
+    with pytest.raises(ValueError, match=r"strategy 'fedavg'.*density"):
         get_strategy("fedavg", density=0.2)
 
 
@@ -144,5 +145,5 @@ def test_a_plugin_that_fails_to_import_is_a_clear_error(tmp_path, monkeypatch, p
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nbroken = no_such_module_xyz:Thing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ValueError, match="'broken'.*failed to load"):
+    with pytest.raises(ValueError, match=r"'broken'.*failed to load"):
         get_strategy("broken")

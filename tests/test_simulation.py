@@ -5,21 +5,24 @@ Tiny settings (2 local steps, 16 tokens, rank-2 LoRA) keep each run to a few sec
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedfuse.algebra import to_dense
 from fedfuse.client.app import make_client_app
 from fedfuse.data import LABEL_NAMES
-from fedfuse.messages import UPDATE_RECORD, payload_of, payload_record
+from fedfuse.messages import RESIDUAL_RECORD, TrainReply
 from fedfuse.server.checkpoint import load_checkpoint
 from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate
 from fedfuse.training.models import base_model, global_state
-from fedfuse.wire import REASONS
+from fedfuse.wire import REASONS, Expectation, decode_update
 
 pytestmark = pytest.mark.slow
 
@@ -85,10 +88,10 @@ def _corrupting_client(overrides: dict) -> ClientApp:
         reply = honest(msg, context)
         if int(context.node_config["partition-id"]) != 0:
             return reply
-        payload = bytearray(payload_of(reply.content, UPDATE_RECORD))
+        sent = TrainReply.from_content(reply.content)
+        payload = bytearray(sent.payload)
         payload[len(payload) // 2] ^= 0xFF
-        content = RecordDict({**reply.content, UPDATE_RECORD: payload_record(bytes(payload))})
-        return Message(content=content, reply_to=msg)
+        return TrainReply(sent.kind, bytes(payload), sent.signature).reply_to(msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -109,13 +112,81 @@ def test_an_invalid_update_is_rejected_and_the_round_completes(tmp_path):
     assert "reject" in (tmp_path / "report.md").read_text().lower()
 
 
+def _recording_client(overrides: dict, out: Path) -> ClientApp:
+    """The fedfuse ClientApp, plus a record per node and round of what error feedback did.
+
+    Each record holds the ``fedfuse.residual`` state before and after the round and the payload
+    sent. From round 2 on it also holds the payload and residual of the same round replayed with
+    no stored residual (training is seeded by run, round and node): their sum is that round's true
+    task vector τ.
+    """
+    honest = make_client_app(overrides)
+    app = ClientApp()
+
+    def residual(context: Context) -> dict[str, torch.Tensor]:
+        stored = context.state.array_records.get(RESIDUAL_RECORD)
+        return {} if stored is None else dict(stored.to_torch_state_dict())
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        partition = context.node_config["partition-id"]
+        round_number = 1 + len(list(out.glob(f"partition-{partition}-round-*.pt")))
+        record = {"before": residual(context)}
+        replay = None
+        if record["before"]:
+            replay = copy.deepcopy(context)
+            del replay.state.array_records[RESIDUAL_RECORD]
+        reply = honest(msg, context)
+        record |= {"after": residual(context), "sent": TrainReply.from_content(reply.content).payload}
+        if replay is not None:
+            replayed = honest(msg, replay)
+            replay_sent = TrainReply.from_content(replayed.content).payload
+            record |= {"replay_after": residual(replay), "replay_sent": replay_sent}
+        torch.save(record, out / f"partition-{partition}-round-{round_number}.pt")
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
+    return app
+
+
+def _sent(payload: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    update = decode_update(payload, expect=Expectation(shapes))
+    return {name: to_dense(tensor).float() for name, tensor in update.tensors.items()}
+
+
 def test_full_fine_tuning_with_fisher_merge_and_error_feedback(tmp_path):
     overrides = {
-        **TINY, "num-server-rounds": 1, "mode": "full", "strategy": "fisher", "fisher-batches": 1,
-        "sparsifier": "trim", "density": 0.1, "output-dir": str(tmp_path), "fraction-evaluate": 0.0,
+        **TINY, "num-server-rounds": 2, "mode": "full", "strategy": "fisher", "fisher-batches": 1,
+        "sparsifier": "trim", "density": 0.1, "output-dir": str(tmp_path / "run"), "fraction-evaluate": 0.0,
     }
-    history = simulate(overrides, num_clients=2)
-    (record,) = history["rounds"]
-    assert record["accepted"] == 2
-    dense_bytes = 4 * sum(t.numel() for t in global_state(base_model(RunSettings.from_run_config(overrides))[0]).values())
-    assert 0 < record["uplink_bytes"] / 2 < 0.3 * dense_bytes
+    records = tmp_path / "records"
+    records.mkdir()
+    history = simulate(overrides, num_clients=2, client_app=_recording_client(overrides, records))
+    assert [record["round"] for record in history["rounds"]] == [1, 2]
+    base = global_state(base_model(RunSettings.from_run_config(overrides))[0])
+    dense_bytes = 4 * sum(t.numel() for t in base.values())
+    for record in history["rounds"]:
+        assert record["accepted"] == 2
+        assert 0 < record["uplink_bytes"] / 2 < 0.3 * dense_bytes
+    for partition in (0, 1):
+        first = torch.load(records / f"partition-{partition}-round-1.pt")
+        second = torch.load(records / f"partition-{partition}-round-2.pt")
+        assert first["before"] == {} and first["after"], "round 1 starts without a residual and stores one"
+        r1 = first["after"]
+        assert second["before"].keys() == r1.keys()
+        for name in r1:
+            torch.testing.assert_close(second["before"][name], r1[name], rtol=0, atol=0)
+        shapes = {name: tuple(t.shape) for name, t in r1.items()}
+        sent, replay_sent = _sent(second["sent"], shapes), _sent(second["replay_sent"], shapes)
+        r2, replay_r2 = second["after"], second["replay_after"]
+        r1_norm = sum(float(t.norm()) ** 2 for t in r1.values()) ** 0.5
+        assert r1_norm > 1e-3, "round 1 dropped nothing, so there is no feedback to prove"
+        for name in r1:
+            tau = replay_sent[name] + replay_r2[name]
+            # What was sent plus what is still owed is τ₂ + r₁: the round-1 residual entered round 2.
+            torch.testing.assert_close(sent[name] + r2[name], tau + r1[name], rtol=1e-5, atol=1e-6, msg=name)
+        moved = sum(float((sent[name] - replay_sent[name]).norm()) ** 2 for name in r1) ** 0.5
+        assert moved > 1e-3, "the residual did not change what round 2 sent"

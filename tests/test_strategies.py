@@ -7,10 +7,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from safetensors.torch import load, save
-
 from conftest import (
     CONFIG_IDS,
     STRATEGY_CONFIGS,
@@ -23,6 +19,10 @@ from conftest import (
     stat_scales,
     ties_vote_is_close,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load, save
+
 from fedfuse.algebra import SparseTensor, ties_trim
 from fedfuse.strategies import Contribution, MergeState, get_strategy
 
@@ -88,6 +88,7 @@ def test_combine_is_associative(config, items, data) -> None:
     i = data.draw(st.integers(1, len(items) - 2))
     j = data.draw(st.integers(i + 1, len(items) - 1))
     strategy = make_strategy(config)
+
     def part(lo, hi):
         return fold(strategy, items[lo:hi])
 
@@ -103,7 +104,10 @@ def test_combine_is_associative(config, items, data) -> None:
 def test_the_empty_state_is_the_identity_of_combine(config, items) -> None:
     strategy = make_strategy(config)
     reference = fold(strategy, items)
-    for state in (strategy.new_state().combine(fold(strategy, items)), fold(strategy, items).combine(strategy.new_state())):
+    for state in (
+        strategy.new_state().combine(fold(strategy, items)),
+        fold(strategy, items).combine(strategy.new_state()),
+    ):
         assert state.total_weight == reference.total_weight and state.num_updates == reference.num_updates
         for name in reference.stats:
             for stat, tensor in reference.stats[name].items():
@@ -117,7 +121,9 @@ def test_the_order_of_add_does_not_matter(config, items, order) -> None:
     shuffled = list(items)
     order.shuffle(shuffled)
     strategy = make_strategy(config)
-    assert_merged_close(strategy, items, fold(strategy, shuffled).finalize(), fold(strategy, items).finalize(), "shuffled adds")
+    assert_merged_close(
+        strategy, items, fold(strategy, shuffled).finalize(), fold(strategy, items).finalize(), "shuffled adds"
+    )
 
 
 @configs
@@ -149,7 +155,7 @@ def expand(weights, like):
 
 
 def mergekit_ties(tau, weights, vote):
-    """mergekit ``ties``: weighted deltas, sign vote ("sum" of weighted deltas or "count"), divide by agreeing weight."""
+    """mergekit ``ties``: weighted deltas, sign vote ("sum" of weighted deltas or "count"), ÷ agreeing weight."""
     w = expand(weights, tau)
     weighted = tau * w
     score = weighted.sum(0) if vote == "mass" else tau.sign().sum(0)
@@ -182,7 +188,7 @@ def reference(name, params, items, lam):
 @settings(max_examples=25, deadline=None)
 @given(items=contributions(), lam=st.sampled_from([1.0, 0.5, 1.7]))
 def test_weighted_merges_follow_the_reference_formulas_in_fp64(config, items, lam) -> None:
-    """FedAvg = weighted mean; task arithmetic = λΣwτ; Fisher = ΣwFτ/ΣwF; TIES = mergekit (weighted vote, agreeing weight)."""
+    """FedAvg = weighted mean; task arithmetic = λΣwτ; Fisher = ΣwFτ/ΣwF; TIES = mergekit (weighted vote)."""
     name, params = config
     strategy = make_strategy(config, lam=lam, dtype="float64")
     got = fold(strategy, items).finalize()
@@ -229,13 +235,16 @@ def test_a_ties_tie_elects_plus(vote) -> None:
     assert torch.equal(state.finalize()["w"], torch.tensor([2.0, 0.0]))
 
 
-@pytest.mark.parametrize("config", [c for c in STRATEGY_CONFIGS if c[0] != "ties" or c[1]["vote"] == "mass"],
-                         ids=[i for i in CONFIG_IDS if i != "ties-count"])
+@pytest.mark.parametrize(
+    "config",
+    [c for c in STRATEGY_CONFIGS if c[0] != "ties" or c[1]["vote"] == "mass"],
+    ids=[i for i in CONFIG_IDS if i != "ties-count"],
+)
 def test_an_update_with_weight_zero_changes_nothing(config) -> None:
     strategy = make_strategy(config)
     base = [Contribution({"w": torch.tensor([1.0, -2.0, 0.5])}, 1.0, {"w": torch.ones(3)})]
     extra = Contribution({"w": torch.tensor([-9.0, 9.0, 9.0])}, 0.0, {"w": torch.ones(3)})
-    assert torch.equal(fold(strategy, base + [extra]).finalize()["w"], fold(strategy, base).finalize()["w"])
+    assert torch.equal(fold(strategy, [*base, extra]).finalize()["w"], fold(strategy, base).finalize()["w"])
 
 
 @configs
@@ -290,8 +299,11 @@ def test_bf16_and_fp16_updates_are_accumulated_in_fp32(config) -> None:
     assert all(t.dtype == torch.float32 for t in state.stats["w"].values())
     expected = 300.0 if config[0] in ("task_arithmetic", "dare_linear") else 1.0
     assert torch.equal(state.finalize()["w"], torch.full((2,), expected))
-    sparse = strategy.new_state().add({"w": SparseTensor(torch.tensor([1]), torch.tensor([0.5], dtype=torch.bfloat16), (2,))},
-                                      1.0, {"w": torch.ones(2)})
+    sparse = strategy.new_state().add(
+        {"w": SparseTensor(torch.tensor([1]), torch.tensor([0.5], dtype=torch.bfloat16), (2,))},
+        1.0,
+        {"w": torch.ones(2)},
+    )
     assert sparse.finalize()["w"].dtype == torch.float32
 
 
@@ -342,15 +354,15 @@ def test_fisher_strategy_needs_the_fisher_diagonal() -> None:
     state = get_strategy("fisher").new_state()
     with pytest.raises(ValueError, match="Fisher"):
         state.add({"w": torch.ones(2)})
-    with pytest.raises(ValueError, match="'v'.*Fisher"):
+    with pytest.raises(ValueError, match=r"'v'.*Fisher"):
         state.add({"w": torch.ones(2), "v": torch.ones(2)}, fisher={"w": torch.ones(2)})
 
 
 def test_fisher_errors_name_the_tensor() -> None:
     state = get_strategy("fisher").new_state()
-    with pytest.raises(ValueError, match="'w'.*negative"):
+    with pytest.raises(ValueError, match=r"'w'.*negative"):
         state.add({"w": torch.ones(2)}, fisher={"w": torch.tensor([1.0, -1.0])})
-    with pytest.raises(ValueError, match="'w'.*Fisher shape"):
+    with pytest.raises(ValueError, match=r"'w'.*Fisher shape"):
         state.add({"w": torch.ones(2)}, fisher={"w": torch.ones(3)})
     with pytest.raises(ValueError, match="lacks"):
         state.add({"w": torch.ones(2)}, fisher={"w": torch.ones(2), "x": torch.ones(1)})
@@ -362,12 +374,12 @@ def test_sparse_fisher_must_share_the_update_support() -> None:
     bad = {"w": SparseTensor(torch.tensor([1, 3]), torch.tensor([1.0, 2.0]), (4,))}
     state = get_strategy("fisher").new_state().add(update, 1.0, good)
     torch.testing.assert_close(state.finalize()["w"], torch.tensor([3.0, 0.0, 2.0, 0.0]))
-    with pytest.raises(ValueError, match="'w'.*indices"):
+    with pytest.raises(ValueError, match=r"'w'.*indices"):
         state.add(update, 1.0, bad)
 
 
 def test_integer_updates_are_rejected() -> None:
-    with pytest.raises(ValueError, match="'ids'.*floating"):
+    with pytest.raises(ValueError, match=r"'ids'.*floating"):
         get_strategy("fedavg").new_state().add({"ids": torch.arange(3)})
 
 
@@ -481,7 +493,9 @@ def test_a_rejected_combine_leaves_the_state_unchanged() -> None:
 def test_finalize_with_release_gives_the_same_result_and_spends_the_state(name: str) -> None:
     """A server finalizes once at round end: releasing frees statistics as results appear."""
     generator = torch.Generator().manual_seed(3)
-    updates = [{"a": torch.randn(5, 4, generator=generator), "b": torch.randn(7, generator=generator)} for _ in range(3)]
+    updates = [
+        {"a": torch.randn(5, 4, generator=generator), "b": torch.randn(7, generator=generator)} for _ in range(3)
+    ]
     kept, spent = get_strategy(name, lam=0.5).new_state(), get_strategy(name, lam=0.5).new_state()
     for update in updates:
         kept.add(update, weight=2.0)

@@ -1,18 +1,18 @@
-"""Tiers: nodes grouped by a ``tier`` key are merged per tier and combined, exactly; gateways send partial states."""
+"""Tiers: nodes grouped by a ``tier`` (in their signed headers) merge exactly like a flat round; gateways send partial states."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedfuse.client.app import make_client_app
-from fedfuse.messages import CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD, payload_record
+from fedfuse.messages import CONFIG_RECORD, TrainReply
+from fedfuse.rounds import UpdateSpace
 from fedfuse.server.strategy import FedFuseStrategy
-from fedfuse.server.update_space import UpdateSpace
-from fedfuse.settings import RunSettings
+from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.simulation import simulate
 from fedfuse.wire import UpdateHeader, encode_update
 
@@ -34,12 +34,9 @@ def _replies(strategy: FedFuseStrategy, tiers: list[str]) -> list[Message]:
     for k, tier in enumerate(tiers):
         generator = torch.Generator().manual_seed(k)
         tau = {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
-        header = UpdateHeader(run_id="run", round=1, base_fingerprint=fingerprint, node_id=f"n{k}", num_examples=10 + k)
-        content = RecordDict({
-            UPDATE_RECORD: payload_record(encode_update(tau, header=header)),
-            CONFIG_RECORD: ConfigRecord({"tier": tier}),
-            METRICS_RECORD: MetricRecord({"num-examples": 10 + k, "train-loss": 1.0}),
-        })
+        header = UpdateHeader(run_id="run", round=1, base_fingerprint=fingerprint, node_id=f"n{k}", num_examples=10 + k,
+                              metrics={"train-loss": 1.0}, tier=tier)
+        content = TrainReply("update", encode_update(tau, header=header)).to_content()
         replies.append(Message(content=content, dst_node_id=0, message_type="train"))
     return replies
 
@@ -53,10 +50,10 @@ def server_identity(monkeypatch):
 
 @pytest.mark.parametrize("name", ["fedavg", "ties", "task_arithmetic"])
 def test_tiered_merge_equals_the_flat_merge(name, server_identity):
-    settings = RunSettings(strategy=name, mode="full")
+    settings = RunSettings.from_run_config(strategy=name, mode="full")
     results = {}
     for tiers in (["", "", "", ""], ["region-a", "region-b", "region-a", "region-c"]):
-        space = UpdateSpace(settings, SHAPES, scale=1.0)
+        space = UpdateSpace.for_run(settings, SHAPES, scale=1.0)
         base = {n: torch.zeros(s) for n, s in SHAPES.items()}
         strategy = FedFuseStrategy(settings, space, "run", base)
         arrays, metrics = strategy.aggregate_train(1, iter(_replies(strategy, tiers)))
@@ -101,3 +98,35 @@ def test_a_gateway_forwards_its_members_partial_state_through_flower(tmp_path):
     (record,) = history["rounds"]
     assert record["accepted"] == 3 and record["rejected"] == 0
     assert record["accuracy"] is not None
+
+
+def test_a_gateway_keeps_each_members_error_feedback(tmp_path):
+    """Each member of a gateway carries its own trimmed-away residual, as it would as a plain client."""
+    from fedfuse.client.error_feedback import ErrorFeedback
+    from fedfuse.client.gateway import run_gateway_round
+    from fedfuse.client.local_round import Shard
+    from fedfuse.wire import decode_partial
+
+    settings = RunSettings.from_run_config(
+        mode="full", strategy="fedavg", sparsifier="trim", density=0.05, local_steps=1, batch_size=4,
+        max_length=8, eval_examples=8, client_eval_examples=4,
+    )
+    assert settings.uses_error_feedback
+    stores = [ErrorFeedback(settings.compression.sparsifier_spec) for _ in range(2)]
+    result = run_gateway_round(settings, {}, round_number=1, run_id="run", shard=Shard(0, 2, "gw"), members=2,
+                               tier="region-a", error_feedback=stores)
+    residual_norms = [sum(float(t.norm()) for t in store.residual.values()) for store in stores]
+    assert all(norm > 0 for norm in residual_norms)
+    assert stores[0].residual.keys() == stores[1].residual.keys()
+    assert not all(torch.equal(stores[0].residual[k], stores[1].residual[k]) for k in stores[0].residual)
+    partial = decode_partial(result.payload, strategy=build_merge_strategy(settings),
+                             expect=_partial_expectation(settings))
+    assert partial.header.tier == "region-a" and partial.state.num_updates == 2
+
+
+def _partial_expectation(settings):
+    from fedfuse.rounds import UpdateSpace
+    from fedfuse.training.models import lora_scale, update_shapes
+    from fedfuse.wire import Expectation
+
+    return Expectation(UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)).merge_shapes)

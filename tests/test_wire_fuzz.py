@@ -16,7 +16,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedfuse.wire.fuzz import (
+from fedfuse.bench.fuzz import (
     INTERESTING_VALUES,
     Append,
     BitFlip,
@@ -48,8 +48,12 @@ raw_mutations = st.one_of(
 )
 header_edits = st.builds(HeaderEdit, positions, st.sampled_from(["set", "remove", "add"]), header_values, st.booleans())
 blob_edits = st.builds(
-    BlobEdit, st.integers(0, 16), st.sampled_from(["flip", "overwrite", "truncate", "append"]), positions,
-    st.binary(min_size=1, max_size=12), st.booleans(),
+    BlobEdit,
+    st.integers(0, 16),
+    st.sampled_from(["flip", "overwrite", "truncate", "append"]),
+    positions,
+    st.binary(min_size=1, max_size=12),
+    st.booleans(),
 )
 
 

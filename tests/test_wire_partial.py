@@ -48,8 +48,14 @@ def state_of(strategy, items: list[tuple[int, dict]]):
 
 @pytest.mark.parametrize(
     "name, params",
-    [("fedavg", {}), ("task_arithmetic", {"lam": 0.7}), ("ties", {}), ("ties", {"vote": "count"}),
-     ("fisher", {}), ("fedavg", {"dtype": "float64"})],
+    [
+        ("fedavg", {}),
+        ("task_arithmetic", {"lam": 0.7}),
+        ("ties", {}),
+        ("ties", {"vote": "count"}),
+        ("fisher", {}),
+        ("fedavg", {"dtype": "float64"}),
+    ],
 )
 def test_a_forwarded_partial_combines_to_the_flat_merge(name: str, params: dict) -> None:
     """Bit-exact against the same tree merged in memory, and equal to the flat merge up to rounding."""
@@ -96,7 +102,7 @@ def test_a_state_from_another_strategy_is_refused() -> None:
 
 def test_precision_must_match_the_strategy() -> None:
     data = encode_partial(state_of(get_strategy("fedavg"), list(enumerate(updates()))), header=HEADER)
-    with pytest.raises(UpdateRejected, match="float32") as info:
+    with pytest.raises(UpdateRejected, match=r"float32") as info:
         decode_partial(data, strategy=get_strategy("fedavg", dtype="float64"), expect=EXPECT)
     assert info.value.reason == "bad_partial"
 
@@ -117,8 +123,13 @@ def fedavg_partial() -> bytes:
         (lambda doc, blobs: doc["state"].update(total_weight="-1.0"), "bad_partial"),
         (lambda doc, blobs: doc["state"].update(num_updates="many"), "bad_partial"),
         (lambda doc, blobs: doc["state"].pop("num_updates"), "malformed_header"),
-        (lambda doc, blobs: doc["tensors"].update({"b::Q": doc["tensors"].pop("b::S")}) or
-         blobs.update({"v:b::Q": blobs.pop("v:b::S")}), "bad_partial"),
+        (
+            lambda doc, blobs: (
+                doc["tensors"].update({"b::Q": doc["tensors"].pop("b::S")})
+                or blobs.update({"v:b::Q": blobs.pop("v:b::S")})
+            ),
+            "bad_partial",
+        ),
         (lambda doc, blobs: doc.update(version=9), "unsupported_version"),
         (lambda doc, blobs: doc.update(num_examples=-3), "bad_num_examples"),
         (lambda doc, blobs: blobs.update({"v:b::S": torch.full((8,), float("nan")).view(torch.uint8)}), "non_finite"),
@@ -168,5 +179,5 @@ def test_truncated_or_corrupted_partials() -> None:
 
 
 def test_encode_partial_checks_its_input() -> None:
-    with pytest.raises(ValueError, match="MergeState"):
+    with pytest.raises(ValueError, match=r"MergeState"):
         encode_partial({"w": torch.zeros(3)}, header=HEADER)

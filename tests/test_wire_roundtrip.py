@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedfuse.algebra import Sparsifier, SparseTensor, dare_drop, dare_indices, ties_trim
+from fedfuse.algebra import SparseTensor, Sparsifier, dare_drop, dare_indices, ties_trim
 from fedfuse.strategies import get_strategy
 from fedfuse.wire import (
     DecodedUpdate,
@@ -98,7 +98,9 @@ def test_dare_sends_no_indices_and_regenerates_the_same_ones() -> None:
 @pytest.mark.parametrize("value_dtype, dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
 def test_16_bit_values_arrive_in_their_wire_dtype(value_dtype: str, dtype: torch.dtype) -> None:
     tensors = {
-        "dense": randn(6, 7), "trim": ties_trim(randn(300, seed=1), 0.1), "dare": dare_drop(randn(90, seed=2), 0.5, 7)
+        "dense": randn(6, 7),
+        "trim": ties_trim(randn(300, seed=1), 0.1),
+        "dare": dare_drop(randn(90, seed=2), 0.5, 7),
     }
     decoded = roundtrip(tensors, value_dtype)
     assert decoded.value_dtype == value_dtype
@@ -157,9 +159,7 @@ def test_an_update_with_no_tensors_round_trips() -> None:
 
 
 def test_decoded_updates_merge_like_the_originals() -> None:
-    updates = [
-        {"w": ties_trim(randn(40, 5, seed=s), 0.2), "b": randn(5, seed=10 + s)} for s in range(3)
-    ]
+    updates = [{"w": ties_trim(randn(40, 5, seed=s), 0.2), "b": randn(5, seed=10 + s)} for s in range(3)]
     for name in ("ties", "fedavg", "task_arithmetic"):
         direct = get_strategy(name).new_state()
         wired = get_strategy(name).new_state()
@@ -171,8 +171,15 @@ def test_decoded_updates_merge_like_the_originals() -> None:
 
 
 def test_header_keeps_sparsifier_metrics_and_integer_node_ids() -> None:
-    header = UpdateHeader("r", 0, "fp", 17, num_examples=0, sparsifier=Sparsifier("dare", 0.1, seed_scope="round"),
-                          metrics={"acc": 0.75, "n": -3, "note": "ok"})
+    header = UpdateHeader(
+        "r",
+        0,
+        "fp",
+        17,
+        num_examples=0,
+        sparsifier=Sparsifier("dare", 0.1, seed_scope="round"),
+        metrics={"acc": 0.75, "n": -3, "note": "ok"},
+    )
     data = encode_update({"w": randn(3)}, header=header, value_dtype="bfloat16")
     decoded = decode_update(data, expect=Expectation({"w": (3,)}))
     assert decoded.header == header and decoded.header.node_id == 17
@@ -207,8 +214,10 @@ def tampered(indices: list[int]) -> SparseTensor:
         (lambda: encode_update({"w": randn(3)}, header=HEADER, fisher={"x": randn(3)}), "lacks: x"),
         (lambda: encode_update({"w": tampered([2, 1])}, header=HEADER), "sorted"),
         (lambda: encode_update({"w": tampered([0, 9])}, header=HEADER), "[0, 4)"),
-        (lambda: encode_update({"w": ties_trim(randn(9), 0.5)}, header=HEADER, fisher={"w": randn(9, 1)}),
-         "Fisher shape"),
+        (
+            lambda: encode_update({"w": ties_trim(randn(9), 0.5)}, header=HEADER, fisher={"w": randn(9, 1)}),
+            "Fisher shape",
+        ),
         (lambda: UpdateHeader("r", -1, "fp", "n"), "round"),
         (lambda: UpdateHeader("r", 0, "fp", "n", num_examples=-5), "num_examples"),
         (lambda: UpdateHeader("r", 0, "fp", "n", metrics={"x": [1]}), "metric 'x'"),
@@ -259,6 +268,7 @@ def test_varint_sizes_follow_leb128(value: int, size: int) -> None:
 
 
 # Fingerprint of the round's global weights.
+
 
 def test_fingerprint_is_stable_and_order_free() -> None:
     weights = {"a": randn(3, 4), "b": randn(5, seed=1).to(torch.bfloat16), "c": torch.arange(3)}

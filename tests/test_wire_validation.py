@@ -7,7 +7,7 @@ header or blobs, then recompute the checksum, so the check under test (not the C
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,7 +15,15 @@ import safetensors.torch
 import torch
 
 from fedfuse.algebra import dare_drop, ties_trim
-from fedfuse.wire import REASONS, Expectation, UpdateHeader, UpdateRejected, decode_update, encode_update
+from fedfuse.wire import (
+    FORMAT_VERSION,
+    REASONS,
+    Expectation,
+    UpdateHeader,
+    UpdateRejected,
+    decode_update,
+    encode_update,
+)
 from fedfuse.wire.container import pack, unpack
 from fedfuse.wire.indices import encode_varints
 
@@ -122,8 +130,8 @@ def test_garbage_is_corruption() -> None:
 
 
 def test_unknown_format_version() -> None:
-    error = rejected(repack(payload(), lambda doc: doc.update(version=2)))
-    assert error.reason == "unsupported_version" and "version 2" in str(error)
+    error = rejected(repack(payload(), lambda doc: doc.update(version=FORMAT_VERSION + 1)))
+    assert error.reason == "unsupported_version" and f"version {FORMAT_VERSION + 1}" in str(error)
 
 
 def test_a_partial_state_payload_is_not_an_update() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
 
 import torch
 
@@ -26,9 +26,7 @@ class SparseTensor:
         if self.indices.dim() != 1 or self.values.dim() != 1:
             raise ValueError("SparseTensor indices and values must be 1-D")
         if self.indices.numel() != self.values.numel():
-            raise ValueError(
-                f"SparseTensor has {self.indices.numel()} indices but {self.values.numel()} values"
-            )
+            raise ValueError(f"SparseTensor has {self.indices.numel()} indices but {self.values.numel()} values")
         if self.indices.dtype != torch.int64:
             raise ValueError(f"SparseTensor indices must be int64, got {self.indices.dtype}")
         shape = torch.Size(self.shape)
@@ -62,7 +60,7 @@ class SparseTensor:
         return dense.reshape(self.shape)
 
 
-UpdateTensor = Union[torch.Tensor, SparseTensor]
+UpdateTensor = torch.Tensor | SparseTensor
 """One tensor of an update: dense, or sparse (kept entries only)."""
 
 Update = Mapping[str, UpdateTensor]
@@ -72,3 +70,28 @@ Update = Mapping[str, UpdateTensor]
 def to_dense(tensor: UpdateTensor) -> torch.Tensor:
     """Dense view of an update tensor (a no-op for dense tensors)."""
     return tensor.to_dense() if isinstance(tensor, SparseTensor) else tensor
+
+
+def fisher_on_support(name: str, fisher: UpdateTensor, tensor: UpdateTensor) -> torch.Tensor:
+    """The Fisher diagonal's values on the entries ``tensor`` keeps: flat, in the update's order.
+
+    A dense Fisher with a dense update is a flat view; with a sparse update it is gathered at the
+    update's indices; a sparse Fisher must share the update's indices and gives its values. Raises
+    ``ValueError`` naming tensor ``name`` when the shapes or supports differ, or when a dense Fisher
+    is not floating point. Used by the wire encoder and by the merge state, so both agree.
+    """
+    if tuple(fisher.shape) != tuple(tensor.shape):
+        raise ValueError(f"tensor {name!r}: Fisher shape {tuple(fisher.shape)} but update shape {tuple(tensor.shape)}")
+    if isinstance(fisher, SparseTensor):
+        same_support = isinstance(tensor, SparseTensor) and torch.equal(
+            fisher.indices.to(tensor.indices.device), tensor.indices
+        )
+        if not same_support:
+            raise ValueError(f"tensor {name!r}: a sparse Fisher diagonal must share the update's indices")
+        return fisher.values
+    if not isinstance(fisher, torch.Tensor) or not fisher.is_floating_point():
+        raise ValueError(f"tensor {name!r}: the Fisher diagonal must be a floating tensor or a SparseTensor")
+    flat = fisher.reshape(-1)
+    if isinstance(tensor, SparseTensor):
+        flat = flat[tensor.indices.to(flat.device)]
+    return flat

@@ -44,16 +44,17 @@ import json
 import math
 import platform
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 import typer
 from rich.console import Console
 
-from fedfuse.algebra.sparse import SparseTensor
+from fedfuse.algebra.sparse import SparseTensor, UpdateTensor
 from fedfuse.algebra.sparsify import ties_trim
 from fedfuse.bench.measure import Measurement, Meter, markdown_table, median, print_table, run_isolated
 from fedfuse.strategies import get_strategy
@@ -175,6 +176,8 @@ def run_fedfuse(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
     gpu_before = gpu_allocated()
     with meter.memory():
         for k in range(config["k"]):
+            update: Mapping[str, UpdateTensor]
+            fisher: Mapping[str, UpdateTensor] | None
             if method.sparse:
                 update, fisher = sparse_update(seed, k, sizes, config["density"], method.fisher)
             else:
@@ -216,9 +219,8 @@ def run_flower(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
         metrics = MetricRecord({WEIGHT_METRIC: num_examples(k)})
         records.append(RecordDict({"arrays": arrays, "metrics": metrics}))
     held = sum(len(array.data) for record in records for array in record.array_records["arrays"].values())
-    with meter.memory():
-        with meter.timed():
-            merged = aggregate_arrayrecords(records, WEIGHT_METRIC)
+    with meter.memory(), meter.timed():
+        merged = aggregate_arrayrecords(records, WEIGHT_METRIC)
     return {
         "inputs_held_bytes": held,
         "update_bytes": held // config["k"],
@@ -264,15 +266,14 @@ def run_peft(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
     weights = torch.ones(k_count, device=device)
     held = sum(t.nbytes for tensors in per_tensor.values() for t in tensors)
     gpu_before = gpu_allocated()
-    with meter.memory():
-        with meter.timed(sync):
-            if method.peft == "ties":
-                merged = {
-                    name: merge_utils.ties(tensors, weights, config["density"], majority_sign_method="total")
-                    for name, tensors in per_tensor.items()
-                }
-            else:
-                merged = {name: merge_utils.task_arithmetic(tensors, weights) for name, tensors in per_tensor.items()}
+    with meter.memory(), meter.timed(sync):
+        if method.peft == "ties":
+            merged = {
+                name: merge_utils.ties(tensors, weights, config["density"], majority_sign_method="total")
+                for name, tensors in per_tensor.items()
+            }
+        else:
+            merged = {name: merge_utils.task_arithmetic(tensors, weights) for name, tensors in per_tensor.items()}
     return {
         "inputs_held_bytes": held,
         "update_bytes": held // k_count,
@@ -457,7 +458,7 @@ def _speed_target(
 
 
 def evaluate_targets(rows: Sequence[Row], config: BenchConfig) -> list[Target]:
-    """The issue's goals, checked on this run's numbers."""
+    """The benchmark's targets (speed against Flower and PEFT, flat memory), checked on this run's numbers."""
     ks = sorted({r.k for r in rows})
     targets = [
         _speed_target(rows, "fedfuse TIES sparse ≤ 0.5× Flower FedAvg time, every K",

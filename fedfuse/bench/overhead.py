@@ -10,6 +10,7 @@ consecutive round ends; round 1 (actors loading the model) is left out, the medi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import statistics
@@ -44,17 +45,21 @@ def plain_flower_client(settings: RunSettings) -> ClientApp:
 
     @app.train()
     def fit(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(settings.client_threads)
+        torch.set_num_threads(settings.training.client_threads)
         model, tokenizer = base_model(settings)
-        load_global_state(model, dict(msg.content["arrays"].to_torch_state_dict()))
+        load_global_state(model, dict(msg.content.array_records["arrays"].to_torch_state_dict()))
         shard = shard_of(context)
         local_train = client_datasets(settings, shard, tokenizer).train
-        round_number = int(msg.content["config"]["server-round"])
+        round_number = msg.content.config_records["config"]["server-round"]
+        assert isinstance(round_number, int), "Flower sends the server round as an int"
         loss = train(
             model, local_train,
-            steps=steps_for(len(local_train), settings.batch_size, settings.local_steps, settings.local_epochs),
-            batch_size=settings.batch_size, learning_rate=settings.lr,
-            seed=derive_seed(settings.seed, round_number, shard.node_name, "train"),
+            steps=steps_for(
+                len(local_train), settings.training.batch_size, settings.training.local_steps,
+                settings.training.local_epochs,
+            ),
+            batch_size=settings.training.batch_size, learning_rate=settings.training.lr,
+            seed=derive_seed(settings.run.seed, round_number, shard.node_name, "train"),
         )
         content = RecordDict({
             "arrays": ArrayRecord(global_state(model)),
@@ -83,7 +88,7 @@ def plain_flower_server(settings: RunSettings, clients: int, round_ends: list[fl
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=clients)
         round_ends.append(time.time())
         strategy.start(
-            grid, ArrayRecord(global_state(model)), num_rounds=settings.num_server_rounds,
+            grid, ArrayRecord(global_state(model)), num_rounds=settings.run.num_server_rounds,
             evaluate_fn=evaluate,
         )
 
@@ -91,7 +96,7 @@ def plain_flower_server(settings: RunSettings, clients: int, round_ends: list[fl
 
 
 def _median_round(ends: list[float]) -> tuple[float, list[float]]:
-    durations = [b - a for a, b in zip(ends, ends[1:])]
+    durations = [b - a for a, b in itertools.pairwise(ends)]
     steady = durations[1:] or durations
     return statistics.median(steady), durations
 

@@ -27,14 +27,13 @@ from rich.table import Table
 
 from fedfuse.algebra import Sparsifier, apply_task_vector, sparsify_update, to_dense
 from fedfuse.client.local_round import Shard, run_local_round
-from fedfuse.server.aggregator import RoundAggregator
-from fedfuse.server.strategy import build_merge_strategy
-from fedfuse.settings import RunSettings
+from fedfuse.rounds import RoundEngine, UpdateSpace
+from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.simulation import simulate
 from fedfuse.training.data import data_for, tokenize
 from fedfuse.training.loop import evaluate
 from fedfuse.training.models import base_model, global_state, load_global_state, update_shapes
-from fedfuse.wire import Expectation, decode_update
+from fedfuse.wire import Expectation, decode_update, encode_update
 
 FEDERATED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dense FedAvg", {"mode": "full", "strategy": "fedavg", "sparsifier": "none"}),
@@ -82,7 +81,7 @@ def _expert_rows(common: dict[str, Any], experts: int, steps: int, console: Cons
     model, tokenizer = base_model(settings)
     base = {name: t.clone() for name, t in global_state(model).items()}
     data = data_for(settings, experts)
-    test = tokenize(data.test, tokenizer, settings.sequence_length, settings.task)
+    test = tokenize(data.test, tokenizer, settings.source.sequence_length, settings.source.task)
     shapes = update_shapes(settings)
     updates, owned = [], []
     for k in range(experts):
@@ -100,15 +99,16 @@ def _expert_rows(common: dict[str, Any], experts: int, steps: int, console: Cons
     rows = []
     for label, strategy, trim in (("expert merge FedAvg", "fedavg", None), ("expert merge TIES", "ties", EXPERT_TRIM)):
         merge_started = time.perf_counter()
-        trim_each = None if trim is None else (lambda u, d=trim: (sparsify_update(u.tensors, Sparsifier("trim", d)), None))
-        aggregator = RoundAggregator(
-            build_merge_strategy(settings.replace(strategy=strategy)), Expectation(shapes=shapes), transform=trim_each
-        )
-        for update in updates:
-            rejection = aggregator.offer_update(update.payload)
+        payloads = [u.payload for u in updates] if trim is None else [
+            encode_update(sparsify_update(update.tensors, Sparsifier("trim", trim)), header=update.header)
+            for update in decoded
+        ]
+        merge_round = RoundEngine(build_merge_strategy(settings.replace(strategy=strategy)), UpdateSpace.full(shapes))
+        for payload in payloads:
+            rejection = merge_round.offer(payload)
             if rejection is not None:
                 raise RuntimeError(rejection.message)
-        merged = apply_task_vector(base, aggregator.finalize())
+        merged = merge_round.finalize(base)
         load_global_state(model, merged)
         result = evaluate(model, test, data.domain_names)
         retention = [result.per_domain[d] / expert_accuracy[d] for d in expert_accuracy if expert_accuracy[d] > 0]

@@ -9,19 +9,22 @@ otherwise; the client-side sparsify time is reported apart, not counted in encod
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import torch
 import typer
 
 from fedfuse.algebra import Sparsifier, dare_seed_fn, sparsify_update
+from fedfuse.algebra.sparsify import SparsifierKind
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update, fingerprint
 
 RUN_ID = "bench-wire"
@@ -30,7 +33,7 @@ TARGET_DARE_BYTES = 0.21
 TARGET_TIES_BYTES = 0.35
 TARGET_MBPS = 200.0
 VALUE_DTYPES = ("float32", "bfloat16")
-SPARSE_CASES = (
+SPARSE_CASES: tuple[tuple[str, SparsifierKind, float], ...] = (
     ("TIES d=0.05", "trim", 0.05), ("TIES d=0.1", "trim", 0.1), ("TIES d=0.2", "trim", 0.2),
     ("DARE p=0.8", "dare", 0.2), ("DARE p=0.9", "dare", 0.1), ("DARE p=0.95", "dare", 0.05),
 )
@@ -129,7 +132,7 @@ def _targets(rows: list[Row]) -> list[tuple[str, bool]]:
 
 
 def _fuzz(examples: int, seed: int) -> tuple[list[str], dict[str, Any]]:
-    from fedfuse.wire.fuzz import run_fuzz
+    from fedfuse.bench.fuzz import run_fuzz
 
     try:
         report = run_fuzz(examples, seed)
@@ -156,7 +159,7 @@ def _measure_all(tau: dict[str, torch.Tensor], params: int, repeat: int, seed: i
     for label, kind, density in SPARSE_CASES:
         sparsifier = Sparsifier(kind, density)
         seeds = dare_seed_fn(seed, 1, "node-0")
-        sparsify_ms, update = _median_ms(lambda: sparsify_update(tau, sparsifier, seeds), repeat)
+        sparsify_ms, update = _median_ms(functools.partial(sparsify_update, tau, sparsifier, seeds), repeat)
         case_header = UpdateHeader(RUN_ID, 1, base_fp, "node-0", num_examples=1000, sparsifier=sparsifier)
         for dtype in VALUE_DTYPES:
             rows.append(_measure(label, update, dtype, case_header, expect, params, repeat, sparsify_ms))

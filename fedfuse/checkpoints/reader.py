@@ -1,16 +1,17 @@
 """Read safetensors checkpoints tensor by tensor: one file, an HF model folder, or a sharded folder.
 
 Only headers are read up front (names, shapes, dtypes), so checking that many checkpoints fit
-together costs no tensor data; :meth:`Checkpoint.get` then loads one tensor at a time from a
+together costs no tensor data; :meth:`CheckpointReader.get` then loads one tensor at a time from a
 memory map. Pickled weights (``pytorch_model.bin``) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,7 +44,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 """File endings that hold weights (or their index): everything else in a model folder is config."""
 
 
-class CheckpointError(ValueError):
+class CheckpointReadError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit the others; the message says which and why."""
 
 
@@ -79,41 +80,43 @@ def _open_file(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt")
     except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint file not found: {path}") from exc
+        raise CheckpointReadError(f"checkpoint file not found: {path}") from exc
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+        raise CheckpointReadError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def _weight_files_error(folder: Path) -> CheckpointError:
+def _weight_files_error(folder: Path) -> CheckpointReadError:
     pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth")))
     if pickled:
-        return CheckpointError(
+        return CheckpointReadError(
             f"{folder} holds only pickled weights ({', '.join(pickled[:3])}); fedfuse never unpickles. "
             "Convert it once with transformers: model.save_pretrained(folder, safe_serialization=True)"
         )
-    return CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a safetensors model folder")
+    return CheckpointReadError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a safetensors model folder")
 
 
 def _resolve_files(path: Path) -> tuple[dict[str, Path] | None, list[Path]]:
     """The weight map (None for a single file) and the safetensors files of a checkpoint path."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointReadError(f"checkpoint not found: {path}")
     if path.is_file():
         if not path.name.endswith(".safetensors"):
-            raise CheckpointError(f"{path} is not a .safetensors file (fedfuse never unpickles .bin/.pt files)")
+            raise CheckpointReadError(f"{path} is not a .safetensors file (fedfuse never unpickles .bin/.pt files)")
         return None, [path]
     index = path / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {exc}") from exc
+            raise CheckpointReadError(
+                f"{index} is not a valid safetensors index (needs a 'weight_map'): {exc}"
+            ) from exc
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            raise CheckpointReadError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = {name: path / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
-                raise CheckpointError(f"{index} names shard {shard.name}, which is missing from {path}")
+                raise CheckpointReadError(f"{index} names shard {shard.name}, which is missing from {path}")
         return files, sorted(set(files.values()))
     single = path / SINGLE_FILE
     if single.is_file():
@@ -124,7 +127,7 @@ def _resolve_files(path: Path) -> tuple[dict[str, Path] | None, list[Path]]:
     raise _weight_files_error(path)
 
 
-class Checkpoint:
+class CheckpointReader:
     """A safetensors checkpoint opened for tensor-by-tensor reading.
 
     ``path`` may be a ``.safetensors`` file, a folder with ``model.safetensors`` (or a single
@@ -143,12 +146,14 @@ class Checkpoint:
         else:
             for name, file in weight_map.items():
                 if name not in keys[file]:
-                    raise CheckpointError(f"{self.path}: the index puts tensor {name!r} in {file.name}, which lacks it")
+                    raise CheckpointReadError(
+                        f"{self.path}: the index puts tensor {name!r} in {file.name}, which lacks it"
+                    )
             self._where = dict(weight_map)
         self.names: list[str] = sorted(self._where)
         self._infos: dict[str, TensorInfo] = {}
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,7 +169,7 @@ class Checkpoint:
         return len(self.names)
 
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors in {len(self.files)} file(s))"
+        return f"CheckpointReader({str(self.path)!r}, {len(self.names)} tensors in {len(self.files)} file(s))"
 
     def close(self) -> None:
         """Release the memory maps."""
@@ -173,9 +178,9 @@ class Checkpoint:
     def _handle(self, name: str) -> Any:
         file = self._where.get(name)
         if file is None:
-            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+            raise CheckpointReadError(f"{self.path} has no tensor {name!r}")
         if file not in self._handles:
-            raise CheckpointError(f"{self.path} was closed")
+            raise CheckpointReadError(f"{self.path} was closed")
         return self._handles[file]
 
     def file_of(self, name: str) -> Path:
@@ -190,7 +195,7 @@ class Checkpoint:
             view = self._handle(name).get_slice(name)
             code = view.get_dtype()
             if code not in SAFETENSORS_DTYPES:
-                raise CheckpointError(
+                raise CheckpointReadError(
                     f"{self.file_of(name)}: tensor {name!r} has dtype {code}, which torch cannot hold"
                 )
             known = TensorInfo(tuple(int(d) for d in view.get_shape()), SAFETENSORS_DTYPES[code])
@@ -211,7 +216,7 @@ class Checkpoint:
         """The header metadata of the first file (``{}`` when there is none)."""
         handle = self._handles.get(self.files[0])
         if handle is None:
-            raise CheckpointError(f"{self.path} was closed")
+            raise CheckpointReadError(f"{self.path} was closed")
         return dict(handle.metadata() or {})
 
     @property
@@ -220,6 +225,6 @@ class Checkpoint:
         return sum(self.info(name).nbytes for name in self.names)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a safetensors file, HF model folder or sharded folder; :class:`CheckpointError` if unusable."""
-    return Checkpoint(path)
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open a safetensors file, HF model folder or sharded folder; :class:`CheckpointReadError` if unusable."""
+    return CheckpointReader(path)

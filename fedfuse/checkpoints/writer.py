@@ -14,36 +14,48 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO
 
 import torch
 
-from fedfuse.checkpoints.reader import DTYPE_CODES, INDEX_FILE, SINGLE_FILE, CheckpointError
+from fedfuse.checkpoints.reader import DTYPE_CODES, INDEX_FILE, SINGLE_FILE
+
+
+class CheckpointWriteError(ValueError):
+    """An output cannot be written as asked (bad size, existing target, a tensor off the plan); says why."""
+
 
 _UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 
 
 def parse_size(size: str | int) -> int:
     """Bytes in a size such as ``"5GB"`` (10⁹, as transformers), ``"2GiB"`` (2³⁰), ``"500MB"`` or ``1024``."""
     if isinstance(size, int):
-        value, unit = size, ""
+        result = size
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
         if match is None or match.group(2).upper() not in _UNITS:
-            raise CheckpointError(
+            raise CheckpointWriteError(
                 f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB, TiB"
             )
-        value, unit = float(match.group(1)), match.group(2).upper()
-    result = int(value * _UNITS[unit])
+        result = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if result <= 0:
-        raise CheckpointError(f"size must be positive, got {size!r}")
+        raise CheckpointWriteError(f"size must be positive, got {size!r}")
     return result
 
 
@@ -70,15 +82,15 @@ def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
-            raise CheckpointError(f"safetensors metadata must map strings to strings; bad entries: {bad[:5]}")
+            raise CheckpointWriteError(f"safetensors metadata must map strings to strings; bad entries: {bad[:5]}")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for spec in specs:
         if spec.name in header:
-            raise CheckpointError(f"tensor {spec.name!r} is listed twice")
+            raise CheckpointWriteError(f"tensor {spec.name!r} is listed twice")
         code = DTYPE_CODES.get(spec.dtype)
         if code is None:
-            raise CheckpointError(f"tensor {spec.name!r}: dtype {spec.dtype} has no safetensors code")
+            raise CheckpointWriteError(f"tensor {spec.name!r}: dtype {spec.dtype} has no safetensors code")
         header[spec.name] = {"dtype": code, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -92,11 +104,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     The tensor is reinterpreted as uint8 in torch (so bf16 and fp8 never go through numpy's dtypes).
     """
     if sys.byteorder != "little":
-        raise CheckpointError("safetensors is little-endian; writing on a big-endian machine is not supported")
+        raise CheckpointWriteError("safetensors is little-endian; writing on a big-endian machine is not supported")
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 class SafetensorsStreamWriter:
@@ -114,10 +126,10 @@ class SafetensorsStreamWriter:
         header = build_header(self.specs, metadata)
         self._expected_size = len(header) + sum(spec.nbytes for spec in self.specs)
         self._next = 0
-        self._file: IO[bytes] | None = open(self.path, "wb")
+        self._file: IO[bytes] | None = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self._file.write(header)
 
-    def __enter__(self) -> "SafetensorsStreamWriter":
+    def __enter__(self) -> SafetensorsStreamWriter:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -135,16 +147,18 @@ class SafetensorsStreamWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` as the next planned tensor ``name``."""
         if self._file is None:
-            raise CheckpointError(f"{self.path} is already closed")
+            raise CheckpointWriteError(f"{self.path} is already closed")
         if self._next >= len(self.specs):
-            raise CheckpointError(f"{self.path}: tensor {name!r} was not planned (all planned tensors are written)")
+            raise CheckpointWriteError(
+                f"{self.path}: tensor {name!r} was not planned (all planned tensors are written)"
+            )
         spec = self.specs[self._next]
         if name != spec.name:
-            raise CheckpointError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
+            raise CheckpointWriteError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
         if tuple(tensor.shape) != spec.shape:
-            raise CheckpointError(f"tensor {name!r}: planned shape {spec.shape}, got {tuple(tensor.shape)}")
+            raise CheckpointWriteError(f"tensor {name!r}: planned shape {spec.shape}, got {tuple(tensor.shape)}")
         if tensor.dtype != spec.dtype:
-            raise CheckpointError(f"tensor {name!r}: planned dtype {spec.dtype}, got {tensor.dtype}")
+            raise CheckpointWriteError(f"tensor {name!r}: planned dtype {spec.dtype}, got {tensor.dtype}")
         self._file.write(tensor_bytes(tensor))
         self._next += 1
 
@@ -157,11 +171,11 @@ class SafetensorsStreamWriter:
         size = file.tell()
         file.close()
         if self._next != len(self.specs):
-            raise CheckpointError(
+            raise CheckpointWriteError(
                 f"{self.path}: {len(self.pending)} planned tensor(s) never written, first {self.pending[0]!r}"
             )
         if size != self._expected_size:
-            raise CheckpointError(f"{self.path}: wrote {size} bytes, expected {self._expected_size}")
+            raise CheckpointWriteError(f"{self.path}: wrote {size} bytes, expected {self._expected_size}")
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size: str | int) -> list[list[TensorSpec]]:
@@ -213,7 +227,7 @@ class ShardedWriter:
         """Append tensor ``name`` to its shard, finishing earlier shards as the stream moves on."""
         shard = self._shard_of.get(name)
         if shard is None:
-            raise CheckpointError(f"tensor {name!r} was not planned for {self.folder}")
+            raise CheckpointWriteError(f"tensor {name!r} was not planned for {self.folder}")
         while self._current < shard:
             self._open_next()
         assert self._writer is not None
@@ -250,16 +264,16 @@ def check_target(target: str | Path, *, directory: bool, overwrite: bool) -> Pat
     path = Path(target)
     if directory:
         if path.exists() and not path.is_dir():
-            raise CheckpointError(f"output {path} exists and is not a folder")
+            raise CheckpointWriteError(f"output {path} exists and is not a folder")
         if path.is_dir() and any(path.iterdir()) and not overwrite:
-            raise CheckpointError(f"output folder {path} is not empty (pass --force to replace it)")
+            raise CheckpointWriteError(f"output folder {path} is not empty (pass --force to replace it)")
     else:
         if path.is_dir():
-            raise CheckpointError(f"output {path} is a folder, expected a file path")
+            raise CheckpointWriteError(f"output {path} is a folder, expected a file path")
         if path.exists() and not overwrite:
-            raise CheckpointError(f"output file {path} exists (pass --force to replace it)")
+            raise CheckpointWriteError(f"output file {path} exists (pass --force to replace it)")
     if path.parent.exists() and not path.parent.is_dir():
-        raise CheckpointError(f"output {path} lies under {path.parent}, which is not a folder")
+        raise CheckpointWriteError(f"output {path} lies under {path.parent}, which is not a folder")
     return path
 
 

@@ -1,6 +1,6 @@
 """``fedfuse demo``: merge a generated three-institution example with several methods and compare them.
 
-Until the federated simulation lands this is the README's first command. It builds a tiny BERT base
+The offline counterpart of ``fedfuse simulate``: nothing trains and nothing is sent. It builds a tiny BERT base
 model from a config (no download), derives three "institution" checkpoints whose task vectors share a
 common change, each add a sparse specialty of their own and some noise with conflicting signs, merges
 them through the same engine as ``fedfuse merge``, and prints how much of the shared change and of each
@@ -108,7 +108,6 @@ def demo(
         merged_dir = out / f"merged-{method}"
         merge_models(
             base_dir, model_dirs, method=method, density=density, seed=seed, out=merged_dir, force=True,
-            progress=False,
         )
         merged = load_file(merged_dir / "model.safetensors")
         tau = {name: merged[name].float() - base[name].float() for name in shared}

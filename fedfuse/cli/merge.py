@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
 from rich.console import Console
 from rich.filesize import decimal
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from fedfuse.offline import MergeInputError, MergeResult, combine_partials, merge_models
-from fedfuse.strategies import available_strategies
+from fedfuse.offline import Progress as ProgressCallback
+from fedfuse.strategies import available_strategies, parse_strategy_params
+
 
 def _report(result: MergeResult, console: Console) -> None:
     what = "partial statistics" if result.kind == "partial" else "model"
@@ -26,28 +31,58 @@ def _report(result: MergeResult, console: Console) -> None:
     )
 
 
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on stderr, as the callback the merge loop calls after each tensor."""
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("merging", total=None)
+
+        def advance(name: str, done: int, total: int) -> None:
+            bar.update(task, description=name, completed=done, total=total)
+
+        yield advance
+
+
+def _check_combine_flags(given: dict[str, bool]) -> None:
+    clashing = [flag for flag, used in given.items() if used]
+    if clashing:
+        raise MergeInputError(
+            f"{', '.join(clashing)} cannot be used with --combine: the merge settings come from the partial files"
+        )
+
+
 def merge(
     base: Annotated[Path, typer.Option("--base", help="Base model: a .safetensors file or an HF model folder.")],
     model: Annotated[
-        Optional[list[Path]], typer.Option("--model", "-m", help="A fine-tuned model to merge (repeat per model).")
+        list[Path] | None, typer.Option("--model", "-m", help="A fine-tuned model to merge (repeat per model).")
     ] = None,
     method: Annotated[
-        Optional[str], typer.Option("--method", help=f"Merge method: {', '.join(available_strategies())}.")
+        str | None, typer.Option("--method", help=f"Merge method: {', '.join(available_strategies())}.")
     ] = None,
     density: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--density", help="Kept fraction for the sparsifier (DARE keeps each entry with this probability)."
         ),
     ] = None,
     weight: Annotated[
-        Optional[list[float]],
+        list[float] | None,
         typer.Option("--weight", "-w", help="Weight of each model, once per --model (default 1)."),
     ] = None,
     lam: Annotated[float, typer.Option("--lambda", help="Scale λ of the merged task vector.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="DARE seed (per model and tensor).")] = 0,
     sparsifier: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--sparsifier",
             click_type=click.Choice(["none", "trim", "dare"]),
@@ -60,26 +95,35 @@ def merge(
         typer.Option("--dtype", click_type=click.Choice(["float32", "float64"]), help="Accumulation precision."),
     ] = "float32",
     vote: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--vote", click_type=click.Choice(["mass", "count"]), help="TIES sign election (ties, dare_ties)."
         ),
     ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", "-p", help="A declared parameter of the method, NAME=VALUE (repeat), e.g. --param eps=1e-8."
+        ),
+    ] = None,
     fisher: Annotated[
-        Optional[list[Path]],
+        list[Path] | None,
         typer.Option("--fisher", help="Fisher-diagonal safetensors file, once per --model (fisher method)."),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output model folder.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output model folder.")] = None,
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Shard the output past this size: 5GB, 500MB, 2GiB or bytes.")
     ] = "5GB",
     partial_out: Annotated[
-        Optional[Path],
-        typer.Option("--partial-out", help="Write this group's partial statistics (for --combine) instead of a model."),
+        Path | None,
+        typer.Option("--partial-out", help="Write this group's partial state (for --combine) instead of a model."),
     ] = None,
     combine: Annotated[
-        Optional[list[Path]],
-        typer.Option("--combine", help="A partial-statistics file to fold in (repeat); replaces --model."),
+        list[Path] | None,
+        typer.Option(
+            "--combine",
+            help="A partial-state file to fold in (--partial-out or a gateway's; repeat); replaces --model.",
+        ),
     ] = None,
     first_model_index: Annotated[
         int,
@@ -97,32 +141,61 @@ def merge(
     Example: fedfuse merge --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
     """
     errors = Console(stderr=True)
-    progress = not quiet and sys.stderr.isatty()
     try:
-        if combine:
-            given = {
-                "--model": bool(model), "--method": method is not None, "--weight": bool(weight),
-                "--density": density is not None, "--sparsifier": sparsifier is not None, "--vote": vote is not None,
-                "--fisher": bool(fisher), "--dtype": dtype != "float32", "--lambda": lam != 1.0, "--seed": seed != 0,
-                "--first-model-index": first_model_index != 0,
-            }
-            clashing = [flag for flag, used in given.items() if used]
-            if clashing:
-                raise MergeInputError(
-                    f"{', '.join(clashing)} cannot be used with --combine: "
-                    "the merge settings come from the partial files"
+        with _progress_bar(not quiet and sys.stderr.isatty()) as progress:
+            if combine:
+                _check_combine_flags(
+                    {
+                        "--model": bool(model),
+                        "--method": method is not None,
+                        "--weight": bool(weight),
+                        "--density": density is not None,
+                        "--sparsifier": sparsifier is not None,
+                        "--vote": vote is not None,
+                        "--param": bool(param),
+                        "--fisher": bool(fisher),
+                        "--dtype": dtype != "float32",
+                        "--lambda": lam != 1.0,
+                        "--seed": seed != 0,
+                        "--first-model-index": first_model_index != 0,
+                    }
                 )
-            result = combine_partials(
-                combine, base=base, out=out, partial_out=partial_out, device=device,
-                max_shard_size=max_shard_size, force=force, progress=progress,
-            )
-        else:
-            result = merge_models(
-                base, model or [], method=method or "", weights=weight, density=density, sparsifier=sparsifier,
-                lam=lam, seed=seed, device=device, dtype=dtype, vote=vote, fishers=fisher, out=out,
-                max_shard_size=max_shard_size, partial_out=partial_out, force=force, progress=progress,
-                first_model_index=first_model_index,
-            )
+                result = combine_partials(
+                    combine,
+                    base=base,
+                    out=out,
+                    partial_out=partial_out,
+                    device=device,
+                    max_shard_size=max_shard_size,
+                    force=force,
+                    progress=progress,
+                )
+            else:
+                try:
+                    params = parse_strategy_params(param or [])
+                except ValueError as exc:
+                    raise MergeInputError(f"--param: {exc}") from None
+                result = merge_models(
+                    base,
+                    model or [],
+                    method=method or "",
+                    weights=weight,
+                    density=density,
+                    sparsifier=sparsifier,
+                    lam=lam,
+                    seed=seed,
+                    device=device,
+                    dtype=dtype,
+                    vote=vote,
+                    params=params,
+                    fishers=fisher,
+                    out=out,
+                    max_shard_size=max_shard_size,
+                    partial_out=partial_out,
+                    force=force,
+                    progress=progress,
+                    first_model_index=first_model_index,
+                )
     except MergeInputError as exc:
         errors.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(code=2) from None

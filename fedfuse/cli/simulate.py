@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -10,6 +10,7 @@ from fedfuse.data.files import DataError
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError
 from fedfuse.simulation import simulate as run_simulation
+from fedfuse.strategies import format_strategy_params, parse_strategy_params
 from fedfuse.training.client_data import preflight
 
 
@@ -24,41 +25,117 @@ def parse_run_config(text: str) -> dict[str, str]:
     return pairs
 
 
+def merged_strategy_params(run_config_value: str, options: list[str]) -> str:
+    """The ``strategy-params`` run-config value: ``--run-config``'s entries, then ``--strategy-param``'s (which win)."""
+    try:
+        params = {**parse_strategy_params(str(run_config_value)), **parse_strategy_params(options)}
+    except ValueError as exc:
+        raise SettingsError(f"--strategy-param: {exc}") from None
+    return format_strategy_params(params)
+
+
 def simulate(
     clients: int = typer.Option(DEFAULT_CLIENTS, "--clients", "-n", min=1, help="Simulated institutions (SuperNodes)."),
     rounds: int = typer.Option(None, "--rounds", "-r", help="Server rounds (run config num-server-rounds)."),
-    strategy: str = typer.Option(None, "--strategy", "-s", help="Merge strategy: fedavg, ties, fisher, task_arithmetic, dare_linear, dare_ties or a plug-in."),
+    strategy: str = typer.Option(
+        None,
+        "--strategy",
+        "-s",
+        help="Merge strategy: fedavg, ties, fisher, task_arithmetic, dare_linear, dare_ties or a plug-in.",
+    ),
+    strategy_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy-param",
+            metavar="NAME=VALUE",
+            help="A declared parameter of the strategy, e.g. eps=1e-8 (fisher) or vote=count (ties); repeatable.",
+        ),
+    ] = None,
     sparsifier: str = typer.Option(None, "--sparsifier", help="Client update sparsifier: none, trim (TIES) or dare."),
     density: float = typer.Option(None, "--density", "-d", help="Kept fraction of each task vector (trim/dare)."),
     mode: str = typer.Option(None, "--mode", help="Local training: lora (PEFT) or full."),
-    lora_aggregation: str = typer.Option(None, "--lora-aggregation", help="exact (merge ΔW = s·BA) or factors (naive A/B average)."),
-    model: str = typer.Option(None, "--model", "-m", help="'default' (embedded all-MiniLM-L6-v2), 'smollm2' (embedded SmolLM2-135M-Instruct), a local folder or a hub id."),
-    task: str = typer.Option(None, "--task", help="topics (built-in docstring topics), classify (text+label), lm (causal LM) or sft (chat; loss on assistant tokens)."),
-    data: str = typer.Option(None, "--data", help="Your dataset (JSONL/CSV/Parquet file or save_to_disk folder), partitioned over the clients."),
+    lora_aggregation: str = typer.Option(
+        None, "--lora-aggregation", help="exact (merge ΔW = s·BA) or factors (naive A/B average)."
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="'default' (embedded all-MiniLM-L6-v2), 'smollm2' (embedded SmolLM2-135M-Instruct), a local folder"
+        " or a hub id.",
+    ),
+    task: str = typer.Option(
+        None,
+        "--task",
+        help="topics (built-in docstring topics), classify (text+label), lm (causal LM) or sft (chat; loss on"
+        " assistant tokens).",
+    ),
+    data: str = typer.Option(
+        None,
+        "--data",
+        help="Your dataset (JSONL/CSV/Parquet file or save_to_disk folder), partitioned over the clients.",
+    ),
     data_dir: str = typer.Option(None, "--data-dir", help="A folder with one data file per client (sorted by name)."),
-    eval_data: str = typer.Option(None, "--eval-data", help="A held-out file the server evaluates on (else: federated evaluation only)."),
-    trainer: str = typer.Option(None, "--trainer", help="auto (built-in for the task), an entry point of group fedfuse.trainers, or module:function."),
-    partition: str = typer.Option(None, "--partition", help="Client partition: iid, dirichlet, shards, natural (files) or domain (built-in task)."),
-    partition_column: str = typer.Option(None, "--partition-column", help="Column for dirichlet/shards (default: the label) or natural (e.g. institution)."),
+    eval_data: str = typer.Option(
+        None, "--eval-data", help="A held-out file the server evaluates on (else: federated evaluation only)."
+    ),
+    trainer: str = typer.Option(
+        None,
+        "--trainer",
+        help="auto (built-in for the task), an entry point of group fedfuse.trainers, or module:function.",
+    ),
+    partition: str = typer.Option(
+        None, "--partition", help="Client partition: iid, dirichlet, shards, natural (files) or domain (built-in task)."
+    ),
+    partition_column: str = typer.Option(
+        None,
+        "--partition-column",
+        help="Column for dirichlet/shards (default: the label) or natural (e.g. institution).",
+    ),
     alpha: float = typer.Option(None, "--alpha", help="Dirichlet concentration α (smaller = more non-IID)."),
-    seed: int = typer.Option(None, "--seed", help="Seed of data split, partitions, head init, DARE masks, training order."),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of data split, partitions, head init, DARE masks, training order."
+    ),
     local_steps: int = typer.Option(None, "--local-steps", help="Optimizer steps per client per round."),
     output_dir: str = typer.Option(None, "--output-dir", "-o", help="Where checkpoints and the report go."),
     resume: str = typer.Option(None, "--resume", help="Continue from a run folder or checkpoint (same settings)."),
-    run_config: str = typer.Option("", "--run-config", help='Any other run-config keys, e.g. "lora-rank=4 batch-size=16".'),
-    client_gpus: float = typer.Option(0.0, "--client-gpus", help="GPUs per client, given by Ray (0.5: two clients share a GPU; 0: clients see no GPU). Above 0, Ray runs at most floor(GPUs / client-gpus) clients at once."),
+    run_config: str = typer.Option(
+        "", "--run-config", help='Any other run-config keys, e.g. "lora-rank=4 batch-size=16".'
+    ),
+    client_gpus: float = typer.Option(
+        0.0,
+        "--client-gpus",
+        help="GPUs per client, given by Ray (0.5: two clients share a GPU; 0: clients see no GPU). Above 0, Ray"
+        " runs at most floor(GPUs / client-gpus) clients at once.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Simulate a federation on this machine and write report.json, report.md and plots."""
     named: dict[str, Any] = {
-        "num-server-rounds": rounds, "strategy": strategy, "sparsifier": sparsifier, "density": density,
-        "mode": mode, "lora-aggregation": lora_aggregation, "model": model, "task": task, "partition": partition,
-        "data": data, "data-dir": data_dir, "eval-data": eval_data, "trainer": trainer,
+        "num-server-rounds": rounds,
+        "strategy": strategy,
+        "sparsifier": sparsifier,
+        "density": density,
+        "mode": mode,
+        "lora-aggregation": lora_aggregation,
+        "model": model,
+        "task": task,
+        "partition": partition,
+        "data": data,
+        "data-dir": data_dir,
+        "eval-data": eval_data,
+        "trainer": trainer,
         "partition-column": partition_column,
-        "alpha": alpha, "seed": seed, "local-steps": local_steps, "output-dir": output_dir, "resume": resume,
+        "alpha": alpha,
+        "seed": seed,
+        "local-steps": local_steps,
+        "output-dir": output_dir,
+        "resume": resume,
     }
     try:
         overrides = {**parse_run_config(run_config), **{k: v for k, v in named.items() if v is not None}}
+        if strategy_param:
+            overrides["strategy-params"] = merged_strategy_params(overrides.get("strategy-params", ""), strategy_param)
         preflight(RunSettings.from_run_config({}, **overrides), clients)
     except (SettingsError, DataError) as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -18,36 +18,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.gateway import run_gateway_round
-from fedfuse.client.local_round import (
-    Shard,
-    evaluate_locally,
-    finite_metrics,
-    run_local_round,
-)
-from fedfuse.data.files import DataSource
-from fedfuse.messages import (
-    ARRAYS_RECORD,
-    CONFIG_RECORD,
-    METRICS_RECORD,
-    PARTIAL_RECORD,
-    RESIDUAL_RECORD,
-    SIGNATURE_RECORD,
-    UPDATE_RECORD,
-    payload_record,
-)
-from fedfuse.security import load_signing_key, sign_update
+from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
+from fedfuse.messages import ARRAYS_RECORD, RESIDUAL_RECORD, EvaluateReply, RoundInstruction, TrainReply
+from fedfuse.security import UpdateSignature, load_signing_key, sign_update
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import NodeData
 
@@ -70,31 +48,45 @@ def shard_of(context: Context) -> Shard:
     return Shard(partition_id, num_partitions, name, node_data=node_data)
 
 
-def source_config(node: str, tier: str, source: DataSource) -> ConfigRecord:
-    """The reply's config record: node and tier names, and which data the node used (rows, SHA-256)."""
-    return ConfigRecord({"node": node, "tier": tier, "data-rows": source.rows, "data-sha256": source.sha256})
-
-
-def _error_feedback(settings: RunSettings, context: Context) -> ErrorFeedback | None:
+def _error_feedback(settings: RunSettings, context: Context, record: str) -> ErrorFeedback | None:
+    """The residual store kept in ``context.state`` under ``record`` (None when the run uses no feedback)."""
     if not settings.uses_error_feedback:
         return None
-    feedback = ErrorFeedback(settings.sparsifier_spec)
-    stored = context.state.array_records.get(RESIDUAL_RECORD)
+    feedback = ErrorFeedback(settings.compression.sparsifier_spec)
+    stored = context.state.array_records.get(record)
     if stored is not None:
         feedback.load_state_dict(stored.to_torch_state_dict())
     return feedback
 
 
-def _signature(context: Context, shard: Shard, config, payload: bytes) -> dict[str, ConfigRecord]:
-    """The signature record for ``payload`` when the node has a signing key, else nothing."""
+def _keep_residual(context: Context, record: str, feedback: ErrorFeedback | None) -> None:
+    if feedback is not None:
+        context.state.array_records[record] = ArrayRecord(feedback.state_dict())
+
+
+def _signature(context: Context, shard: Shard, instruction: RoundInstruction, payload: bytes) -> UpdateSignature | None:
+    """The signature of ``payload`` when the node has a signing key, else None."""
     key_path = str(context.node_config.get("signing-key", "") or "")
     if not key_path:
-        return {}
-    signed = sign_update(
-        load_signing_key(key_path), institution=shard.node_name, run_id=str(config["run-id"]),
-        round_number=int(config["round"]), base_fingerprint=str(config["base-fingerprint"]), payload=payload,
+        return None
+    return sign_update(
+        load_signing_key(key_path), institution=shard.node_name, run_id=instruction.run_id,
+        round_number=instruction.server_round, base_fingerprint=instruction.base_fingerprint, payload=payload,
     )
-    return {SIGNATURE_RECORD: ConfigRecord(signed.to_config())}
+
+
+def _gateway_reply(settings: RunSettings, context: Context, changed: dict, instruction: RoundInstruction,
+                   shard: Shard, tier: str, members: int) -> TrainReply:
+    """A gateway's reply: its members trained and merged into one partial state (each with its own residual)."""
+    records = [f"{RESIDUAL_RECORD}.member-{member}" for member in range(members)]
+    feedback = [_error_feedback(settings, context, record) for record in records]
+    result = run_gateway_round(
+        settings, changed, round_number=instruction.server_round, run_id=instruction.run_id, shard=shard,
+        members=members, tier=tier, error_feedback=feedback,
+    )
+    for record, store in zip(records, feedback):
+        _keep_residual(context, record, store)
+    return TrainReply("partial", result.payload, _signature(context, shard, instruction, result.payload))
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -105,62 +97,32 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings = RunSettings.from_run_config(context.run_config, **extra)
-        config = msg.content.config_records[CONFIG_RECORD]
-        round_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
+        instruction = RoundInstruction.from_message(msg)
+        changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
         shard = shard_of(context)
         tier = str(context.node_config.get("tier", ""))
-        gateway_members = int(context.node_config.get("gateway-members", 0) or 0)
-        if gateway_members:
-            payload, examples, loss = run_gateway_round(
-                settings, dict(round_state), round_number=int(config["round"]), run_id=str(config["run-id"]),
-                shard=shard, members=gateway_members,
-            )
-            metrics = MetricRecord(
-                finite_metrics({"num-examples": examples, "train-loss": loss, "uplink-bytes": len(payload)})
-            )
-            reply = RecordDict({
-                PARTIAL_RECORD: payload_record(payload),
-                METRICS_RECORD: metrics,
-                CONFIG_RECORD: ConfigRecord({"node": shard.node_name, "tier": tier}),
-                **_signature(context, shard, config, payload),
-            })
-            return Message(content=reply, reply_to=msg)
-        feedback = _error_feedback(settings, context)
+        members = int(context.node_config.get("gateway-members", 0) or 0)
+        if members:
+            return _gateway_reply(settings, context, changed, instruction, shard, tier, members).reply_to(msg)
+        feedback = _error_feedback(settings, context, RESIDUAL_RECORD)
         result = run_local_round(
-            settings,
-            dict(round_state),
-            round_number=int(config["round"]),
-            run_id=str(config["run-id"]),
-            shard=shard,
-            error_feedback=feedback,
+            settings, changed, round_number=instruction.server_round, run_id=instruction.run_id, shard=shard,
+            error_feedback=feedback, tier=tier,
         )
-        if feedback is not None:
-            context.state.array_records[RESIDUAL_RECORD] = ArrayRecord(feedback.state_dict())
-        metrics = MetricRecord(finite_metrics({
-            "num-examples": result.num_examples, "train-loss": result.train_loss, "uplink-bytes": len(result.payload),
-            "train-seconds": result.train_seconds,
-        }))
-        reply = RecordDict(
-            {
-                UPDATE_RECORD: payload_record(result.payload),
-                METRICS_RECORD: metrics,
-                CONFIG_RECORD: source_config(shard.node_name, tier, result.source),
-                **_signature(context, shard, config, result.payload),
-            }
-        )
-        return Message(content=reply, reply_to=msg)
+        _keep_residual(context, RESIDUAL_RECORD, feedback)
+        return TrainReply("update", result.payload, _signature(context, shard, instruction, result.payload)).reply_to(msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         settings = RunSettings.from_run_config(context.run_config, **extra)
-        round_state = msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict()
+        changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
         shard = shard_of(context)
-        result, source = evaluate_locally(settings, dict(round_state), shard)
-        values = {"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.examples}
-        if settings.task in CAUSAL_TASKS:
-            values["perplexity"] = math.exp(min(result.loss, 50.0))
-        config = source_config(shard.node_name, str(context.node_config.get("tier", "")), source)
-        return Message(content=RecordDict({METRICS_RECORD: MetricRecord(values), CONFIG_RECORD: config}), reply_to=msg)
+        result, source = evaluate_locally(settings, changed, shard)
+        metrics = {"accuracy": result.accuracy, "loss": result.loss}
+        if settings.source.task in CAUSAL_TASKS:
+            metrics["perplexity"] = math.exp(min(result.loss, 50.0))
+        reply = EvaluateReply(shard.node_name, result.examples, metrics, source.rows, source.sha256)
+        return reply.reply_to(msg)
 
     return app
 

@@ -1,21 +1,34 @@
 """A tier gateway: trains (or collects) several institutions' updates and forwards one partial state.
 
-The gateway folds each member's update into a merge state exactly as the server would (same update
-space, same validation) and sends the state's sufficient statistics. Because every strategy's state
-is a monoid, the server's result equals a flat merge of all members; the server never sees the
-members' individual updates.
+The gateway folds each member's update through a :class:`~fedfuse.rounds.RoundEngine` exactly as the
+server would (same update space, same validation) and sends the engine's sufficient statistics.
+Because every strategy's state is a monoid, the server's result equals a flat merge of all members;
+the server never sees the members' individual updates. Each member keeps its own error-feedback
+residual, as it would as a plain client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
-from fedfuse.client.local_round import Shard, round_model, run_local_round
-from fedfuse.server.strategy import build_merge_strategy
-from fedfuse.server.update_space import UpdateSpace
-from fedfuse.settings import RunSettings
+from fedfuse.client.error_feedback import ErrorFeedback
+from fedfuse.client.local_round import Shard, finite_metrics, round_model, run_local_round
+from fedfuse.rounds import RoundEngine, UpdateSpace
+from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.training.models import lora_scale, update_shapes
-from fedfuse.wire import Expectation, UpdateHeader, encode_partial, fingerprint
+from fedfuse.wire import UpdateHeader, fingerprint
+
+
+@dataclass(frozen=True)
+class GatewayResult:
+    """The encoded partial state and what the gateway's members did."""
+
+    payload: bytes
+    num_examples: int
+    train_loss: float
 
 
 def run_gateway_round(
@@ -26,34 +39,39 @@ def run_gateway_round(
     run_id: str,
     shard: Shard,
     members: int,
-) -> tuple[bytes, int, float]:
-    """Train ``members`` institutions on slices of this node's share.
+    tier: str = "",
+    error_feedback: Sequence[ErrorFeedback | None] | None = None,
+) -> GatewayResult:
+    """Train ``members`` institutions on slices of this node's share and merge them into one partial state.
 
-    Returns the encoded partial state, the members' examples and their example-weighted train loss.
+    ``error_feedback`` holds one residual store per member (None entries: no feedback for that member).
     """
     if members < 2:
         raise ValueError(f"a gateway needs at least 2 members, got {members}")
+    feedback = list(error_feedback) if error_feedback is not None else [None] * members
+    if len(feedback) != members:
+        raise ValueError(f"a gateway with {members} members needs {members} error-feedback stores, got {len(feedback)}")
     _, round_state, _ = round_model(settings, changed)
     base_fingerprint = fingerprint(round_state)
-    space = UpdateSpace(settings, update_shapes(settings), lora_scale(settings))
-    expect = Expectation(shapes=space.wire_shapes, round=round_number, run_id=run_id, base_fingerprint=base_fingerprint)
-    aggregator = space.aggregator(build_merge_strategy(settings), expect, round_number)
+    engine = RoundEngine(
+        build_merge_strategy(settings), UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)),
+        round_number=round_number, run_id=run_id, base_fingerprint=base_fingerprint,
+        weighting=settings.merge.weighting,
+    )
     examples, loss = 0, 0.0
     for member in range(members):
         result = run_local_round(
-            settings, changed, round_number=round_number, run_id=run_id, shard=shard.member_shard(member, members)
+            settings, changed, round_number=round_number, run_id=run_id,
+            shard=shard.member_shard(member, members), error_feedback=feedback[member],
         )
-        rejection = aggregator.offer_update(result.payload)
+        rejection = engine.offer(result.payload)
         if rejection is not None:
             raise RuntimeError(f"gateway {shard.node_name}: member {member} update rejected: {rejection.message}")
         examples += result.num_examples
         loss += result.train_loss * result.num_examples
+    train_loss = loss / max(examples, 1)
     header = UpdateHeader(
-        run_id=run_id,
-        round=round_number,
-        base_fingerprint=base_fingerprint,
-        node_id=shard.node_name,
-        num_examples=examples,
-        metrics={"members": members},
+        run_id=run_id, round=round_number, base_fingerprint=base_fingerprint, node_id=shard.node_name,
+        num_examples=examples, metrics=finite_metrics({"members": members, "train-loss": train_loss}), tier=tier,
     )
-    return encode_partial(aggregator.state, header=header), examples, loss / max(examples, 1)
+    return GatewayResult(engine.encode_partial(header), examples, train_loss)

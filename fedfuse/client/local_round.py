@@ -100,7 +100,7 @@ def round_model(settings: RunSettings, changed: dict[str, torch.Tensor]):
 
 def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], shard: Shard) -> tuple[Evaluation, DataSource]:
     """The round's global model on the client's held-out local examples, and which data it used."""
-    torch.set_num_threads(settings.client_threads)
+    torch.set_num_threads(settings.training.client_threads)
     model, _, tokenizer = round_model(settings, changed)
     data = client_datasets(settings, shard, tokenizer)
     model.to(client_device(settings))
@@ -109,13 +109,13 @@ def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], sh
 
 def _training_model(settings: RunSettings, model: torch.nn.Module, round_number: int,
                     device: torch.device) -> torch.nn.Module:
-    if settings.quantization == "4bit":
+    if settings.training.quantization == "4bit":
         model = quantize_4bit(model, device)
     else:
         model.to(device)
-    if settings.gradient_checkpointing:
+    if settings.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if settings.mode == "lora":
+    if settings.training.mode == "lora":
         model = attach_lora(model, settings, round_number)
     return model
 
@@ -128,40 +128,43 @@ def run_local_round(
     run_id: str,
     shard: Shard,
     error_feedback: ErrorFeedback | None = None,
+    tier: str = "",
 ) -> LocalResult:
     """Train from the round's weights and return the encoded update (see the module docstring).
 
     ``changed`` holds the parameters the server broadcast: those that differ from the base model.
+    The update's header (signed with it) names the node and its ``tier`` and carries the client's
+    report: examples, train loss and seconds, the trainer's metrics, and which data it used.
     """
-    torch.set_num_threads(settings.client_threads)
+    torch.set_num_threads(settings.training.client_threads)
     model, round_state, tokenizer = round_model(settings, changed)
     round_state = {name: tensor.clone() for name, tensor in round_state.items()}
     data = client_datasets(settings, shard, tokenizer)
     device = client_device(settings)
     model = _training_model(settings, model, round_number, device)
-    steps = steps_for(len(data.train), settings.batch_size, settings.local_steps, settings.local_epochs)
-    seed = derive_seed(settings.seed, round_number, shard.node_name, "train")
-    trainer = resolve_trainer(settings.trainer, settings.task)
+    steps = steps_for(len(data.train), settings.training.batch_size, settings.training.local_steps, settings.training.local_epochs)
+    seed = derive_seed(settings.run.seed, round_number, shard.node_name, "train")
+    trainer = resolve_trainer(settings.training.trainer, settings.source.task)
     context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
     started = time.perf_counter()
     result = as_result(trainer(model, data, settings, context))
     train_seconds = time.perf_counter() - started
     fisher = None
-    if settings.mode == "lora":
+    if settings.training.mode == "lora":
         tensors = {name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()}
         sparsifier = Sparsifier()
     else:
         current = dict(model.named_parameters())
         tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
-        sparsifier = settings.sparsifier_spec
-        seed_for = dare_seed_fn(settings.seed, round_number, shard.node_name, settings.seed_scope)
+        sparsifier = settings.compression.sparsifier_spec
+        seed_for = dare_seed_fn(settings.run.seed, round_number, shard.node_name, settings.compression.seed_scope)
         if error_feedback is not None and sparsifier.kind != "none":
             tensors = error_feedback.compress(tau, seed_for)
         else:
             tensors = sparsify_update(tau, sparsifier, seed_for)
         if settings.fisher_batch_count:
             fisher = fisher_diagonal(
-                model, data.train, num_batches=settings.fisher_batch_count, batch_size=settings.batch_size, seed=seed + 1
+                model, data.train, num_batches=settings.fisher_batch_count, batch_size=settings.training.batch_size, seed=seed + 1
             )
             fisher = {name: value.cpu() for name, value in fisher.items()}
     header = UpdateHeader(
@@ -171,7 +174,11 @@ def run_local_round(
         node_id=shard.node_name,
         num_examples=len(data.train),
         sparsifier=sparsifier,
-        metrics=finite_metrics({"train-loss": result.loss, **result.metrics}),
+        metrics={
+            **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
+            "data-rows": data.source.rows, "data-sha256": data.source.sha256,
+        },
+        tier=tier,
     )
-    payload = encode_update(tensors, header=header, value_dtype=settings.wire_dtype, fisher=fisher)
+    payload = encode_update(tensors, header=header, value_dtype=settings.compression.wire_dtype, fisher=fisher)
     return LocalResult(payload, len(data.train), result.loss, data.source, train_seconds)

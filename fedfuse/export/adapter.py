@@ -60,9 +60,9 @@ def export_adapter(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ExportError(f"--rank must be an integer >= 1, got {rank!r}")
     run = open_run(run_dir, round_number)
-    if run.settings.mode != "lora":
+    if run.settings.training.mode != "lora":
         raise ExportError(
-            f"--adapter needs a LoRA run: {run.state_path} is a mode '{run.settings.mode}' run "
+            f"--adapter needs a LoRA run: {run.state_path} is a mode '{run.settings.training.mode}' run "
             "(export the full model without --adapter)"
         )
     out = check_output(out, force)
@@ -73,7 +73,7 @@ def export_adapter(
         raise ExportError(f"{run.state_path}: {exc}") from None
     base = {name: p.detach() for name, p in model.named_parameters()}
     heads = head_names(model)
-    source = resolve_model_source(run.settings.model)
+    source = resolve_model_source(run.settings.source.model)
     saved = sorted({p.rstrip(".") for p in HEAD_PREFIXES if any(h.startswith(p) for h in heads)})
     if run.is_classifier:
         saved += _fresh_modules(source, int(model.config.num_labels), set(base), heads, targets)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedfuse.checkpoints import CheckpointError as OutputError
+from fedfuse.checkpoints import CheckpointWriteError as OutputError
 from fedfuse.checkpoints import check_target
 from fedfuse.models.loading import ModelLoadError
 from fedfuse.server.checkpoint import (
@@ -45,7 +45,7 @@ class RunRound:
     @property
     def is_classifier(self) -> bool:
         """Whether the run trained a sequence classifier (else a causal LM)."""
-        return self.settings.task not in CAUSAL_TASKS
+        return self.settings.source.task not in CAUSAL_TASKS
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def run_base_model(run: RunRound) -> tuple[torch.nn.Module, Any]:
     try:
         return base_model(run.settings)
     except (ModelLoadError, SettingsError, OSError, ValueError) as exc:
-        raise ExportError(f"cannot rebuild the run's base model {run.settings.model!r}: {exc}") from None
+        raise ExportError(f"cannot rebuild the run's base model {run.settings.source.model!r}: {exc}") from None
 
 
 def label_names(run: RunRound, num_labels: int) -> tuple[str, ...]:
@@ -131,9 +131,9 @@ def write_provenance(folder: Path, run: RunRound, kind: str, **extra: Any) -> No
         "kind": kind,
         "run": str(run.state_path.resolve()),
         "round": run.checkpoint.round,
-        "model": run.settings.model,
-        "task": run.settings.task,
-        "mode": run.settings.mode,
+        "model": run.settings.source.model,
+        "task": run.settings.source.task,
+        "mode": run.settings.training.mode,
         **extra,
     }
     (folder / PROVENANCE_FILE).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")

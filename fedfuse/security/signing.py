@@ -20,18 +20,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedfuse.rejections import SIGNATURE_REASONS, Rejected
 from fedfuse.security.keyfiles import KeyFileError, write_file
 
 STATEMENT_VERSION = "fedfuse-update-signature-v1"
-SIGNATURE_REASONS = ("unsigned", "unknown_signer", "bad_signature", "replayed", "signer_mismatch")
 
 
-class SignatureRejected(ValueError):
+class SignatureRejected(Rejected):
     """An update's signature is missing or does not hold; ``reason`` is one of SIGNATURE_REASONS."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    allowed = SIGNATURE_REASONS
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class UpdateSignature:
     def to_config(self) -> dict[str, str | int]:
         """As flat config-record entries."""
         return {
-            "institution": self.institution, "run-id": self.run_id, "round": self.round,
+            "institution": self.institution, "run-id": self.run_id, "server-round": self.round,
             "base-fingerprint": self.base_fingerprint, "signature": self.signature,
         }
 
@@ -56,7 +54,7 @@ class UpdateSignature:
         """Read it back; a missing or mistyped field is an unsigned update."""
         try:
             return cls(
-                str(config["institution"]), str(config["run-id"]), int(config["round"]),  # type: ignore[arg-type]
+                str(config["institution"]), str(config["run-id"]), int(config["server-round"]),  # type: ignore[arg-type]
                 str(config["base-fingerprint"]), str(config["signature"]),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -1,5 +1,1 @@
-"""Server side: fold encoded updates into a merge state as they arrive, recording every rejection."""
-
-from fedfuse.server.aggregator import Rejection, RoundAggregator
-
-__all__ = ["Rejection", "RoundAggregator"]
+"""Server side, Flower glue: the ServerApp and the strategy that hands replies to the round engine."""

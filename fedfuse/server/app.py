@@ -16,13 +16,13 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedfuse.rounds import UpdateSpace
 from fedfuse.security import Registry
 from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
 from fedfuse.server.evaluation import ServerEvaluator, has_server_evaluation
 from fedfuse.server.report import write_report
 from fedfuse.server.strategy import FedFuseStrategy
-from fedfuse.server.update_space import UpdateSpace
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import run_label_names
 from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
@@ -74,7 +74,7 @@ def _evaluation_record(metrics: MetricRecord | None) -> dict[str, Any] | None:
 
 
 def _resume(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
-    checkpoint = load_checkpoint(settings.resume)
+    checkpoint = load_checkpoint(settings.run.resume)
     ours = settings.to_run_config()
     different = [key for key in RESUME_MUST_MATCH if str(checkpoint.settings.get(key)) != str(ours[key])]
     if different:
@@ -82,9 +82,9 @@ def _resume(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
             "cannot resume: settings differ from the checkpoint's: "
             + ", ".join(f"{k} {checkpoint.settings.get(k)!r} → {ours[k]!r}" for k in different)
         )
-    if checkpoint.round >= settings.num_server_rounds:
+    if checkpoint.round >= settings.run.num_server_rounds:
         raise CheckpointError(
-            f"checkpoint already holds round {checkpoint.round} of {settings.num_server_rounds}: nothing to resume "
+            f"checkpoint already holds round {checkpoint.round} of {settings.run.num_server_rounds}: nothing to resume "
             "(raise num-server-rounds to continue)"
         )
     return checkpoint.weights, checkpoint.history, checkpoint.round + 1
@@ -101,21 +101,21 @@ def _initial_client_record(event: Mapping[str, Any]) -> dict[str, Any]:
 def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
     """The whole federated run; returns the history written to ``report.json``."""
     started = time.perf_counter()
-    if settings.task == "classify" and not settings.labels:
+    if settings.source.task == "classify" and not settings.source.labels:
         settings = settings.replace(labels=",".join(run_label_names(settings)))
-    run_dir = Path(settings.output_dir)
+    run_dir = Path(settings.run.output_dir)
     model, _ = base_model(settings)
-    if settings.resume:
+    if settings.run.resume:
         weights, history, first_round = _resume(settings)
     else:
         weights, first_round = global_state(model), 1
         history = {"settings": settings.to_run_config(), "initial": None, "rounds": []}
     history["settings"] = settings.to_run_config()
-    space = UpdateSpace(settings, update_shapes(settings), lora_scale(settings))
+    space = UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings))
     evaluator = ServerEvaluator(settings) if has_server_evaluation(settings) else None
-    display = RoundDisplay(settings.num_server_rounds)
+    display = RoundDisplay(settings.run.num_server_rounds)
     base = global_state(model)
-    registry = Registry.load(settings.signer_registry) if settings.signer_registry else None
+    registry = Registry.load(settings.run.signer_registry) if settings.run.signer_registry else None
     strategy = FedFuseStrategy(settings, space, str(context.run_id), base, on_reply=display.reply, registry=registry)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -132,7 +132,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
         state = event["arrays"].to_torch_state_dict()
         history["checkpoint"] = str(save_checkpoint(
-            run_dir, record["round"], dict(state), history, history["settings"], keep=settings.keep_checkpoints
+            run_dir, record["round"], dict(state), history, history["settings"], keep=settings.run.keep_checkpoints
         ))
         display.round(record)
 
@@ -144,8 +144,8 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         strategy.start(
             grid,
             ArrayRecord(weights),
-            num_rounds=settings.num_server_rounds,
-            timeout=settings.timeout,
+            num_rounds=settings.run.num_server_rounds,
+            timeout=settings.run.timeout,
             evaluate_fn=evaluate if evaluator is not None else None,
             first_round=first_round,
             on_round=on_round,

@@ -22,7 +22,7 @@ def has_server_evaluation(settings: RunSettings) -> bool:
     The server never sees nodes' own files, so "no run data" is the built-in task only for the
     tasks it has (topics, lm); classify/sft runs on nodes' files evaluate federatedly.
     """
-    return bool(settings.eval_data) or (settings.uses_builtin_data and settings.task in ("topics", "lm"))
+    return bool(settings.source.eval_data) or (settings.source.uses_builtin_data and settings.source.task in ("topics", "lm"))
 
 
 class ServerEvaluator:
@@ -35,13 +35,13 @@ class ServerEvaluator:
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
         self.model, tokenizer = base_model(settings)
-        if settings.eval_data:
+        if settings.source.eval_data:
             self.tokens = server_eval_tokens(settings, tokenizer)
             self.domain_names = FILE_DOMAIN
         else:
             data = data_for(settings, 1)
-            test = data.test.subset(capped(len(data.test), settings.eval_examples, settings.seed))
-            self.tokens = tokenize(test, tokenizer, settings.sequence_length, settings.task)
+            test = data.test.subset(capped(len(data.test), settings.run.eval_examples, settings.run.seed))
+            self.tokens = tokenize(test, tokenizer, settings.source.sequence_length, settings.source.task)
             self.domain_names = data.domain_names
 
     def __call__(self, arrays: ArrayRecord) -> MetricRecord:

@@ -1,16 +1,16 @@
 """A Flower strategy that folds fedfuse updates into any fedfuse merge strategy as they arrive.
 
 ``FedFuseStrategy`` subclasses ``flwr.serverapp.strategy.Strategy``: ``configure_train`` samples nodes
-and sends them the round's weights; ``aggregate_train`` consumes replies *one at a time* (``start``
-feeds it a generator over ``grid.pull_messages``), so the server holds one merge state per tier and
-never the list of replies. Invalid updates are rejected with a reason, counted in the round's
-metrics, and the round goes on. Nodes that report a ``tier`` are merged per tier first and the tier
-states combined (exact: the statistics are a monoid); gateway nodes may reply with a partial state.
+and sends them the round's weights; ``aggregate_train`` hands replies *one at a time* (``start``
+feeds it a generator over ``grid.pull_messages``) to the round's :class:`~fedfuse.rounds.RoundEngine`,
+which checks, folds and drops each, so the server holds one merge state and never the list of
+replies. Refused replies are recorded with a reason from :mod:`fedfuse.rejections`, counted in the
+round's metrics, and the round goes on. This class is Flower glue only: parsing replies
+(:mod:`fedfuse.messages`), sampling, broadcasting and the round loop.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,41 +24,21 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedfuse.algebra import apply_task_vector
-from fedfuse.messages import (
-    ARRAYS_RECORD,
-    CONFIG_RECORD,
-    METRICS_RECORD,
-    PARTIAL_RECORD,
-    SIGNATURE_RECORD,
-    UPDATE_RECORD,
-    payload_of,
-)
-from fedfuse.security import Registry, SignatureRejected, UpdateSignature
-from fedfuse.server.aggregator import RoundAggregator
+from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, RoundInstruction, TrainReply
+from fedfuse.rejections import Rejected
+from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
+from fedfuse.security import Registry, UpdateSignature
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
-from fedfuse.server.update_space import UpdateSpace
-from fedfuse.settings import RunSettings
-from fedfuse.strategies import MergeStrategy, get_strategy, strategy_class
-from fedfuse.wire import Expectation, fingerprint
+from fedfuse.settings import RunSettings, build_merge_strategy
+from fedfuse.wire import fingerprint
 
 RoundCallback = Callable[[dict[str, Any]], None]
 EVALUATION_METRICS = ("accuracy", "loss", "perplexity")
 """What a client's evaluate reply reports, averaged by examples over clients."""
 ReplyCallback = Callable[[int, int], None]
-
-
-def build_merge_strategy(settings: RunSettings) -> MergeStrategy:
-    """The fedfuse merge strategy the settings name, with λ, device and (if it takes one) the vote rule."""
-    params: dict[str, Any] = {"lam": settings.lam, "device": settings.device}
-    if "vote" in inspect.signature(strategy_class(settings.strategy)).parameters:
-        params["vote"] = settings.vote
-    return get_strategy(settings.strategy, **params)
-
-
-def _reply_rejection(reply: Message, reason: str, message: str) -> dict[str, str | None]:
-    """A rejection decided before the payload was decoded, named by the sending node's Flower id."""
-    return {"node": str(reply.metadata.src_node_id), "reason": reason, "message": message}
+CLIENT_METRICS = {"train-loss": "train_loss", "train-seconds": "train_seconds", "data-rows": "data_rows",
+                  "data-sha256": "data_sha256"}
+"""Header metrics of an accepted update that go into the report's per-client record, by record name."""
 
 
 class FedFuseStrategy(Strategy):
@@ -105,11 +85,11 @@ class FedFuseStrategy(Strategy):
         self.last_clients: dict[str, dict[str, Any]] = {}
 
     def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
-        nodes = wait_for_nodes(grid, self.settings.min_train_nodes, self.settings.timeout)
+        nodes = wait_for_nodes(grid, self.settings.run.min_train_nodes, self.settings.run.timeout)
         if not nodes:
             return []
-        count = min(len(nodes), max(self.settings.min_train_nodes, math.ceil(fraction * len(nodes))))
-        rng = np.random.default_rng([self.settings.seed, server_round])
+        count = min(len(nodes), max(self.settings.run.min_train_nodes, math.ceil(fraction * len(nodes))))
+        rng = np.random.default_rng([self.settings.run.seed, server_round])
         chosen = rng.choice(len(nodes), size=count, replace=False)
         return sorted(int(nodes[i]) for i in chosen)
 
@@ -119,142 +99,78 @@ class FedFuseStrategy(Strategy):
         """Sample nodes and send each the round's changed weights, round number, run id and weights fingerprint."""
         self._round_state = dict(arrays.to_torch_state_dict())
         self._round_fingerprint = fingerprint(self._round_state)
-        nodes = self._sample(grid, server_round, self.settings.fraction_train)
+        nodes = self._sample(grid, server_round, self.settings.run.fraction_train)
         self._expected = len(nodes)
-        round_config = ConfigRecord(
-            {**dict(config), "round": server_round, "run-id": self.run_id, "base-fingerprint": self._round_fingerprint}
-        )
-        content = RecordDict({ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: round_config})
+        instruction = RoundInstruction(server_round, self.run_id, self._round_fingerprint)
+        content = RecordDict({ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: instruction.to_config(config)})
         return [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
 
     def _broadcast(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
         """The parameters of ``state`` that differ from the base model (every node already has the base)."""
         return ArrayRecord({name: t for name, t in state.items() if not torch.equal(t, self.base_state[name])})
 
-    def _aggregator(self, server_round: int) -> RoundAggregator:
-        expect = Expectation(
-            shapes=self.space.wire_shapes,
-            round=server_round,
-            run_id=self.run_id,
-            base_fingerprint=self._round_fingerprint,
+    def _engine(self, server_round: int) -> RoundEngine:
+        """The round's engine: what payloads must match, and the signature check when updates are signed."""
+        return RoundEngine(
+            self.merge, self.space, round_number=server_round, run_id=self.run_id,
+            base_fingerprint=self._round_fingerprint, weighting=self.settings.merge.weighting,
+            check_signature=None if self.registry is None else self._signature_check(server_round),
         )
-        return self.space.aggregator(self.merge, expect, server_round)
+
+    def _signature_check(self, server_round: int) -> Callable[[bytes, object], str]:
+        registry, fingerprint_now = self.registry, self._round_fingerprint
+        assert registry is not None
+
+        def check(payload: bytes, signature: object) -> str:
+            signed = signature if isinstance(signature, UpdateSignature) else None
+            return registry.verify(signed, run_id=self.run_id, round_number=server_round,
+                                   base_fingerprint=fingerprint_now, payload=payload)
+
+        return check
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fold each reply as it comes, then finalize the merge and apply it to the round's weights."""
-        tiers: dict[str, RoundAggregator] = {}
+        """Offer each reply to the round engine as it comes, then apply the merge to the round's weights."""
+        engine = self._engine(server_round)
         self.last_clients = {}
-        client_errors: list[dict[str, str | None]] = []
-        train_loss = examples = 0.0
-        received = verified = 0
-        for reply in replies:
-            received += 1
+        for received, reply in enumerate(replies, start=1):
             if self.on_reply:
                 self.on_reply(received, self._expected)
-            if reply.has_error():
-                client_errors.append(_reply_rejection(reply, "client_error", reply.error.reason))
-                continue
-            content = reply.content
-            tier = ""
-            if CONFIG_RECORD in content.config_records:
-                tier = str(content.config_records[CONFIG_RECORD].get("tier", ""))
-            if tier not in tiers:
-                tiers[tier] = self._aggregator(server_round)
-            aggregator = tiers[tier]
-            partial = payload_of(content, PARTIAL_RECORD)
-            payload = partial if partial is not None else payload_of(content, UPDATE_RECORD)
-            if payload is None:
-                client_errors.append(
-                    _reply_rejection(reply, "no_payload", "reply carries neither an update nor a partial state")
-                )
-                continue
-            sender = None
-            if self.registry is not None:
-                try:
-                    sender = self._verify(content, server_round, payload)
-                except SignatureRejected as exc:
-                    client_errors.append(_reply_rejection(reply, exc.reason, str(exc)))
-                    log(WARNING, "round %s: rejected update: %s", server_round, exc)
-                    continue
-                verified += 1
-            if partial is not None:
-                rejection = aggregator.offer_partial(payload, sender=sender)
+            sender = str(reply.metadata.src_node_id)
+            try:
+                parsed = TrainReply.from_message(reply)
+            except Rejected as exc:
+                rejection = engine.reject(sender, exc.reason, str(exc))
             else:
-                rejection = aggregator.offer_update(payload, sender=sender)
+                rejection = engine.offer(parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature)
             if rejection is not None:
-                log(WARNING, "round %s: rejected update from %s: %s", server_round, rejection.node_id or "?",
-                    rejection.message)
-                continue
-            if METRICS_RECORD in content.metric_records:
-                metrics = content.metric_records[METRICS_RECORD]
-                weight = float(metrics.get("num-examples", 0))
-                if "train-loss" in metrics:
-                    train_loss += weight * float(metrics["train-loss"])
-                    examples += weight
-                self._client_record(content, {
-                    "num_examples": int(weight), "train_loss": metrics.get("train-loss"),
-                    "train_seconds": metrics.get("train-seconds"),
-                })
-        rejections = client_errors + [
-            {"node": r.node_id, "reason": r.reason, "message": r.message}
-            for aggregator in tiers.values() for r in aggregator.rejections
-        ]
-        self.last_rejections = rejections
-        counts: dict[str, int] = {}
-        for rejection in rejections:
-            counts[str(rejection["reason"])] = counts.get(str(rejection["reason"]), 0) + 1
-        accepted = sum(len(a.accepted_nodes) for a in tiers.values())
-        metrics = {
-            "accepted": accepted,
-            "rejected": len(rejections),
-            "uplink-bytes": sum(a.bytes_received for a in tiers.values()),
-            "tiers": len(tiers),
-            "signatures-verified": verified,
-            **{f"rejected.{reason}": n for reason, n in sorted(counts.items())},
-        }
-        if examples:
-            metrics["train-loss"] = train_loss / examples
-        if accepted == 0:
+                log(WARNING, "round %s: rejected a reply from %s (%s): %s", server_round, rejection.node or sender,
+                    rejection.reason, rejection.message)
+        self.last_rejections = [rejection.as_record() for rejection in engine.rejections]
+        for contribution in engine.contributions.values():
+            self._client_record(contribution.node, _train_record(contribution))
+        metrics = engine.metrics()
+        new_state = engine.finalize(self._round_state)
+        if new_state is None:
             log(WARNING, "round %s: no update accepted; the global model stays as it was", server_round)
             return None, MetricRecord(metrics)
-        states = [a.state for a in tiers.values() if a.accepted_nodes]
-        state = states[0]
-        for other in states[1:]:
-            state.combine(other)
-        merged = state.finalize(release=True)
-        tau = self.space.task_vector({name: t.cpu() for name, t in merged.items()})
-        new_state = apply_task_vector(self._round_state, tau)
         return ArrayRecord(new_state), MetricRecord(metrics)
-
-    def _verify(self, content: RecordDict, server_round: int, payload: bytes) -> str:
-        record = content.config_records.get(SIGNATURE_RECORD)
-        signed = None if record is None else UpdateSignature.from_config(record)
-        return self.registry.verify(
-            signed, run_id=self.run_id, round_number=server_round, base_fingerprint=self._round_fingerprint,
-            payload=payload,
-        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask a sample of nodes (``fraction-evaluate``) to evaluate the new weights on local data."""
-        if self.settings.fraction_evaluate == 0.0:
+        if self.settings.run.fraction_evaluate == 0.0:
             return []
-        nodes = self._sample(grid, server_round, self.settings.fraction_evaluate)
+        nodes = self._sample(grid, server_round, self.settings.run.fraction_evaluate)
         changed = self._broadcast(dict(arrays.to_torch_state_dict()))
-        content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: ConfigRecord({**dict(config), "round": server_round})})
+        content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: RoundInstruction(server_round).to_config(config)})
         return [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
 
-    def _client_record(self, content: RecordDict, values: dict[str, Any]) -> None:
-        """Remember one client's reply for the report: its node name, data fingerprint and ``values``."""
-        config = content.config_records.get(CONFIG_RECORD) or {}
-        node = str(config.get("node", "")) or "?"
+    def _client_record(self, node: str, values: dict[str, Any]) -> None:
+        """Remember what one client reported this round, for the report's per-client table."""
         record = self.last_clients.setdefault(node, {})
-        if "data-sha256" in config:
-            record["data_rows"] = int(config.get("data-rows", 0))
-            record["data_sha256"] = str(config["data-sha256"])
         record.update({key: value for key, value in values.items() if value is not None})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -262,12 +178,15 @@ class FedFuseStrategy(Strategy):
         total = 0.0
         sums: dict[str, float] = {}
         for reply in replies:
-            if reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
+            try:
+                parsed = EvaluateReply.from_message(reply)
+            except Rejected as exc:
+                log(WARNING, "round %s: no evaluation from node %s: %s", server_round, reply.metadata.src_node_id, exc)
                 continue
-            metrics = reply.content.metric_records[METRICS_RECORD]
-            weight = float(metrics.get("num-examples", 0))
-            values = {key: float(metrics[key]) for key in EVALUATION_METRICS if key in metrics}
-            self._client_record(reply.content, {"eval_examples": int(weight), **values})
+            weight = float(parsed.num_examples)
+            values = {key: parsed.metrics[key] for key in EVALUATION_METRICS if key in parsed.metrics}
+            data = {} if parsed.data_sha256 is None else {"data_rows": parsed.data_rows, "data_sha256": parsed.data_sha256}
+            self._client_record(parsed.node, {"eval_examples": parsed.num_examples, **data, **values})
             total += weight
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + weight * value
@@ -291,9 +210,9 @@ class FedFuseStrategy(Strategy):
     def summary(self) -> None:
         """Log the configuration."""
         s = self.settings
-        log(INFO, "\t├── merge strategy: %s (%s)", s.strategy, self.merge.params())
-        log(INFO, "\t├── update space: %s, sparsifier %s d=%s", self.space.kind, s.sparsifier, s.density)
-        log(INFO, "\t└── fraction train/evaluate: %s / %s", s.fraction_train, s.fraction_evaluate)
+        log(INFO, "\t├── merge strategy: %s (%s)", s.merge.strategy, self.merge.params())
+        log(INFO, "\t├── update space: %s, sparsifier %s d=%s", self.space.kind, s.compression.sparsifier, s.compression.density)
+        log(INFO, "\t└── fraction train/evaluate: %s / %s", s.run.fraction_train, s.run.fraction_evaluate)
 
     def start(
         self,
@@ -363,3 +282,12 @@ class FedFuseStrategy(Strategy):
                     "seconds": time.perf_counter() - started,
                 })
         return result
+
+
+def _train_record(contribution: Contribution) -> dict[str, Any]:
+    """One accepted contribution as the report's per-client record (from its signed header)."""
+    record: dict[str, Any] = {"num_examples": contribution.num_examples}
+    for key, name in CLIENT_METRICS.items():
+        if key in contribution.metrics:
+            record[name] = contribution.metrics[key]
+    return record

@@ -1,43 +1,68 @@
 """Merge strategies: one small class per method, each a monoid of sufficient statistics.
 
->>> from fedfuse.strategies import get_strategy
->>> ties = get_strategy("ties", lam=1.0)
+Each method declares its parameters, whether it needs Fisher, its default sparsifier and whether its
+state is mergeable; presets such as ``dare_ties`` are data rows (see :mod:`fedfuse.strategies.presets`).
+
+>>> from fedfuse.strategies import build_strategy, method_spec
+>>> [p.name for p in method_spec("ties").params]
+['lam', 'vote']
+>>> ties = build_strategy("ties", {"vote": "count"})
 >>> state = ties.new_state()          # add(update, weight, fisher) → combine → finalize
 """
 
 from fedfuse.strategies.base import MergeState, MergeStrategy, add_at, resolve_device
 from fedfuse.strategies.fedavg import FedAvg
 from fedfuse.strategies.fisher import FisherMerge
+from fedfuse.strategies.params import COMMON_PARAMS, Param, format_strategy_params, parse_strategy_params
+from fedfuse.strategies.presets import BUILT_IN_PRESETS
 from fedfuse.strategies.registry import (
     ENTRY_POINT_GROUP,
     available_strategies,
+    build_strategy,
     get_strategy,
+    method_spec,
+    register_preset,
     register_strategy,
     strategy_class,
 )
-from fedfuse.strategies.task_arithmetic import DareLinear, TaskArithmetic
-from fedfuse.strategies.ties import DareTies, Ties
+from fedfuse.strategies.spec import MethodSpec, Preset
+from fedfuse.strategies.task_arithmetic import TaskArithmetic
 from fedfuse.strategies.tiers import Contribution, MergeTree, reduce_tree
+from fedfuse.strategies.ties import Ties
 
-for _cls in (FedAvg, TaskArithmetic, FisherMerge, Ties, DareLinear, DareTies):
+BUILT_IN_STRATEGIES: tuple[str, ...] = ("fedavg", "task_arithmetic", "ties", "fisher")
+"""The strategy classes fedfuse ships (presets: :data:`BUILT_IN_PRESETS`)."""
+
+for _cls in (FedAvg, TaskArithmetic, Ties, FisherMerge):
     register_strategy(_cls.name)(_cls)
+for _preset in BUILT_IN_PRESETS:
+    register_preset(_preset)
 
 __all__ = [
+    "BUILT_IN_PRESETS",
+    "BUILT_IN_STRATEGIES",
+    "COMMON_PARAMS",
     "ENTRY_POINT_GROUP",
     "Contribution",
-    "DareLinear",
-    "DareTies",
     "FedAvg",
     "FisherMerge",
     "MergeState",
     "MergeStrategy",
     "MergeTree",
+    "MethodSpec",
+    "Param",
+    "Preset",
     "TaskArithmetic",
     "Ties",
     "add_at",
     "available_strategies",
+    "build_strategy",
+    "format_strategy_params",
     "get_strategy",
+    "method_spec",
+    "parse_strategy_params",
     "reduce_tree",
+    "register_preset",
     "register_strategy",
     "resolve_device",
     "strategy_class",

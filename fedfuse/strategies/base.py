@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
-from fedfuse.algebra.sparse import SparseTensor, Update
+from fedfuse.algebra.sparse import SparseTensor, Update, fisher_on_support
+from fedfuse.strategies.params import Param
 
 STAT_SEPARATOR = "::"
 """Joins a parameter name and a statistic name in serialized states (``"layer.weight::S"``)."""
@@ -59,14 +61,20 @@ class MergeStrategy(ABC):
         always accumulated at this precision.
 
     Subclasses set ``statistics`` (element-wise statistic names) and implement
-    :meth:`accumulate` and :meth:`finalize_tensor`; extra constructor parameters go in
-    :meth:`params` so partial states from different processes can be checked for compatibility.
+    :meth:`accumulate` and :meth:`finalize_tensor`. Extra constructor parameters are declared in
+    ``parameters`` (so run configs and command lines can set them) and returned by :meth:`params`
+    (so partial states from different processes can be checked for compatibility).
     """
 
-    name: ClassVar[str] = ""
+    name: str = ""
     statistics: tuple[str, ...] = ()
-    default_sparsifier: ClassVar[str] = "none"
+    parameters: ClassVar[tuple[Param, ...]] = ()
+    """The method's own declared parameters (``lam`` is common to all; see :class:`Param`)."""
     needs_fisher: ClassVar[bool] = False
+    """Every update must carry a Fisher diagonal (read by the settings, the server and ``fedfuse merge``)."""
+    default_sparsifier: str = "none"
+    mergeable: ClassVar[bool] = True
+    """The state is a monoid (``combine`` sums statistics): tiers, gateways and partial states are exact."""
 
     def __init__(self, *, lam: float = 1.0, device: str = "cpu", dtype: str = "float32") -> None:
         if not math.isfinite(lam):
@@ -105,11 +113,11 @@ class MergeStrategy(ABC):
         """Name plus parameters: two states combine only when their identities are equal."""
         return {"strategy": self.name, **self.params()}
 
-    def new_state(self) -> "MergeState":
+    def new_state(self) -> MergeState:
         """An empty state (the monoid's identity element)."""
         return MergeState(self)
 
-    def combine(self, a: "MergeState", b: "MergeState") -> "MergeState":
+    def combine(self, a: MergeState, b: MergeState) -> MergeState:
         """Fold state ``b`` into state ``a`` (element-wise sums) and return ``a``."""
         return a.combine(b)
 
@@ -126,28 +134,10 @@ def _flat_values(tensor: torch.Tensor | SparseTensor, device: torch.device, dtyp
 
 def _check_fisher(name: str, fisher: torch.Tensor | SparseTensor, tensor: torch.Tensor | SparseTensor) -> None:
     """A Fisher diagonal must have the update's shape, share a sparse update's support, and be >= 0."""
-    if fisher.shape != tensor.shape:
-        raise ValueError(f"tensor {name!r}: Fisher shape {tuple(fisher.shape)} but update shape {tuple(tensor.shape)}")
-    if isinstance(fisher, SparseTensor):
-        if not isinstance(tensor, SparseTensor) or not torch.equal(fisher.indices, tensor.indices):
-            raise ValueError(f"tensor {name!r}: a sparse Fisher diagonal must share the update's indices")
-        values = fisher.values
-    else:
-        values = fisher
+    fisher_on_support(name, fisher, tensor)
+    values = fisher.values if isinstance(fisher, SparseTensor) else fisher
     if values.numel() and float(values.min()) < 0:  # one vectorized pass; (x < 0).any() is two slow bool ones
         raise ValueError(f"tensor {name!r}: Fisher diagonal has negative entries")
-
-
-def _fisher_on_support(
-    fisher: torch.Tensor | SparseTensor, tensor: torch.Tensor | SparseTensor, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """The Fisher diagonal on the entries the update kept (checked by :func:`_check_fisher`)."""
-    if isinstance(fisher, SparseTensor):
-        return fisher.values.to(device=device, dtype=dtype)
-    flat = fisher.reshape(-1)
-    if isinstance(tensor, SparseTensor):
-        flat = flat[tensor.indices.to(flat.device)]
-    return flat.to(device=device, dtype=dtype)
 
 
 class MergeState:
@@ -178,7 +168,7 @@ class MergeState:
             self.stats[name] = {stat: torch.zeros(numel, dtype=s.dtype, device=s.device) for stat in s.statistics}
         return self.stats[name]
 
-    def add(self, update: Update, weight: float = 1.0, fisher: Mapping[str, Any] | None = None) -> "MergeState":
+    def add(self, update: Update, weight: float = 1.0, fisher: Mapping[str, Any] | None = None) -> MergeState:
         """Fold one update (dense and/or sparse tensors) with ``weight`` and optional Fisher diagonal.
 
         All-or-nothing: every tensor is checked before any is accumulated, so a rejected update
@@ -207,13 +197,17 @@ class MergeState:
         for name, tensor in update.items():
             values, index = _flat_values(tensor, s.device, s.dtype)
             fisher_tensor = None if fisher is None else fisher.get(name)
-            fisher_values = None if fisher_tensor is None else _fisher_on_support(fisher_tensor, tensor, s.device, s.dtype)
+            fisher_values = (
+                None
+                if fisher_tensor is None
+                else fisher_on_support(name, fisher_tensor, tensor).to(device=s.device, dtype=s.dtype)
+            )
             s.accumulate(self._stats_for(name, tensor.shape), values, weight, fisher_values, index)
         self.total_weight += weight
         self.num_updates += 1
         return self
 
-    def combine(self, other: "MergeState") -> "MergeState":
+    def combine(self, other: MergeState) -> MergeState:
         """Fold ``other`` into this state (element-wise sums); ``other`` is left unchanged.
 
         All-or-nothing like :meth:`add`: incompatible states raise before anything is summed.
@@ -222,7 +216,8 @@ class MergeState:
         other._check_not_released()
         if self.strategy.identity() != other.strategy.identity():
             raise ValueError(
-                f"cannot combine states of different strategies: {self.strategy.identity()} vs {other.strategy.identity()}"
+                "cannot combine states of different strategies: "
+                f"{self.strategy.identity()} vs {other.strategy.identity()}"
             )
         for name, shape in other.shapes.items():
             self._check_shape(name, shape)
@@ -281,7 +276,7 @@ class MergeState:
     @classmethod
     def from_tensors(
         cls, strategy: MergeStrategy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-    ) -> "MergeState":
+    ) -> MergeState:
         """Rebuild a state written by :meth:`to_tensors`/:meth:`metadata`, checking it fits ``strategy``."""
         try:
             identity = json.loads(metadata["fedfuse_state"])

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fedfuse.strategies.base import MergeStrategy, add_at
+from fedfuse.strategies.params import Param
 
 
 class FisherMerge(MergeStrategy):
@@ -24,6 +25,7 @@ class FisherMerge(MergeStrategy):
     name = "fisher"
     statistics = ("S", "Z")
     needs_fisher = True
+    parameters = (Param("eps", float, 1e-12, help="floor of the Fisher-weight denominator (> 0)"),)
 
     def __init__(self, *, eps: float = 1e-12, **common: Any) -> None:
         super().__init__(**common)

@@ -21,10 +21,3 @@ class TaskArithmetic(MergeStrategy):
 
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
         return stats["S"].clone()
-
-
-class DareLinear(TaskArithmetic):
-    """Preset: task arithmetic over DARE-dropped task vectors (PEFT/mergekit ``dare_linear``)."""
-
-    name = "dare_linear"
-    default_sparsifier = "dare"

@@ -7,8 +7,8 @@ of depth, never one per update.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
 
 import torch
 
@@ -25,7 +25,7 @@ class Contribution:
     fisher: Mapping[str, torch.Tensor] | None = None
 
 
-MergeTree = Union[Contribution, MergeState, Sequence["MergeTree"]]
+MergeTree = Contribution | MergeState | Sequence["MergeTree"]
 """A leaf (:class:`Contribution` or an already-reduced partial :class:`MergeState`) or a list of subtrees."""
 
 

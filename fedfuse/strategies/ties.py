@@ -7,6 +7,10 @@ from typing import Any, Literal
 import torch
 
 from fedfuse.strategies.base import MergeStrategy, add_at
+from fedfuse.strategies.params import Param
+
+VOTES = ("mass", "count")
+"""TIES sign-election rules."""
 
 
 class Ties(MergeStrategy):
@@ -26,11 +30,12 @@ class Ties(MergeStrategy):
 
     name = "ties"
     default_sparsifier = "trim"
+    parameters = (Param("vote", str, "mass", VOTES, "sign election: `mass` (Σ wτ, PEFT total) or `count` (Σ sign τ)"),)
 
     def __init__(self, *, vote: Literal["mass", "count"] = "mass", **common: Any) -> None:
         super().__init__(**common)
-        if vote not in ("mass", "count"):
-            raise ValueError(f"TIES vote must be 'mass' or 'count', got {vote!r}")
+        if vote not in VOTES:
+            raise ValueError(f"TIES vote must be one of {', '.join(VOTES)}; got {vote!r}")
         self.vote = vote
         self.statistics = ("P", "Wp", "N", "Wn") + (("C",) if vote == "count" else ())
 
@@ -64,10 +69,3 @@ class Ties(MergeStrategy):
         del plus, minus
         # A zero agreeing weight comes with a zero agreeing sum (nothing was added), so clamping is exact.
         return merged.div_(agreeing_weight.clamp_min_(torch.finfo(agreeing_weight.dtype).tiny))
-
-
-class DareTies(Ties):
-    """Preset: TIES over DARE-dropped task vectors (PEFT/mergekit ``dare_ties``)."""
-
-    name = "dare_ties"
-    default_sparsifier = "dare"

@@ -68,12 +68,12 @@ class ClientDatasets:
 
 def run_label_names(settings: RunSettings) -> tuple[str, ...]:
     """The run's label set: built-in topics, the ``labels`` key, or read once from the run's files."""
-    if settings.task == "topics":
+    if settings.source.task == "topics":
         return LABEL_NAMES
-    if settings.task != "classify":
+    if settings.source.task != "classify":
         return ()
-    if settings.label_names:
-        return settings.label_names
+    if settings.source.label_names:
+        return settings.source.label_names
     files = _run_files(settings)
     if not files:
         raise DataError(
@@ -82,18 +82,18 @@ def run_label_names(settings: RunSettings) -> tuple[str, ...]:
         )
     names: set[str] = set()
     for path in files:
-        names.update(read_label_names(read_table(path), settings.label_column, source=path))
+        names.update(read_label_names(read_table(path), settings.source.label_column, source=path))
     if all(name.lstrip("-").isdigit() for name in names):
         return tuple(sorted(names, key=int))
     return tuple(sorted(names))
 
 
 def _run_files(settings: RunSettings) -> list[str]:
-    if settings.data:
-        return [settings.data]
-    if settings.data_dir:
-        return [str(p) for p in sorted_data_files(settings.data_dir)]
-    return [settings.eval_data] if settings.eval_data else []
+    if settings.source.data:
+        return [settings.source.data]
+    if settings.source.data_dir:
+        return [str(p) for p in sorted_data_files(settings.source.data_dir)]
+    return [settings.source.eval_data] if settings.source.eval_data else []
 
 
 def sorted_data_files(folder: str) -> list[Path]:
@@ -103,23 +103,23 @@ def sorted_data_files(folder: str) -> list[Path]:
 
 def preflight(settings: RunSettings, num_clients: int) -> None:
     """Check a simulation's data before anything starts: files readable, columns present, shares non-empty."""
-    if settings.uses_builtin_data:
-        if settings.task in ("classify", "sft"):
-            raise DataError(f"task {settings.task!r} trains on your data: give --data FILE or --data-dir DIR")
+    if settings.source.uses_builtin_data:
+        if settings.source.task in ("classify", "sft"):
+            raise DataError(f"task {settings.source.task!r} trains on your data: give --data FILE or --data-dir DIR")
         return
-    paths = [settings.data] if settings.data else [str(p) for p in one_file_per_client(settings.data_dir, num_clients)]
-    for path in paths + ([settings.eval_data] if settings.eval_data else []):
+    paths = [settings.source.data] if settings.source.data else [str(p) for p in one_file_per_client(settings.source.data_dir, num_clients)]
+    for path in paths + ([settings.source.eval_data] if settings.source.eval_data else []):
         rows = read_table(path)
-        if settings.task == "sft":
-            sft_columns(rows, messages=settings.messages_column, prompt=settings.prompt_column,
-                        response=settings.response_column, source=path)
+        if settings.source.task == "sft":
+            sft_columns(rows, messages=settings.source.messages_column, prompt=settings.source.prompt_column,
+                        response=settings.source.response_column, source=path)
         else:
-            require_columns(rows, [settings.text_column], source=path, why="the text column; set text-column")
+            require_columns(rows, [settings.source.text_column], source=path, why="the text column; set text-column")
     labels = run_label_names(settings)
-    if settings.task == "classify":
-        for path in paths + ([settings.eval_data] if settings.eval_data else []):
-            label_ids(read_table(path)[settings.label_column], labels, source=path, column=settings.label_column)
-    if settings.data:
+    if settings.source.task == "classify":
+        for path in paths + ([settings.source.eval_data] if settings.source.eval_data else []):
+            label_ids(read_table(path)[settings.source.label_column], labels, source=path, column=settings.source.label_column)
+    if settings.source.data:
         for client in range(num_clients):
             _client_rows(settings, NodeData(), client, num_clients)
 
@@ -136,17 +136,17 @@ def _client_rows(settings: RunSettings, node: NodeData, partition_id: int, num_p
     """The rows this client owns and the path they came from."""
     if node.data:
         return read_table(node.data), node.data
-    if settings.data_dir:
-        path = str(one_file_per_client(settings.data_dir, num_partitions)[partition_id])
+    if settings.source.data_dir:
+        path = str(one_file_per_client(settings.source.data_dir, num_partitions)[partition_id])
         return read_table(path), path
-    scheme = settings.partition
+    scheme = settings.source.partition
     if scheme == "domain":
         raise DataError("partition 'domain' is the built-in task's; for a data file use iid, dirichlet, shards or natural")
-    column = settings.partition_column or (settings.label_column if settings.task == "classify" else "")
-    shares = _shares(settings.data, num_partitions, scheme, column, settings.alpha, settings.shards_per_client,
-                     settings.seed)
-    rows = read_table(settings.data).select(shares[partition_id])
-    return rows, settings.data
+    column = settings.source.partition_column or (settings.source.label_column if settings.source.task == "classify" else "")
+    shares = _shares(settings.source.data, num_partitions, scheme, column, settings.source.alpha, settings.source.shards_per_client,
+                     settings.run.seed)
+    rows = read_table(settings.source.data).select(shares[partition_id])
+    return rows, settings.source.data
 
 
 def _split_validation(rows: datasets.Dataset, fraction: float, seed: int, partition_id: int):
@@ -174,14 +174,14 @@ def load_client_datasets(
     members: int = 1,
 ) -> ClientDatasets:
     """This client's train and validation data (see the module docstring); ``member`` slices a gateway's share."""
-    if settings.uses_builtin_data and not node.data:
-        if settings.task in ("classify", "sft"):
+    if settings.source.uses_builtin_data and not node.data:
+        if settings.source.task in ("classify", "sft"):
             raise DataError(
-                f"task {settings.task!r} trains on your data: give this node a data file (node config data=PATH) "
+                f"task {settings.source.task!r} trains on your data: give this node a data file (node config data=PATH) "
                 "or the run data / data-dir"
             )
         return _builtin(settings, tokenizer, partition_id, num_partitions, member, members)
-    if settings.task == "topics":
+    if settings.source.task == "topics":
         raise DataError("task 'topics' is the built-in docstring task: set task classify, lm or sft for a data file")
     rows, path = _client_rows(settings, node, partition_id, num_partitions)
     if len(rows) == 0:
@@ -189,16 +189,16 @@ def load_client_datasets(
     if node.eval_data:
         train_rows, eval_rows = rows, read_table(node.eval_data)
     else:
-        train_rows, eval_rows = _split_validation(rows, settings.validation_fraction, settings.seed, partition_id)
+        train_rows, eval_rows = _split_validation(rows, settings.source.validation_fraction, settings.run.seed, partition_id)
     if members > 1:
         train_rows = train_rows.select(np.array_split(np.arange(len(train_rows)), members)[member])
-    eval_rows = _cap(eval_rows, settings.client_eval_examples, settings.seed)
+    eval_rows = _cap(eval_rows, settings.training.client_eval_examples, settings.run.seed)
     labels = run_label_names(settings)
     source = DataSource(str(path), len(rows), file_sha256(str(Path(path).expanduser().resolve())))
     return ClientDatasets(
         train=tokenize_rows(train_rows, tokenizer, settings, label_names=labels, source=str(path)),
         eval=tokenize_rows(eval_rows, tokenizer, settings, label_names=labels, source=node.eval_data or str(path)),
-        train_rows=train_rows, eval_rows=eval_rows, tokenizer=tokenizer, task=settings.task,
+        train_rows=train_rows, eval_rows=eval_rows, tokenizer=tokenizer, task=settings.source.task,
         label_names=labels, domain_names=FILE_DOMAIN, source=source,
     )
 
@@ -207,8 +207,8 @@ def _builtin(settings: RunSettings, tokenizer: Any, partition_id: int, num_parti
              members: int) -> ClientDatasets:
     data = data_for(settings, num_partitions)
     share = data.train.subset(data.partitions[partition_id])
-    tokens = tokenize(share, tokenizer, settings.sequence_length, settings.task)
-    train_pos, eval_pos = client_split(len(tokens), settings.client_eval_examples, settings.seed, partition_id)
+    tokens = tokenize(share, tokenizer, settings.source.sequence_length, settings.source.task)
+    train_pos, eval_pos = client_split(len(tokens), settings.training.client_eval_examples, settings.run.seed, partition_id)
     if members > 1:
         train_pos = np.array_split(train_pos, members)[member]
 
@@ -219,12 +219,12 @@ def _builtin(settings: RunSettings, tokenizer: Any, partition_id: int, num_parti
 
     return ClientDatasets(
         train=tokens.rows(train_pos), eval=tokens.rows(eval_pos), train_rows=rows(train_pos),
-        eval_rows=rows(eval_pos), tokenizer=tokenizer, task=settings.task, label_names=LABEL_NAMES,
+        eval_rows=rows(eval_pos), tokenizer=tokenizer, task=settings.source.task, label_names=LABEL_NAMES,
         domain_names=data.domain_names, source=DataSource("builtin:stdlib-topics", len(share), ""),
     )
 
 
 def server_eval_tokens(settings: RunSettings, tokenizer: Any) -> Tokenized:
     """The run's ``eval-data`` file tokenized for the task (server-side evaluation), capped at ``eval-examples``."""
-    rows = _cap(read_table(settings.eval_data), settings.eval_examples, settings.seed)
-    return tokenize_rows(rows, tokenizer, settings, label_names=run_label_names(settings), source=settings.eval_data)
+    rows = _cap(read_table(settings.source.eval_data), settings.run.eval_examples, settings.run.seed)
+    return tokenize_rows(rows, tokenizer, settings, label_names=run_label_names(settings), source=settings.source.eval_data)

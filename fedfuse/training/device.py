@@ -20,24 +20,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def client_device(settings: RunSettings) -> torch.device:
     """The device this client trains on; asking for CUDA where there is none is an error."""
-    if settings.client_device == "cpu":
+    if settings.training.client_device == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if settings.client_device == "cuda":
+    if settings.training.client_device == "cuda":
         raise SettingsError("client-device 'cuda' asks for a GPU, but torch sees no CUDA device on this client")
     return torch.device("cpu")
 
 
 def autocast_dtype(settings: RunSettings, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for ``precision`` on ``device`` (None = fp32)."""
-    if settings.precision == "auto":
+    if settings.training.precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
-    if settings.precision == "fp16" and device.type != "cuda":
+    if settings.training.precision == "fp16" and device.type != "cuda":
         raise SettingsError("precision 'fp16' needs a CUDA device; use bf16 or fp32 on CPU")
-    return DTYPES[settings.precision]
+    return DTYPES[settings.training.precision]
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

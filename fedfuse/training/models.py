@@ -47,7 +47,7 @@ def base_model(settings: RunSettings) -> tuple[torch.nn.Module, object]:
     Causal LM for tasks lm and sft; otherwise the encoder with a seeded head of one class per label
     of the run (``run_label_names``: the built-in topics, run config ``labels`` or the run's file).
     """
-    model, tokenizer = _base(settings.model, settings.task, settings.seed, run_label_names(settings))
+    model, tokenizer = _base(settings.source.model, settings.source.task, settings.run.seed, run_label_names(settings))
     fresh = copy.deepcopy(model)
     fresh.eval()
     return fresh, tokenizer
@@ -84,11 +84,11 @@ def head_names(model: torch.nn.Module) -> list[str]:
 
 def target_modules_for(model: torch.nn.Module, settings: RunSettings) -> list[str]:
     """The LoRA target modules of a run: its list, or the auto choice for the model (checked to exist)."""
-    wanted = settings.target_modules
+    wanted = settings.training.target_modules
     leaf_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if wanted is None:
         wanted = [name for name in AUTO_TARGET_MODULES if name in leaf_names]
-        if settings.task in CAUSAL_TASKS:
+        if settings.source.task in CAUSAL_TASKS:
             wanted = [name for name in wanted if name.endswith("_proj")] or wanted
     missing = [name for name in wanted if name not in leaf_names]
     if missing or not wanted:
@@ -103,14 +103,14 @@ def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int
     """Wrap ``model`` with fresh LoRA adapters (A seeded by the run and round), head trainable."""
     heads = set(head_names(model))
     config = LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
+        r=settings.training.lora_rank,
+        lora_alpha=settings.training.lora_alpha,
         target_modules=target_modules_for(model, settings),
         lora_dropout=0.0,
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(settings.seed, round_number, None, "lora-init") % 2**63)
+        torch.manual_seed(derive_seed(settings.run.seed, round_number, None, "lora-init") % 2**63)
         peft_model = get_peft_model(model, config)
     for name, parameter in peft_model.named_parameters():
         if name.removeprefix(PEFT_PREFIX) in heads:
@@ -120,7 +120,7 @@ def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int
 
 def lora_scale(settings: RunSettings) -> float:
     """s = lora_alpha / r, as PEFT scales ΔW = s·B·A."""
-    return settings.lora_alpha / settings.lora_rank
+    return settings.training.lora_alpha / settings.training.lora_rank
 
 
 def lora_layers(peft_model: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -149,7 +149,7 @@ def lora_update(peft_model: torch.nn.Module, round_state: dict[str, torch.Tensor
 def update_shapes(settings: RunSettings) -> dict[str, tuple[int, ...]]:
     """Name → shape of every tensor a client of this run sends (what the server expects)."""
     model, _ = base_model(settings)
-    if settings.mode == "full":
+    if settings.training.mode == "full":
         return {name: tuple(p.shape) for name, p in model.named_parameters()}
     peft_model = attach_lora(model, settings, 0)
     probe = {n.removeprefix(PEFT_PREFIX): p.detach() for n, p in peft_model.named_parameters()}

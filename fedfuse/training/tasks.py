@@ -42,19 +42,19 @@ def tokenize_rows(
     label_names: Sequence[str],
     source: str,
 ) -> Tokenized:
-    """Tokenize ``rows`` for ``settings.task``; ``source`` names the file in error messages."""
+    """Tokenize ``rows`` for ``settings.source.task``; ``source`` names the file in error messages."""
     ensure_pad_token(tokenizer)
     domains = np.zeros(len(rows), dtype=np.int64)
-    if settings.task == "sft":
+    if settings.source.task == "sft":
         return _tokenize_chats(rows, tokenizer, settings, source, domains)
-    require_columns(rows, [settings.text_column], source=source, why="the text column; set text-column")
-    texts = [str(text) for text in rows[settings.text_column]]
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=settings.sequence_length, return_tensors="pt")
+    require_columns(rows, [settings.source.text_column], source=source, why="the text column; set text-column")
+    texts = [str(text) for text in rows[settings.source.text_column]]
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=settings.source.sequence_length, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    if settings.task == "lm":
+    if settings.source.task == "lm":
         return Tokenized(ids, mask, ids.masked_fill(mask == 0, IGNORE), domains)
-    require_columns(rows, [settings.label_column], source=source, why="the label column; set label-column")
-    labels = label_ids(rows[settings.label_column], label_names, source=source, column=settings.label_column)
+    require_columns(rows, [settings.source.label_column], source=source, why="the label column; set label-column")
+    labels = label_ids(rows[settings.source.label_column], label_names, source=source, column=settings.source.label_column)
     return Tokenized(ids, mask, torch.tensor(labels, dtype=torch.long), domains)
 
 
@@ -81,19 +81,19 @@ def _tokenize_chats(
     rows: datasets.Dataset, tokenizer: Any, settings: RunSettings, source: str, domains: np.ndarray
 ) -> Tokenized:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"task 'sft' renders chats with the tokenizer's chat template, and the model {settings.model!r} has none")
+        raise DataError(f"task 'sft' renders chats with the tokenizer's chat template, and the model {settings.source.model!r} has none")
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"task 'sft' needs a fast tokenizer (character offsets); {settings.model!r} has a slow one")
-    sft_columns(rows, messages=settings.messages_column, prompt=settings.prompt_column,
-                response=settings.response_column, source=source)
-    length = settings.sequence_length
+        raise DataError(f"task 'sft' needs a fast tokenizer (character offsets); {settings.source.model!r} has a slow one")
+    sft_columns(rows, messages=settings.source.messages_column, prompt=settings.source.prompt_column,
+                response=settings.source.response_column, source=source)
+    length = settings.source.sequence_length
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     learnable = 0
     for number, row in enumerate(rows):
-        messages = conversation(row, messages=settings.messages_column, prompt=settings.prompt_column,
-                                response=settings.response_column, source=source, number=number)
+        messages = conversation(row, messages=settings.source.messages_column, prompt=settings.source.prompt_column,
+                                response=settings.source.response_column, source=source, number=number)
         text, spans = assistant_spans(tokenizer, messages)
         encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=length,
                             return_offsets_mapping=True)

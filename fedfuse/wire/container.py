@@ -6,13 +6,17 @@ whitespace) including ``"crc32"``, a CRC32 (zlib, 8 hex digits) over the canonic
 other header fields and every blob with its key, in sorted key order. Any corruption of the header
 or the data is detected, and equal inputs give byte-identical payloads. Reading checks the size
 limit before parsing and turns every safetensors/json failure into :class:`UpdateRejected`.
+
+The same container lives in files too (:mod:`fedfuse.wire.container_file` writes and reads it blob
+by blob, so a model-sized partial state never has to fit in memory).
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -28,14 +32,19 @@ def canonical_json(document: Mapping[str, Any]) -> str:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+def blob_frame(key: str, size: int) -> bytes:
+    """What the CRC covers before each blob's bytes: its key and length, as JSON."""
+    return json.dumps([key, size]).encode("utf-8")
+
+
 def checksum(canonical: str, blobs: Mapping[str, torch.Tensor]) -> str:
     """CRC32 (zlib) over the canonical header and every (key, length, bytes) in sorted key order."""
     crc = zlib.crc32(canonical.encode("utf-8"))
     for key in sorted(blobs):
         blob = blobs[key]
-        crc = zlib.crc32(json.dumps([key, blob.numel()]).encode("utf-8"), crc)
+        crc = zlib.crc32(blob_frame(key, blob.numel()), crc)
         if blob.numel():
-            crc = zlib.crc32(memoryview(blob.numpy()), crc)
+            crc = zlib.crc32(blob.numpy().data, crc)
     return f"{crc:08x}"
 
 
@@ -45,7 +54,23 @@ def pack(document: Mapping[str, Any], blobs: Mapping[str, torch.Tensor]) -> byte
     return safetensors.torch.save(dict(blobs), metadata={HEADER_KEY: canonical_json(signed)})
 
 
-def _corrupted(message: str) -> UpdateRejected:
+def preamble(signed: Mapping[str, Any], sizes: Mapping[str, int]) -> bytes:
+    """The safetensors preamble :func:`pack` writes for blobs of these sizes (laid out in sorted key order).
+
+    8-byte little-endian length, then the JSON header (``__metadata__`` first, no spaces, padded
+    with spaces to a multiple of 8), exactly as ``safetensors.torch.save`` serializes it.
+    """
+    header: dict[str, Any] = {"__metadata__": {HEADER_KEY: canonical_json(signed)}}
+    offset = 0
+    for key in sorted(sizes):
+        header[key] = {"dtype": "U8", "shape": [sizes[key]], "data_offsets": [offset, offset + sizes[key]]}
+        offset += sizes[key]
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def corrupted(message: str) -> UpdateRejected:
     return UpdateRejected("corrupted", message)
 
 
@@ -53,29 +78,33 @@ def _malformed(message: str) -> UpdateRejected:
     return UpdateRejected("malformed_header", message)
 
 
-def _read_container(data: bytes) -> tuple[dict, int]:
-    """The container's JSON header and where its data ends; rejects truncation and bad framing."""
-    size = len(data)
+def header_length(prefix: bytes, size: int) -> int:
+    """The container header's length from the first 8 bytes; rejects a payload too short to hold it."""
     if size < 8:
         raise UpdateRejected("truncated", f"payload has {size} bytes, fewer than the 8-byte header length")
-    header_length = int.from_bytes(data[:8], "little")
-    if header_length > size - 8:
-        raise UpdateRejected("truncated", f"container header claims {header_length} bytes but {size - 8} follow")
+    length = int.from_bytes(prefix[:8], "little")
+    if length > size - 8:
+        raise UpdateRejected("truncated", f"container header claims {length} bytes but {size - 8} follow")
+    return length
+
+
+def parse_container(text: bytes, size: int) -> tuple[dict, int]:
+    """The container's JSON header and where its data ends; rejects truncation and bad framing."""
     try:
-        container = json.loads(data[8 : 8 + header_length].decode("utf-8"))
+        container = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise _corrupted(f"container header is not valid JSON: {exc}") from exc
+        raise corrupted(f"container header is not valid JSON: {exc}") from exc
     if not isinstance(container, dict):
-        raise _corrupted("container header is not a JSON object")
+        raise corrupted("container header is not a JSON object")
     end = 0
     for key, info in container.items():
         if key == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise _corrupted(f"container entry {key!r} has no valid data_offsets")
+            raise corrupted(f"container entry {key!r} has no valid data_offsets")
         end = max(end, offsets[1])
-    expected = 8 + header_length + end
+    expected = 8 + len(text) + end
     if expected > size:
         raise UpdateRejected("truncated", f"payload has {size} bytes but its container describes {expected}")
     return container, expected
@@ -85,10 +114,10 @@ def _load(data: bytes) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as exc:
-        raise _corrupted(f"safetensors could not read the payload: {exc}") from exc
+        raise corrupted(f"safetensors could not read the payload: {exc}") from exc
     except BaseException as exc:
         if type(exc).__name__ == "PanicException":
-            raise _corrupted(f"safetensors could not read the payload: {exc}") from None
+            raise corrupted(f"safetensors could not read the payload: {exc}") from None
         raise
 
 
@@ -96,7 +125,7 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not allowed in a fedfuse header")
 
 
-def _header_document(metadata: Any) -> tuple[dict, str]:
+def header_document(metadata: Any) -> tuple[dict, str]:
     """The header document (without its CRC field) and the CRC it carries."""
     if not isinstance(metadata, dict) or set(metadata) != {HEADER_KEY} or not isinstance(metadata[HEADER_KEY], str):
         raise _malformed(f"payload metadata must hold exactly one string, {HEADER_KEY!r}")
@@ -112,6 +141,18 @@ def _header_document(metadata: Any) -> tuple[dict, str]:
     return document, crc
 
 
+def canonical_of(document: Mapping[str, Any]) -> str:
+    """:func:`canonical_json` of a received header, as a rejection when it cannot be serialized."""
+    try:
+        return canonical_json(document)
+    except ValueError as exc:
+        raise _malformed(f"header cannot be serialized canonically: {exc}") from exc
+
+
+def wrong_dtype(key: str, dtype: object, shape: tuple[int, ...]) -> UpdateRejected:
+    return UpdateRejected("wrong_dtype", f"blob {key!r} is {dtype} of shape {shape}, expected 1-D uint8")
+
+
 def unpack(data: bytes | bytearray | memoryview, max_bytes: int | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header document and the byte blobs of a payload, size-, framing-, dtype- and CRC-checked."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -120,20 +161,15 @@ def unpack(data: bytes | bytearray | memoryview, max_bytes: int | None) -> tuple
     if max_bytes is not None and size > max_bytes:
         raise UpdateRejected("too_large", f"payload has {size} bytes, more than the limit of {max_bytes}")
     data = data if isinstance(data, bytes) else bytes(data)
-    container, end = _read_container(data)
+    length = header_length(data, size)
+    container, end = parse_container(data[8 : 8 + length], size)
     if end < size:
-        raise _corrupted(f"{size - end} trailing byte(s) after the payload")
+        raise corrupted(f"{size - end} trailing byte(s) after the payload")
     blobs = _load(data)
-    document, crc = _header_document(container.get("__metadata__"))
+    document, crc = header_document(container.get("__metadata__"))
     for key, blob in blobs.items():
         if blob.dtype != torch.uint8 or blob.dim() != 1:
-            raise UpdateRejected(
-                "wrong_dtype", f"blob {key!r} is {blob.dtype} of shape {tuple(blob.shape)}, expected 1-D uint8"
-            )
-    try:
-        canonical = canonical_json(document)
-    except ValueError as exc:
-        raise _malformed(f"header cannot be serialized canonically: {exc}") from exc
-    if checksum(canonical, blobs) != crc:
-        raise _corrupted("CRC32 mismatch: the payload was altered or damaged")
+            raise wrong_dtype(key, blob.dtype, tuple(blob.shape))
+    if checksum(canonical_of(document), blobs) != crc:
+        raise corrupted("CRC32 mismatch: the payload was altered or damaged")
     return document, blobs

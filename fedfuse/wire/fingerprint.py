@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -30,5 +30,5 @@ def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
         frame = [name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), nbytes]
         digest.update(json.dumps(frame).encode("utf-8") + b"\n")
         if nbytes:
-            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+            digest.update(flat.view(torch.uint8).numpy().data)
     return PREFIX + digest.hexdigest()

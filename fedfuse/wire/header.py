@@ -16,8 +16,8 @@ from fedfuse.algebra import Sparsifier
 from fedfuse.wire.errors import UpdateRejected
 from fedfuse.wire.values import VALUE_DTYPES
 
-FORMAT_VERSION = 1
-"""The only wire-format version this code writes and reads."""
+FORMAT_VERSION = 2
+"""The only wire-format version this code writes and reads (2 added the sender's ``tier``)."""
 
 UPDATE_FORMAT = "fedfuse-update"
 PARTIAL_FORMAT = "fedfuse-partial"
@@ -60,7 +60,8 @@ class UpdateHeader:
     :func:`fedfuse.wire.fingerprint` of the round's global weights the task vector was taken
     against. node_id: the sender (client node or gateway). num_examples: local training examples
     (FedAvg weight), in [0, MAX_NUM_EXAMPLES]. sparsifier: how the update was shrunk. metrics:
-    client metrics (str → int/float/str).
+    client metrics (str → int/float/str). tier: the group the sender merges in first ("" = none).
+    The header is covered by the update's signature: it is the only source of these facts.
     """
 
     run_id: str
@@ -70,6 +71,7 @@ class UpdateHeader:
     num_examples: int = 0
     sparsifier: Sparsifier = field(default_factory=Sparsifier)
     metrics: Mapping[str, MetricValue] = field(default_factory=dict)
+    tier: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str):
@@ -84,6 +86,8 @@ class UpdateHeader:
             raise ValueError(f"num_examples must be an int in [0, {MAX_NUM_EXAMPLES}], got {self.num_examples!r}")
         if not isinstance(self.sparsifier, Sparsifier):
             raise ValueError(f"sparsifier must be a fedfuse.algebra.Sparsifier, got {type(self.sparsifier).__name__}")
+        if not isinstance(self.tier, str):
+            raise ValueError(f"tier must be a str, got {type(self.tier).__name__}")
         problem = _check_metrics(self.metrics)
         if problem:
             raise ValueError(problem)
@@ -175,6 +179,7 @@ def header_document(
             "seed_scope": header.sparsifier.seed_scope,
         },
         "metrics": dict(header.metrics),
+        "tier": header.tier,
         "value_dtype": value_dtype,
         "tensors": {name: entry.to_json() for name, entry in entries.items()},
         **(extra or {}),
@@ -248,7 +253,7 @@ def parse_header(document: dict[str, Any], kind: str, extra_keys: set[str] | Non
         )
     keys = {
         "format", "version", "run_id", "round", "base_fingerprint", "node_id", "num_examples",
-        "sparsifier", "metrics", "value_dtype", "tensors",
+        "sparsifier", "metrics", "tier", "value_dtype", "tensors",
     } | (extra_keys or set())
     document = _exact_keys(document, keys, "header")
     num_examples = document["num_examples"]
@@ -272,6 +277,7 @@ def parse_header(document: dict[str, Any], kind: str, extra_keys: set[str] | Non
             num_examples=num_examples,
             sparsifier=sparsifier,
             metrics=document["metrics"],
+            tier=document["tier"],
         )
     except ValueError as exc:
         raise _malformed(str(exc)) from exc

@@ -7,17 +7,16 @@ indices: the decoder regenerates them with :func:`fedfuse.algebra.dare_indices`.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from fedfuse.algebra import SparseTensor, dare_indices
+from fedfuse.algebra import SparseTensor, UpdateTensor, dare_indices
+from fedfuse.algebra.sparse import fisher_on_support
 from fedfuse.wire.errors import UpdateRejected
 from fedfuse.wire.header import TensorEntry
 from fedfuse.wire.indices import bitmap_size, check_indices, decode_indices, encode_indices
 from fedfuse.wire.values import blob_to_values, check_finite, values_to_blob
-
-UpdateTensor = torch.Tensor | SparseTensor
 
 
 def values_key(name: str) -> str:
@@ -40,22 +39,6 @@ def blob_keys(name: str, entry: TensorEntry) -> list[str]:
     if entry.fisher:
         keys.append(fisher_key(name))
     return keys
-
-
-def _fisher_on_support(name: str, fisher: UpdateTensor, tensor: UpdateTensor) -> torch.Tensor:
-    """The Fisher diagonal's values on the update's support (encoder side, plain ValueError)."""
-    if tuple(fisher.shape) != tuple(tensor.shape):
-        raise ValueError(f"tensor {name!r}: Fisher shape {tuple(fisher.shape)} but update shape {tuple(tensor.shape)}")
-    if isinstance(fisher, SparseTensor):
-        if not isinstance(tensor, SparseTensor) or not torch.equal(fisher.indices.cpu(), tensor.indices.cpu()):
-            raise ValueError(f"tensor {name!r}: a sparse Fisher diagonal must share the update's indices")
-        return fisher.values
-    if not isinstance(fisher, torch.Tensor) or not fisher.is_floating_point():
-        raise ValueError(f"tensor {name!r}: the Fisher diagonal must be a floating tensor or a SparseTensor")
-    flat = fisher.reshape(-1)
-    if isinstance(tensor, SparseTensor):
-        flat = flat[tensor.indices.to(flat.device)]
-    return flat
 
 
 def encode_tensor(
@@ -91,13 +74,14 @@ def encode_tensor(
         raise ValueError(f"tensor {name!r}: expected a torch.Tensor or SparseTensor, got {type(tensor).__name__}")
     blobs[values_key(name)] = values_to_blob(values, value_dtype)
     if fisher is not None:
-        blobs[fisher_key(name)] = values_to_blob(_fisher_on_support(name, fisher, tensor), value_dtype)
+        blobs[fisher_key(name)] = values_to_blob(fisher_on_support(name, fisher, tensor), value_dtype)
     return entry, blobs
 
 
 def _support(name: str, entry: TensorEntry, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     what = f"tensor {name!r}"
     if entry.encoding == "dare":
+        assert entry.density is not None and entry.seed is not None  # parse_header guarantees both for DARE
         indices = dare_indices(entry.numel, entry.density, entry.seed)
         if indices.numel() != entry.nnz:
             raise UpdateRejected(
@@ -106,10 +90,11 @@ def _support(name: str, entry: TensorEntry, blobs: Mapping[str, torch.Tensor]) -
                 f"keeps {indices.numel()}",
             )
         return indices
-    indices = decode_indices(entry.encoding, blobs[indices_key(name)].numpy(), entry.numel, what)
-    if indices.size != entry.nnz:
-        raise UpdateRejected("value_count", f"{what}: {indices.size} indices but {entry.nnz} values")
-    return torch.from_numpy(indices)
+    assert entry.encoding in ("bitmap", "delta")  # dense tensors never reach here
+    positions = decode_indices(entry.encoding, blobs[indices_key(name)].numpy(), entry.numel, what)
+    if positions.size != entry.nnz:
+        raise UpdateRejected("value_count", f"{what}: {positions.size} indices but {entry.nnz} values")
+    return torch.from_numpy(positions)
 
 
 def decode_tensor(

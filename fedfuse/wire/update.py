@@ -6,12 +6,12 @@ Decoded values keep their wire dtype (fp32, fp16 or bf16): no silent widening, h
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
-from fedfuse.algebra import SparseTensor
+from fedfuse.algebra import UpdateTensor
 from fedfuse.wire.container import pack, unpack
 from fedfuse.wire.errors import UpdateRejected
 from fedfuse.wire.header import (
@@ -27,8 +27,6 @@ from fedfuse.wire.header import (
 )
 from fedfuse.wire.tensors import blob_keys, decode_tensor, encode_tensor
 from fedfuse.wire.values import UPDATE_VALUE_DTYPES
-
-UpdateTensor = torch.Tensor | SparseTensor
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,6 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         return
     flat = values.detach().reshape(-1).cpu()
     mask = _EXPONENT_MASKS.get(flat.dtype)
-    if mask is None:
-        finite = np.isfinite(flat.numpy())
-    else:
-        finite = (flat.view(torch.int16).numpy() & mask) != mask
+    finite = np.isfinite(flat.numpy()) if mask is None else (flat.view(torch.int16).numpy() & mask) != mask
     if not bool(finite.all()):
         raise UpdateRejected("non_finite", f"{what}: {int((~finite).sum())} NaN/Inf value(s)")

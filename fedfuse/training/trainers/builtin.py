@@ -23,7 +23,7 @@ from fedfuse.training.trainers.protocol import TrainingRound, TrainResult
 def loop_trainer(model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound) -> TrainResult:
     """fedfuse's seeded AdamW loop (classification and LM)."""
     loss = train(
-        model, data.train, steps=round.steps, batch_size=settings.batch_size, learning_rate=settings.lr,
+        model, data.train, steps=round.steps, batch_size=settings.training.batch_size, learning_rate=settings.training.lr,
         seed=round.seed, dtype=round.dtype,
     )
     return TrainResult(loss)
@@ -66,8 +66,8 @@ def sft_trainer(model: torch.nn.Module, data: ClientDatasets, settings: RunSetti
         arguments = TrainingArguments(
             output_dir=scratch,
             max_steps=round.steps,
-            per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.lr,
+            per_device_train_batch_size=settings.training.batch_size,
+            learning_rate=settings.training.lr,
             weight_decay=0.0,
             lr_scheduler_type="constant",
             warmup_steps=0,
@@ -77,8 +77,8 @@ def sft_trainer(model: torch.nn.Module, data: ClientDatasets, settings: RunSetti
             bf16=round.dtype == torch.bfloat16,
             fp16=round.dtype == torch.float16,
             use_cpu=round.device.type == "cpu",
-            gradient_checkpointing=settings.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+            gradient_checkpointing=settings.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if settings.training.gradient_checkpointing else None,
             save_strategy="no",
             eval_strategy="no",
             logging_strategy="no",

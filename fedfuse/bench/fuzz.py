@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal
 
 import safetensors.torch
 import torch
 
-from fedfuse.algebra import Sparsifier, SparseTensor, dare_drop, ties_trim
+from fedfuse.algebra import SparseTensor, Sparsifier, dare_drop, ties_trim
 from fedfuse.wire.container import CRC_FIELD, HEADER_KEY, checksum
 from fedfuse.wire.errors import REASONS, UpdateRejected
 from fedfuse.wire.header import Expectation, UpdateHeader
@@ -54,6 +55,12 @@ class Append:
     data: bytes
 
 
+HeaderOp = Literal["set", "remove", "add"]
+BlobOp = Literal["flip", "overwrite", "truncate", "append"]
+HEADER_OPS: tuple[HeaderOp, ...] = ("set", "remove", "add")
+BLOB_OPS: tuple[BlobOp, ...] = ("flip", "overwrite", "truncate", "append")
+
+
 @dataclass(frozen=True)
 class HeaderEdit:
     """Edit the fedfuse header JSON at node ``path_index % number_of_nodes``, then rebuild the payload.
@@ -64,7 +71,7 @@ class HeaderEdit:
     """
 
     path_index: int
-    op: Literal["set", "remove", "add"]
+    op: HeaderOp
     value: Any = None
     resign: bool = True
 
@@ -80,14 +87,15 @@ class BlobEdit:
     """
 
     blob_index: int
-    op: Literal["flip", "overwrite", "truncate", "append"]
+    op: BlobOp
     position: int = 0
     data: bytes = b"\x00"
     resign: bool = True
 
 
-Mutation = Union[BitFlip, Overwrite, Truncate, Append, HeaderEdit, BlobEdit]
+Mutation = BitFlip | Overwrite | Truncate | Append | HeaderEdit | BlobEdit
 
+# fmt: off
 INTERESTING_VALUES: tuple[Any, ...] = (
     0, 1, -1, 2, 3, 7, 8, 255, 2**31, 2**53 + 1, 2**63, 2**64, 2**64 + 5, -(2**63), 10**13,
     0.0, 0.5, 1.0, 1.5, -0.1, 1e308, float("nan"), float("inf"), True, False, None, "", "x",
@@ -95,6 +103,7 @@ INTERESTING_VALUES: tuple[Any, ...] = (
     "trim", "fedfuse-update", "fedfuse-partial", [], [0], [1, 2], [3, 0], [-1], [2**62, 2**62],
     {}, {"a": 1},
 )
+# fmt: on
 """Values a header edit writes: boundaries, wrong types, other enum members, non-finite numbers."""
 
 
@@ -108,8 +117,8 @@ def _nodes(document: Any, prefix: tuple = ()) -> list[tuple]:
     else:
         items = []
     for key, child in items:
-        paths.append(prefix + (key,))
-        paths.extend(_nodes(child, prefix + (key,)))
+        paths.append((*prefix, key))
+        paths.extend(_nodes(child, (*prefix, key)))
     return paths
 
 
@@ -144,6 +153,7 @@ def _read_raw(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _rebuild(document: dict, blobs: dict[str, torch.Tensor], resign: bool) -> bytes:
     """A payload from an edited header and blobs; ``resign`` recomputes the CRC as the encoder does."""
+
     def dumps(doc: dict) -> str:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
@@ -204,12 +214,13 @@ def same_tensor(a: torch.Tensor | SparseTensor, b: torch.Tensor | SparseTensor) 
     """Bit-identical tensors (dtype, shape, values; for sparse ones also indices and DARE seed/density)."""
     if type(a) is not type(b) or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
         return False
-    if isinstance(a, SparseTensor):
+    if isinstance(a, SparseTensor) and isinstance(b, SparseTensor):
         return (
             torch.equal(a.indices, b.indices)
             and torch.equal(_bits(a.values), _bits(b.values))
             and (a.dare_seed, a.dare_density) == (b.dare_seed, b.dare_density)
         )
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     return torch.equal(_bits(a), _bits(b))
 
 
@@ -219,8 +230,9 @@ def same_update(a: DecodedUpdate, b: DecodedUpdate) -> bool:
         return False
     if (a.fisher is None) != (b.fisher is None) or set(a.fisher or {}) != set(b.fisher or {}):
         return False
+    fisher_a, fisher_b = a.fisher or {}, b.fisher or {}
     tensors_same = all(same_tensor(a.tensors[name], b.tensors[name]) for name in a.tensors)
-    return tensors_same and all(same_tensor(a.fisher[name], b.fisher[name]) for name in a.fisher or {})
+    return tensors_same and all(same_tensor(fisher_a[name], fisher_b[name]) for name in fisher_a)
 
 
 def check_invariants(update: DecodedUpdate, expect: Expectation) -> None:
@@ -246,9 +258,7 @@ class Escaped(AssertionError):
     """The decoder broke its contract on a mutated payload (the message says how)."""
 
 
-def check_mutated(
-    original: DecodedUpdate, mutated: bytes, expect: Expectation, strict: bool
-) -> str:
+def check_mutated(original: DecodedUpdate, mutated: bytes, expect: Expectation, strict: bool) -> str:
     """Decode ``mutated`` and check the contract; returns ``"rejected:<reason>"``, ``"identical"`` or ``"changed"``.
 
     strict: the mutation was not resigned, so an accepted payload must equal ``original``.
@@ -291,19 +301,38 @@ def sample_cases(seed: int = 0) -> list[FuzzCase]:
     header = UpdateHeader("run-a", 4, "sha256:base", "node-1", num_examples=12, metrics={"loss": 0.25, "steps": 3})
     dare = Sparsifier("dare", 0.5)
     specs: list[tuple[str, dict, str, dict | None, UpdateHeader]] = [
-        ("dense-fp32", {"w": randn(3, 5), "b": randn(5), "s": randn(())}, "float32", None, header),
+        (
+            "dense-fp32",
+            {"w": randn(3, 5), "b": randn(5), "s": torch.randn((), generator=generator)},
+            "float32",
+            None,
+            header,
+        ),
         ("trim-delta-bf16", {"w": ties_trim(randn(40, 9), 0.1), "b": randn(7)}, "bfloat16", None, header),
-        ("trim-bitmap-fp16-fisher", {"w": ties_trim(randn(13, 5), 0.6), "e": ties_trim(randn(0, 4), 0.5)},
-         "float16", {"w": randn(13, 5).abs()}, header),
-        ("dare-fp32", {"w": dare_drop(randn(6, 10), 0.5, 1234), "b": dare_drop(randn(9), 0.5, 99)}, "float32",
-         None, UpdateHeader("run-a", 4, "sha256:base", 2, sparsifier=dare)),
+        (
+            "trim-bitmap-fp16-fisher",
+            {"w": ties_trim(randn(13, 5), 0.6), "e": ties_trim(randn(0, 4), 0.5)},
+            "float16",
+            {"w": randn(13, 5).abs()},
+            header,
+        ),
+        (
+            "dare-fp32",
+            {"w": dare_drop(randn(6, 10), 0.5, 1234), "b": dare_drop(randn(9), 0.5, 99)},
+            "float32",
+            None,
+            UpdateHeader("run-a", 4, "sha256:base", 2, sparsifier=dare),
+        ),
     ]
     cases = []
     for name, tensors, dtype, fisher, case_header in specs:
         payload = encode_update(tensors, header=case_header, value_dtype=dtype, fisher=fisher)
         expect = Expectation(
-            {key: tuple(t.shape) for key, t in tensors.items()}, round=4, run_id="run-a",
-            base_fingerprint="sha256:base", max_bytes=1 << 20,
+            {key: tuple(t.shape) for key, t in tensors.items()},
+            round=4,
+            run_id="run-a",
+            base_fingerprint="sha256:base",
+            max_bytes=1 << 20,
         )
         cases.append(FuzzCase(name, payload, expect, decode_update(payload, expect=expect)))
     return cases
@@ -321,11 +350,11 @@ def random_mutation(rng: random.Random) -> Mutation:
     if kind == 3:
         return Append(rng.randbytes(rng.randrange(1, 17)))
     if kind == 4:
-        op = rng.choice(("flip", "overwrite", "truncate", "append"))
         data = rng.randbytes(rng.randrange(1, 5))
-        return BlobEdit(rng.randrange(1 << 10), op, rng.randrange(1 << 20), data, rng.random() < 0.8)
-    op = rng.choice(("set", "remove", "add"))
-    return HeaderEdit(rng.randrange(1 << 20), op, rng.choice(INTERESTING_VALUES), rng.random() < 0.8)
+        return BlobEdit(rng.randrange(1 << 10), rng.choice(BLOB_OPS), rng.randrange(1 << 20), data, rng.random() < 0.8)
+    return HeaderEdit(
+        rng.randrange(1 << 20), rng.choice(HEADER_OPS), rng.choice(INTERESTING_VALUES), rng.random() < 0.8
+    )
 
 
 def mutate_and_check(case: FuzzCase, mutations: Sequence[Mutation]) -> str:

@@ -1,0 +1,21 @@
+"""The offline merge engine (mergekit-like): merge finished checkpoints tensor by tensor with any strategy.
+
+Plan → execute → write: :mod:`.plan` checks the options and builds the strategy from its
+declarations; :mod:`.sources` opens the inputs and checks them from their headers (fine-tuned
+models, or partial states); :mod:`.execute` runs the one per-tensor loop (memory: one tensor and
+its statistics); :mod:`.sinks` write a model folder or a partial state, atomically.
+
+Tiers: ``merge_models(..., partial_out=FILE)`` writes a group's partial state in the one format
+tier gateways send (``fedfuse.wire.encode_partial``); :func:`combine_partials` folds such files —
+or a gateway's payload saved to a file — into the model a flat merge gives.
+
+>>> from fedfuse.offline import merge_models, combine_partials
+>>> # merge_models("base", ["ft-a", "ft-b"], method="ties", density=0.2, out="merged")
+"""
+
+from fedfuse.offline.api import combine_partials, merge_models
+from fedfuse.offline.errors import MergeInputError
+from fedfuse.offline.execute import Progress
+from fedfuse.offline.sinks import MergeResult
+
+__all__ = ["MergeInputError", "MergeResult", "Progress", "combine_partials", "merge_models"]

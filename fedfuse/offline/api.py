@@ -1,0 +1,214 @@
+"""The offline merge's entry points: plan → open and check the sources → execute into a sink."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from fedfuse.algebra import Sparsifier
+from fedfuse.checkpoints import CheckpointReader, TensorInfo
+from fedfuse.offline.errors import MergeInputError
+from fedfuse.offline.execute import Progress, execute
+from fedfuse.offline.plan import Output, PathLike, plan_combine, plan_merge
+from fedfuse.offline.sinks import MergeResult, ModelSink, PartialSink
+from fedfuse.offline.sources import ModelSource, PartialSource, base_fingerprint, base_layout, open_input
+from fedfuse.strategies import MergeStrategy
+from fedfuse.wire import MAX_NUM_EXAMPLES, UpdateHeader
+
+OFFLINE_RUN = "offline"
+OFFLINE_NODE = "fedfuse-merge"
+"""``run_id`` and ``node_id`` of the partial states ``fedfuse merge`` writes (no federated run made them)."""
+
+
+def _scalars(strategy: MergeStrategy, total_weight: float, num_updates: int) -> dict[str, str]:
+    """The state metadata every per-tensor state of this merge has (the same scalars for every tensor)."""
+    state = strategy.new_state()
+    state.total_weight = total_weight
+    state.num_updates = num_updates
+    return state.metadata()
+
+
+def _sink(
+    output: Output,
+    base: CheckpointReader,
+    layout: dict[str, TensorInfo],
+    strategy: MergeStrategy,
+    total_weight: float,
+    num_updates: int,
+    header: UpdateHeader | None,
+) -> ModelSink | PartialSink:
+    if output.kind == "model":
+        return ModelSink(output, base, layout, strategy, num_updates)
+    assert header is not None
+    return PartialSink(output, strategy, _scalars(strategy, total_weight, num_updates), header)
+
+
+def merge_models(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    method: str,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    sparsifier: str | None = None,
+    lam: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    vote: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    fishers: Sequence[PathLike] | None = None,
+    out: PathLike | None = None,
+    max_shard_size: str | int = "5GB",
+    partial_out: PathLike | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    first_model_index: int = 0,
+) -> MergeResult:
+    """Merge fine-tuned checkpoints of ``base`` into a model folder ``out`` (or a partial-state file).
+
+    Parameters
+    ----------
+    base, models : path
+        A ``.safetensors`` file or an HF model folder (single file or sharded) each.
+    method : str
+        Any registered strategy (``fedfuse.strategies.available_strategies()``).
+    weights : list of float, optional
+        One per model (default all 1.0).
+    density : float, optional
+        Kept fraction for the sparsifier; required unless the sparsifier is ``"none"``.
+    sparsifier : {"none", "trim", "dare"}, optional
+        Overrides the method's declared default (ties → trim, dare_* → dare, else none).
+    lam : float
+        λ, the scale of the merged task vector.
+    seed : int
+        DARE seed: model i's tensor ``name`` uses ``derive_seed(seed, 0, first_model_index + i, name)``.
+    device, dtype : str
+        Where and at what precision the statistics accumulate (``cpu|cuda|auto``, ``float32|float64``).
+    vote : {"mass", "count"}, optional
+        TIES sign election (ties and dare_ties only).
+    params : mapping, optional
+        Further declared strategy parameters by name (values may be strings, e.g. ``{"eps": "1e-8"}``).
+    fishers : list of path, optional
+        One safetensors file of Fisher diagonals per model (the ``fisher`` method needs them).
+    out : path, optional
+        Output model folder (``model.safetensors`` or shards + index, plus the base's config files).
+    max_shard_size : str or int
+        Shard limit, e.g. ``"5GB"``, ``"500MB"`` or bytes.
+    partial_out : path, optional
+        Instead of a model, write this group's partial state (the format gateways send, any file
+        name) for :func:`combine_partials`.
+    force : bool
+        Replace a non-empty ``out`` (or an existing ``partial_out``).
+    progress : callable, optional
+        Called after each tensor with ``(name, bytes_done, bytes_total)`` (the CLI draws a bar with it).
+    first_model_index : int
+        Index of the first model in DARE seeds, so groups merged separately draw the masks a flat
+        merge would (give group 2 the number of models in group 1).
+
+    Raises
+    ------
+    MergeInputError
+        For any bad input, before anything is written.
+    """
+    plan = plan_merge(
+        base,
+        models,
+        method=method,
+        params=params,
+        lam=lam,
+        vote=vote,
+        weights=weights,
+        density=density,
+        sparsifier=sparsifier,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        fishers=fishers,
+        out=out,
+        partial_out=partial_out,
+        max_shard_size=max_shard_size,
+        force=force,
+        first_model_index=first_model_index,
+    )
+    with ExitStack() as stack:
+        base_ckpt = open_input(stack, "base", plan.base)
+        layout = base_layout(base_ckpt)
+        source = ModelSource(stack, plan, base_ckpt, layout)
+        header = None
+        if plan.output.kind == "partial":
+            metrics: dict[str, int | float | str] = {"models": len(plan.models)}
+            if plan.sparsifier.kind == "dare":
+                metrics.update(seed=plan.seed, first_model_index=plan.first_model_index)
+            header = UpdateHeader(
+                run_id=OFFLINE_RUN,
+                round=0,
+                base_fingerprint=base_fingerprint(base_ckpt),
+                node_id=OFFLINE_NODE,
+                sparsifier=plan.sparsifier,
+                metrics=metrics,
+            )
+        sink = _sink(plan.output, base_ckpt, layout, plan.strategy, plan.total_weight, len(plan.models), header)
+        with sink:
+            execute(base_ckpt, layout, source, sink, progress or None)
+        return sink.result()
+
+
+def _combined_header(source: PartialSource, fingerprint: str) -> UpdateHeader:
+    """The header of a combined partial: what its inputs agree on, their examples summed."""
+    headers = [partial.header for partial in source.files]
+    first = headers[0]
+    agree = all((h.run_id, h.round, h.sparsifier) == (first.run_id, first.round, first.sparsifier) for h in headers)
+    return UpdateHeader(
+        run_id=first.run_id if agree else OFFLINE_RUN,
+        round=first.round if agree else 0,
+        base_fingerprint=fingerprint,
+        node_id=OFFLINE_NODE,
+        num_examples=min(sum(h.num_examples for h in headers), MAX_NUM_EXAMPLES),
+        sparsifier=first.sparsifier if agree else Sparsifier(),
+        metrics={"partials": len(headers)},
+    )
+
+
+def combine_partials(
+    partials: Sequence[PathLike],
+    *,
+    base: PathLike,
+    out: PathLike | None = None,
+    partial_out: PathLike | None = None,
+    device: str = "cpu",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Fold partial states (``merge_models(..., partial_out=...)`` files or gateways' payloads) into one merge.
+
+    Writes the merged model to ``out`` exactly as :func:`merge_models` does, or (``partial_out``)
+    the combined state, for a further tier. Partials must come from the same strategy and
+    parameters, cover the same tensors and have been made against these base weights (their
+    base fingerprint); anything else raises :class:`MergeInputError` before anything is written.
+    """
+    plan = plan_combine(
+        partials,
+        base=base,
+        out=out,
+        partial_out=partial_out,
+        device=device,
+        max_shard_size=max_shard_size,
+        force=force,
+    )
+    with ExitStack() as stack:
+        base_ckpt = open_input(stack, "base", plan.base)
+        layout = base_layout(base_ckpt)
+        source = PartialSource(stack, plan.partials, base_ckpt, layout, device=plan.device)
+        fingerprint = base_fingerprint(base_ckpt)
+        source.check_base(fingerprint)
+        header = _combined_header(source, fingerprint) if plan.output.kind == "partial" else None
+        sink = _sink(plan.output, base_ckpt, layout, source.strategy, source.total_weight, source.num_updates, header)
+        with sink:
+            execute(base_ckpt, layout, source, sink, progress or None)
+        return sink.result()
+
+
+__all__ = ["MergeInputError", "MergeResult", "combine_partials", "merge_models"]

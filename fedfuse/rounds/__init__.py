@@ -1,0 +1,26 @@
+"""One round's merge without Flower: the round engine and the space updates are merged in.
+
+>>> from fedfuse.rounds import RoundEngine, UpdateSpace
+>>> # engine = RoundEngine(strategy, UpdateSpace.full(shapes), round_number=1, run_id="r", base_fingerprint=fp)
+>>> # engine.offer(payload) → Rejection | None;  engine.finalize(round_weights) → next weights
+"""
+
+from fedfuse.rounds.engine import (
+    PAYLOAD_KINDS,
+    Contribution,
+    PayloadKind,
+    RoundEngine,
+    SignatureCheck,
+    Weighting,
+)
+from fedfuse.rounds.space import UpdateSpace
+
+__all__ = [
+    "PAYLOAD_KINDS",
+    "Contribution",
+    "PayloadKind",
+    "RoundEngine",
+    "SignatureCheck",
+    "UpdateSpace",
+    "Weighting",
+]

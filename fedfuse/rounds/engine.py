@@ -1,0 +1,255 @@
+"""One round's merge without Flower: offer each payload as it arrives, then finalize.
+
+The engine holds a single merge state whatever the number of clients, so memory stays flat when
+replies are folded and dropped one by one. For each payload it checks the signature (a hook), decodes
+and validates it against what the round expects, refuses a node that already contributed this round
+(under any tier), maps the update into the run's update space (full, exact LoRA ΔW, factors) and
+folds it. A refused payload leaves the state untouched and is recorded as a :class:`Rejection`.
+
+Tiers are exact because merge states are monoids: a tier gateway's partial state is folded like its
+members' updates would be. The engine keeps the tier map (tier → contributing nodes) for the report;
+the tier and every other fact about a contribution come from the payload's signed header only.
+The server, the tier gateway and ``fedfuse bench quality`` all merge through this class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from fedfuse.algebra import apply_task_vector
+from fedfuse.rejections import Rejected, Rejection, counts_by_reason
+from fedfuse.rounds.space import UpdateSpace
+from fedfuse.strategies import MergeState, MergeStrategy
+from fedfuse.wire import (
+    Expectation,
+    UpdateHeader,
+    UpdateRejected,
+    decode_partial,
+    decode_update,
+    encode_partial,
+)
+
+PayloadKind = Literal["update", "partial"]
+PAYLOAD_KINDS = ("update", "partial")
+Weighting = Literal["num_examples", "uniform"]
+WEIGHTINGS = ("num_examples", "uniform")
+
+SignatureCheck = Callable[[bytes, object], str]
+"""``check(payload, signature) -> signer``: the verified institution, or raises a :class:`Rejected`
+(``SignatureRejected``). The server binds it to its registry, run, round and base fingerprint."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One accepted payload, as its signed header describes it."""
+
+    node: str
+    kind: PayloadKind
+    tier: str
+    num_examples: int
+    weight: float
+    metrics: Mapping[str, int | float | str] = field(default_factory=dict)
+
+
+class RoundEngine:
+    """Fold one round's client updates and gateway partial states into one merge state.
+
+    Parameters
+    ----------
+    strategy : MergeStrategy
+        The merge method; its state is the only thing kept between payloads.
+    space : UpdateSpace
+        How decoded updates become merge inputs, and the merge result a task vector.
+    round_number, run_id, base_fingerprint
+        What every payload's header must say (None: not checked).
+    weighting : {"num_examples", "uniform"}
+        An update's weight: its number of examples (FedAvg's convention) or 1.
+    check_signature : callable, optional
+        When given, every payload must carry a signature it accepts; the signer must be the node
+        the payload names.
+    max_bytes : int, optional
+        Refuse larger payloads before parsing them.
+    """
+
+    def __init__(
+        self,
+        strategy: MergeStrategy,
+        space: UpdateSpace,
+        *,
+        round_number: int | None = None,
+        run_id: str | None = None,
+        base_fingerprint: str | None = None,
+        weighting: Weighting = "num_examples",
+        check_signature: SignatureCheck | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
+        self.strategy = strategy
+        self.space = space
+        self.weighting = weighting
+        self.check_signature = check_signature
+        self.round_number = round_number
+        self.run_id = run_id
+        self.base_fingerprint = base_fingerprint
+        common = {"round": round_number, "run_id": run_id, "base_fingerprint": base_fingerprint, "max_bytes": max_bytes}
+        self.update_expect = Expectation(shapes=space.wire_shapes, **common)
+        self.partial_expect = Expectation(shapes=space.merge_shapes, **common)
+        self.state: MergeState = strategy.new_state()
+        self.contributions: dict[str, Contribution] = {}
+        self.rejections: list[Rejection] = []
+        self.bytes_received = 0
+        self.signatures_verified = 0
+
+    @property
+    def tiers(self) -> dict[str, list[str]]:
+        """The tier map: each tier's contributing nodes, in arrival order ("" = no tier)."""
+        tiers: dict[str, list[str]] = {}
+        for contribution in self.contributions.values():
+            tiers.setdefault(contribution.tier, []).append(contribution.node)
+        return tiers
+
+    def reject(self, node: str | None, reason: str, message: str) -> Rejection:
+        """Record a refusal decided outside the engine too (e.g. a client that replied with an error)."""
+        rejection = Rejection(node, reason, message)
+        self.rejections.append(rejection)
+        return rejection
+
+    def offer(
+        self,
+        payload: bytes | None,
+        *,
+        kind: PayloadKind = "update",
+        sender: str | None = None,
+        signature: object = None,
+    ) -> Rejection | None:
+        """Check, decode, validate and fold one payload; return its rejection, or None when folded.
+
+        ``sender`` names the transport peer (e.g. a Flower node id) for refusals decided before the
+        payload's own header can be read; ``signature`` is what the sender signed it with.
+        """
+        if kind not in PAYLOAD_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(PAYLOAD_KINDS)}; got {kind!r}")
+        if payload is None:
+            return self.reject(sender, "no_payload", "reply carries neither an update nor a partial state")
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            self.bytes_received += len(payload)
+        signer = None
+        if self.check_signature is not None:
+            try:
+                signer = self.check_signature(bytes(payload), signature)
+            except Rejected as exc:
+                return self.reject(sender, exc.reason, str(exc))
+            self.signatures_verified += 1
+        try:
+            if kind == "update":
+                return self._fold_update(payload, signer)
+            return self._fold_partial(payload, signer)
+        except UpdateRejected as exc:
+            return self.reject(sender, exc.reason, str(exc))
+
+    def _admit(self, header: UpdateHeader, signer: str | None, role: str) -> Rejection | None:
+        """Refuse a payload whose named node is not its signer, or a node that already contributed."""
+        node = str(header.node_id)
+        if signer is not None and node != signer:
+            return self.reject(node, "signer_mismatch", f"payload names {role} {node} but {signer} signed it")
+        known = self.contributions.get(node)
+        if known is not None:
+            where = f" (tier {known.tier!r})" if known.tier else ""
+            return self.reject(node, "duplicate_node", f"{role} {node} already contributed this round{where}")
+        return None
+
+    def _fold_update(self, payload: bytes, signer: str | None) -> Rejection | None:
+        update = decode_update(payload, expect=self.update_expect)
+        header = update.header
+        node = str(header.node_id)
+        refused = self._admit(header, signer, "node")
+        if refused is not None:
+            return refused
+        weight = float(header.num_examples) if self.weighting == "num_examples" else 1.0
+        if weight <= 0:
+            return self.reject(node, "zero_weight", f"node {node} reported {header.num_examples} examples")
+        try:
+            tensors, fisher = self.space.merge_input(update)
+            self.state.add(tensors, weight=weight, fisher=fisher)
+        except ValueError as exc:
+            return self.reject(node, "incompatible_update", f"node {node}: {exc}")
+        self._record(header, "update", weight)
+        return None
+
+    def _fold_partial(self, payload: bytes, signer: str | None) -> Rejection | None:
+        if not self.strategy.mergeable:
+            return self.reject(None, "incompatible_update",
+                               f"strategy {self.strategy.name!r} is not a monoid: it cannot fold partial states")
+        partial = decode_partial(payload, strategy=self.strategy, expect=self.partial_expect)
+        header = partial.header
+        refused = self._admit(header, signer, "gateway")
+        if refused is not None:
+            return refused
+        try:
+            self.state.combine(partial.state)
+        except ValueError as exc:
+            return self.reject(str(header.node_id), "incompatible_update", f"gateway {header.node_id}: {exc}")
+        self._record(header, "partial", partial.state.total_weight)
+        return None
+
+    def _record(self, header: UpdateHeader, kind: PayloadKind, weight: float) -> None:
+        node = str(header.node_id)
+        self.contributions[node] = Contribution(node, kind, header.tier, header.num_examples, weight, header.metrics)
+
+    @property
+    def accepted(self) -> list[str]:
+        """The nodes (and gateways) whose payloads were folded, in arrival order."""
+        return list(self.contributions)
+
+    def metrics(self) -> dict[str, int | float]:
+        """The round's counts: accepted, rejected (and per reason), bytes, tiers, signatures, train loss."""
+        metrics: dict[str, int | float] = {
+            "accepted": len(self.contributions),
+            "rejected": len(self.rejections),
+            "uplink-bytes": self.bytes_received,
+            "tiers": len(self.tiers),
+            "signatures-verified": self.signatures_verified,
+            **{f"rejected.{reason}": n for reason, n in counts_by_reason(self.rejections).items()},
+        }
+        loss = _example_weighted(self.contributions.values(), "train-loss")
+        if loss is not None:
+            metrics["train-loss"] = loss
+        return metrics
+
+    def merged_task_vector(self) -> dict[str, torch.Tensor]:
+        """The merged change to the round's weights (raises if nothing was accepted).
+
+        Ends the round: statistics are freed as results appear, so the peak stays at one state.
+        """
+        if not self.contributions:
+            reasons = ", ".join(counts_by_reason(self.rejections)) or "no payloads"
+            raise ValueError(f"no update was accepted this round ({reasons})")
+        merged = self.state.finalize(release=True)
+        return self.space.task_vector({name: tensor.cpu() for name, tensor in merged.items()})
+
+    def finalize(self, round_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The next round's weights: ``round_weights`` plus the merged task vector; None if nothing was accepted."""
+        if not self.contributions:
+            return None
+        return apply_task_vector(dict(round_weights), self.merged_task_vector())
+
+    def encode_partial(self, header: UpdateHeader) -> bytes:
+        """The round's state as a partial-state payload (what a tier gateway forwards)."""
+        return encode_partial(self.state, header=header)
+
+
+def _example_weighted(contributions: Iterable[Contribution], key: str) -> float | None:
+    """Example-weighted mean of a numeric header metric over the contributions that report it."""
+    total = weight = 0.0
+    for contribution in contributions:
+        value = contribution.metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and contribution.num_examples > 0:
+            total += contribution.num_examples * float(value)
+            weight += contribution.num_examples
+    return total / weight if weight else None

@@ -1,0 +1,108 @@
+"""The space a run merges in: full weights, exact LoRA ΔW, or naive LoRA factors (the baseline).
+
+- full: clients send τ (already sparsified); it is merged as is.
+- LoRA exact: each client's factors become ΔWₖ = s·BₖAₖ under the base weight's name, then the run's
+  sparsifier (TIES trim or DARE) is applied to ΔWₖ and the head's τ here, on the server; the strategy
+  merges in ΔW space and the merged ΔW is added to the base.
+- LoRA factors: A and B are merged like any tensor (FedIT / FlowerTune) and the merged factors are
+  turned into s·B̄Ā afterwards; cross terms included, kept only for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from fedfuse.algebra import (
+    Sparsifier,
+    Update,
+    dare_seed_fn,
+    factor_names,
+    factors_to_deltas,
+    lora_modules,
+    sparsify_update,
+    to_dense,
+)
+from fedfuse.settings import RunSettings
+from fedfuse.wire import DecodedUpdate
+
+SpaceKind = Literal["full", "lora-exact", "lora-factors"]
+SPACE_KINDS = ("full", "lora-exact", "lora-factors")
+
+
+@dataclass(frozen=True)
+class UpdateSpace:
+    """Turns decoded updates into what the strategy merges, and the merge result into a task vector.
+
+    Parameters
+    ----------
+    kind : {"full", "lora-exact", "lora-factors"}
+        How updates are merged (see the module docstring).
+    wire_shapes : mapping of str to shape
+        The tensors an update carries (LoRA: each module's A and B factors, and the head).
+    scale : float
+        LoRA's s = alpha / rank (unused for full weights).
+    sparsifier : Sparsifier
+        Applied on the server to each ΔWₖ in LoRA-exact space (clients sparsify full updates themselves).
+    seed, seed_scope
+        The run seed and DARE seed scope, so server-side DARE masks are seeded like a client's.
+    """
+
+    kind: SpaceKind
+    wire_shapes: Mapping[str, tuple[int, ...]]
+    scale: float = 1.0
+    sparsifier: Sparsifier = field(default_factory=Sparsifier)
+    seed: int = 0
+    seed_scope: str = "node"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPACE_KINDS:
+            raise ValueError(f"update space must be one of {', '.join(SPACE_KINDS)}; got {self.kind!r}")
+        object.__setattr__(self, "wire_shapes", {name: tuple(shape) for name, shape in self.wire_shapes.items()})
+
+    @classmethod
+    def full(cls, shapes: Mapping[str, tuple[int, ...]]) -> UpdateSpace:
+        """Updates merged as sent (full fine-tuning, or any plain task vectors)."""
+        return cls("full", shapes)
+
+    @classmethod
+    def for_run(cls, settings: RunSettings, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> UpdateSpace:
+        """The space a run's settings describe (mode, LoRA aggregation, sparsifier, seeds)."""
+        if settings.training.mode == "full":
+            kind: SpaceKind = "full"
+        else:
+            kind = "lora-exact" if settings.merge.lora_aggregation == "exact" else "lora-factors"
+        return cls(
+            kind, wire_shapes, scale, settings.compression.sparsifier_spec, settings.run.seed,
+            settings.compression.seed_scope,
+        )
+
+    @property
+    def merge_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors the strategy merges (LoRA exact: each module's ΔW instead of A and B)."""
+        shapes = dict(self.wire_shapes)
+        if self.kind != "lora-exact":
+            return shapes
+        for module in lora_modules(list(shapes)):
+            a_name, b_name = factor_names(module)
+            shapes[module + ".weight"] = (shapes.pop(b_name)[0], shapes.pop(a_name)[1])
+        return shapes
+
+    def merge_input(self, update: DecodedUpdate) -> tuple[Update, Mapping[str, torch.Tensor] | None]:
+        """The (tensors, fisher) the strategy folds for one decoded update."""
+        if self.kind != "lora-exact":
+            return update.tensors, update.fisher
+        dense = {name: to_dense(tensor) for name, tensor in update.tensors.items()}
+        deltas = factors_to_deltas(dense, self.scale)
+        header = update.header
+        seed_for = dare_seed_fn(self.seed, header.round, str(header.node_id), self.seed_scope)
+        return sparsify_update(deltas, self.sparsifier, seed_for), None
+
+    def task_vector(self, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merged change to the global weights, by parameter name."""
+        if self.kind == "lora-factors":
+            return factors_to_deltas(dict(merged), self.scale)
+        return dict(merged)

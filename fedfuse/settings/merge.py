@@ -1,0 +1,123 @@
+"""Server merge settings (``settings.merge``): which strategy, its parameters, and what it merges."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from fedfuse.settings.fields import SettingsError, check_choice, setting
+from fedfuse.strategies import (
+    MergeStrategy,
+    MethodSpec,
+    available_strategies,
+    build_strategy,
+    method_spec,
+    parse_strategy_params,
+)
+
+if TYPE_CHECKING:
+    from fedfuse.settings.run_settings import RunSettings
+
+LORA_AGGREGATIONS = ("exact", "factors")
+WEIGHTINGS = ("num_examples", "uniform")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The server's merge.
+
+    Parameters
+    ----------
+    strategy : str
+        Any registered strategy (built-ins, ``@register_strategy`` and entry-point plug-ins).
+    lam, vote, strategy_params : float, str, str
+        λ; the TIES vote rule (only for strategies that declare ``vote``); the strategy's other
+        declared parameters as ``"name=value,name=value"``.
+    lora_aggregation : str
+        "exact" merges ΔW = s·BA; "factors" averages A and B (the baseline).
+    """
+
+    strategy: str = setting(
+        "fedavg",
+        "any registered strategy (plug-ins too): see the merge methods below",
+    )
+    lam: float = setting(1.0, "λ, the scale of the merged task vector")
+    vote: str = setting("mass", "TIES sign election: `mass` (Σ wτ) or `count` (Σ sign τ); strategies that declare it")
+    strategy_params: str = setting(
+        "", "the strategy's other declared parameters, `name=value,...` (e.g. `eps=1e-8` for fisher)"
+    )
+    lora_aggregation: str = setting("exact", "`exact` merges ΔW = s·B·A; `factors` averages A and B (baseline)")
+    weighting: str = setting("num_examples", "update weight: `num_examples` or `uniform`")
+    device: str = setting("auto", "where the server's merge state lives (`auto`: CUDA when present)")
+
+    def __post_init__(self) -> None:
+        check_choice(self, "strategy", tuple(available_strategies()))
+        check_choice(self, "lora_aggregation", LORA_AGGREGATIONS)
+        check_choice(self, "weighting", WEIGHTINGS)
+        check_choice(self, "device", DEVICES)
+        if not math.isfinite(self.lam):
+            raise SettingsError(f"lam must be finite; got {self.lam}")
+        try:  # every parameter checked now (types, choices, the constructor's ranges), not at the first merge
+            build_strategy(self.strategy, self.strategy_arguments(), device="cpu")
+        except ValueError as exc:
+            if isinstance(exc, SettingsError):
+                raise
+            raise SettingsError(f"strategy-params: {exc}") from None
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The declarations of the chosen strategy (parameters, Fisher need, default sparsifier)."""
+        try:
+            return method_spec(self.strategy)
+        except ValueError as exc:
+            raise SettingsError(f"strategy: {exc}") from None
+
+    def strategy_arguments(self) -> dict[str, Any]:
+        """The strategy's parameters from ``lam``, ``vote`` and ``strategy-params``, coerced and checked.
+
+        ``lam`` and ``vote`` are shorthands for the declared parameters of the same names; naming one
+        in ``strategy-params`` too, with another value, is an error, as is a non-default ``vote`` for
+        a strategy that declares no vote.
+        """
+        spec = self.spec
+        try:
+            given = parse_strategy_params(self.strategy_params)
+            arguments = spec.coerce(given)
+        except ValueError as exc:
+            raise SettingsError(f"strategy-params: {exc}") from None
+        shorthands = {"lam": self.lam, "vote": self.vote}
+        for name, value in shorthands.items():
+            if value == _FLAT_DEFAULTS[name]:  # not given: the strategy's declared default applies
+                continue
+            if not spec.declares(name):
+                declaring = [n for n in available_strategies() if _declares(n, name)]
+                raise SettingsError(
+                    f"{name} applies only to strategies that declare it ({', '.join(declaring)}); "
+                    f"strategy {self.strategy!r} does not"
+                )
+            try:
+                flat = spec.param(name).coerce(value)
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
+            if name in arguments and arguments[name] != flat:
+                raise SettingsError(f"{name} is {value!r} but strategy-params sets it to {arguments[name]!r}")
+            arguments[name] = flat
+        return arguments
+
+
+_FLAT_DEFAULTS = {f.name: f.default for f in fields(MergeSettings)}
+
+
+def _declares(strategy: str, name: str) -> bool:
+    try:
+        return method_spec(strategy).declares(name)
+    except ValueError:  # a plug-in that fails to load declares nothing
+        return False
+
+
+def build_merge_strategy(settings: RunSettings | MergeSettings) -> MergeStrategy:
+    """The run's merge strategy: its declared parameters from the merge section, on the merge device."""
+    merge = settings if isinstance(settings, MergeSettings) else settings.merge
+    return build_strategy(merge.strategy, merge.strategy_arguments(), device=merge.device)

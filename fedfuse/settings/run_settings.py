@@ -1,0 +1,133 @@
+"""``RunSettings``: the five sections of a run, built from Flower's flat run config and checked across sections.
+
+Flower hands both apps ``context.run_config``: the ``[tool.flwr.app.config]`` table of
+``pyproject.toml`` with any ``--run-config`` overrides. Keys stay flat for users (``local-steps``);
+in code each lives in its section (``settings.training.local_steps``). Each section checks its own
+fields; :class:`RunSettings` checks only the rules that span sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedfuse.settings.compression import CompressionSettings
+from fedfuse.settings.fields import Scalar, SettingsError, coerce, key, section_fields
+from fedfuse.settings.merge import MergeSettings
+from fedfuse.settings.run import RunControl
+from fedfuse.settings.source import SourceSettings
+from fedfuse.settings.training import TrainingSettings
+
+SECTIONS: dict[str, type] = {
+    "source": SourceSettings,
+    "training": TrainingSettings,
+    "compression": CompressionSettings,
+    "merge": MergeSettings,
+    "run": RunControl,
+}
+"""Section attribute of :class:`RunSettings` → its class, in run-config (and README table) order."""
+
+SECTION_OF: dict[str, str] = {name: section for section, cls in SECTIONS.items() for name in section_fields(cls)}
+"""Field name (underscored) → the section that owns it."""
+
+AUTO_FISHER_BATCHES = 4
+"""``fisher-batches = "auto"`` for a strategy that needs Fisher."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every knob of a federated run, by section; run-config key ``local-steps`` is ``training.local_steps``.
+
+    Parameters
+    ----------
+    source : SourceSettings
+        Model and data.
+    training : TrainingSettings
+        The clients' local round.
+    compression : CompressionSettings
+        What a client sends.
+    merge : MergeSettings
+        The server's merge.
+    run : RunControl
+        Rounds, sampling, evaluation, outputs, time-outs, signers.
+    """
+
+    source: SourceSettings = field(default_factory=SourceSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    run: RunControl = field(default_factory=RunControl)
+
+    def __post_init__(self) -> None:
+        needs_fisher = self.merge.spec.needs_fisher
+        name = self.merge.strategy
+        if needs_fisher and self.fisher_batch_count == 0:
+            raise SettingsError(f"strategy {name!r} needs fisher-batches >= 1 (or 'auto')")
+        if needs_fisher and self.training.mode == "lora":
+            raise SettingsError(
+                f"strategy {name!r} needs mode 'full': "
+                "a LoRA client has no Fisher diagonal for the ΔW the server merges"
+            )
+        c = self.compression
+        if self.uses_error_feedback and c.sparsifier == "dare" and c.seed_scope == "round":
+            raise SettingsError("error-feedback with round-scoped DARE seeds would drop the same entries every round")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> RunSettings:
+        """Defaults, then ``run_config`` (dashed keys), then ``overrides`` (dashed or underscored keys)."""
+        values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+        for entries in (run_config or {}, overrides):
+            for raw_key, value in entries.items():
+                name = raw_key.replace("-", "_")
+                section = SECTION_OF.get(name)
+                if section is None:
+                    raise SettingsError(f"unknown run-config key {raw_key!r}{_did_you_mean(name)}")
+                if value is not None:
+                    values[section][name] = coerce(section_fields(SECTIONS[section])[name], value)
+        return cls(**{section: SECTIONS[section](**kwargs) for section, kwargs in values.items()})
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """The settings as Flower run-config entries (flat dashed keys, scalar values)."""
+        return {
+            key(name): getattr(getattr(self, section), name)
+            for section, cls in SECTIONS.items()
+            for name in section_fields(cls)
+        }
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """A copy with some fields changed (flat underscored names, e.g. ``replace(strategy="ties")``)."""
+        grouped: dict[str, dict[str, Any]] = {}
+        for name, value in changes.items():
+            section = SECTION_OF.get(name)
+            if section is None:
+                raise SettingsError(f"unknown setting {name!r}{_did_you_mean(name)}")
+            grouped.setdefault(section, {})[name] = value
+        sections = {section: dataclasses.replace(getattr(self, section), **kw) for section, kw in grouped.items()}
+        return dataclasses.replace(self, **sections)
+
+    @property
+    def fisher_batch_count(self) -> int:
+        """Batches for the Fisher diagonal ("auto": 4 when the strategy declares it needs Fisher, else none)."""
+        if self.training.fisher_batches == "auto":
+            return AUTO_FISHER_BATCHES if self.merge.spec.needs_fisher else 0
+        return int(self.training.fisher_batches)
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        """Whether clients carry dropped mass to the next round ("auto": for trim only; never in LoRA mode)."""
+        c = self.compression
+        if c.sparsifier == "none" or self.training.mode == "lora":
+            return False
+        if c.error_feedback == "auto":
+            return c.sparsifier == "trim"
+        return bool(c.error_feedback)
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean a, b?)`` for a mistyped key: close spellings, else keys sharing its first letters."""
+    close = difflib.get_close_matches(name, SECTION_OF, n=3, cutoff=0.6)
+    close = close or sorted(k for k in SECTION_OF if k[:3] == name[:3])
+    return f" (did you mean {', '.join(key(k) for k in close)}?)" if close else ""

@@ -1,0 +1,20 @@
+"""The built-in presets: rows of the method table, not subclasses (mergekit's ``dare_ties``, ``dare_linear``)."""
+
+from __future__ import annotations
+
+from fedfuse.strategies.spec import Preset
+
+BUILT_IN_PRESETS: tuple[Preset, ...] = (
+    Preset(
+        "dare_linear",
+        base="task_arithmetic",
+        default_sparsifier="dare",
+        help="task arithmetic over DARE-dropped task vectors (PEFT/mergekit dare_linear)",
+    ),
+    Preset(
+        "dare_ties",
+        base="ties",
+        default_sparsifier="dare",
+        help="TIES over DARE-dropped task vectors (PEFT/mergekit dare_ties)",
+    ),
+)

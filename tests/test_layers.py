@@ -1,0 +1,65 @@
+"""The layers import only downward: algebra → strategies → wire → rounds → client/server glue → cli/bench."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fedfuse"
+
+ALLOWED = {
+    "rejections": set(),
+    "algebra": set(),
+    "strategies": {"algebra"},
+    "wire": {"algebra", "strategies", "rejections"},
+    "rounds": {"algebra", "strategies", "wire", "rejections", "settings"},
+    "client": {"algebra", "strategies", "wire", "rejections", "rounds", "settings", "messages", "security", "training",
+               "data", "models", "checkpoints", "known_warnings"},
+    "server": {"algebra", "strategies", "wire", "rejections", "rounds", "settings", "messages", "security", "training",
+               "data", "models", "checkpoints", "known_warnings"},
+}
+"""For each layer, the fedfuse top-level modules/packages it may import (itself always)."""
+
+
+def _fedfuse_imports(path: Path) -> set[str]:
+    """The top-level fedfuse modules a file imports (``fedfuse.wire.header`` → ``wire``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module]
+        else:
+            continue
+        names |= {module.split(".")[1] for module in modules if module.startswith("fedfuse.")}
+    return names
+
+
+def _files(layer: str) -> list[Path]:
+    single = PACKAGE / f"{layer}.py"
+    return [single] if single.exists() else sorted((PACKAGE / layer).rglob("*.py"))
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
+    offending = {
+        str(path.relative_to(PACKAGE)): sorted(_fedfuse_imports(path) - ALLOWED[layer] - {layer})
+        for path in _files(layer)
+    }
+    assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_the_client_never_imports_the_server_and_the_server_never_imports_the_client() -> None:
+    assert all("server" not in _fedfuse_imports(path) for path in _files("client"))
+    assert all("client" not in _fedfuse_imports(path) for path in _files("server"))
+
+
+def test_no_package_module_is_longer_than_400_lines_outside_bench() -> None:
+    long = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in PACKAGE.rglob("*.py")
+        if "bench" not in path.relative_to(PACKAGE).parts and (lines := len(path.read_text().splitlines())) > 400
+    }
+    assert long == {}
