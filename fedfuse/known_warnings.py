@@ -42,8 +42,10 @@ class KnownWarning:
 KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
     KnownWarning("transformers.modeling_utils", FutureWarning, "`is_gradient_checkpointing` is deprecated", True),
     KnownWarning(
-        "ray._private.worker", FutureWarning,
-        "Tip: In future versions of Ray, Ray will no longer override accelerator visible devices env var", False,
+        "ray._private.worker",
+        FutureWarning,
+        "Tip: In future versions of Ray, Ray will no longer override accelerator visible devices env var",
+        False,
     ),
 )
 
@@ -85,7 +87,9 @@ def known_warnings_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         for known in KNOWN_WARNINGS:
             warnings.filterwarnings(
-                "ignore", message=re.escape(known.message), category=known.category,
+                "ignore",
+                message=re.escape(known.message),
+                category=known.category,
                 module=re.escape(known.module) + r"\Z",
             )
         flower.addFilter(record_filter)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import ClassVar, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 from fedfuse.rejections import ROUND_REASONS, Rejected
 from fedfuse.rounds.engine import PayloadKind
@@ -37,7 +38,7 @@ PAYLOAD_RECORDS: dict[PayloadKind, str] = {"update": UPDATE_RECORD, "partial": P
 class ReplyRejected(Rejected):
     """A reply that cannot be handed to the round engine: the client failed, or it carries no payload."""
 
-    allowed = {reason: ROUND_REASONS[reason] for reason in ("client_error", "no_payload")}
+    allowed: ClassVar[dict[str, str]] = {reason: ROUND_REASONS[reason] for reason in ("client_error", "no_payload")}
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,26 @@ class RoundInstruction:
     run_id: str = ""
     base_fingerprint: str = ""
 
-    def to_config(self, extra: Mapping[str, object] | None = None) -> ConfigRecord:
+    def to_config(self, extra: Mapping[str, ConfigRecordValues] | None = None) -> ConfigRecord:
         """As the message's config record (``extra``: the run's own train/evaluate config)."""
-        return ConfigRecord({
-            **dict(extra or {}), "server-round": self.server_round, "run-id": self.run_id,
-            "base-fingerprint": self.base_fingerprint,
-        })
+        return ConfigRecord(
+            {
+                **dict(extra or {}),
+                "server-round": self.server_round,
+                "run-id": self.run_id,
+                "base-fingerprint": self.base_fingerprint,
+            }
+        )
 
     @classmethod
     def from_message(cls, message: Message) -> RoundInstruction:
         """Read it from a train or evaluate message."""
         config = message.content.config_records[CONFIG_RECORD]
-        return cls(int(cast(int, config["server-round"])), str(config.get("run-id", "")),
-                   str(config.get("base-fingerprint", "")))
+        return cls(
+            int(cast(int, config["server-round"])),
+            str(config.get("run-id", "")),
+            str(config.get("base-fingerprint", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,14 @@ class TrainReply:
 
     def to_content(self) -> RecordDict:
         """As Flower message content."""
-        records: dict[str, ArrayRecord | ConfigRecord] = {
-            PAYLOAD_RECORDS[self.kind]: ArrayRecord({PAYLOAD_KEY: Array(np.frombuffer(self.payload, dtype=np.uint8).copy())})
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            PAYLOAD_RECORDS[self.kind]: ArrayRecord(
+                {PAYLOAD_KEY: Array(np.frombuffer(self.payload, dtype=np.uint8).copy())}
+            )
         }
         if self.signature is not None:
-            records[SIGNATURE_RECORD] = ConfigRecord(self.signature.to_config())
+            signed: dict[str, ConfigRecordValues] = dict(self.signature.to_config())
+            records[SIGNATURE_RECORD] = ConfigRecord(signed)
         return RecordDict(records)
 
     def reply_to(self, message: Message) -> Message:
@@ -97,7 +108,7 @@ class TrainReply:
     def from_message(cls, message: Message) -> TrainReply:
         """Parse a reply (raises :class:`ReplyRejected` ``client_error`` when the client reported an error)."""
         if message.has_error():
-            raise ReplyRejected("client_error", message.error.reason)
+            raise ReplyRejected("client_error", message.error.reason or "the client reported an error")
         return cls.from_content(message.content)
 
 
@@ -124,7 +135,7 @@ class EvaluateReply:
 
     def to_content(self) -> RecordDict:
         """As Flower message content (metrics under Flower's ``num-examples`` convention)."""
-        config: dict[str, str | int] = {"node": self.node}
+        config: dict[str, ConfigRecordValues] = {"node": self.node}
         if self.data_sha256 is not None:
             config.update({"data-rows": int(self.data_rows or 0), "data-sha256": self.data_sha256})
         metrics = MetricRecord({**{k: float(v) for k, v in self.metrics.items()}, "num-examples": self.num_examples})
@@ -138,7 +149,7 @@ class EvaluateReply:
     def from_message(cls, message: Message) -> EvaluateReply:
         """Parse a reply (raises :class:`ReplyRejected` on a client error or a reply without metrics)."""
         if message.has_error():
-            raise ReplyRejected("client_error", message.error.reason)
+            raise ReplyRejected("client_error", message.error.reason or "the client reported an error")
         content = message.content
         if METRICS_RECORD not in content.metric_records:
             raise ReplyRejected("no_payload", "evaluate reply carries no metrics")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 WIRE_REASONS: dict[str, str] = {
     "not_bytes": "the payload is not a bytes-like object",
@@ -67,7 +68,7 @@ REASONS: dict[str, str] = {**WIRE_REASONS, **SIGNATURE_REASONS, **ROUND_REASONS}
 class Rejected(ValueError):
     """A payload was refused; ``reason`` is a slug of :data:`REASONS`, ``detail`` the human explanation."""
 
-    allowed: dict[str, str] = REASONS
+    allowed: ClassVar[dict[str, str]] = REASONS
 
     def __init__(self, reason: str, message: str) -> None:
         if reason not in self.allowed:

@@ -22,7 +22,10 @@ from fedfuse.settings import RunSettings
 DEFAULT_CLIENTS = 4
 
 RAY_OVERRIDE_ON_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
-"""Ray's switch for hiding all GPUs from a worker given none; fedfuse sets it to 1 (clients with no GPU share run on CPU)."""
+"""Ray's switch for hiding all GPUs from a worker given none.
+
+fedfuse sets it to 1: clients with no GPU share run on the CPU.
+"""
 
 
 class ClientResourcesError(ValueError):
@@ -68,8 +71,10 @@ def backend_config(*, parallel: int, client_gpus: float = 0.0, gpus: int = 0, ve
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)},
         "init_args": {
-            "num_cpus": parallel, "num_gpus": gpus if client_gpus > 0 else 0,
-            "logging_level": "ERROR", "log_to_driver": verbose,
+            "num_cpus": parallel,
+            "num_gpus": gpus if client_gpus > 0 else 0,
+            "logging_level": "ERROR",
+            "log_to_driver": verbose,
         },
     }
 
@@ -127,7 +132,10 @@ def simulate(
         )
     parallel = parallel or min(num_clients, os.cpu_count() or 1)
     config = backend_config(
-        parallel=parallel, client_gpus=client_gpus, gpus=visible_gpus() if client_gpus > 0 else 0, verbose=verbose,
+        parallel=parallel,
+        client_gpus=client_gpus,
+        gpus=visible_gpus() if client_gpus > 0 else 0,
+        verbose=verbose,
     )
     with known_warnings_silenced(), _quiet_flower(verbose), _environment_default(RAY_OVERRIDE_ON_ZERO, "1"):
         run_simulation(

@@ -169,8 +169,9 @@ def _as_fp64(strategy: MergeStrategy) -> MergeStrategy:
     return get_strategy(strategy.name, **params, dtype="float64")
 
 
-def assert_within(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, rel: float, what: str,
-                  skip: torch.Tensor | None = None) -> None:
+def assert_within(
+    got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, rel: float, what: str, skip: torch.Tensor | None = None
+) -> None:
     """|got − want| ≤ rel·scale entry by entry (entries where ``skip`` is True are not compared)."""
     error = (got.double() - want.double()).abs()
     bad = error > rel * scale.double().reshape(error.shape)

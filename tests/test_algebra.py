@@ -47,7 +47,7 @@ def test_non_floating_tensors_carry_no_task_vector() -> None:
 
 
 def test_task_vector_name_mismatch_names_the_tensors() -> None:
-    with pytest.raises(ValueError, match="missing from the tuned model: head.bias"):
+    with pytest.raises(ValueError, match=r"missing from the tuned model: head.bias"):
         task_vector({"w": torch.ones(1)}, {"w": torch.ones(1), "head.bias": torch.ones(1)})
     with pytest.raises(ValueError, match="not in the base model: extra"):
         task_vector({"w": torch.ones(1), "extra": torch.ones(1)}, {"w": torch.ones(1)})
@@ -79,7 +79,8 @@ def test_apply_task_vector_with_a_sparse_tau_equals_its_dense_form() -> None:
     base = {"w": torch.randn(6, 7, generator=gen)}
     sparse = ties_trim(torch.randn(6, 7, generator=gen), 0.3)
     torch.testing.assert_close(
-        apply_task_vector(base, {"w": sparse}, lam=2.0)["w"], apply_task_vector(base, {"w": sparse.to_dense()}, 2.0)["w"]
+        apply_task_vector(base, {"w": sparse}, lam=2.0)["w"],
+        apply_task_vector(base, {"w": sparse.to_dense()}, 2.0)["w"],
     )
 
 
@@ -169,7 +170,9 @@ def test_global_trim_keeps_floor_d_n_over_the_whole_model() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4), density=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4), density=st.floats(0.0, 1.0), seed=st.integers(0, 1000)
+)
 def test_global_trim_keeps_the_top_magnitudes_across_tensors(sizes, density, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     tau = {f"t{i}": torch.randn(n, generator=gen) * (i + 1) for i, n in enumerate(sizes)}

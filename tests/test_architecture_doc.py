@@ -83,9 +83,7 @@ def test_every_fedfuse_module_or_attribute_the_doc_names_exists() -> None:
 
 
 def test_the_package_tree_lists_every_module_and_only_modules_that_exist() -> None:
-    package = {
-        str(path.relative_to(ROOT)) for path in (ROOT / "fedfuse").rglob("*.py") if path.name != "__init__.py"
-    }
+    package = {str(path.relative_to(ROOT)) for path in (ROOT / "fedfuse").rglob("*.py") if path.name != "__init__.py"}
     listed = _tree_modules()
     assert {"not in the tree": sorted(package - listed), "not in the package": sorted(listed - package)} == {
         "not in the tree": [],
@@ -105,6 +103,7 @@ def test_the_checks_catch_a_name_that_does_not_exist() -> None:
     assert not _resolves("fedfuse.rounds.aggregator") and not _resolves("fedfuse.wire.NoSuchThing")
     assert not _resolves("fedfuse.rounds.engine.RoundEngine.offer")
     assert PATH.findall("see `fedfuse/server/aggregator.py` and tests/test_x.py.") == [
-        "fedfuse/server/aggregator.py", "tests/test_x.py."
+        "fedfuse/server/aggregator.py",
+        "tests/test_x.py.",
     ]
     assert DOTTED.findall('group `"fedfuse.trainers"` and `fedfuse.rounds`') == ["fedfuse.rounds"]

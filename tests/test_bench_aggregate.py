@@ -79,8 +79,10 @@ def _row(method: str, k: int, seconds: float, growth: int = 0, update: int = 0) 
 def test_targets_compare_against_flower_and_peft_at_the_stated_k() -> None:
     config = BenchConfig(ks=(4, 16), params=1000)
     rows = [
-        _row("flower-fedavg", 4, 1.0), _row("flower-fedavg", 16, 4.0),
-        _row("fedfuse-ties-sparse", 4, 0.4, growth=4000), _row("fedfuse-ties-sparse", 16, 2.5, growth=4000),
+        _row("flower-fedavg", 4, 1.0),
+        _row("flower-fedavg", 16, 4.0),
+        _row("fedfuse-ties-sparse", 4, 0.4, growth=4000),
+        _row("fedfuse-ties-sparse", 16, 2.5, growth=4000),
         _row("peft-ties", 16, 60.0),
         _row("fedfuse-fedavg-dense", 4, 0.5, growth=30_000, update=4000),
         _row("fedfuse-fedavg-dense", 16, 1.0, growth=4000, update=4000),

@@ -20,8 +20,16 @@ def tiny_llama(tmp_path_factory):
 
 def test_lora_on_attention_projections_of_a_local_causal_lm(tiny_llama, tmp_path):
     overrides = {
-        "model": str(tiny_llama), "task": "lm", "num-server-rounds": 2, "local-steps": 3, "batch-size": 8,
-        "max-length": 16, "lora-rank": 2, "eval-examples": 32, "client-eval-examples": 8, "learning-rate": 1e-2,
+        "model": str(tiny_llama),
+        "task": "lm",
+        "num-server-rounds": 2,
+        "local-steps": 3,
+        "batch-size": 8,
+        "max-length": 16,
+        "lora-rank": 2,
+        "eval-examples": 32,
+        "client-eval-examples": 8,
+        "learning-rate": 1e-2,
         "output-dir": str(tmp_path),
     }
     history = simulate(overrides, num_clients=2)

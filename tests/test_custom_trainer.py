@@ -73,7 +73,7 @@ def test_auto_picks_the_built_in_trainer_of_each_task():
 
 
 def test_unknown_trainers_are_refused_with_what_was_tried():
-    with pytest.raises(TrainerNotFound, match="neither built in nor an installed 'fedfuse.trainers' entry point"):
+    with pytest.raises(TrainerNotFound, match=r"neither built in nor an installed 'fedfuse.trainers' entry point"):
         resolve_trainer("no-such-trainer", "topics")
     with pytest.raises(TrainerNotFound, match="cannot import module 'no_such_module'"):
         resolve_trainer("no_such_module:train", "topics")
@@ -89,9 +89,18 @@ def test_an_entry_point_trainer_is_found_by_name(installed_plugin):
 @pytest.mark.slow
 def test_a_simulation_trains_every_client_with_the_entry_point_trainer(installed_plugin, tmp_path):
     history = simulate(
-        {"trainer": "plain-sgd", "num-server-rounds": 2, "local-steps": 2, "batch-size": 8, "max-length": 16,
-         "lora-rank": 2, "eval-examples": 32, "client-eval-examples": 8, "fraction-evaluate": 0.0,
-         "output-dir": str(tmp_path / "run")},
+        {
+            "trainer": "plain-sgd",
+            "num-server-rounds": 2,
+            "local-steps": 2,
+            "batch-size": 8,
+            "max-length": 16,
+            "lora-rank": 2,
+            "eval-examples": 32,
+            "client-eval-examples": 8,
+            "fraction-evaluate": 0.0,
+            "output-dir": str(tmp_path / "run"),
+        },
         num_clients=2,
     )
     marks = sorted(p.name for p in installed_plugin.iterdir())

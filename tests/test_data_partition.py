@@ -55,7 +55,7 @@ def test_dirichlet_assigns_every_example_exactly_once_and_respects_min_size(
     assert_exact_cover(parts, labels.size, num_clients)
     assert min(part.size for part in parts) >= min_size
     again = dirichlet_partition(labels, num_clients, alpha, seed=seed, min_size=min_size)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=False))
 
 
 @settings(max_examples=15, deadline=None)
@@ -71,7 +71,7 @@ def test_different_seeds_give_different_partitions() -> None:
     labels = np.repeat(np.arange(5), 40)
     first = dirichlet_partition(labels, 4, 0.5, seed=0)
     second = dirichlet_partition(labels, 4, 0.5, seed=1)
-    assert any(not np.array_equal(a, b) for a, b in zip(first, second))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=False))
 
 
 def test_tiny_alpha_still_gives_every_client_min_size_examples() -> None:
@@ -133,10 +133,10 @@ def test_domain_partition_keeps_domains_whole_or_gives_one_domain_per_client(
     else:
         assert all(len(mine) == 1 for mine in owned)
         for domain in domains:
-            sizes = [part.size for part, mine in zip(parts, owned) if mine == {domain}]
+            sizes = [part.size for part, mine in zip(parts, owned, strict=False) if mine == {domain}]
             assert max(sizes) - min(sizes) <= 1
     again = domain_partition(labels, num_clients, seed=seed)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=False))
 
 
 def test_domain_partition_deals_sorted_domains_round_robin() -> None:

@@ -66,7 +66,7 @@ def test_texts_are_clean_unique_one_line_prose(dataset: TopicDataset) -> None:
 
 
 def test_each_label_is_the_domain_of_its_source_module(dataset: TopicDataset) -> None:
-    for label, source in zip(dataset.labels, dataset.sources):
+    for label, source in zip(dataset.labels, dataset.sources, strict=False):
         assert domain_of(source) == LABEL_NAMES[label], source
     components = {part for source in dataset.sources for part in source.split(".")}
     assert not components & EXCLUDED_DIRS
@@ -74,7 +74,7 @@ def test_each_label_is_the_domain_of_its_source_module(dataset: TopicDataset) ->
 
 def test_known_docstrings_land_in_their_domain(dataset: TopicDataset) -> None:
     by_source: dict[str, set[str]] = {}
-    for label, source in zip(dataset.labels, dataset.sources):
+    for label, source in zip(dataset.labels, dataset.sources, strict=False):
         by_source.setdefault(source.split(".")[0], set()).add(LABEL_NAMES[label])
     assert by_source["smtplib"] == {"email"}
     assert by_source["tkinter"] == {"gui"}
@@ -135,8 +135,16 @@ def test_bad_build_parameters_are_refused() -> None:
 
 def test_label_names_are_the_documented_domains_and_each_module_has_one() -> None:
     assert LABEL_NAMES == (
-        "networking", "email", "concurrency", "gui", "markup", "numeric", "testing", "archives_files",
-        "importing_packaging", "text_processing",
+        "networking",
+        "email",
+        "concurrency",
+        "gui",
+        "markup",
+        "numeric",
+        "testing",
+        "archives_files",
+        "importing_packaging",
+        "text_processing",
     )
     listed = [module for modules in DOMAIN_MODULES.values() for module in modules]
     assert len(listed) == len(set(listed)) == len(MODULE_DOMAINS)
@@ -153,8 +161,15 @@ def test_domain_is_the_longest_dotted_prefix() -> None:
 
 def test_walk_is_sorted_skips_tests_site_packages_and_unlabelled_modules(tmp_path: Path) -> None:
     for name in [
-        "socket.py", "email/__init__.py", "email/parser.py", "test/test_socket.py", "email/tests/t.py",
-        "site-packages/http/__init__.py", "lib-dynload/ssl.py", "os.py", "README.txt",
+        "socket.py",
+        "email/__init__.py",
+        "email/parser.py",
+        "test/test_socket.py",
+        "email/tests/t.py",
+        "site-packages/http/__init__.py",
+        "lib-dynload/ssl.py",
+        "os.py",
+        "README.txt",
     ]:
         write(tmp_path / name, '"""Doc."""\n')
     found = [(module, domain) for module, domain, _ in iter_stdlib_sources(tmp_path)]
@@ -167,7 +182,9 @@ def test_missing_standard_library_folder_is_named(tmp_path: Path) -> None:
 
 
 def test_extract_reads_module_class_and_nested_function_docstrings_and_drops_ambiguous_ones(tmp_path: Path) -> None:
-    write(tmp_path / "smtplib.py", '''"""Send mail to a server over the simple mail transfer protocol."""
+    write(
+        tmp_path / "smtplib.py",
+        '''"""Send mail to a server over the simple mail transfer protocol."""
 
 class SMTP:
     """A connection to an SMTP server that delivers messages."""
@@ -183,10 +200,14 @@ def short():
 
 def shared():
     """This sentence appears in two modules of different domains."""
-''')
-    write(tmp_path / "socket.py", '''def shared():
+''',
+    )
+    write(
+        tmp_path / "socket.py",
+        '''def shared():
     """This sentence appears in two modules of different domains."""
-''')
+''',
+    )
     write(tmp_path / "ssl.py", "def broken(:\n")
     examples = topics._extract(tmp_path, 30, 300)
     assert examples == [

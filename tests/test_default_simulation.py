@@ -21,7 +21,11 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_fedfuse_simulate_with_no_arguments(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "fedfuse.cli.main", "simulate"], cwd=tmp_path, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "fedfuse.cli.main", "simulate"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""``fedfuse demo`` (the offline merge example in the README) runs, writes loadable merges, and shows TIES beating FedAvg."""
+"""``fedfuse demo`` (the README's offline merge example) runs, writes loadable merges, shows TIES beating FedAvg."""
 
 from __future__ import annotations
 

@@ -259,8 +259,11 @@ def test_compose_supernode_has_tls_auth_and_its_node_config(services, institutio
     assert 0 <= config["partition-id"] < config["num-partitions"]
 
     targets = [target for _, target, _ in compose_volumes(service)]
-    for path in (flag_value(command, "--root-certificates"), flag_value(command, "--auth-supernode-private-key"),
-                 config["signing-key"]):
+    for path in (
+        flag_value(command, "--root-certificates"),
+        flag_value(command, "--auth-supernode-private-key"),
+        config["signing-key"],
+    ):
         assert covered_by(path, targets), f"{institution}: {path} is not inside a mounted volume"
 
 
@@ -656,8 +659,11 @@ def test_healthcheck_script_exits_zero_only_on_http_200():
     thread.start()
     port = server.server_address[1]
     try:
+
         def check(*args: str) -> int:
-            done = subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, timeout=60, check=False)
+            done = subprocess.run(
+                [sys.executable, str(HEALTHCHECK), *args], capture_output=True, timeout=60, check=False
+            )
             return done.returncode
 
         assert check(f"http://127.0.0.1:{port}/health") == 0
@@ -671,18 +677,44 @@ def test_healthcheck_script_exits_zero_only_on_http_200():
 def test_readme_replaced_the_placeholder_and_covers_the_roles():
     text = (DEPLOY / "README.md").read_text()
     assert "Not built yet" not in text
-    for needle in ("flwr supernode register", "signer-registry", "gateway-members", "tier", "docker compose",
-                   "kubectl", "fedfuse certs", "fedfuse keys", ".pub"):
+    for needle in (
+        "flwr supernode register",
+        "signer-registry",
+        "gateway-members",
+        "tier",
+        "docker compose",
+        "kubectl",
+        "fedfuse certs",
+        "fedfuse keys",
+        ".pub",
+    ):
         assert needle in text, f"deploy/README.md does not mention {needle}"
 
 
 def test_readme_tells_an_institution_how_to_use_its_own_data():
     text = (DEPLOY / "README.md").read_text()
-    for needle in ('data="/data/train.jsonl"', "eval-data", "validation-fraction", "text-column", "label-column",
-                   'task="classify"', "labels=", "JSONL", "CSV", "Parquet", "save_to_disk", ":/data:ro",
-                   "readOnly: true", "data_rows", "data_sha256", "data-volumes.example.yaml"):
+    for needle in (
+        'data="/data/train.jsonl"',
+        "eval-data",
+        "validation-fraction",
+        "text-column",
+        "label-column",
+        'task="classify"',
+        "labels=",
+        "JSONL",
+        "CSV",
+        "Parquet",
+        "save_to_disk",
+        ":/data:ro",
+        "readOnly: true",
+        "data_rows",
+        "data_sha256",
+        "data-volumes.example.yaml",
+    ):
         assert needle in text, f"deploy/README.md does not mention {needle}"
-    runs = [block for block in re.findall(r"docker run .*?(?:\n\n|```)", text, re.DOTALL) if "flower-supernode" in block]
+    runs = [
+        block for block in re.findall(r"docker run .*?(?:\n\n|```)", text, re.DOTALL) if "flower-supernode" in block
+    ]
     assert runs and all(":/data:ro" in run and 'data="/data/' in run for run in runs), (
         "every `docker run` of a SuperNode mounts its data read-only and names it in the node config"
     )

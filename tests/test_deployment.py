@@ -38,12 +38,23 @@ ROWS = {"hospital-a": 48, "hospital-b": 64}
 LABELS = ("cardiac", "respiratory", "musculoskeletal")
 VALIDATION_FRACTION = 0.1
 OWN_DATA = {
-    "task": "classify", "labels": ",".join(LABELS), "text-column": "text", "label-column": "label",
+    "task": "classify",
+    "labels": ",".join(LABELS),
+    "text-column": "text",
+    "label-column": "label",
     "validation-fraction": VALIDATION_FRACTION,
 }
 TINY = {
-    "num-server-rounds": 2, "strategy": "ties", "sparsifier": "trim", "density": 0.3, "local-steps": 2,
-    "batch-size": 8, "max-length": 16, "lora-rank": 2, "eval-examples": 32, "fraction-evaluate": 0.0,
+    "num-server-rounds": 2,
+    "strategy": "ties",
+    "sparsifier": "trim",
+    "density": 0.3,
+    "local-steps": 2,
+    "batch-size": 8,
+    "max-length": 16,
+    "lora-rank": 2,
+    "eval-examples": 32,
+    "fraction-evaluate": 0.0,
     **OWN_DATA,
 }
 
@@ -77,7 +88,7 @@ def train(msg, context):
 '''
 
 
-TRIPWIRE = '''"""Test tripwire (sitecustomize): any process that builds the built-in stdlib topic task leaves a marker."""
+TRIPWIRE = '''"""Test tripwire (sitecustomize): a process that builds the built-in stdlib topic task leaves a marker."""
 import importlib.machinery
 import os
 import sys
@@ -155,9 +166,13 @@ class Federation:
         (self.tripwire / "site").mkdir(parents=True)
         (self.tripwire / "site" / "sitecustomize.py").write_text(TRIPWIRE)
         self.env = {
-            **os.environ, "FLWR_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tripwire / "site"), os.environ.get("PYTHONPATH")])),
-            "FEDFUSE_TEST_TRIPWIRE": str(self.tripwire), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "FEDFUSE_TEST_TRIPWIRE": str(self.tripwire),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
             "HF_DATASETS_CACHE": str(tmp / "hf-datasets-cache"),
         }
         # Each institution's own folder, as deploy/ lays it out: institutions/<name>/data/train.jsonl.
@@ -185,16 +200,26 @@ class Federation:
         return process
 
     def start_superlink(self) -> None:
-        process = self.start("superlink", [
-            "flower-superlink",
-            "--ssl-ca-certfile", str(self.certs["ca.crt"]),
-            "--ssl-certfile", str(self.certs["superlink.crt"]),
-            "--ssl-keyfile", str(self.certs["superlink.key"]),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.tmp / "superlink.db"),
-        ])
+        process = self.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile",
+                str(self.certs["ca.crt"]),
+                "--ssl-certfile",
+                str(self.certs["superlink.crt"]),
+                "--ssl-keyfile",
+                str(self.certs["superlink.key"]),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.tmp / "superlink.db"),
+            ],
+        )
         wait_for_port(self.port, process)
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "fed"\n\n[superlink.fed]\n'
@@ -202,7 +227,9 @@ class Federation:
         )
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            ["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def start_supernode(self, name: str, partition: int) -> subprocess.Popen:
         keys = self.keys[name]
@@ -212,15 +239,24 @@ class Federation:
         )
         if name in self.data:
             node_config += f" data='{self.data[name]}'"
-        return self.start(f"supernode-{name}", [
-            "flower-supernode",
-            "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.certs["ca.crt"]),
-            "--auth-supernode-private-key", str(keys["supernode_auth_private"]),
-            "--node-config", node_config,
-            "--port", str(free_port()),
-            "--max-retries", "3",
-        ])
+        return self.start(
+            f"supernode-{name}",
+            [
+                "flower-supernode",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--root-certificates",
+                str(self.certs["ca.crt"]),
+                "--auth-supernode-private-key",
+                str(keys["supernode_auth_private"]),
+                "--node-config",
+                node_config,
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "3",
+            ],
+        )
 
     def tripped(self) -> list[str]:
         """Command lines of processes that built the built-in task (none, in a run on own data)."""
@@ -228,9 +264,7 @@ class Federation:
 
     def data_folders(self) -> dict[str, list[tuple[str, str]]]:
         """Each institution's data folder: (file name, SHA-256) of everything in it."""
-        return {
-            name: [(p.name, sha256(p)) for p in sorted(path.parent.iterdir())] for name, path in self.data.items()
-        }
+        return {name: [(p.name, sha256(p)) for p in sorted(path.parent.iterdir())] for name, path in self.data.items()}
 
     def logs(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in self.processes if log.exists())

@@ -49,7 +49,10 @@ def gaps(ef: ErrorFeedback, taus, feedback: bool = True) -> tuple[list[float], l
 
 
 def contraction_bound(delta: float, taus) -> float:
-    """R-independent bound on ‖r‖ for a δ-contractive compressor: ‖r'‖ ≤ √(1−δ)(‖τ‖ + ‖r‖) ⇒ ‖r‖ ≤ √(1−δ)/(1−√(1−δ))·max‖τ‖."""
+    """R-independent bound on ‖r‖ for a δ-contractive compressor.
+
+    ‖r'‖ ≤ √(1−δ)(‖τ‖ + ‖r‖) ⇒ ‖r‖ ≤ √(1−δ)/(1−√(1−δ))·max‖τ‖.
+    """
     q = math.sqrt(1 - delta)
     return q / (1 - q) * max(norm(t) for t in taus)
 
@@ -81,7 +84,7 @@ def test_with_trim_feedback_the_gap_stays_bounded_and_without_it_grows_with_the_
     without, _ = gaps(ErrorFeedback(Sparsifier("trim", density, scope=scope)), taus, feedback=False)
     delta = min(int(density * math.prod(s)) / math.prod(s) for s in SHAPES.values())
     bound = contraction_bound(delta, taus)
-    for gap, residual in zip(with_feedback, residuals):
+    for gap, residual in zip(with_feedback, residuals, strict=False):
         assert gap == pytest.approx(residual, rel=1e-4)
         assert residual <= bound
     assert with_feedback[49] < 1.5 * with_feedback[4]
@@ -218,7 +221,7 @@ def test_load_state_dict_rejects_what_is_not_a_residual() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     with pytest.raises(TypeError, match="'w'"):
         ef.load_state_dict({"w": [1.0, 2.0]})
-    with pytest.raises(ValueError, match="'w'.*floating"):
+    with pytest.raises(ValueError, match=r"'w'.*floating"):
         ef.load_state_dict({"w": torch.arange(2)})
 
 
@@ -253,7 +256,7 @@ def test_a_changed_shape_is_a_clear_error_and_keeps_the_residual() -> None:
 def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(TypeError, match="Sparsifier"):
         ErrorFeedback("trim")
-    with pytest.raises(ValueError, match="'ids'.*floating"):
+    with pytest.raises(ValueError, match=r"'ids'.*floating"):
         ErrorFeedback(Sparsifier("trim", 0.5)).compress({"ids": torch.arange(4)})
 
 

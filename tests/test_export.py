@@ -50,8 +50,13 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     save_tokenizer(folder)
     config = LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=32,
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -60,8 +65,12 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bert_config() -> BertConfig:
     return BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32,
+        vocab_size=len(WORDS) + 5,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
     )
 
 
@@ -78,7 +87,11 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def delta(shape: torch.Size, seed: int) -> torch.Tensor:
     """A rank-3 change of a weight, seeded."""
     generator = torch.Generator().manual_seed(seed)
-    return 0.1 * torch.randn(shape[0], DELTA_RANK, generator=generator) @ torch.randn(DELTA_RANK, shape[1], generator=generator)
+    return (
+        0.1
+        * torch.randn(shape[0], DELTA_RANK, generator=generator)
+        @ torch.randn(DELTA_RANK, shape[1], generator=generator)
+    )
 
 
 def write_run(
@@ -118,7 +131,9 @@ def run_cli(*args: object) -> object:
     return CliRunner().invoke(app, ["export", *map(str, args)])
 
 
-def svd_tail_error(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], targets: tuple[str, ...], rank: int) -> float:
+def svd_tail_error(
+    weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], targets: tuple[str, ...], rank: int
+) -> float:
     """√(Σ over modules of the squared singular values past ``rank``) / ‖all ΔW‖_F."""
     tail = total = 0.0
     for name, tensor in weights.items():
@@ -161,7 +176,10 @@ def test_classifier_export_carries_the_trained_head_and_the_run_s_label_names(tm
 
 
 def test_classify_runs_name_their_classes_from_the_labels_key(tmp_path, bert_dir):
-    write_run(tmp_path / "run", RunSettings.from_run_config(model=str(bert_dir), task="classify", labels="negative,neutral,positive"))
+    write_run(
+        tmp_path / "run",
+        RunSettings.from_run_config(model=str(bert_dir), task="classify", labels="negative,neutral,positive"),
+    )
     export_model(tmp_path / "run", tmp_path / "model")
     config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").config
     assert config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
@@ -258,7 +276,7 @@ def test_an_adapter_refuses_a_round_that_changed_weights_outside_lora_and_head(t
     weights = write_run(tmp_path / "run", settings)[1]
     weights["bert.embeddings.word_embeddings.weight"] += 1.0
     save_checkpoint(tmp_path / "run", 2, weights, {}, settings.to_run_config())
-    with pytest.raises(ExportError, match="outside the LoRA modules.*word_embeddings"):
+    with pytest.raises(ExportError, match=r"outside the LoRA modules.*word_embeddings"):
         export_adapter(tmp_path / "run", tmp_path / "adapter", rank=2)
 
 

@@ -34,9 +34,26 @@ def warning_lines(text: str) -> list[str]:
 @pytest.mark.slow
 def test_a_tiny_fedfuse_simulate_prints_no_warning(tmp_path):
     done = subprocess.run(
-        ["fedfuse", "simulate", "--clients", "1", "--rounds", "1", "--local-steps", "1", "-o", str(tmp_path / "run"),
-         "--run-config", "batch-size=4 max-length=16 lora-rank=2 eval-examples=16 fraction-evaluate=0"],
-        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300, env={**os.environ, "COLUMNS": "120"},
+        [
+            "fedfuse",
+            "simulate",
+            "--clients",
+            "1",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "1",
+            "-o",
+            str(tmp_path / "run"),
+            "--run-config",
+            "batch-size=4 max-length=16 lora-rank=2 eval-examples=16 fraction-evaluate=0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "120"},
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -52,15 +69,18 @@ def test_known_warnings_are_hidden_and_others_still_show():
         warnings.warn_explicit(known.message + " from elsewhere", known.category, "m.py", 3, module="mylib")
         warnings.warn_explicit(known.message + " as a UserWarning", UserWarning, "m.py", 4, module=known.module)
     assert [str(w.message) for w in caught] == [
-        "an unrelated notice", known.message + " from elsewhere", known.message + " as a UserWarning",
+        "an unrelated notice",
+        known.message + " from elsewhere",
+        known.message + " as a UserWarning",
     ]
 
 
 def test_the_real_transformers_notice_is_hidden_only_inside():
     from transformers import BertConfig, BertModel
 
-    model = BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                 intermediate_size=8))
+    model = BertModel(
+        BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    )
     with warnings.catch_warnings(record=True) as outside:
         warnings.simplefilter("always")
         _ = model.is_gradient_checkpointing
@@ -124,12 +144,15 @@ def test_gpu_clients_get_their_share_and_ray_gets_every_visible_gpu():
     assert backend_config(parallel=1, client_gpus=2, gpus=3)["client_resources"]["num_gpus"] == 2.0
 
 
-@pytest.mark.parametrize(("client_gpus", "gpus", "message"), [
-    (0.5, 0, "--client-gpus 0.5 asks for GPUs but torch sees no CUDA device"),
-    (2.0, 1, "--client-gpus 2 asks for more GPUs per client than the 1 CUDA device(s) torch sees"),
-    (1.5, 2, "--client-gpus 1.5: above 1, GPUs per client must be a whole number (Ray's rule)"),
-    (-1.0, 1, "--client-gpus -1: GPUs per client must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    ("client_gpus", "gpus", "message"),
+    [
+        (0.5, 0, "--client-gpus 0.5 asks for GPUs but torch sees no CUDA device"),
+        (2.0, 1, "--client-gpus 2 asks for more GPUs per client than the 1 CUDA device(s) torch sees"),
+        (1.5, 2, "--client-gpus 1.5: above 1, GPUs per client must be a whole number (Ray's rule)"),
+        (-1.0, 1, "--client-gpus -1: GPUs per client must be 0 or more"),
+    ],
+)
 def test_impossible_gpu_requests_are_refused(client_gpus, gpus, message):
     with pytest.raises(ClientResourcesError) as caught:
         backend_config(parallel=1, client_gpus=client_gpus, gpus=gpus)
@@ -147,8 +170,9 @@ def test_simulate_asking_for_gpus_without_cuda_fails_before_anything_starts(monk
 def test_the_cli_says_so_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(simulation, "visible_gpus", lambda: 0)
     monkeypatch.setattr(simulation, "make_server_app", lambda *a: pytest.fail("the server app was built"))
-    result = CliRunner().invoke(app, ["simulate", "--client-gpus", "0.5", "-o", str(tmp_path / "run")],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app, ["simulate", "--client-gpus", "0.5", "-o", str(tmp_path / "run")], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 2
     assert "--client-gpus 0.5 asks for GPUs but torch sees no CUDA device" in result.output
     assert "Traceback" not in result.output

@@ -39,13 +39,17 @@ def test_flwr_run_from_the_repo_root(tmp_path):
     home, out = tmp_path / "flwr-home", tmp_path / "run"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     run_config = (
-        f'num-server-rounds=1 local-steps=2 batch-size=8 max-length=16 eval-examples=64 '
+        f"num-server-rounds=1 local-steps=2 batch-size=8 max-length=16 eval-examples=64 "
         f'client-eval-examples=8 output-dir="{out}"'
     )
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--stream", "--run-config", run_config],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
     finally:
         _stop_processes_mentioning(str(home))

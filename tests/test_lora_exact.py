@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from fedfuse.algebra import (
     factor_names,
@@ -43,7 +45,7 @@ def test_lora_delta_rejects_factors_that_do_not_chain():
 
 
 def test_unpaired_factor_is_named():
-    with pytest.raises(ValueError, match="without their partner.*m1"):
+    with pytest.raises(ValueError, match=r"without their partner.*m1"):
         lora_modules(["m1.lora_A", "m2.lora_A", "m2.lora_B"])
 
 
@@ -65,7 +67,7 @@ def test_naive_factor_average_differs_from_the_exact_mean_of_products(seeds, wei
     pairs = [random_factors(seed) for seed in seeds]
     weights = weights[: len(pairs)]
     total = sum(weights)
-    exact = sum(w / total * lora_delta(a, b, SCALE) for (a, b), w in zip(pairs, weights))
+    exact = sum(w / total * lora_delta(a, b, SCALE) for (a, b), w in zip(pairs, weights, strict=False))
     naive = naive_factor_average(pairs, weights, SCALE)
     assert relative_error(naive, exact) > 1e-2
 
@@ -79,16 +81,18 @@ def _payload(node: str, a: torch.Tensor, b: torch.Tensor, examples: int, fingerp
 @pytest.mark.parametrize("aggregation", ["exact", "factors"])
 def test_server_merge_of_encoded_factors(aggregation):
     """Through the wire and the round engine: exact gives Σ pₖ s BₖAₖ (1e-5), factors does not."""
-    settings = RunSettings.from_run_config(strategy="fedavg", lora_aggregation=aggregation, lora_rank=RANK, lora_alpha=SCALE * RANK)
+    settings = RunSettings.from_run_config(
+        strategy="fedavg", lora_aggregation=aggregation, lora_rank=RANK, lora_alpha=SCALE * RANK
+    )
     a_name, b_name = factor_names(MODULE)
     space = UpdateSpace.for_run(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
     merge_round = RoundEngine(get_strategy("fedavg"), space, round_number=1, run_id="run", base_fingerprint="fp")
     pairs = [random_factors(seed) for seed in (10, 11, 12)]
     examples = [100, 300, 50]
-    for k, ((a, b), n) in enumerate(zip(pairs, examples)):
+    for k, ((a, b), n) in enumerate(zip(pairs, examples, strict=False)):
         assert merge_round.offer(_payload(f"node-{k}", a, b, n, "fp")) is None
     merged = merge_round.merged_task_vector()[MODULE + ".weight"]
-    exact = sum(n / sum(examples) * lora_delta(a, b, SCALE) for (a, b), n in zip(pairs, examples))
+    exact = sum(n / sum(examples) * lora_delta(a, b, SCALE) for (a, b), n in zip(pairs, examples, strict=False))
     if aggregation == "exact":
         assert relative_error(merged, exact) < 1e-5
     else:
@@ -97,7 +101,9 @@ def test_server_merge_of_encoded_factors(aggregation):
 
 
 def test_exact_lora_ties_trims_each_delta_on_the_server():
-    settings = RunSettings.from_run_config(strategy="ties", sparsifier="trim", density=0.25, lora_rank=RANK, lora_alpha=SCALE * RANK)
+    settings = RunSettings.from_run_config(
+        strategy="ties", sparsifier="trim", density=0.25, lora_rank=RANK, lora_alpha=SCALE * RANK
+    )
     a_name, b_name = factor_names(MODULE)
     captured = []
 

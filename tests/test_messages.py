@@ -43,8 +43,12 @@ def test_a_train_reply_parses_back_to_what_was_sent(kind) -> None:
 def test_node_tier_examples_and_metrics_travel_in_the_signed_header_only() -> None:
     reply = TrainReply.from_content(TrainReply("update", _payload()).to_content())
     header = decode_update(reply.payload, expect=Expectation({"w": (2, 2)})).header
-    assert (header.node_id, header.tier, header.num_examples, header.metrics) == ("hospital-a", "eu", 12,
-                                                                                 {"train-loss": 0.5})
+    assert (header.node_id, header.tier, header.num_examples, header.metrics) == (
+        "hospital-a",
+        "eu",
+        12,
+        {"train-loss": 0.5},
+    )
     assert reply.signature is None
 
 

@@ -81,8 +81,12 @@ def test_a_missing_column_is_named_with_the_columns_the_file_has(tmp_path, minil
 def test_the_label_set_comes_from_run_config_or_is_read_once_from_the_file(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(6))
     assert run_label_names(RunSettings.from_run_config(task="classify", data=str(path))) == ("negative", "positive")
-    assert run_label_names(RunSettings.from_run_config(task="classify", data=str(path), labels="positive,negative,neutral")) == (
-        "positive", "negative", "neutral",
+    assert run_label_names(
+        RunSettings.from_run_config(task="classify", data=str(path), labels="positive,negative,neutral")
+    ) == (
+        "positive",
+        "negative",
+        "neutral",
     )
     numeric = write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": 10}, {"text": "b", "label": 2}])
     assert run_label_names(RunSettings.from_run_config(task="classify", data=str(numeric))) == ("2", "10")
@@ -94,21 +98,29 @@ def test_nodes_with_only_their_own_files_need_the_label_set_in_run_config():
 
 
 def test_a_client_with_a_label_outside_the_run_label_set_is_refused_with_its_row(tmp_path, minilm_tokenizer):
-    path = write_jsonl(tmp_path / "site.jsonl", sentiment_rows(4) + [{"text": "meh", "label": "neutral"}])
-    settings = RunSettings.from_run_config(task="classify", labels="negative,positive", client_eval_examples=0, validation_fraction=0.0)
-    with pytest.raises(DataError, match=r"site.jsonl row 4: label 'neutral' in column 'label' is not one of the run's labels \(negative, positive\)"):
+    path = write_jsonl(tmp_path / "site.jsonl", [*sentiment_rows(4), {"text": "meh", "label": "neutral"}])
+    settings = RunSettings.from_run_config(
+        task="classify", labels="negative,positive", client_eval_examples=0, validation_fraction=0.0
+    )
+    with pytest.raises(
+        DataError,
+        match=r"site.jsonl row 4: label 'neutral' in column 'label' "
+        r"is not one of the run's labels \(negative, positive\)",
+    ):
         load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=NodeData(str(path)))
 
 
 def test_sft_labels_cover_exactly_the_assistant_turns(tmp_path, chat_model):
     tokenizer = load_tokenizer(str(chat_model))
-    row = {"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "what is two plus one"},
-        {"role": "assistant", "content": "it is three"},
-        {"role": "user", "content": "and four plus one"},
-        {"role": "assistant", "content": "it is five"},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is two plus one"},
+            {"role": "assistant", "content": "it is three"},
+            {"role": "user", "content": "and four plus one"},
+            {"role": "assistant", "content": "it is five"},
+        ]
+    }
     settings = RunSettings.from_run_config(task="sft", data="x.jsonl", model=str(chat_model), max_length=64)
     tokens = tokenize_rows(datasets.Dataset.from_list([row]), tokenizer, settings, label_names=(), source="x.jsonl")
     labels = tokens.labels[0]
@@ -122,7 +134,9 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tmp_path, chat_model):
 def test_prompt_response_columns_are_the_same_as_a_user_assistant_conversation(chat_model):
     tokenizer = load_tokenizer(str(chat_model))
     settings = RunSettings.from_run_config(task="sft", data="x.jsonl", model=str(chat_model), max_length=32)
-    as_messages = tokenize_rows(datasets.Dataset.from_list(chat_rows(3)), tokenizer, settings, label_names=(), source="m")
+    as_messages = tokenize_rows(
+        datasets.Dataset.from_list(chat_rows(3)), tokenizer, settings, label_names=(), source="m"
+    )
     pairs = [{"prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]} for r in chat_rows(3)]
     as_pairs = tokenize_rows(datasets.Dataset.from_list(pairs), tokenizer, settings, label_names=(), source="p")
     assert as_messages.input_ids.equal(as_pairs.input_ids) and as_messages.labels.equal(as_pairs.labels)
@@ -132,13 +146,13 @@ def test_sft_input_errors_name_the_row_or_what_is_missing(chat_model, minilm_tok
     tokenizer = load_tokenizer(str(chat_model))
     settings = RunSettings.from_run_config(task="sft", data="chat.jsonl", model=str(chat_model), max_length=32)
     no_answer = [{"messages": [{"role": "user", "content": "hello"}]}]
-    with pytest.raises(DataError, match="chat.jsonl row 0: no assistant message"):
+    with pytest.raises(DataError, match=r"chat.jsonl row 0: no assistant message"):
         tokenize_rows(datasets.Dataset.from_list(no_answer), tokenizer, settings, label_names=(), source="chat.jsonl")
     bad_role = [{"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}]}]
-    with pytest.raises(DataError, match="chat.jsonl row 0: every message needs a role"):
+    with pytest.raises(DataError, match=r"chat.jsonl row 0: every message needs a role"):
         tokenize_rows(datasets.Dataset.from_list(bad_role), tokenizer, settings, label_names=(), source="chat.jsonl")
     wrong_columns = datasets.Dataset.from_list([{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match="needs a 'messages' column .* or 'prompt' and 'response' columns"):
+    with pytest.raises(DataError, match=r"needs a 'messages' column .* or 'prompt' and 'response' columns"):
         tokenize_rows(wrong_columns, tokenizer, settings, label_names=(), source="chat.jsonl")
     short = settings.replace(max_length=4)
     with pytest.raises(DataError, match="max-length 4 cuts off every assistant answer"):
@@ -158,8 +172,9 @@ def test_a_node_holds_out_a_seeded_validation_split_or_uses_its_own_eval_file(tm
     assert not set(first.train_rows["text"]) & set(first.eval_rows["text"])
     assert first.source.rows == 40 and first.source.sha256 == file_sha256(str(path))
     held_out = write_jsonl(tmp_path / "held-out.jsonl", sentiment_rows(6))
-    own = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1,
-                               node=NodeData(str(path), str(held_out)))
+    own = load_client_datasets(
+        settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=NodeData(str(path), str(held_out))
+    )
     assert (len(own.train_rows), len(own.eval_rows)) == (40, 6)
 
 
@@ -178,8 +193,12 @@ def test_the_built_in_task_is_not_loaded_when_a_node_has_its_own_file(tmp_path, 
 
 def test_own_data_tasks_without_any_data_and_topics_with_data_are_refused(tmp_path, minilm_tokenizer):
     with pytest.raises(DataError, match="task 'classify' trains on your data"):
-        load_client_datasets(RunSettings.from_run_config(task="classify", labels="a,b"), minilm_tokenizer, partition_id=0,
-                             num_partitions=1)
+        load_client_datasets(
+            RunSettings.from_run_config(task="classify", labels="a,b"),
+            minilm_tokenizer,
+            partition_id=0,
+            num_partitions=1,
+        )
     with pytest.raises(SettingsError, match="task 'topics' is the built-in docstring task"):
         RunSettings.from_run_config(task="topics", data="x.jsonl")
     with pytest.raises(DataError, match="task 'sft' trains on your data: give --data FILE or --data-dir DIR"):
@@ -188,6 +207,16 @@ def test_own_data_tasks_without_any_data_and_topics_with_data_are_refused(tmp_pa
 
 def test_preflight_checks_every_share_before_a_simulation_starts(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(12, institutions=3))
-    preflight(RunSettings.from_run_config(task="classify", data=str(path), partition="natural", partition_column="institution"), 3)
+    preflight(
+        RunSettings.from_run_config(
+            task="classify", data=str(path), partition="natural", partition_column="institution"
+        ),
+        3,
+    )
     with pytest.raises(DataError, match="institution"):
-        preflight(RunSettings.from_run_config(task="classify", data=str(path), partition="natural", partition_column="institution"), 4)
+        preflight(
+            RunSettings.from_run_config(
+                task="classify", data=str(path), partition="natural", partition_column="institution"
+            ),
+            4,
+        )

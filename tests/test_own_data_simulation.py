@@ -21,8 +21,16 @@ def test_one_file_partitioned_by_institution_with_server_evaluation_on_eval_data
     data = write_jsonl(tmp_path / "reviews.jsonl", sentiment_rows(60, institutions=3))
     held_out = write_jsonl(tmp_path / "held-out.jsonl", sentiment_rows(12))
     history = simulate(
-        {**TINY, "task": "classify", "data": str(data), "eval-data": str(held_out), "partition": "natural",
-         "partition-column": "institution", "num-server-rounds": 1, "output-dir": str(tmp_path / "run")},
+        {
+            **TINY,
+            "task": "classify",
+            "data": str(data),
+            "eval-data": str(held_out),
+            "partition": "natural",
+            "partition-column": "institution",
+            "num-server-rounds": 1,
+            "output-dir": str(tmp_path / "run"),
+        },
         num_clients=3,
     )
     record = history["rounds"][-1]
@@ -43,8 +51,16 @@ def test_chat_sft_on_one_file_per_client_lowers_the_federated_response_loss(tmp_
     write_jsonl(folder / "a-north.jsonl", rows[:32])
     write_jsonl(folder / "b-south.jsonl", rows[32:])
     history = simulate(
-        {**TINY, "model": str(model), "task": "sft", "data-dir": str(folder), "num-server-rounds": 2,
-         "learning-rate": 0.02, "validation-fraction": 0.25, "output-dir": str(tmp_path / "run")},
+        {
+            **TINY,
+            "model": str(model),
+            "task": "sft",
+            "data-dir": str(folder),
+            "num-server-rounds": 2,
+            "learning-rate": 0.02,
+            "validation-fraction": 0.25,
+            "output-dir": str(tmp_path / "run"),
+        },
         num_clients=2,
     )
     losses = [history["initial"]["client_loss"]] + [r["client_loss"] for r in history["rounds"]]

@@ -24,7 +24,9 @@ label_lists = st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_si
 
 def table(labels, **extra) -> datasets.Dataset:
     """A dataset with a text column, the given label column and any extra columns."""
-    return datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(len(labels))], "label": list(labels), **extra})
+    return datasets.Dataset.from_dict(
+        {"text": [f"row {i}" for i in range(len(labels))], "label": list(labels), **extra}
+    )
 
 
 def assert_exact_cover(parts: list[np.ndarray], num_rows: int, num_clients: int) -> None:
@@ -37,7 +39,7 @@ def assert_exact_cover(parts: list[np.ndarray], num_rows: int, num_clients: int)
 
 
 def assert_same(first: list[np.ndarray], second: list[np.ndarray]) -> None:
-    assert len(first) == len(second) and all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert len(first) == len(second) and all(np.array_equal(a, b) for a, b in zip(first, second, strict=False))
 
 
 def skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
@@ -121,7 +123,7 @@ def test_natural_gives_each_distinct_value_its_own_client_in_sorted_order(values
     assert names == sorted(set(values))
     parts = partition_indices(dataset, len(names), scheme="natural", column="institution")
     assert_exact_cover(parts, len(values), len(names))
-    for name, part in zip(names, parts):
+    for name, part in zip(names, parts, strict=False):
         assert {values[i] for i in part} == {name}, "each client's rows share one value: client i gets value i"
     assert_same(parts, partition_indices(dataset, len(names), scheme="natural", column="institution", seed=99))
 
@@ -149,7 +151,7 @@ def test_seeds_change_the_split() -> None:
     for scheme in ("iid", "dirichlet", "shards"):
         first = partition_indices(dataset, 4, scheme=scheme, column="label", seed=0)
         second = partition_indices(dataset, 4, scheme=scheme, column="label", seed=1)
-        assert any(not np.array_equal(a, b) for a, b in zip(first, second)), scheme
+        assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=False)), scheme
 
 
 @settings(max_examples=3, deadline=None)
@@ -166,7 +168,9 @@ def test_smaller_alpha_gives_more_label_skew(seed: int) -> None:
 
 
 @FEW
-@given(clients=st.integers(1, 5), per_client=st.integers(1, 3), rows_per_label=st.integers(1, 6), seed=st.integers(0, 999))
+@given(
+    clients=st.integers(1, 5), per_client=st.integers(1, 3), rows_per_label=st.integers(1, 6), seed=st.integers(0, 999)
+)
 def test_shards_aligned_with_labels_give_each_client_at_most_shards_per_client_labels(
     clients: int, per_client: int, rows_per_label: int, seed: int
 ) -> None:
@@ -182,7 +186,7 @@ def test_indices_refer_to_the_rows_of_the_dataset_given_even_a_shuffled_view() -
     base = table([0] * 30, institution=["a", "b", "c"] * 10)
     view = base.shuffle(seed=3).select(range(20))
     parts = partition_indices(view, 3, scheme="natural", column="institution")
-    for name, part in zip("abc", parts):
+    for name, part in zip("abc", parts, strict=False):
         assert set(view.select(part)["institution"]) == {name}
 
 
@@ -264,7 +268,7 @@ def test_empty_values_in_the_partition_column_are_refused() -> None:
 
 
 def test_a_dataset_dict_is_refused() -> None:
-    with pytest.raises(PartitionError, match="single split.*DatasetDict"):
+    with pytest.raises(PartitionError, match=r"single split.*DatasetDict"):
         partition_indices(datasets.DatasetDict({"train": table([0, 1])}), 2, scheme="iid")
 
 

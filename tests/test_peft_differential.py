@@ -38,8 +38,13 @@ def assert_equal_within_1e6(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 
 @DIFF
-@given(count=counts, shape=shapes, density=densities, seed=st.integers(0, 10**6),
-       vote=st.sampled_from([("mass", "total"), ("count", "frequency")]))
+@given(
+    count=counts,
+    shape=shapes,
+    density=densities,
+    seed=st.integers(0, 10**6),
+    vote=st.sampled_from([("mass", "total"), ("count", "frequency")]),
+)
 def test_ties_with_client_side_trim_equals_peft_ties(count, shape, density, seed, vote) -> None:
     """Unit weights; our vote="mass" is PEFT majority "total", vote="count" is "frequency"."""
     ours_vote, peft_vote = vote
@@ -88,7 +93,7 @@ def dare_inputs(count: int, shape: tuple[int, ...], density: float, seed: int):
 def test_dare_linear_equals_peft_with_the_same_masks(count, shape, density, seed, data) -> None:
     tensors, seeds, masks = dare_inputs(count, shape, density, seed)
     weights = torch.tensor(data.draw(st.lists(st.floats(0.1, 3.0), min_size=count, max_size=count)))
-    ours = merge("dare_linear", [dare_drop(t, density, s) for t, s in zip(tensors, seeds)], weights)
+    ours = merge("dare_linear", [dare_drop(t, density, s) for t, s in zip(tensors, seeds, strict=False)], weights)
     replay = ReplayBernoulli(masks, density)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "bernoulli", replay)
@@ -98,12 +103,17 @@ def test_dare_linear_equals_peft_with_the_same_masks(count, shape, density, seed
 
 
 @DIFF
-@given(count=counts, shape=shapes, density=densities, seed=st.integers(0, 10**6),
-       vote=st.sampled_from([("mass", "total"), ("count", "frequency")]))
+@given(
+    count=counts,
+    shape=shapes,
+    density=densities,
+    seed=st.integers(0, 10**6),
+    vote=st.sampled_from([("mass", "total"), ("count", "frequency")]),
+)
 def test_dare_ties_equals_peft_with_the_same_masks(count, shape, density, seed, vote) -> None:
     ours_vote, peft_vote = vote
     tensors, seeds, masks = dare_inputs(count, shape, density, seed)
-    ours = merge("dare_ties", [dare_drop(t, density, s) for t, s in zip(tensors, seeds)], vote=ours_vote)
+    ours = merge("dare_ties", [dare_drop(t, density, s) for t, s in zip(tensors, seeds, strict=False)], vote=ours_vote)
     replay = ReplayBernoulli(masks, density)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "bernoulli", replay)
@@ -125,6 +135,6 @@ def test_the_replayed_masks_are_the_ones_peft_would_draw_after_manual_seed() -> 
     """Ties the monkeypatch back to PEFT's own randomness: seeding the global RNG before each prune
     reproduces every mask, so the replay changed only the source of the bits."""
     tensors, seeds, masks = dare_inputs(3, (6, 5), 0.3, 17)
-    for tensor, seed, mask in zip(tensors, seeds, masks):
+    for tensor, seed, mask in zip(tensors, seeds, masks, strict=False):
         torch.manual_seed(seed)
         assert torch.equal(merge_utils.prune(tensor, 0.3, "random", rescale=True) != 0, mask)

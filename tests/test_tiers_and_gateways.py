@@ -1,4 +1,4 @@
-"""Tiers: nodes grouped by a ``tier`` (in their signed headers) merge exactly like a flat round; gateways send partial states."""
+"""Tiers: nodes grouped by a ``tier`` (in signed headers) merge exactly like a flat round; gateways send partials."""
 
 from __future__ import annotations
 
@@ -34,8 +34,15 @@ def _replies(strategy: FedFuseStrategy, tiers: list[str]) -> list[Message]:
     for k, tier in enumerate(tiers):
         generator = torch.Generator().manual_seed(k)
         tau = {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
-        header = UpdateHeader(run_id="run", round=1, base_fingerprint=fingerprint, node_id=f"n{k}", num_examples=10 + k,
-                              metrics={"train-loss": 1.0}, tier=tier)
+        header = UpdateHeader(
+            run_id="run",
+            round=1,
+            base_fingerprint=fingerprint,
+            node_id=f"n{k}",
+            num_examples=10 + k,
+            metrics={"train-loss": 1.0},
+            tier=tier,
+        )
         content = TrainReply("update", encode_update(tau, header=header)).to_content()
         replies.append(Message(content=content, dst_node_id=0, message_type="train"))
     return replies
@@ -90,9 +97,18 @@ def _tiered_client(overrides: dict) -> ClientApp:
 @pytest.mark.slow
 def test_a_gateway_forwards_its_members_partial_state_through_flower(tmp_path):
     overrides = {
-        "num-server-rounds": 1, "local-steps": 2, "batch-size": 8, "max-length": 16, "lora-rank": 2,
-        "eval-examples": 32, "client-eval-examples": 8, "strategy": "ties", "sparsifier": "trim", "density": 0.3,
-        "fraction-evaluate": 0.0, "output-dir": str(tmp_path),
+        "num-server-rounds": 1,
+        "local-steps": 2,
+        "batch-size": 8,
+        "max-length": 16,
+        "lora-rank": 2,
+        "eval-examples": 32,
+        "client-eval-examples": 8,
+        "strategy": "ties",
+        "sparsifier": "trim",
+        "density": 0.3,
+        "fraction-evaluate": 0.0,
+        "output-dir": str(tmp_path),
     }
     history = simulate(overrides, num_clients=3, client_app=_tiered_client(overrides))
     (record,) = history["rounds"]
@@ -108,19 +124,35 @@ def test_a_gateway_keeps_each_members_error_feedback(tmp_path):
     from fedfuse.wire import decode_partial
 
     settings = RunSettings.from_run_config(
-        mode="full", strategy="fedavg", sparsifier="trim", density=0.05, local_steps=1, batch_size=4,
-        max_length=8, eval_examples=8, client_eval_examples=4,
+        mode="full",
+        strategy="fedavg",
+        sparsifier="trim",
+        density=0.05,
+        local_steps=1,
+        batch_size=4,
+        max_length=8,
+        eval_examples=8,
+        client_eval_examples=4,
     )
     assert settings.uses_error_feedback
     stores = [ErrorFeedback(settings.compression.sparsifier_spec) for _ in range(2)]
-    result = run_gateway_round(settings, {}, round_number=1, run_id="run", shard=Shard(0, 2, "gw"), members=2,
-                               tier="region-a", error_feedback=stores)
+    result = run_gateway_round(
+        settings,
+        {},
+        round_number=1,
+        run_id="run",
+        shard=Shard(0, 2, "gw"),
+        members=2,
+        tier="region-a",
+        error_feedback=stores,
+    )
     residual_norms = [sum(float(t.norm()) for t in store.residual.values()) for store in stores]
     assert all(norm > 0 for norm in residual_norms)
     assert stores[0].residual.keys() == stores[1].residual.keys()
     assert not all(torch.equal(stores[0].residual[k], stores[1].residual[k]) for k in stores[0].residual)
-    partial = decode_partial(result.payload, strategy=build_merge_strategy(settings),
-                             expect=_partial_expectation(settings))
+    partial = decode_partial(
+        result.payload, strategy=build_merge_strategy(settings), expect=_partial_expectation(settings)
+    )
     assert partial.header.tier == "region-a" and partial.state.num_updates == 2
 
 

@@ -40,8 +40,9 @@ def payload(w=None, b=None, value_dtype: str = "float32", fisher=None, header: U
     return encode_update(tensors, header=header, value_dtype=value_dtype, fisher=fisher)
 
 
-def repack(data: bytes, header: Callable[[dict], None] | None = None,
-           blobs: Callable[[dict], None] | None = None) -> bytes:
+def repack(
+    data: bytes, header: Callable[[dict], None] | None = None, blobs: Callable[[dict], None] | None = None
+) -> bytes:
     """Edit a valid payload's header document and/or blob dict, then re-checksum it."""
     document, current = unpack(data, None)
     if header:
@@ -62,6 +63,7 @@ def as_blob(array: np.ndarray) -> torch.Tensor:
 
 def with_delta_gaps(gaps: list[int], nnz: int | None = None) -> bytes:
     """A valid ``w`` (delta-coded) whose index blob is replaced by the varints of ``gaps``."""
+
     def edit_header(doc: dict) -> None:
         doc["tensors"]["w"]["nnz"] = len(gaps) if nnz is None else nnz
 
@@ -150,8 +152,16 @@ def test_a_partial_state_payload_is_not_an_update() -> None:
         lambda doc: doc["tensors"]["w"].pop("nnz"),
         lambda doc: doc["sparsifier"].update(kind="magic"),
     ],
-    ids=["unknown-field", "missing-field", "mistyped-round", "bad-metric", "bad-encoding", "negative-dim",
-         "missing-nnz", "bad-sparsifier"],
+    ids=[
+        "unknown-field",
+        "missing-field",
+        "mistyped-round",
+        "bad-metric",
+        "bad-encoding",
+        "negative-dim",
+        "missing-nnz",
+        "bad-sparsifier",
+    ],
 )
 def test_malformed_header_fields(edit) -> None:
     assert rejected(repack(payload(), edit)).reason == "malformed_header"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -23,7 +24,8 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     """ΔW = scale · B @ A in float32 (A: r×in, B: out×r)."""
     if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
         raise ValueError(
-            f"LoRA factors do not chain: A is {tuple(lora_a.shape)}, B is {tuple(lora_b.shape)} (need B: out×r, A: r×in)"
+            f"LoRA factors do not chain: A is {tuple(lora_a.shape)}, B is {tuple(lora_b.shape)} "
+            "(need B: out×r, A: r×in)"
         )
     return (lora_b.float() @ lora_a.float()).mul_(scale)
 
@@ -47,7 +49,7 @@ def factors_to_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict
     """Replace every A/B pair by its ΔW under ``"<module>.weight"``; other tensors pass through."""
     modules = lora_modules(list(tensors))
     out: dict[str, torch.Tensor] = {}
-    factor_keys = set()
+    factor_keys: set[str] = set()
     for module in modules:
         a_name, b_name = factor_names(module)
         factor_keys.update((a_name, b_name))
@@ -68,8 +70,9 @@ def naive_factor_average(
     if len(factors) != len(weights) or not factors:
         raise ValueError("need one weight per (A, B) pair and at least one pair")
     total = float(sum(weights))
-    mean_a = sum(w / total * a.float() for (a, _), w in zip(factors, weights))
-    mean_b = sum(w / total * b.float() for (_, b), w in zip(factors, weights))
+    # factors is non-empty, so each sum is a tensor (never sum's start value 0)
+    mean_a = cast(torch.Tensor, sum(w / total * a.float() for (a, _), w in zip(factors, weights, strict=False)))
+    mean_b = cast(torch.Tensor, sum(w / total * b.float() for (_, b), w in zip(factors, weights, strict=False)))
     return lora_delta(mean_a, mean_b, scale)
 
 

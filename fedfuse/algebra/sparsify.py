@@ -8,8 +8,9 @@ way to the server. Conventions follow PEFT ``merge_utils`` and mergekit: a trim 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,9 +69,7 @@ def dare_drop(tensor: torch.Tensor, density: float, seed: int, rescale: bool = T
     values = flat[indices]
     if rescale and density > 0:
         values = values / density
-    return SparseTensor(
-        indices=indices, values=values, shape=tensor.shape, dare_seed=seed, dare_density=density
-    )
+    return SparseTensor(indices=indices, values=values, shape=tensor.shape, dare_seed=seed, dare_density=density)
 
 
 SparsifierKind = Literal["none", "trim", "dare"]
@@ -113,7 +112,7 @@ def global_trim(tau: Mapping[str, torch.Tensor], density: float) -> dict[str, Sp
     k = trim_count(magnitudes.numel(), density)
     kept = torch.topk(magnitudes, k=k, largest=True, sorted=False).indices.sort().values
     del magnitudes
-    offsets = torch.tensor([0] + sizes).cumsum(0)
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
     out: dict[str, SparseTensor] = {}
     for i, name in enumerate(names):
         lo, hi = torch.searchsorted(kept, offsets[i : i + 2]).tolist()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -16,9 +16,7 @@ def _check_same_keys(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch
         raise ValueError(f"state dicts do not match ({problem})")
 
 
-def task_vector(
-    tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def task_vector(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """τ = θ_tuned − θ_base for every floating tensor, computed in fp32.
 
     Non-floating tensors (integer buffers such as position ids) carry no task vector and are
@@ -41,9 +39,7 @@ def task_vector(
     return out
 
 
-def apply_task_vector(
-    base: Mapping[str, torch.Tensor], tau: Update, lam: float = 1.0
-) -> dict[str, torch.Tensor]:
+def apply_task_vector(base: Mapping[str, torch.Tensor], tau: Update, lam: float = 1.0) -> dict[str, torch.Tensor]:
     """θ = θ_base + λ·τ, in fp32, cast back to each base tensor's dtype.
 
     Tensors absent from ``tau`` are copied from the base unchanged; a name in ``tau`` that the

@@ -408,8 +408,13 @@ def run_benchmark(
     for k in config.ks:
         for name in config.methods:
             child = {
-                "method": name, "k": k, "params": config.params, "tensors": config.tensors,
-                "density": config.density, "device": config.device, "threads": config.threads,
+                "method": name,
+                "k": k,
+                "params": config.params,
+                "tensors": config.tensors,
+                "density": config.density,
+                "device": config.device,
+                "threads": config.threads,
                 "seed": config.seed,
             }
             runs = [runner(METHODS[name].runner, child, label=f"{name} K={k}") for _ in range(config.repeat)]
@@ -441,9 +446,7 @@ def _by_key(rows: Sequence[Row]) -> dict[tuple[str, int], Row]:
     return {(r.method, r.k): r for r in rows}
 
 
-def _speed_target(
-    rows: Sequence[Row], name: str, fast: str, slow: str, factor: float, ks: Sequence[int]
-) -> Target:
+def _speed_target(rows: Sequence[Row], name: str, fast: str, slow: str, factor: float, ks: Sequence[int]) -> Target:
     """``fast`` at least ``factor``× faster than ``slow`` at every K in ``ks``."""
     table = _by_key(rows)
     pairs = [(k, table[(fast, k)], table[(slow, k)]) for k in ks if (fast, k) in table and (slow, k) in table]
@@ -461,12 +464,20 @@ def evaluate_targets(rows: Sequence[Row], config: BenchConfig) -> list[Target]:
     """The benchmark's targets (speed against Flower and PEFT, flat memory), checked on this run's numbers."""
     ks = sorted({r.k for r in rows})
     targets = [
-        _speed_target(rows, "fedfuse TIES sparse ≤ 0.5× Flower FedAvg time, every K",
-                      "fedfuse-ties-sparse", BASELINE, 2.0, ks),
-        _speed_target(rows, "fedfuse TIES sparse ≥ 20× faster than PEFT ties at K=16",
-                      "fedfuse-ties-sparse", "peft-ties", 20.0, [16]),
-        _speed_target(rows, "fedfuse dense FedAvg ≥ 2× faster than Flower, every K",
-                      "fedfuse-fedavg-dense", BASELINE, 2.0, ks),
+        _speed_target(
+            rows, "fedfuse TIES sparse ≤ 0.5× Flower FedAvg time, every K", "fedfuse-ties-sparse", BASELINE, 2.0, ks
+        ),
+        _speed_target(
+            rows,
+            "fedfuse TIES sparse ≥ 20× faster than PEFT ties at K=16",
+            "fedfuse-ties-sparse",
+            "peft-ties",
+            20.0,
+            [16],
+        ),
+        _speed_target(
+            rows, "fedfuse dense FedAvg ≥ 2× faster than Flower, every K", "fedfuse-fedavg-dense", BASELINE, 2.0, ks
+        ),
     ]
     fedfuse_rows = [r for r in rows if METHODS[r.method].family == "fedfuse"]
     name = f"fedfuse peak RSS flat in K (≤ {MEMORY_BUDGET_STATES}·P·4 B + one update)"
@@ -491,7 +502,14 @@ def evaluate_targets(rows: Sequence[Row], config: BenchConfig) -> list[Target]:
 
 
 COLUMNS = (
-    "method", "K", "time (s)", "× Flower", "RSS growth (MB)", "growth/(P·4B)", "inputs held (MB)", "add GB/s",
+    "method",
+    "K",
+    "time (s)",
+    "× Flower",
+    "RSS growth (MB)",
+    "growth/(P·4B)",
+    "inputs held (MB)",
+    "add GB/s",
 )
 
 
@@ -503,8 +521,13 @@ def table_rows(rows: Sequence[Row], config: BenchConfig) -> list[list[str]]:
         ratio = f"{r.seconds / baseline[r.k]:.3f}" if r.k in baseline and baseline[r.k] > 0 else "—"
         held = f"{r.inputs_held_bytes / MB:.1f}"
         cells = [
-            r.method, str(r.k), f"{r.seconds:.4f}", ratio, f"{r.rss_growth_bytes / MB:.1f}",
-            f"{r.rss_growth_bytes / config.dense_bytes:.2f}", held,
+            r.method,
+            str(r.k),
+            f"{r.seconds:.4f}",
+            ratio,
+            f"{r.rss_growth_bytes / MB:.1f}",
+            f"{r.rss_growth_bytes / config.dense_bytes:.2f}",
+            held,
             "—" if r.add_gbps is None else f"{r.add_gbps:.2f}",
         ]
         if config.device == "cuda":
@@ -543,8 +566,11 @@ def to_json(rows: Sequence[Row], targets: Sequence[Target], config: BenchConfig)
         "benchmark": "aggregate",
         "config": {**asdict(config), "ks": list(config.ks), "methods": list(config.methods)},
         "environment": {
-            "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-            "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown", "peft": peft.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown",
+            "peft": peft.__version__,
             "cpu_threads": torch.get_num_threads(),
         },
         "rows": [asdict(r) for r in rows],
@@ -556,9 +582,14 @@ def to_markdown(rows: Sequence[Row], targets: Sequence[Target], config: BenchCon
     """The table, its footnotes and the target lines as markdown."""
     columns = list(COLUMNS) + (["GPU peak growth (MB)"] if config.device == "cuda" else [])
     parts: list[str] = [
-        "# fedfuse bench aggregate", "", markdown_table(columns, table_rows(rows, config)), "",
-        *(f"- {note}" for note in footnotes(rows, config)), "",
-        *(f"- **{t.verdict}** {t.name}: {t.detail}" for t in targets), "",
+        "# fedfuse bench aggregate",
+        "",
+        markdown_table(columns, table_rows(rows, config)),
+        "",
+        *(f"- {note}" for note in footnotes(rows, config)),
+        "",
+        *(f"- **{t.verdict}** {t.name}: {t.detail}" for t in targets),
+        "",
     ]
     return "\n".join(parts)
 
@@ -612,8 +643,14 @@ def aggregate(
     names = tuple(METHODS) if methods.strip() == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     try:
         config = BenchConfig(
-            ks=_parse_ks(k), params=params, tensors=tensors, density=density, repeat=repeat, device=device,
-            methods=names, threads=threads,
+            ks=_parse_ks(k),
+            params=params,
+            tensors=tensors,
+            density=density,
+            repeat=repeat,
+            device=device,
+            methods=names,
+            threads=threads,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

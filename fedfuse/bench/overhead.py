@@ -53,18 +53,24 @@ def plain_flower_client(settings: RunSettings) -> ClientApp:
         round_number = msg.content.config_records["config"]["server-round"]
         assert isinstance(round_number, int), "Flower sends the server round as an int"
         loss = train(
-            model, local_train,
+            model,
+            local_train,
             steps=steps_for(
-                len(local_train), settings.training.batch_size, settings.training.local_steps,
+                len(local_train),
+                settings.training.batch_size,
+                settings.training.local_steps,
                 settings.training.local_epochs,
             ),
-            batch_size=settings.training.batch_size, learning_rate=settings.training.lr,
+            batch_size=settings.training.batch_size,
+            learning_rate=settings.training.lr,
             seed=derive_seed(settings.run.seed, round_number, shard.node_name, "train"),
         )
-        content = RecordDict({
-            "arrays": ArrayRecord(global_state(model)),
-            "metrics": MetricRecord({"num-examples": len(local_train), "train-loss": loss}),
-        })
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(global_state(model)),
+                "metrics": MetricRecord({"num-examples": len(local_train), "train-loss": loss}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     return app
@@ -88,7 +94,9 @@ def plain_flower_server(settings: RunSettings, clients: int, round_ends: list[fl
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=clients)
         round_ends.append(time.time())
         strategy.start(
-            grid, ArrayRecord(global_state(model)), num_rounds=settings.run.num_server_rounds,
+            grid,
+            ArrayRecord(global_state(model)),
+            num_rounds=settings.run.num_server_rounds,
             evaluate_fn=evaluate,
         )
 
@@ -115,8 +123,13 @@ def overhead(
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {
-        "mode": "full", "strategy": "fedavg", "sparsifier": "none", "num-server-rounds": rounds,
-        "local-steps": local_steps, "eval-examples": eval_examples, "fraction-evaluate": 0.0,
+        "mode": "full",
+        "strategy": "fedavg",
+        "sparsifier": "none",
+        "num-server-rounds": rounds,
+        "local-steps": local_steps,
+        "eval-examples": eval_examples,
+        "fraction-evaluate": 0.0,
         "output-dir": str(out / "fedfuse-run"),
     }
     settings = RunSettings.from_run_config({}, **overrides)
@@ -127,8 +140,10 @@ def overhead(
         server_app=plain_flower_server(settings, clients, flower_ends),
         client_app=plain_flower_client(settings),
         num_supernodes=clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": min(clients, 2), "num_gpus": 0, "logging_level": "ERROR"}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": min(clients, 2), "num_gpus": 0, "logging_level": "ERROR"},
+        },
     )
     console.rule("fedfuse")
     history = simulate(overrides, num_clients=clients)
@@ -149,8 +164,18 @@ def overhead(
     text = "\n".join(lines)
     console.print(text)
     (out / "overhead.md").write_text(f"# fedfuse bench overhead\n\nclients {clients}, settings {overrides}\n\n{text}\n")
-    (out / "overhead.json").write_text(json.dumps(
-        {"clients": clients, "settings": overrides, "flower_round_s": flower_all, "fedfuse_round_s": fedfuse_all,
-         "ratio": ratio, "pass": ok}, indent=2))
+    (out / "overhead.json").write_text(
+        json.dumps(
+            {
+                "clients": clients,
+                "settings": overrides,
+                "flower_round_s": flower_all,
+                "fedfuse_round_s": fedfuse_all,
+                "ratio": ratio,
+                "pass": ok,
+            },
+            indent=2,
+        )
+    )
     if check and not ok:
         raise typer.Exit(code=1)

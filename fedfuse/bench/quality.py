@@ -3,8 +3,8 @@
 Federated rows run the real apps on Flower's simulation engine (``fedfuse.simulation.simulate``) with
 identical data, partition, seeds, clients, rounds and local steps: dense FedAvg; FedAvg with DARE
 p = 0.9 (by default rescaled by 1/(1−p), DARE's unbiased form, without error feedback; and with error
-feedback, which sends kept entries unrescaled); TIES with trim d = 0.1; Fisher with trim d = 0.1 (full fine-tuning, error feedback on for trim); LoRA
-merged exactly (ΔW) and by naive factor averaging.
+feedback, which sends kept entries unrescaled); TIES with trim d = 0.1; Fisher with trim d = 0.1 (full
+fine-tuning, error feedback on for trim); LoRA merged exactly (ΔW) and by naive factor averaging.
 
 The one-shot expert merge trains one expert per client on whole domains (``partition = domain``), one
 round from the base model, then merges the *same* expert updates with FedAvg and with TIES (each
@@ -38,8 +38,10 @@ from fedfuse.wire import Expectation, decode_update, encode_update
 FEDERATED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dense FedAvg", {"mode": "full", "strategy": "fedavg", "sparsifier": "none"}),
     ("FedAvg + DARE p=0.9", {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1}),
-    ("FedAvg + DARE p=0.9 + error feedback",
-     {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1, "error-feedback": True}),
+    (
+        "FedAvg + DARE p=0.9 + error feedback",
+        {"mode": "full", "strategy": "fedavg", "sparsifier": "dare", "density": 0.1, "error-feedback": True},
+    ),
     ("TIES d=0.1", {"mode": "full", "strategy": "ties", "sparsifier": "trim", "density": 0.1}),
     ("Fisher d=0.1", {"mode": "full", "strategy": "fisher", "sparsifier": "trim", "density": 0.1}),
     ("LoRA exact", {"mode": "lora", "strategy": "fedavg", "lora-aggregation": "exact"}),
@@ -68,7 +70,11 @@ def _federated(label: str, row: dict[str, Any], common: dict[str, Any], clients:
     history = simulate({**common, **row, "output-dir": str(folder)}, num_clients=clients)
     accuracies = [r["accuracy"] for r in history["rounds"]]
     return QualityRow(
-        label, accuracies[-1], accuracies, None, sum(r["uplink_bytes"] for r in history["rounds"]),
+        label,
+        accuracies[-1],
+        accuracies,
+        None,
+        sum(r["uplink_bytes"] for r in history["rounds"]),
         time.perf_counter() - started,
     )
 
@@ -86,8 +92,8 @@ def _expert_rows(common: dict[str, Any], experts: int, steps: int, console: Cons
     updates, owned = [], []
     for k in range(experts):
         console.print(f"expert {k + 1}/{experts}: training on {len(data.partitions[k])} examples")
-        result = run_local_round(settings, {}, round_number=1, run_id="experts", shard=Shard(k, experts, f"expert-{k}"))
-        updates.append(result)
+        local = run_local_round(settings, {}, round_number=1, run_id="experts", shard=Shard(k, experts, f"expert-{k}"))
+        updates.append(local)
         owned.append({data.domain_names[int(d)] for d in set(data.train.labels[data.partitions[k]].tolist())})
     train_seconds = time.perf_counter() - started
     expert_accuracy: dict[str, float] = {}
@@ -99,24 +105,41 @@ def _expert_rows(common: dict[str, Any], experts: int, steps: int, console: Cons
     rows = []
     for label, strategy, trim in (("expert merge FedAvg", "fedavg", None), ("expert merge TIES", "ties", EXPERT_TRIM)):
         merge_started = time.perf_counter()
-        payloads = [u.payload for u in updates] if trim is None else [
-            encode_update(sparsify_update(update.tensors, Sparsifier("trim", trim)), header=update.header)
-            for update in decoded
-        ]
+        payloads = (
+            [u.payload for u in updates]
+            if trim is None
+            else [
+                encode_update(
+                    sparsify_update({n: to_dense(t) for n, t in update.tensors.items()}, Sparsifier("trim", trim)),
+                    header=update.header,
+                )
+                for update in decoded
+            ]
+        )
         merge_round = RoundEngine(build_merge_strategy(settings.replace(strategy=strategy)), UpdateSpace.full(shapes))
         for payload in payloads:
             rejection = merge_round.offer(payload)
             if rejection is not None:
                 raise RuntimeError(rejection.message)
         merged = merge_round.finalize(base)
+        if merged is None:
+            raise RuntimeError(f"{label}: the merge accepted no expert update")
         load_global_state(model, merged)
         result = evaluate(model, test, data.domain_names)
         retention = [result.per_domain[d] / expert_accuracy[d] for d in expert_accuracy if expert_accuracy[d] > 0]
-        rows.append(QualityRow(
-            label, result.accuracy, [result.accuracy], sum(retention) / len(retention),
-            sum(len(u.payload) for u in updates), train_seconds + time.perf_counter() - merge_started,
-        ))
-    console.print("expert accuracy on own domains: " + ", ".join(f"{d} {a:.3f}" for d, a in sorted(expert_accuracy.items())))
+        rows.append(
+            QualityRow(
+                label,
+                result.accuracy,
+                [result.accuracy],
+                sum(retention) / len(retention),
+                sum(len(u.payload) for u in updates),
+                train_seconds + time.perf_counter() - merge_started,
+            )
+        )
+    console.print(
+        "expert accuracy on own domains: " + ", ".join(f"{d} {a:.3f}" for d, a in sorted(expert_accuracy.items()))
+    )
     return rows
 
 
@@ -126,8 +149,11 @@ def _table(rows: list[QualityRow]) -> Table:
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in rows:
         table.add_row(
-            r.method, f"{r.final_accuracy:.4f}", " ".join(f"{a:.3f}" for a in r.accuracy_by_round),
-            "—" if r.mean_retention is None else f"{r.mean_retention:.3f}", f"{r.uplink_bytes / 1e6:.2f}",
+            r.method,
+            f"{r.final_accuracy:.4f}",
+            " ".join(f"{a:.3f}" for a in r.accuracy_by_round),
+            "—" if r.mean_retention is None else f"{r.mean_retention:.3f}",
+            f"{r.uplink_bytes / 1e6:.2f}",
             f"{r.wall_seconds:.0f}",
         )
     return table
@@ -140,20 +166,35 @@ def _checks(rows: list[QualityRow]) -> list[tuple[bool, str]]:
     for name in ("TIES d=0.1", "Fisher d=0.1"):
         if dense and name in by:
             ratio = by[name].final_accuracy / dense.final_accuracy
-            checks.append((ratio >= TARGET_SPARSE_RATIO, f"{name} final accuracy ≥ {TARGET_SPARSE_RATIO}× dense FedAvg: {ratio:.3f}×"))
+            checks.append(
+                (
+                    ratio >= TARGET_SPARSE_RATIO,
+                    f"{name} final accuracy ≥ {TARGET_SPARSE_RATIO}× dense FedAvg: {ratio:.3f}×",
+                )
+            )
     ties, fedavg = by.get("expert merge TIES"), by.get("expert merge FedAvg")
-    if ties and fedavg:
-        checks.append((ties.mean_retention >= TARGET_RETENTION,
-                       f"expert merge mean retention ≥ {TARGET_RETENTION} (TIES): {ties.mean_retention:.3f}"))
-        checks.append((ties.mean_retention >= fedavg.mean_retention,
-                       f"expert merge TIES ≥ FedAvg retention: {ties.mean_retention:.3f} vs {fedavg.mean_retention:.3f}"))
+    if ties and fedavg and ties.mean_retention is not None and fedavg.mean_retention is not None:
+        checks.append(
+            (
+                ties.mean_retention >= TARGET_RETENTION,
+                f"expert merge mean retention ≥ {TARGET_RETENTION} (TIES): {ties.mean_retention:.3f}",
+            )
+        )
+        checks.append(
+            (
+                ties.mean_retention >= fedavg.mean_retention,
+                f"expert merge TIES ≥ FedAvg retention: {ties.mean_retention:.3f} vs {fedavg.mean_retention:.3f}",
+            )
+        )
     return checks
 
 
 def _markdown(rows: list[QualityRow], checks: list[tuple[bool, str]], common: dict[str, Any], clients: int) -> str:
     lines = [
-        "# fedfuse bench quality", "",
-        f"clients {clients}; settings: " + ", ".join(f"{k}={v}" for k, v in sorted(common.items())), "",
+        "# fedfuse bench quality",
+        "",
+        f"clients {clients}; settings: " + ", ".join(f"{k}={v}" for k, v in sorted(common.items())),
+        "",
         "| method | final accuracy | accuracy by round | mean retention | uplink MB | wall s |",
         "|---|---:|---|---:|---:|---:|",
     ]
@@ -178,7 +219,9 @@ def _plot(rows: list[QualityRow], path: Path) -> None:
     axis.barh(names, [r.final_accuracy for r in rows], color="tab:blue", label="final accuracy")
     retained = [(i, r.mean_retention) for i, r in enumerate(rows) if r.mean_retention is not None]
     if retained:
-        axis.scatter([v for _, v in retained], [i for i, _ in retained], color="tab:red", zorder=3, label="mean retention")
+        axis.scatter(
+            [v for _, v in retained], [i for i, _ in retained], color="tab:red", zorder=3, label="mean retention"
+        )
     axis.invert_yaxis()
     axis.set_xlim(0, 1.05)
     axis.set_xlabel("accuracy / retention")
@@ -191,7 +234,9 @@ def quality(
     clients: Annotated[int, typer.Option("--clients", help="Simulated clients of the federated rows.", min=1)] = 4,
     rounds: Annotated[int, typer.Option("--rounds", help="Server rounds of the federated rows.", min=1)] = 4,
     local_steps: Annotated[int, typer.Option("--local-steps", help="Local steps per client per round.", min=1)] = 20,
-    experts: Annotated[int, typer.Option("--experts", help="Domain experts of the one-shot merge (0: skip).", min=0)] = 5,
+    experts: Annotated[
+        int, typer.Option("--experts", help="Domain experts of the one-shot merge (0: skip).", min=0)
+    ] = 5,
     expert_steps: Annotated[int, typer.Option("--expert-steps", help="Local steps of each expert.", min=1)] = 40,
     rows: Annotated[str, typer.Option("--rows", help="Comma list of federated rows to run (default: all).")] = "",
     seed: Annotated[int, typer.Option("--seed", help="Seed shared by every row.")] = 0,
@@ -208,7 +253,9 @@ def quality(
     wanted = {name.strip() for name in rows.split(",") if name.strip()}
     unknown = wanted - {label for label, _ in FEDERATED_ROWS}
     if unknown:
-        raise typer.BadParameter(f"unknown rows {sorted(unknown)}; choose from {[label for label, _ in FEDERATED_ROWS]}")
+        raise typer.BadParameter(
+            f"unknown rows {sorted(unknown)}; choose from {[label for label, _ in FEDERATED_ROWS]}"
+        )
     results: list[QualityRow] = []
     for label, row in FEDERATED_ROWS:
         if wanted and label not in wanted:
@@ -223,9 +270,17 @@ def quality(
     for ok, text in checks:
         console.print(f"{'[green]PASS' if ok else '[red]FAIL'}[/] {text}")
     (out / "quality.md").write_text(_markdown(results, checks, common, clients))
-    (out / "quality.json").write_text(json.dumps(
-        {"settings": common, "clients": clients, "rows": [asdict(r) for r in results],
-         "checks": [{"pass": ok, "check": text} for ok, text in checks]}, indent=2))
+    (out / "quality.json").write_text(
+        json.dumps(
+            {
+                "settings": common,
+                "clients": clients,
+                "rows": [asdict(r) for r in results],
+                "checks": [{"pass": ok, "check": text} for ok, text in checks],
+            },
+            indent=2,
+        )
+    )
     _plot(results, out / "quality.png")
     console.print(f"saved {out / 'quality.md'}, {out / 'quality.json'}, {out / 'quality.png'}")
     if check and not all(ok for ok, _ in checks):

@@ -34,8 +34,12 @@ TARGET_TIES_BYTES = 0.35
 TARGET_MBPS = 200.0
 VALUE_DTYPES = ("float32", "bfloat16")
 SPARSE_CASES: tuple[tuple[str, SparsifierKind, float], ...] = (
-    ("TIES d=0.05", "trim", 0.05), ("TIES d=0.1", "trim", 0.1), ("TIES d=0.2", "trim", 0.2),
-    ("DARE p=0.8", "dare", 0.2), ("DARE p=0.9", "dare", 0.1), ("DARE p=0.95", "dare", 0.05),
+    ("TIES d=0.05", "trim", 0.05),
+    ("TIES d=0.1", "trim", 0.1),
+    ("TIES d=0.2", "trim", 0.2),
+    ("DARE p=0.8", "dare", 0.2),
+    ("DARE p=0.9", "dare", 0.1),
+    ("DARE p=0.95", "dare", 0.05),
 )
 """(label, sparsifier kind, kept density): DARE's drop rate p keeps density 1 − p."""
 
@@ -78,14 +82,30 @@ def _median_ms(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return statistics.median(times) * 1e3, result
 
 
-def _measure(case: str, update: dict, value_dtype: str, header: UpdateHeader, expect: Expectation,
-             params: int, repeat: int, sparsify_ms: float | None) -> Row:
+def _measure(
+    case: str,
+    update: dict,
+    value_dtype: str,
+    header: UpdateHeader,
+    expect: Expectation,
+    params: int,
+    repeat: int,
+    sparsify_ms: float | None,
+) -> Row:
     encode_ms, data = _median_ms(lambda: encode_update(update, header=header, value_dtype=value_dtype), repeat)
     decode_ms, decoded = _median_ms(lambda: decode_update(data, expect=expect), repeat)
     kinds = sorted({entry.encoding for entry in decoded.entries.values()})
     return Row(
-        case, value_dtype, "+".join(kinds), len(data), len(data) / params, sparsify_ms, encode_ms, decode_ms,
-        params * 4 / 1e6 / ((encode_ms + decode_ms) / 1e3), sparse=sparsify_ms is not None,
+        case,
+        value_dtype,
+        "+".join(kinds),
+        len(data),
+        len(data) / params,
+        sparsify_ms,
+        encode_ms,
+        decode_ms,
+        params * 4 / 1e6 / ((encode_ms + decode_ms) / 1e3),
+        sparse=sparsify_ms is not None,
     )
 
 
@@ -96,8 +116,16 @@ def _flower_row(tau: dict[str, torch.Tensor], params: int, repeat: int) -> Row:
     decode_ms, _ = _median_ms(record.to_torch_state_dict, repeat)
     size = record.count_bytes()
     return Row(
-        "Flower ArrayRecord (dense)", "float32", "numpy", size, size / params, None, encode_ms, decode_ms,
-        params * 4 / 1e6 / ((encode_ms + decode_ms) / 1e3), sparse=False,
+        "Flower ArrayRecord (dense)",
+        "float32",
+        "numpy",
+        size,
+        size / params,
+        None,
+        encode_ms,
+        decode_ms,
+        params * 4 / 1e6 / ((encode_ms + decode_ms) / 1e3),
+        sparse=False,
     )
 
 
@@ -122,12 +150,19 @@ def _targets(rows: list[Row]) -> list[tuple[str, bool]]:
     ties = by_case[("TIES d=0.1", "bfloat16")]
     slowest = min((r for r in rows if r.sparse), key=lambda r: r.mbps)
     return [
-        (f"DARE p=0.9 bf16 bytes/param {dare.bytes_per_param:.4f} <= {TARGET_DARE_BYTES}",
-         dare.bytes_per_param <= TARGET_DARE_BYTES),
-        (f"TIES d=0.1 bf16 bytes/param {ties.bytes_per_param:.4f} <= {TARGET_TIES_BYTES}",
-         ties.bytes_per_param <= TARGET_TIES_BYTES),
-        (f"every sparse row encode+decode >= {TARGET_MBPS:.0f} MB/s (slowest: {slowest.case} "
-         f"{slowest.values}, {slowest.mbps:,.0f} MB/s)", slowest.mbps >= TARGET_MBPS),
+        (
+            f"DARE p=0.9 bf16 bytes/param {dare.bytes_per_param:.4f} <= {TARGET_DARE_BYTES}",
+            dare.bytes_per_param <= TARGET_DARE_BYTES,
+        ),
+        (
+            f"TIES d=0.1 bf16 bytes/param {ties.bytes_per_param:.4f} <= {TARGET_TIES_BYTES}",
+            ties.bytes_per_param <= TARGET_TIES_BYTES,
+        ),
+        (
+            f"every sparse row encode+decode >= {TARGET_MBPS:.0f} MB/s (slowest: {slowest.case} "
+            f"{slowest.values}, {slowest.mbps:,.0f} MB/s)",
+            slowest.mbps >= TARGET_MBPS,
+        ),
     ]
 
 
@@ -227,10 +262,15 @@ def _run(params: int, repeat: int, out: Path, fuzz: int, seed: int) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     (out / "wire.md").write_text(text + "\n", encoding="utf-8")
     result = {
-        "params": params, "repeat": repeat, "seed": seed, "threads": torch.get_num_threads(),
-        "load_average": [load_before, load_after], "rows": [asdict(r) for r in rows],
+        "params": params,
+        "repeat": repeat,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "load_average": [load_before, load_after],
+        "rows": [asdict(r) for r in rows],
         "fingerprint": {"ms": fp_ms, "mbps": fp_mbps},
-        "targets": [{"target": t, "pass": ok} for t, ok in targets], "fuzz": fuzz_summary,
+        "targets": [{"target": t, "pass": ok} for t, ok in targets],
+        "fuzz": fuzz_summary,
     }
     (out / "wire.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return not all(ok for _, ok in targets) or bool(fuzz_summary and fuzz_summary.get("escaped"))

@@ -10,6 +10,7 @@ specialty every method keeps.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -29,13 +30,17 @@ DEMO_METHODS: tuple[tuple[str, float | None], ...] = (
 
 
 def _write_base(folder: Path, seed: int) -> dict[str, torch.Tensor]:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]  # lazy alias
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
         max_position_embeddings=64,
     )
     model = BertModel(config)
@@ -50,7 +55,9 @@ def _write_base(folder: Path, seed: int) -> dict[str, torch.Tensor]:
 def _institution_parts(base: dict[str, torch.Tensor], seed: int):
     """Shared change s, each institution's sparse specialty u_k (disjoint supports) and noise n_k."""
     generator = torch.Generator().manual_seed(seed)
-    shared, own, noise = {}, [dict() for _ in range(NUM_INSTITUTIONS)], [dict() for _ in range(NUM_INSTITUTIONS)]
+    shared: dict[str, torch.Tensor] = {}
+    own: list[dict[str, torch.Tensor]] = [{} for _ in range(NUM_INSTITUTIONS)]
+    noise: list[dict[str, torch.Tensor]] = [{} for _ in range(NUM_INSTITUTIONS)]
     for name, tensor in base.items():
         if not tensor.is_floating_point():
             continue
@@ -79,8 +86,8 @@ def _loads_with_transformers(folder: Path) -> bool:
 
 
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Folder for the generated models and the merges."),
-    seed: int = typer.Option(0, help="Seed of the generated example and of DARE."),
+    out: Annotated[Path, typer.Option(help="Folder for the generated models and the merges.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the generated example and of DARE.")] = 0,
 ) -> None:
     """Merge a generated three-institution example with fedavg, task arithmetic, TIES and DARE-TIES."""
     console = Console()
@@ -107,7 +114,13 @@ def demo(
     for method, density in DEMO_METHODS:
         merged_dir = out / f"merged-{method}"
         merge_models(
-            base_dir, model_dirs, method=method, density=density, seed=seed, out=merged_dir, force=True,
+            base_dir,
+            model_dirs,
+            method=method,
+            density=density,
+            seed=seed,
+            out=merged_dir,
+            force=True,
         )
         merged = load_file(merged_dir / "model.safetensors")
         tau = {name: merged[name].float() - base[name].float() for name in shared}

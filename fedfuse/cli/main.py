@@ -36,10 +36,14 @@ def main(
 
 app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
 app.command("simulate", help="Run a federated simulation (Flower simulation engine) and write a report.")(simulate)
-app.command("export", help="Export a run's global model as a Hugging Face folder, or a LoRA run's ΔW as a PEFT adapter.")(export)
+app.command(
+    "export", help="Export a run's global model as a Hugging Face folder, or a LoRA run's ΔW as a PEFT adapter."
+)(export)
 app.command("certs", help="Make a CA and a SuperLink TLS certificate with the given SANs.")(certs)
 app.command("keys", help="Make an institution's SuperNode auth and update-signing key pairs.")(keys)
-registry_app = typer.Typer(help="The coordinator's registry of institutions' update-signing keys.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The coordinator's registry of institutions' update-signing keys.", no_args_is_help=True
+)
 registry_app.command("add", help="Register an institution's update-signing public key.")(registry_add)
 app.add_typer(registry_app, name="registry")
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
@@ -47,12 +51,15 @@ app.command("demo", help="Merge a generated three-institution example with sever
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
 bench_app.command("aggregate", help="Server-side aggregation time and peak memory against Flower and PEFT.")(aggregate)
 bench_app.command("wire", help="Bytes per parameter and encode/decode speed of update payloads.")(wire)
-bench_app.command("quality", help="Accuracy, expert retention, uplink and time of merge methods (same data, seeds).")(quality)
-bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(overhead)
+bench_app.command("quality", help="Accuracy, expert retention, uplink and time of merge methods (same data, seeds).")(
+    quality
+)
+bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(
+    overhead
+)
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 
 
 if __name__ == "__main__":
     app()
-

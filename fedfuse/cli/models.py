@@ -28,9 +28,7 @@ from fedfuse.models.smollm2 import (
 
 CacheDir = Annotated[
     Path | None,
-    typer.Option(
-        "--cache-dir", help="Cache root (default $FEDFUSE_CACHE_DIR or ~/.cache/fedfuse).", file_okay=False
-    ),
+    typer.Option("--cache-dir", help="Cache root (default $FEDFUSE_CACHE_DIR or ~/.cache/fedfuse).", file_okay=False),
 ]
 
 
@@ -47,7 +45,9 @@ def prepare(
     """Convert an embedded model once into a Hugging Face folder in the cache, and print where it is."""
     console = Console()
     if name == DEFAULT_MODEL:
-        console.print(f"nothing to prepare: '{DEFAULT_MODEL}' is loaded straight from its package folder", highlight=False)
+        console.print(
+            f"nothing to prepare: '{DEFAULT_MODEL}' is loaded straight from its package folder", highlight=False
+        )
         return
     if name != SMOLLM2_MODEL:
         raise typer.BadParameter(f"unknown embedded model {name!r}: the one to prepare is {SMOLLM2_MODEL!r}")
@@ -68,8 +68,11 @@ def prepare(
         return
     elapsed = time.perf_counter() - start
     what = "already prepared" if reused else "prepared"
-    console.print(f"[green]{what}[/green] {SMOLLM2_MODEL} in {escape(str(folder))} ({elapsed:.1f} s)", soft_wrap=True,
-                  highlight=False)
+    console.print(
+        f"[green]{what}[/green] {SMOLLM2_MODEL} in {escape(str(folder))} ({elapsed:.1f} s)",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def _default_row() -> tuple[str, str, str, str]:
@@ -101,10 +104,16 @@ def list_models(cache_dir: CacheDir = None) -> None:
     console = Console()
     for name, model, state, folder in (_default_row(), _smollm2_row(cache_dir)):
         colour = "green" if state.startswith(("ready", "prepared")) else "yellow"
-        console.print(f"[bold]{name:<8}[/bold] {escape(model)}: [{colour}]{escape(state)}[/{colour}]", soft_wrap=True,
-                      highlight=False)
+        console.print(
+            f"[bold]{name:<8}[/bold] {escape(model)}: [{colour}]{escape(state)}[/{colour}]",
+            soft_wrap=True,
+            highlight=False,
+        )
         console.print(f"{'':<8} {escape(folder)}", soft_wrap=True, highlight=False)
 
+
 models_app = typer.Typer(help="The embedded models: list them, prepare SmolLM2 once.", no_args_is_help=True)
-models_app.command("prepare", help="Convert an embedded model (smollm2) once into the cache; prints the folder.")(prepare)
+models_app.command("prepare", help="Convert an embedded model (smollm2) once into the cache; prints the folder.")(
+    prepare
+)
 models_app.command("list", help="The embedded models, whether each is prepared, and where.")(list_models)

@@ -12,9 +12,9 @@ from fedfuse.security import KeyFileError, Registry, write_certificates, write_i
 
 
 def certs(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ca.crt, ca.key, superlink.crt, superlink.key.")] = Path(
-        "certs"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for ca.crt, ca.key, superlink.crt, superlink.key.")
+    ] = Path("certs"),
     hosts: Annotated[
         str, typer.Option("--hosts", help="Comma list of DNS names and IPs the SuperLink is reached at (its SANs).")
     ] = "localhost,127.0.0.1",
@@ -30,20 +30,25 @@ def certs(
     for path in written.values():
         console.print(f"wrote {path}")
     console.print(
-        "SuperLink: --ssl-ca-certfile {ca} --ssl-certfile {crt} --ssl-keyfile {key}; give institutions only {ca}".format(
+        "SuperLink: --ssl-ca-certfile {ca} --ssl-certfile {crt} --ssl-keyfile {key}; "
+        "give institutions only {ca}".format(
             ca=written["ca.crt"], crt=written["superlink.crt"], key=written["superlink.key"]
         )
     )
 
 
 def keys(
-    institution: Annotated[str, typer.Option("--institution", "-i", help="The institution's name (as in its node config).")],
+    institution: Annotated[
+        str, typer.Option("--institution", "-i", help="The institution's name (as in its node config).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Keys go to OUT/INSTITUTION/.")] = Path("keys"),
     registry: Annotated[
         Path | None,
         typer.Option("--registry", help="Also add the update-signing public key to this signer registry (JSON)."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing keys / a different registered key.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite existing keys / a different registered key.")
+    ] = False,
 ) -> None:
     """Make an institution's SuperNode auth key pair (ECDSA P-384, OpenSSH) and update-signing pair (Ed25519)."""
     try:
@@ -66,12 +71,16 @@ def keys(
 
 
 def registry_add(
-    institution: Annotated[str, typer.Option("--institution", "-i", help="The institution's name (as in its node config).")],
+    institution: Annotated[
+        str, typer.Option("--institution", "-i", help="The institution's name (as in its node config).")
+    ],
     public_key: Annotated[Path, typer.Option("--public-key", "-k", help="The update-signing.key.pub it sent.")],
-    registry: Annotated[Path, typer.Option("--registry", help="The signer registry (JSON), created if missing.")] = Path(
-        "registry.json"
-    ),
-    force: Annotated[bool, typer.Option("--force", help="Replace a different key already registered for the name.")] = False,
+    registry: Annotated[
+        Path, typer.Option("--registry", help="The signer registry (JSON), created if missing.")
+    ] = Path("registry.json"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a different key already registered for the name.")
+    ] = False,
 ) -> None:
     """Add a received Ed25519 update-signing public key to the coordinator's signer registry."""
     try:

@@ -41,7 +41,7 @@ def shard_of(context: Context) -> Shard:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(
             "node config needs integer 'partition-id' and 'num-partitions' "
-            f"(e.g. --node-config \"partition-id=0 num-partitions=2\"); got {dict(config)}"
+            f'(e.g. --node-config "partition-id=0 num-partitions=2"); got {dict(config)}'
         ) from exc
     name = str(config.get("institution", "") or f"partition-{partition_id}")
     node_data = NodeData(str(config.get("data", "") or ""), str(config.get("eval-data", "") or ""))
@@ -70,21 +70,38 @@ def _signature(context: Context, shard: Shard, instruction: RoundInstruction, pa
     if not key_path:
         return None
     return sign_update(
-        load_signing_key(key_path), institution=shard.node_name, run_id=instruction.run_id,
-        round_number=instruction.server_round, base_fingerprint=instruction.base_fingerprint, payload=payload,
+        load_signing_key(key_path),
+        institution=shard.node_name,
+        run_id=instruction.run_id,
+        round_number=instruction.server_round,
+        base_fingerprint=instruction.base_fingerprint,
+        payload=payload,
     )
 
 
-def _gateway_reply(settings: RunSettings, context: Context, changed: dict, instruction: RoundInstruction,
-                   shard: Shard, tier: str, members: int) -> TrainReply:
+def _gateway_reply(
+    settings: RunSettings,
+    context: Context,
+    changed: dict,
+    instruction: RoundInstruction,
+    shard: Shard,
+    tier: str,
+    members: int,
+) -> TrainReply:
     """A gateway's reply: its members trained and merged into one partial state (each with its own residual)."""
     records = [f"{RESIDUAL_RECORD}.member-{member}" for member in range(members)]
     feedback = [_error_feedback(settings, context, record) for record in records]
     result = run_gateway_round(
-        settings, changed, round_number=instruction.server_round, run_id=instruction.run_id, shard=shard,
-        members=members, tier=tier, error_feedback=feedback,
+        settings,
+        changed,
+        round_number=instruction.server_round,
+        run_id=instruction.run_id,
+        shard=shard,
+        members=members,
+        tier=tier,
+        error_feedback=feedback,
     )
-    for record, store in zip(records, feedback):
+    for record, store in zip(records, feedback, strict=False):
         _keep_residual(context, record, store)
     return TrainReply("partial", result.payload, _signature(context, shard, instruction, result.payload))
 
@@ -106,11 +123,18 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             return _gateway_reply(settings, context, changed, instruction, shard, tier, members).reply_to(msg)
         feedback = _error_feedback(settings, context, RESIDUAL_RECORD)
         result = run_local_round(
-            settings, changed, round_number=instruction.server_round, run_id=instruction.run_id, shard=shard,
-            error_feedback=feedback, tier=tier,
+            settings,
+            changed,
+            round_number=instruction.server_round,
+            run_id=instruction.run_id,
+            shard=shard,
+            error_feedback=feedback,
+            tier=tier,
         )
         _keep_residual(context, RESIDUAL_RECORD, feedback)
-        return TrainReply("update", result.payload, _signature(context, shard, instruction, result.payload)).reply_to(msg)
+        return TrainReply("update", result.payload, _signature(context, shard, instruction, result.payload)).reply_to(
+            msg
+        )
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

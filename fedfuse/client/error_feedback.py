@@ -11,7 +11,7 @@ for d < 0.5). Error feedback therefore sends DARE's kept entries unrescaled by d
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 

@@ -54,15 +54,22 @@ def run_gateway_round(
     _, round_state, _ = round_model(settings, changed)
     base_fingerprint = fingerprint(round_state)
     engine = RoundEngine(
-        build_merge_strategy(settings), UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)),
-        round_number=round_number, run_id=run_id, base_fingerprint=base_fingerprint,
+        build_merge_strategy(settings),
+        UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)),
+        round_number=round_number,
+        run_id=run_id,
+        base_fingerprint=base_fingerprint,
         weighting=settings.merge.weighting,
     )
     examples, loss = 0, 0.0
     for member in range(members):
         result = run_local_round(
-            settings, changed, round_number=round_number, run_id=run_id,
-            shard=shard.member_shard(member, members), error_feedback=feedback[member],
+            settings,
+            changed,
+            round_number=round_number,
+            run_id=run_id,
+            shard=shard.member_shard(member, members),
+            error_feedback=feedback[member],
         )
         rejection = engine.offer(result.payload)
         if rejection is not None:
@@ -71,7 +78,12 @@ def run_gateway_round(
         loss += result.train_loss * result.num_examples
     train_loss = loss / max(examples, 1)
     header = UpdateHeader(
-        run_id=run_id, round=round_number, base_fingerprint=base_fingerprint, node_id=shard.node_name,
-        num_examples=examples, metrics=finite_metrics({"members": members, "train-loss": train_loss}), tier=tier,
+        run_id=run_id,
+        round=round_number,
+        base_fingerprint=base_fingerprint,
+        node_id=shard.node_name,
+        num_examples=examples,
+        metrics=finite_metrics({"members": members, "train-loss": train_loss}),
+        tier=tier,
     )
     return GatewayResult(engine.encode_partial(header), examples, train_loss)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedfuse.algebra import Sparsifier, dare_seed_fn, derive_seed, sparsify_update
+from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed, sparsify_update
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.data.files import DataSource
 from fedfuse.settings import RunSettings
@@ -86,8 +86,13 @@ def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 def client_datasets(settings: RunSettings, shard: Shard, tokenizer: object) -> ClientDatasets:
     """The client's train and validation data for its shard."""
     return load_client_datasets(
-        settings, tokenizer, partition_id=shard.partition_id, num_partitions=shard.num_partitions,
-        node=shard.node_data, member=shard.member, members=shard.members,
+        settings,
+        tokenizer,
+        partition_id=shard.partition_id,
+        num_partitions=shard.num_partitions,
+        node=shard.node_data,
+        member=shard.member,
+        members=shard.members,
     )
 
 
@@ -98,7 +103,9 @@ def round_model(settings: RunSettings, changed: dict[str, torch.Tensor]):
     return model, global_state(model), tokenizer
 
 
-def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], shard: Shard) -> tuple[Evaluation, DataSource]:
+def evaluate_locally(
+    settings: RunSettings, changed: dict[str, torch.Tensor], shard: Shard
+) -> tuple[Evaluation, DataSource]:
     """The round's global model on the client's held-out local examples, and which data it used."""
     torch.set_num_threads(settings.training.client_threads)
     model, _, tokenizer = round_model(settings, changed)
@@ -107,8 +114,9 @@ def evaluate_locally(settings: RunSettings, changed: dict[str, torch.Tensor], sh
     return evaluate(model, data.eval, data.domain_names), data.source
 
 
-def _training_model(settings: RunSettings, model: torch.nn.Module, round_number: int,
-                    device: torch.device) -> torch.nn.Module:
+def _training_model(
+    settings: RunSettings, model: torch.nn.Module, round_number: int, device: torch.device
+) -> torch.nn.Module:
     if settings.training.quantization == "4bit":
         model = quantize_4bit(model, device)
     else:
@@ -142,7 +150,9 @@ def run_local_round(
     data = client_datasets(settings, shard, tokenizer)
     device = client_device(settings)
     model = _training_model(settings, model, round_number, device)
-    steps = steps_for(len(data.train), settings.training.batch_size, settings.training.local_steps, settings.training.local_epochs)
+    steps = steps_for(
+        len(data.train), settings.training.batch_size, settings.training.local_steps, settings.training.local_epochs
+    )
     seed = derive_seed(settings.run.seed, round_number, shard.node_name, "train")
     trainer = resolve_trainer(settings.training.trainer, settings.source.task)
     context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
@@ -151,7 +161,9 @@ def run_local_round(
     train_seconds = time.perf_counter() - started
     fisher = None
     if settings.training.mode == "lora":
-        tensors = {name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()}
+        tensors: dict[str, UpdateTensor] = {
+            name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()
+        }
         sparsifier = Sparsifier()
     else:
         current = dict(model.named_parameters())
@@ -164,7 +176,11 @@ def run_local_round(
             tensors = sparsify_update(tau, sparsifier, seed_for)
         if settings.fisher_batch_count:
             fisher = fisher_diagonal(
-                model, data.train, num_batches=settings.fisher_batch_count, batch_size=settings.training.batch_size, seed=seed + 1
+                model,
+                data.train,
+                num_batches=settings.fisher_batch_count,
+                batch_size=settings.training.batch_size,
+                seed=seed + 1,
             )
             fisher = {name: value.cpu() for name, value in fisher.items()}
     header = UpdateHeader(
@@ -176,7 +192,8 @@ def run_local_round(
         sparsifier=sparsifier,
         metrics={
             **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
-            "data-rows": data.source.rows, "data-sha256": data.source.sha256,
+            "data-rows": data.source.rows,
+            "data-sha256": data.source.sha256,
         },
         tier=tier,
     )

@@ -66,10 +66,12 @@ def _read(path: Path) -> datasets.Dataset:
     else:
         builder = FORMATS.get(path.suffix.lower())
         if builder is None:
-            raise DataError(f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; expected {describe_formats()}")
+            raise DataError(
+                f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; expected {describe_formats()}"
+            )
         try:
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as exc:  # noqa: BLE001 - any parser failure becomes one line naming the file (and row)
+        except Exception as exc:
             raise DataError(_parse_failure(path, builder, exc)) from None
     if len(dataset) == 0:
         raise DataError(f"{path} holds no rows")
@@ -78,10 +80,12 @@ def _read(path: Path) -> datasets.Dataset:
 
 def _read_saved(path: Path) -> datasets.Dataset:
     if not any((path / marker).is_file() for marker in SAVED_MARKERS):
-        raise DataError(f"{path} is a folder but not a datasets save_to_disk folder (no {' / '.join(SAVED_MARKERS[:2])})")
+        raise DataError(
+            f"{path} is a folder but not a datasets save_to_disk folder (no {' / '.join(SAVED_MARKERS[:2])})"
+        )
     try:
         loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DataError(f"{path}: cannot read the save_to_disk folder: {_first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" in loaded:
@@ -102,7 +106,7 @@ def _parse_failure(path: Path, builder: str, exc: Exception) -> str:
                     continue
                 try:
                     row = json.loads(line)
-                except ValueError as error:
+                except json.JSONDecodeError as error:
                     return f"{path} line {number}: not valid JSON ({error.msg})"
                 if not isinstance(row, dict):
                     return f"{path} line {number}: each line must be a JSON object, got {type(row).__name__}"
@@ -149,7 +153,9 @@ def label_ids(values: Sequence[Any], names: Sequence[str], *, source: str | Path
     return out
 
 
-def conversation(row: dict[str, Any], *, messages: str, prompt: str, response: str, source: str, number: int) -> list[dict[str, str]]:
+def conversation(
+    row: dict[str, Any], *, messages: str, prompt: str, response: str, source: str, number: int
+) -> list[dict[str, str]]:
     """One chat example as role/content messages: a ``messages`` column, or prompt/response columns."""
     if messages in row:
         turns = row[messages]

@@ -6,7 +6,7 @@ one client, and the result depends only on the labels and the arguments (seeded 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -90,9 +90,7 @@ def _top_up(clients: list[np.ndarray], min_size: int) -> None:
             clients[donor] = clients[donor][take:]
 
 
-def domain_partition(
-    labels: Sequence[int] | np.ndarray, num_clients: int, seed: int = 0
-) -> list[np.ndarray]:
+def domain_partition(labels: Sequence[int] | np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     """Whole domains per client, for expert-merging experiments.
 
     With at most as many clients as domains, the sorted domains are dealt round-robin (domain
@@ -121,7 +119,7 @@ def domain_partition(
             raise ValueError(
                 f"domain {int(domain)} has {members.size} examples, fewer than the {len(owners)} clients sharing it"
             )
-        for owner, part in zip(owners, np.array_split(rng.permutation(members), len(owners))):
+        for owner, part in zip(owners, np.array_split(rng.permutation(members), len(owners)), strict=False):
             shares[owner].append(part)
     return [np.sort(np.concatenate(parts)).astype(np.int64) for parts in shares]
 

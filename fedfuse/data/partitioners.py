@@ -101,7 +101,9 @@ def partition_indices(
     else:
         column = _check_column(dataset, scheme, column)
         rows = _rows_table(dataset, column)
-        partitioner = _column_partitioner(rows, scheme, column, num_partitions, alpha, shards_per_client, seed, min_size)
+        partitioner = _column_partitioner(
+            rows, scheme, column, num_partitions, alpha, shards_per_client, seed, min_size
+        )
     # The partitioners cut rows in file order (IID blocks, each label's Dirichlet slices, each label's
     # shards): shuffle first, or data sorted by source or date would hand each client one stretch of it.
     rows = rows.shuffle(seed=seed, keep_in_memory=True)
@@ -146,7 +148,9 @@ def one_file_per_client(folder: str | Path, num_clients: int | None) -> list[Pat
 
 def _check_counts(scheme: str, num_partitions: int, num_rows: int, seed: int, min_size: int) -> None:
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
-        raise PartitionError(f"partition {scheme!r}: the number of clients must be a positive integer, got {num_partitions!r}")
+        raise PartitionError(
+            f"partition {scheme!r}: the number of clients must be a positive integer, got {num_partitions!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise PartitionError(f"partition {scheme!r}: seed must be a non-negative integer, got {seed!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
@@ -166,7 +170,9 @@ def _check_counts(scheme: str, num_partitions: int, num_rows: int, seed: int, mi
 def _check_column(dataset: datasets.Dataset, scheme: str, column: str | None) -> str:
     available = ", ".join(dataset.column_names)
     if not column:
-        raise PartitionError(f"partition {scheme!r} needs a column to partition by (partition-column); columns: {available}")
+        raise PartitionError(
+            f"partition {scheme!r} needs a column to partition by (partition-column); columns: {available}"
+        )
     if column not in dataset.column_names:
         raise PartitionError(f"partition {scheme!r}: no column {column!r}; the data's columns are {available}")
     feature = dataset.features[column]
@@ -179,7 +185,8 @@ def _check_column(dataset: datasets.Dataset, scheme: str, column: str | None) ->
     if not allowed:
         kind = dtype or type(feature).__name__
         raise PartitionError(
-            f"partition {scheme!r} by {column!r}: the column holds {kind} values; partition by a string or integer column"
+            f"partition {scheme!r} by {column!r}: the column holds {kind} values; "
+            "partition by a string or integer column"
         )
     return column
 
@@ -206,7 +213,9 @@ def _rows_table(dataset: datasets.Dataset, column: str | None) -> datasets.Datas
     table = dataset.select_columns([column]).with_format("arrow")[:]
     values = table.column(column)
     if values.null_count:
-        raise PartitionError(f"column {column!r} has {values.null_count} empty values; every row needs one to be partitioned")
+        raise PartitionError(
+            f"column {column!r} has {values.null_count} empty values; every row needs one to be partitioned"
+        )
     return datasets.Dataset(InMemoryTable(pa.table({column: values, ROW: numbers})))
 
 
@@ -221,7 +230,11 @@ def _column_partitioner(
     min_size: int,
 ) -> Partitioner:
     if scheme == "dirichlet":
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not (0 < alpha < math.inf):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float, np.integer, np.floating))
+            or not (0 < alpha < math.inf)
+        ):
             raise PartitionError(f"partition 'dirichlet': alpha must be a positive finite number, got {alpha!r}")
         return DirichletPartitioner(
             num_partitions, column, float(alpha), min_partition_size=int(min_size), seed=int(seed)
@@ -253,9 +266,7 @@ def _shard_partitioner(num_rows: int, column: str, num_partitions: int, per_clie
             f"partition 'shards' by {column!r} cuts {num_rows} rows into {shards} shards of {shard_size}, "
             f"fewer than the {num_partitions} clients; use fewer clients or more shards_per_client"
         )
-    return ShardPartitioner(
-        num_partitions, column, shard_size=shard_size, keep_incomplete_shard=True, seed=int(seed)
-    )
+    return ShardPartitioner(num_partitions, column, shard_size=shard_size, keep_incomplete_shard=True, seed=int(seed))
 
 
 def _load_all(

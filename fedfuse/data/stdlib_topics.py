@@ -18,41 +18,114 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 DOMAIN_MODULES: dict[str, tuple[str, ...]] = {
     "networking": (
-        "socket", "socketserver", "ssl", "http", "urllib", "ftplib", "nntplib", "telnetlib", "wsgiref",
-        "ipaddress", "selectors", "webbrowser", "asyncio.streams", "asyncio.sslproto", "asyncio.trsock",
+        "socket",
+        "socketserver",
+        "ssl",
+        "http",
+        "urllib",
+        "ftplib",
+        "nntplib",
+        "telnetlib",
+        "wsgiref",
+        "ipaddress",
+        "selectors",
+        "webbrowser",
+        "asyncio.streams",
+        "asyncio.sslproto",
+        "asyncio.trsock",
     ),
     "email": ("email", "smtplib", "smtpd", "imaplib", "poplib", "mailbox", "mailcap", "mimetypes", "quopri"),
     "concurrency": (
-        "threading", "_threading_local", "multiprocessing", "concurrent", "asyncio", "queue", "sched",
-        "subprocess", "asynchat", "asyncore",
+        "threading",
+        "_threading_local",
+        "multiprocessing",
+        "concurrent",
+        "asyncio",
+        "queue",
+        "sched",
+        "subprocess",
+        "asynchat",
+        "asyncore",
     ),
     "gui": ("tkinter", "turtle", "turtledemo", "idlelib", "curses"),
     "markup": ("xml", "html", "xmlrpc", "_markupbase", "plistlib", "json", "tomllib"),
     "numeric": ("decimal", "_pydecimal", "fractions", "statistics", "random", "numbers", "colorsys"),
     "testing": (
-        "unittest", "doctest", "pdb", "bdb", "trace", "timeit", "profile", "cProfile", "pstats",
-        "tracemalloc", "traceback", "cgitb",
+        "unittest",
+        "doctest",
+        "pdb",
+        "bdb",
+        "trace",
+        "timeit",
+        "profile",
+        "cProfile",
+        "pstats",
+        "tracemalloc",
+        "traceback",
+        "cgitb",
     ),
     "archives_files": (
-        "zipfile", "tarfile", "gzip", "bz2", "lzma", "_compression", "zipapp", "shutil", "pathlib", "glob",
-        "fnmatch", "tempfile", "filecmp", "fileinput", "posixpath", "ntpath", "genericpath", "stat",
-        "shelve", "dbm",
+        "zipfile",
+        "tarfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "_compression",
+        "zipapp",
+        "shutil",
+        "pathlib",
+        "glob",
+        "fnmatch",
+        "tempfile",
+        "filecmp",
+        "fileinput",
+        "posixpath",
+        "ntpath",
+        "genericpath",
+        "stat",
+        "shelve",
+        "dbm",
     ),
     "importing_packaging": (
-        "importlib", "pkgutil", "zipimport", "ensurepip", "venv", "sysconfig", "site", "runpy",
-        "modulefinder", "imp", "distutils", "compileall", "py_compile",
+        "importlib",
+        "pkgutil",
+        "zipimport",
+        "ensurepip",
+        "venv",
+        "sysconfig",
+        "site",
+        "runpy",
+        "modulefinder",
+        "imp",
+        "distutils",
+        "compileall",
+        "py_compile",
     ),
     "text_processing": (
-        "re", "sre_compile", "sre_parse", "string", "textwrap", "difflib", "codecs", "encodings", "csv",
-        "shlex", "stringprep", "base64", "locale", "gettext", "pprint", "reprlib",
+        "re",
+        "sre_compile",
+        "sre_parse",
+        "string",
+        "textwrap",
+        "difflib",
+        "codecs",
+        "encodings",
+        "csv",
+        "shlex",
+        "stringprep",
+        "base64",
+        "locale",
+        "gettext",
+        "pprint",
+        "reprlib",
     ),
 }
 """Domain → the standard-library modules and packages whose docstrings it labels. Modules missing
@@ -138,7 +211,7 @@ class TopicDataset:
     def class_counts(self) -> dict[str, int]:
         """Number of examples per class name, in label order."""
         counts = np.bincount(self.labels, minlength=self.num_labels)
-        return {name: int(count) for name, count in zip(self.label_names, counts)}
+        return {name: int(count) for name, count in zip(self.label_names, counts, strict=False)}
 
 
 def stdlib_dir() -> Path:
@@ -252,9 +325,15 @@ def _extract(root: Path | None, min_chars: int, max_chars: int) -> list[tuple[st
 
 def _cache_file(cache_dir: Path, min_chars: int, max_chars: int) -> Path:
     fingerprint = json.dumps(
-        {"format": _CACHE_FORMAT, "python": sys.version, "stdlib": str(stdlib_dir()),
-         "domains": sorted(MODULE_DOMAINS.items()), "labels": LABEL_NAMES,
-         "min_chars": min_chars, "max_chars": max_chars},
+        {
+            "format": _CACHE_FORMAT,
+            "python": sys.version,
+            "stdlib": str(stdlib_dir()),
+            "domains": sorted(MODULE_DOMAINS.items()),
+            "labels": LABEL_NAMES,
+            "min_chars": min_chars,
+            "max_chars": max_chars,
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
@@ -278,9 +357,7 @@ def _build(min_chars: int, max_chars: int) -> TopicDataset:
     )
 
 
-def load_stdlib_topics(
-    cache_dir: str | Path | None = None, min_chars: int = 30, max_chars: int = 300
-) -> TopicDataset:
+def load_stdlib_topics(cache_dir: str | Path | None = None, min_chars: int = 30, max_chars: int = 300) -> TopicDataset:
     """Build (or read from ``cache_dir``) the standard-library topic dataset.
 
     Parameters
@@ -338,6 +415,6 @@ def train_test_split(
     is_test = np.zeros(len(dataset), dtype=bool)
     for label in range(dataset.num_labels):
         members = np.flatnonzero(dataset.labels == label)
-        chosen = rng.permutation(members)[: int(round(test_fraction * members.size))]
+        chosen = rng.permutation(members)[: round(test_fraction * members.size)]
         is_test[chosen] = True
     return dataset.subset(np.flatnonzero(~is_test)), dataset.subset(np.flatnonzero(is_test))

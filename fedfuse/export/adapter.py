@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -39,6 +40,9 @@ from fedfuse.training.models import (
     lora_layers,
     target_modules_for,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SAVED = ".modules_to_save.default."
 
@@ -67,6 +71,7 @@ def export_adapter(
         )
     out = check_output(out, force)
     model, tokenizer = run_base_model(run)
+    model_config = cast("PretrainedConfig", model.config)  # torch types module attributes as Tensor | Module
     try:
         targets = target_modules_for(model, run.settings)
     except SettingsError as exc:
@@ -76,7 +81,7 @@ def export_adapter(
     source = resolve_model_source(run.settings.source.model)
     saved = sorted({p.rstrip(".") for p in HEAD_PREFIXES if any(h.startswith(p) for h in heads)})
     if run.is_classifier:
-        saved += _fresh_modules(source, int(model.config.num_labels), set(base), heads, targets)
+        saved += _fresh_modules(source, _num_labels(run, model_config), set(base), heads, targets)
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -88,9 +93,10 @@ def export_adapter(
     )
     with torch.random.fork_rng(devices=[]):
         peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = str(source)
-    if peft_model.peft_config["default"].modules_to_save:  # PEFT adds classifier/score again for SEQ_CLS
-        peft_model.peft_config["default"].modules_to_save = sorted(set(peft_model.peft_config["default"].modules_to_save))
+    adapter_config = cast(LoraConfig, peft_model.peft_config["default"])  # the config passed in: a LoraConfig
+    adapter_config.base_model_name_or_path = str(source)
+    if adapter_config.modules_to_save:  # PEFT adds classifier/score again for SEQ_CLS
+        adapter_config.modules_to_save = sorted(set(adapter_config.modules_to_save))
     modules = sorted(lora_layers(peft_model))
     weights = run.checkpoint.weights
     _check_changes(run, weights, base, modules, heads)
@@ -108,8 +114,15 @@ def export_adapter(
         error, worst = _errors(factors, deltas)
         write_provenance(temp, run, "adapter", rank=rank, relative_error=error, base_model=str(source))
     files, nbytes = folder_contents(out)
-    num_labels = int(model.config.num_labels) if run.is_classifier else None
+    num_labels = _num_labels(run, model_config) if run.is_classifier else None
     return ExportResult(out, "adapter", run.checkpoint.round, parameters, nbytes, files, rank, error, worst, num_labels)
+
+
+def _num_labels(run: RunRound, config: PretrainedConfig) -> int:
+    """The classifier's number of labels (transformers types it ``int | None``)."""
+    if config.num_labels is None:
+        raise ExportError(f"{run.state_path}: the run's classifier has no num_labels in its config")
+    return int(config.num_labels)
 
 
 def _fresh_modules(
@@ -146,7 +159,8 @@ def _check_changes(
         raise ExportError(f"{run.state_path}: round weights do not fit the run's base model (unknown {unknown[:3]})")
     carried = {m + ".weight" for m in modules} | set(heads)
     changed = sorted(
-        name for name, tensor in weights.items()
+        name
+        for name, tensor in weights.items()
         if name not in carried and not torch.equal(tensor.to(base[name].dtype), base[name])
     )
     if changed:
@@ -165,8 +179,8 @@ def _set_adapter(
         for module, layer in lora_layers(peft_model).items():
             if not math.isclose(layer.scaling["default"], 1.0):
                 raise ExportError(f"{module}: LoRA scale {layer.scaling['default']} where 1 was set")
-            layer.lora_A["default"].weight.copy_(factors[module].lora_a)
-            layer.lora_B["default"].weight.copy_(factors[module].lora_b)
+            cast(torch.Tensor, layer.lora_A["default"].weight).copy_(factors[module].lora_a)
+            cast(torch.Tensor, layer.lora_B["default"].weight).copy_(factors[module].lora_b)
             count += factors[module].lora_a.numel() + factors[module].lora_b.numel()
         for name, parameter in peft_model.named_parameters():
             if SAVED in name:

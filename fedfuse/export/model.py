@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from fedfuse.checkpoints import atomic_output
 from fedfuse.export.run import (
@@ -17,6 +18,9 @@ from fedfuse.export.run import (
 )
 from fedfuse.training.models import load_global_state
 from fedfuse.wire import fingerprint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def export_model(
@@ -36,14 +40,18 @@ def export_model(
         load_global_state(model, run.checkpoint.weights)
     except ValueError as exc:
         raise ExportError(f"{run.state_path}: {exc}") from None
+    pretrained = cast("PreTrainedModel", model)  # torch types module attributes as Tensor | Module
     num_labels = None
     if run.is_classifier:
-        num_labels = int(model.config.num_labels)
+        labels = pretrained.config.num_labels
+        if labels is None:
+            raise ExportError(f"{run.state_path}: the run's classifier has no num_labels in its config")
+        num_labels = int(labels)
         names = label_names(run, num_labels)
-        model.config.id2label = dict(enumerate(names))
-        model.config.label2id = {name: index for index, name in enumerate(names)}
+        pretrained.config.id2label = dict(enumerate(names))
+        pretrained.config.label2id = {name: index for index, name in enumerate(names)}
     with atomic_output(out, directory=True, overwrite=force) as temp:
-        model.save_pretrained(temp)
+        pretrained.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
         write_provenance(temp, run, "model", fingerprint=fingerprint(run.checkpoint.weights))
     files, nbytes = folder_contents(out)

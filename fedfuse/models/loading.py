@@ -155,9 +155,7 @@ def _load(loader: Any, what: str, source: Path | str, **kwargs: Any) -> Any:
 
 def _load_tokenizer(source: Path | str) -> PreTrainedTokenizerBase:
     if isinstance(source, Path) and not any((source / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"model folder {source} holds no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})"
-        )
+        raise ModelLoadError(f"model folder {source} holds no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     return _load(AutoTokenizer, "tokenizer", source)
 
 

@@ -29,7 +29,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedfuse.checkpoints import CheckpointWriteError, atomic_output
 from fedfuse.models.loading import ModelLoadError
@@ -97,7 +97,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelLoadError(f"the installed {SMOLLM2_PIP!r} package has no {SMOLLM2_GGUF}: reinstall with `{SMOLLM2_INSTALL}`")
+        raise ModelLoadError(
+            f"the installed {SMOLLM2_PIP!r} package has no {SMOLLM2_GGUF}: reinstall with `{SMOLLM2_INSTALL}`"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"converting model 'smollm2' needs the package 'gguf': run `{SMOLLM2_INSTALL}`")
     return path
@@ -200,8 +202,13 @@ def _convert_atomically(gguf: Path, folder: Path, *, force: bool, progress: Prog
     try:
         with atomic_output(folder, directory=True, overwrite=True) as temp:
             parameters = _convert_gguf(gguf, temp, progress)
-            marker = {"format": MARKER_FORMAT, **_source_info(gguf), "dtype": "float32", "parameters": parameters,
-                      "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            marker = {
+                "format": MARKER_FORMAT,
+                **_source_info(gguf),
+                "dtype": "float32",
+                "parameters": parameters,
+                "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             (temp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
             progress("moving the folder into place")
             if not force and _holds(folder, gguf):
@@ -282,7 +289,7 @@ def _shared_gguf_reader() -> Iterator[None]:
     original = gguf.GGUFReader
     readers: dict[tuple[str, str], Any] = {}
 
-    def shared(path: str | os.PathLike[str], mode: str = "r") -> Any:
+    def shared(path: str | os.PathLike[str], mode: Literal["r", "r+", "c"] = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
             readers[key] = original(path, mode)

@@ -39,6 +39,9 @@ PAYLOAD_KINDS = ("update", "partial")
 Weighting = Literal["num_examples", "uniform"]
 WEIGHTINGS = ("num_examples", "uniform")
 
+MetricValue = int | float | list[int] | list[float]
+"""A round metric, typed as Flower's ``MetricRecord`` values are."""
+
 SignatureCheck = Callable[[bytes, object], str]
 """``check(payload, signature) -> signer``: the verified institution, or raises a :class:`Rejected`
 (``SignatureRejected``). The server binds it to its registry, run, round and base fingerprint."""
@@ -84,7 +87,7 @@ class RoundEngine:
         round_number: int | None = None,
         run_id: str | None = None,
         base_fingerprint: str | None = None,
-        weighting: Weighting = "num_examples",
+        weighting: Weighting | str = "num_examples",
         check_signature: SignatureCheck | None = None,
         max_bytes: int | None = None,
     ) -> None:
@@ -97,9 +100,8 @@ class RoundEngine:
         self.round_number = round_number
         self.run_id = run_id
         self.base_fingerprint = base_fingerprint
-        common = {"round": round_number, "run_id": run_id, "base_fingerprint": base_fingerprint, "max_bytes": max_bytes}
-        self.update_expect = Expectation(shapes=space.wire_shapes, **common)
-        self.partial_expect = Expectation(shapes=space.merge_shapes, **common)
+        self.update_expect = Expectation(space.wire_shapes, round_number, run_id, base_fingerprint, max_bytes)
+        self.partial_expect = Expectation(space.merge_shapes, round_number, run_id, base_fingerprint, max_bytes)
         self.state: MergeState = strategy.new_state()
         self.contributions: dict[str, Contribution] = {}
         self.rejections: list[Rejection] = []
@@ -184,8 +186,11 @@ class RoundEngine:
 
     def _fold_partial(self, payload: bytes, signer: str | None) -> Rejection | None:
         if not self.strategy.mergeable:
-            return self.reject(None, "incompatible_update",
-                               f"strategy {self.strategy.name!r} is not a monoid: it cannot fold partial states")
+            return self.reject(
+                None,
+                "incompatible_update",
+                f"strategy {self.strategy.name!r} is not a monoid: it cannot fold partial states",
+            )
         partial = decode_partial(payload, strategy=self.strategy, expect=self.partial_expect)
         header = partial.header
         refused = self._admit(header, signer, "gateway")
@@ -207,9 +212,9 @@ class RoundEngine:
         """The nodes (and gateways) whose payloads were folded, in arrival order."""
         return list(self.contributions)
 
-    def metrics(self) -> dict[str, int | float]:
+    def metrics(self) -> dict[str, MetricValue]:
         """The round's counts: accepted, rejected (and per reason), bytes, tiers, signatures, train loss."""
-        metrics: dict[str, int | float] = {
+        metrics: dict[str, MetricValue] = {
             "accepted": len(self.contributions),
             "rejected": len(self.rejections),
             "uplink-bytes": self.bytes_received,

@@ -76,7 +76,11 @@ class UpdateSpace:
         else:
             kind = "lora-exact" if settings.merge.lora_aggregation == "exact" else "lora-factors"
         return cls(
-            kind, wire_shapes, scale, settings.compression.sparsifier_spec, settings.run.seed,
+            kind,
+            wire_shapes,
+            scale,
+            settings.compression.sparsifier_spec,
+            settings.run.seed,
             settings.compression.seed_scope,
         )
 
@@ -91,7 +95,7 @@ class UpdateSpace:
             shapes[module + ".weight"] = (shapes.pop(b_name)[0], shapes.pop(a_name)[1])
         return shapes
 
-    def merge_input(self, update: DecodedUpdate) -> tuple[Update, Mapping[str, torch.Tensor] | None]:
+    def merge_input(self, update: DecodedUpdate) -> tuple[Update, Update | None]:
         """The (tensors, fisher) the strategy folds for one decoded update."""
         if self.kind != "lora-exact":
             return update.tensors, update.fisher

@@ -48,10 +48,12 @@ def write_file(path: Path, data: bytes, *, private: bool, force: bool) -> Path:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedfuse federation"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedfuse federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _subject_alternative_names(hosts: list[str]) -> list[x509.GeneralName]:
@@ -81,7 +83,7 @@ def make_certificates(hosts: list[str], days: int = 825, common_name: str = "fed
         raise ValueError("name at least one host or IP address for the SuperLink certificate")
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("fedfuse CA")
     ca_cert = (
@@ -109,9 +111,7 @@ def make_certificates(hosts: list[str], days: int = 825, common_name: str = "fed
         .add_extension(x509.SubjectAlternativeName(_subject_alternative_names(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     pem = serialization.Encoding.PEM

@@ -45,8 +45,11 @@ class UpdateSignature:
     def to_config(self) -> dict[str, str | int]:
         """As flat config-record entries."""
         return {
-            "institution": self.institution, "run-id": self.run_id, "server-round": self.round,
-            "base-fingerprint": self.base_fingerprint, "signature": self.signature,
+            "institution": self.institution,
+            "run-id": self.run_id,
+            "server-round": self.round,
+            "base-fingerprint": self.base_fingerprint,
+            "signature": self.signature,
         }
 
     @classmethod
@@ -54,8 +57,11 @@ class UpdateSignature:
         """Read it back; a missing or mistyped field is an unsigned update."""
         try:
             return cls(
-                str(config["institution"]), str(config["run-id"]), int(config["server-round"]),  # type: ignore[arg-type]
-                str(config["base-fingerprint"]), str(config["signature"]),
+                str(config["institution"]),
+                str(config["run-id"]),
+                int(str(config["server-round"])),
+                str(config["base-fingerprint"]),
+                str(config["signature"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SignatureRejected("unsigned", f"signature record is incomplete ({exc})") from None
@@ -64,7 +70,8 @@ class UpdateSignature:
 def statement(run_id: str, round_number: int, base_fingerprint: str, node: str, payload: bytes) -> bytes:
     """The exact bytes that are signed."""
     digest = hashlib.sha256(payload).hexdigest()
-    return f"{STATEMENT_VERSION}\nrun={run_id}\nround={round_number}\nbase={base_fingerprint}\nnode={node}\nsha256={digest}".encode()
+    lines = (STATEMENT_VERSION, f"run={run_id}", f"round={round_number}", f"base={base_fingerprint}", f"node={node}")
+    return "\n".join((*lines, f"sha256={digest}")).encode()
 
 
 def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
@@ -82,7 +89,12 @@ def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
 
 
 def sign_update(
-    key: ed25519.Ed25519PrivateKey, *, institution: str, run_id: str, round_number: int, base_fingerprint: str,
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    institution: str,
+    run_id: str,
+    round_number: int,
+    base_fingerprint: str,
     payload: bytes,
 ) -> UpdateSignature:
     """Sign one update payload."""
@@ -101,7 +113,10 @@ def _public_key(line: str, where: str) -> ed25519.Ed25519PublicKey:
 
 
 class Registry:
-    """Institution name → Ed25519 public key, from the coordinator's JSON file ``{"institutions": {name: "ssh-ed25519 …"}}``."""
+    """Institution name → Ed25519 public key.
+
+    Read from the coordinator's JSON file ``{"institutions": {name: "ssh-ed25519 …"}}``.
+    """
 
     def __init__(self, keys: Mapping[str, str]) -> None:
         self.lines = dict(keys)

@@ -28,8 +28,17 @@ from fedfuse.training.client_data import run_label_names
 from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
 
 RESUME_MUST_MATCH = (
-    "model", "task", "mode", "strategy", "lora-rank", "lora-alpha", "lora-target-modules", "lora-aggregation",
-    "seed", "partition", "alpha",
+    "model",
+    "task",
+    "mode",
+    "strategy",
+    "lora-rank",
+    "lora-alpha",
+    "lora-target-modules",
+    "lora-aggregation",
+    "seed",
+    "partition",
+    "alpha",
 )
 """Settings a resumed run must share with the checkpoint (others, such as rounds, may change)."""
 
@@ -93,8 +102,13 @@ def _resume(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
 def _initial_client_record(event: Mapping[str, Any]) -> dict[str, Any]:
     client = event["client_eval"]
     return {
-        "accuracy": None, "loss": None, "accuracy_per_domain": None, "client_accuracy": client.get("accuracy"),
-        "client_loss": client.get("loss"), "client_perplexity": client.get("perplexity"), "clients": event["clients"],
+        "accuracy": None,
+        "loss": None,
+        "accuracy_per_domain": None,
+        "client_accuracy": client.get("accuracy"),
+        "client_loss": client.get("loss"),
+        "client_perplexity": client.get("perplexity"),
+        "clients": event["clients"],
     }
 
 
@@ -131,9 +145,11 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         history["rounds"].append(record)
         history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
         state = event["arrays"].to_torch_state_dict()
-        history["checkpoint"] = str(save_checkpoint(
-            run_dir, record["round"], dict(state), history, history["settings"], keep=settings.run.keep_checkpoints
-        ))
+        history["checkpoint"] = str(
+            save_checkpoint(
+                run_dir, record["round"], dict(state), history, history["settings"], keep=settings.run.keep_checkpoints
+            )
+        )
         display.round(record)
 
     def on_initial(event: dict[str, Any]) -> None:

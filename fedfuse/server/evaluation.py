@@ -22,7 +22,9 @@ def has_server_evaluation(settings: RunSettings) -> bool:
     The server never sees nodes' own files, so "no run data" is the built-in task only for the
     tasks it has (topics, lm); classify/sft runs on nodes' files evaluate federatedly.
     """
-    return bool(settings.source.eval_data) or (settings.source.uses_builtin_data and settings.source.task in ("topics", "lm"))
+    return bool(settings.source.eval_data) or (
+        settings.source.uses_builtin_data and settings.source.task in ("topics", "lm")
+    )
 
 
 class ServerEvaluator:
@@ -37,7 +39,7 @@ class ServerEvaluator:
         self.model, tokenizer = base_model(settings)
         if settings.source.eval_data:
             self.tokens = server_eval_tokens(settings, tokenizer)
-            self.domain_names = FILE_DOMAIN
+            self.domain_names: tuple[str, ...] = FILE_DOMAIN
         else:
             data = data_for(settings, 1)
             test = data.test.subset(capped(len(data.test), settings.run.eval_examples, settings.run.seed))
@@ -47,7 +49,7 @@ class ServerEvaluator:
     def __call__(self, arrays: ArrayRecord) -> MetricRecord:
         load_global_state(self.model, dict(arrays.to_torch_state_dict()))
         result = evaluate(self.model, self.tokens, self.domain_names)
-        per_domain = {}
+        per_domain: dict[str, float] = {}
         if len(self.domain_names) > 1:
             per_domain = {f"accuracy.{name}": value for name, value in result.per_domain.items()}
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, **per_domain})

@@ -27,7 +27,17 @@ from fedfuse.server.report_clients import federated_section, federated_series
 MISSING = "—"
 """What a table shows for a value the run did not record."""
 
-ROUND_COLUMNS = ("round", "accuracy", "loss", "train loss", "uplink MB", "downlink MB", "accepted", "rejected", "seconds")
+ROUND_COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "train loss",
+    "uplink MB",
+    "downlink MB",
+    "accepted",
+    "rejected",
+    "seconds",
+)
 """The per-round table's columns, shared by the markdown report and :func:`summary_table`."""
 
 TABLE_TITLE = "fedfuse run summary"
@@ -84,7 +94,9 @@ def render_markdown(history: Mapping[str, Any]) -> str:
     lines += _run_facts(history, settings, rounds)
     lines += ["## Settings", ""]
     if settings:
-        lines += _markdown_table(("setting", "value"), [(str(k), _setting_text(v)) for k, v in sorted(settings.items())])
+        lines += _markdown_table(
+            ("setting", "value"), [(str(k), _setting_text(v)) for k, v in sorted(settings.items())]
+        )
     else:
         lines += ["No settings recorded.", ""]
     lines += ["## Rounds", ""]
@@ -133,21 +145,25 @@ def _round_rows(history: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for index, record in enumerate(_rounds(history)):
         server = record.get("accuracy") is not None or record.get("loss") is not None
-        rows.append([
-            str(_round_number(record, index)),
-            _fixed(record.get("accuracy") if server else record.get("client_accuracy"), 4),
-            _fixed(record.get("loss") if server else record.get("client_loss"), 4),
-            _fixed(record.get("train_loss"), 4),
-            _megabytes(record.get("uplink_bytes")),
-            _megabytes(record.get("downlink_bytes")),
-            _count(record.get("accepted")),
-            _count(record.get("rejected")),
-            _fixed(record.get("seconds"), 1),
-        ])
+        rows.append(
+            [
+                str(_round_number(record, index)),
+                _fixed(record.get("accuracy") if server else record.get("client_accuracy"), 4),
+                _fixed(record.get("loss") if server else record.get("client_loss"), 4),
+                _fixed(record.get("train_loss"), 4),
+                _megabytes(record.get("uplink_bytes")),
+                _megabytes(record.get("downlink_bytes")),
+                _count(record.get("accepted")),
+                _count(record.get("rejected")),
+                _fixed(record.get("seconds"), 1),
+            ]
+        )
     return rows
 
 
-def _run_facts(history: Mapping[str, Any], settings: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+def _run_facts(
+    history: Mapping[str, Any], settings: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]
+) -> list[str]:
     facts = []
     planned = _number(settings.get("num-server-rounds"))
     if planned is not None and len(rounds) < planned:
@@ -168,7 +184,7 @@ def _run_facts(history: Mapping[str, Any], settings: Mapping[str, Any], rounds: 
         facts.append(f"- Final accuracy: {_fixed(final[1].get('accuracy'), 4)} (round {final[0]})")
     if history.get("checkpoint"):
         facts.append(f"- Checkpoint: `{history['checkpoint']}`")
-    return facts + [""]
+    return [*facts, ""]
 
 
 def _last_with(rounds: Sequence[Mapping[str, Any]], key: str) -> tuple[int, Mapping[str, Any]] | None:
@@ -186,7 +202,7 @@ def _domain_section(history: Mapping[str, Any], rounds: Sequence[Mapping[str, An
     final = dict(last[1]["accuracy_per_domain"]) if last else {}
     lines = ["## Accuracy per domain", ""]
     if not initial and not final:
-        return lines + ["No server evaluation per domain.", ""]
+        return [*lines, "No server evaluation per domain.", ""]
     final_label = f"round {last[0]}" if last else "final"
     rows = []
     for domain in sorted(set(initial) | set(final)):
@@ -201,10 +217,14 @@ def _rejection_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
     for record in rounds:
         for reason, count in (record.get("rejections") or {}).items():
             totals[str(reason)] += int(count)
-    rows = [(reason, str(count)) for reason, count in sorted(totals.items(), key=lambda item: (-item[1], item[0])) if count > 0]
+    rows = [
+        (reason, str(count))
+        for reason, count in sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+        if count > 0
+    ]
     if not rows:
         return []
-    return ["## Rejections by reason", ""] + _markdown_table(("reason", "count"), rows)
+    return ["## Rejections by reason", "", *_markdown_table(("reason", "count"), rows)]
 
 
 def _setting_text(value: Any) -> str:
@@ -218,7 +238,7 @@ def _cell(text: str) -> str:
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(_cell(name) for name in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _accuracy_series(history: Mapping[str, Any]) -> tuple[list[tuple[int, float]], dict[str, list[tuple[int, float]]]]:
@@ -250,10 +270,10 @@ def _accuracy_figure(history: Mapping[str, Any]) -> Figure:
     axes.set_xlabel("round")
     axes.set_ylabel("accuracy")
     if overall:
-        axes.plot(*zip(*overall), marker="o", linewidth=2.2, color="black", label="global", zorder=3)
+        axes.plot(*zip(*overall, strict=False), marker="o", linewidth=2.2, color="black", label="global", zorder=3)
     for domain, points in sorted(domains.items()):
-        axes.plot(*zip(*points), linewidth=0.9, alpha=0.8, label=domain)
-    axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.plot(*zip(*points, strict=False), linewidth=0.9, alpha=0.8, label=domain)
+    axes.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # stub types the base Locator
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
     return figure
@@ -271,7 +291,7 @@ def _federated_figure(history: Mapping[str, Any]) -> Figure:
         if not points:
             axes.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=axes.transAxes)
             continue
-        axes.plot(*zip(*points), marker="o", linewidth=2.0, color="black")
+        axes.plot(*zip(*points, strict=False), marker="o", linewidth=2.0, color="black")
         axes.xaxis.get_major_locator().set_params(integer=True)
         axes.grid(alpha=0.3)
     return figure
@@ -291,8 +311,8 @@ def _uplink_figure(history: Mapping[str, Any]) -> Figure:
     if not bars:
         axes.text(0.5, 0.5, "no uplink recorded", ha="center", va="center", transform=axes.transAxes)
         return figure
-    axes.bar(*zip(*bars), color="tab:blue")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.bar(*zip(*bars, strict=False), color="tab:blue")
+    axes.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # stub types the base Locator
     axes.grid(axis="y", alpha=0.3)
     return figure
 

@@ -33,8 +33,13 @@ def federated_rows(history: Mapping[str, Any]) -> list[list[str]]:
         records.append((0, initial))
     records += [(int(r.get("round", i + 1)), r) for i, r in enumerate(history.get("rounds") or [])]
     return [
-        [str(number), _fixed(r.get("client_loss"), 4), _fixed(r.get("client_perplexity"), 2),
-         _fixed(r.get("client_accuracy"), 4), str(len(r.get("clients") or {}))]
+        [
+            str(number),
+            _fixed(r.get("client_loss"), 4),
+            _fixed(r.get("client_perplexity"), 2),
+            _fixed(r.get("client_accuracy"), 4),
+            str(len(r.get("clients") or {})),
+        ]
         for number, r in records
         if _number(r.get("client_loss")) is not None
     ]
@@ -45,17 +50,26 @@ def client_rows(record: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for node, values in sorted((record.get("clients") or {}).items()):
         digest = str(values.get("data_sha256") or "")
-        rows.append([
-            node, str(values.get("data_rows", MISSING)), digest[:12] or MISSING,
-            str(values.get("num_examples", MISSING)), _fixed(values.get("train_loss"), 4),
-            _fixed(values.get("train_seconds"), 1),
-            str(values.get("eval_examples", MISSING)), _fixed(values.get("loss"), 4),
-            _fixed(values.get("perplexity"), 2), _fixed(values.get("accuracy"), 4),
-        ])
+        rows.append(
+            [
+                node,
+                str(values.get("data_rows", MISSING)),
+                digest[:12] or MISSING,
+                str(values.get("num_examples", MISSING)),
+                _fixed(values.get("train_loss"), 4),
+                _fixed(values.get("train_seconds"), 1),
+                str(values.get("eval_examples", MISSING)),
+                _fixed(values.get("loss"), 4),
+                _fixed(values.get("perplexity"), 2),
+                _fixed(values.get("accuracy"), 4),
+            ]
+        )
     return rows
 
 
-def federated_section(history: Mapping[str, Any], table: Callable[[Sequence[str], Sequence[Sequence[str]]], list[str]]) -> list[str]:
+def federated_section(
+    history: Mapping[str, Any], table: Callable[[Sequence[str], Sequence[Sequence[str]]], list[str]]
+) -> list[str]:
     """Markdown lines: federated evaluation per round, then the clients of the last round."""
     lines: list[str] = []
     rows = federated_rows(history)
@@ -66,8 +80,18 @@ def federated_section(history: Mapping[str, Any], table: Callable[[Sequence[str]
     if rounds and rounds[-1].get("clients"):
         lines += [f"## Clients in round {rounds[-1].get('round', len(rounds))}", ""]
         lines += table(
-            ("client", "data rows", "data sha256", "train examples", "train loss", "train s", "eval examples", "loss",
-             "perplexity", "accuracy"),
+            (
+                "client",
+                "data rows",
+                "data sha256",
+                "train examples",
+                "train loss",
+                "train s",
+                "eval examples",
+                "loss",
+                "perplexity",
+                "accuracy",
+            ),
             client_rows(rounds[-1]),
         )
     return lines

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, RoundInstruction, TrainReply
-from fedfuse.rejections import Rejected
+from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
 from fedfuse.security import Registry, UpdateSignature
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
@@ -36,8 +36,12 @@ RoundCallback = Callable[[dict[str, Any]], None]
 EVALUATION_METRICS = ("accuracy", "loss", "perplexity")
 """What a client's evaluate reply reports, averaged by examples over clients."""
 ReplyCallback = Callable[[int, int], None]
-CLIENT_METRICS = {"train-loss": "train_loss", "train-seconds": "train_seconds", "data-rows": "data_rows",
-                  "data-sha256": "data_sha256"}
+CLIENT_METRICS = {
+    "train-loss": "train_loss",
+    "train-seconds": "train_seconds",
+    "data-rows": "data_rows",
+    "data-sha256": "data_sha256",
+}
 """Header metrics of an accepted update that go into the report's per-client record, by record name."""
 
 
@@ -102,7 +106,9 @@ class FedFuseStrategy(Strategy):
         nodes = self._sample(grid, server_round, self.settings.run.fraction_train)
         self._expected = len(nodes)
         instruction = RoundInstruction(server_round, self.run_id, self._round_fingerprint)
-        content = RecordDict({ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: instruction.to_config(config)})
+        content = RecordDict(
+            {ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: instruction.to_config(config)}
+        )
         return [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
 
     def _broadcast(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -112,8 +118,12 @@ class FedFuseStrategy(Strategy):
     def _engine(self, server_round: int) -> RoundEngine:
         """The round's engine: what payloads must match, and the signature check when updates are signed."""
         return RoundEngine(
-            self.merge, self.space, round_number=server_round, run_id=self.run_id,
-            base_fingerprint=self._round_fingerprint, weighting=self.settings.merge.weighting,
+            self.merge,
+            self.space,
+            round_number=server_round,
+            run_id=self.run_id,
+            base_fingerprint=self._round_fingerprint,
+            weighting=self.settings.merge.weighting,
             check_signature=None if self.registry is None else self._signature_check(server_round),
         )
 
@@ -123,8 +133,9 @@ class FedFuseStrategy(Strategy):
 
         def check(payload: bytes, signature: object) -> str:
             signed = signature if isinstance(signature, UpdateSignature) else None
-            return registry.verify(signed, run_id=self.run_id, round_number=server_round,
-                                   base_fingerprint=fingerprint_now, payload=payload)
+            return registry.verify(
+                signed, run_id=self.run_id, round_number=server_round, base_fingerprint=fingerprint_now, payload=payload
+            )
 
         return check
 
@@ -138,6 +149,7 @@ class FedFuseStrategy(Strategy):
             if self.on_reply:
                 self.on_reply(received, self._expected)
             sender = str(reply.metadata.src_node_id)
+            rejection: Rejection | None
             try:
                 parsed = TrainReply.from_message(reply)
             except Rejected as exc:
@@ -145,8 +157,14 @@ class FedFuseStrategy(Strategy):
             else:
                 rejection = engine.offer(parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature)
             if rejection is not None:
-                log(WARNING, "round %s: rejected a reply from %s (%s): %s", server_round, rejection.node or sender,
-                    rejection.reason, rejection.message)
+                log(
+                    WARNING,
+                    "round %s: rejected a reply from %s (%s): %s",
+                    server_round,
+                    rejection.node or sender,
+                    rejection.reason,
+                    rejection.message,
+                )
         self.last_rejections = [rejection.as_record() for rejection in engine.rejections]
         for contribution in engine.contributions.values():
             self._client_record(contribution.node, _train_record(contribution))
@@ -185,7 +203,9 @@ class FedFuseStrategy(Strategy):
                 continue
             weight = float(parsed.num_examples)
             values = {key: parsed.metrics[key] for key in EVALUATION_METRICS if key in parsed.metrics}
-            data = {} if parsed.data_sha256 is None else {"data_rows": parsed.data_rows, "data_sha256": parsed.data_sha256}
+            data = (
+                {} if parsed.data_sha256 is None else {"data_rows": parsed.data_rows, "data_sha256": parsed.data_sha256}
+            )
             self._client_record(parsed.node, {"eval_examples": parsed.num_examples, **data, **values})
             total += weight
             for key, value in values.items():
@@ -194,8 +214,15 @@ class FedFuseStrategy(Strategy):
             return None
         return MetricRecord({**{key: value / total for key, value in sums.items()}, "num-examples": total})
 
-    def _initial_federated_evaluation(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
-                                      result: Result, on_initial: RoundCallback | None) -> None:
+    def _initial_federated_evaluation(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+        result: Result,
+        on_initial: RoundCallback | None,
+    ) -> None:
         """Round 0 of federated evaluation: the clients evaluate the initial model on their local data."""
         messages = list(self.configure_evaluate(0, arrays, config, grid))
         if not messages:
@@ -211,7 +238,13 @@ class FedFuseStrategy(Strategy):
         """Log the configuration."""
         s = self.settings
         log(INFO, "\t├── merge strategy: %s (%s)", s.merge.strategy, self.merge.params())
-        log(INFO, "\t├── update space: %s, sparsifier %s d=%s", self.space.kind, s.compression.sparsifier, s.compression.density)
+        log(
+            INFO,
+            "\t├── update space: %s, sparsifier %s d=%s",
+            self.space.kind,
+            s.compression.sparsifier,
+            s.compression.density,
+        )
         log(INFO, "\t└── fraction train/evaluate: %s / %s", s.run.fraction_train, s.run.fraction_evaluate)
 
     def start(
@@ -270,17 +303,19 @@ class FedFuseStrategy(Strategy):
             if server_eval is not None:
                 result.evaluate_metrics_serverapp[server_round] = server_eval
             if on_round:
-                on_round({
-                    "round": server_round,
-                    "arrays": arrays,
-                    "train": dict(train_metrics or {}),
-                    "client_eval": dict(client_eval or {}),
-                    "server_eval": dict(server_eval or {}),
-                    "rejections": list(self.last_rejections),
-                    "clients": {node: dict(record) for node, record in sorted(self.last_clients.items())},
-                    "downlink_bytes": downlink,
-                    "seconds": time.perf_counter() - started,
-                })
+                on_round(
+                    {
+                        "round": server_round,
+                        "arrays": arrays,
+                        "train": dict(train_metrics or {}),
+                        "client_eval": dict(client_eval or {}),
+                        "server_eval": dict(server_eval or {}),
+                        "rejections": list(self.last_rejections),
+                        "clients": {node: dict(record) for node, record in sorted(self.last_clients.items())},
+                        "downlink_bytes": downlink,
+                        "seconds": time.perf_counter() - started,
+                    }
+                )
         return result
 
 

@@ -107,18 +107,29 @@ def preflight(settings: RunSettings, num_clients: int) -> None:
         if settings.source.task in ("classify", "sft"):
             raise DataError(f"task {settings.source.task!r} trains on your data: give --data FILE or --data-dir DIR")
         return
-    paths = [settings.source.data] if settings.source.data else [str(p) for p in one_file_per_client(settings.source.data_dir, num_clients)]
+    paths = (
+        [settings.source.data]
+        if settings.source.data
+        else [str(p) for p in one_file_per_client(settings.source.data_dir, num_clients)]
+    )
     for path in paths + ([settings.source.eval_data] if settings.source.eval_data else []):
         rows = read_table(path)
         if settings.source.task == "sft":
-            sft_columns(rows, messages=settings.source.messages_column, prompt=settings.source.prompt_column,
-                        response=settings.source.response_column, source=path)
+            sft_columns(
+                rows,
+                messages=settings.source.messages_column,
+                prompt=settings.source.prompt_column,
+                response=settings.source.response_column,
+                source=path,
+            )
         else:
             require_columns(rows, [settings.source.text_column], source=path, why="the text column; set text-column")
     labels = run_label_names(settings)
     if settings.source.task == "classify":
         for path in paths + ([settings.source.eval_data] if settings.source.eval_data else []):
-            label_ids(read_table(path)[settings.source.label_column], labels, source=path, column=settings.source.label_column)
+            label_ids(
+                read_table(path)[settings.source.label_column], labels, source=path, column=settings.source.label_column
+            )
     if settings.source.data:
         for client in range(num_clients):
             _client_rows(settings, NodeData(), client, num_clients)
@@ -127,8 +138,13 @@ def preflight(settings: RunSettings, num_clients: int) -> None:
 @functools.lru_cache(maxsize=8)
 def _shares(path: str, num_partitions: int, scheme: str, column: str, alpha: float, shards: int, seed: int):
     return partition_indices(
-        read_table(path), num_partitions, scheme=scheme, column=column or None, alpha=alpha,
-        shards_per_client=shards, seed=seed,
+        read_table(path),
+        num_partitions,
+        scheme=scheme,
+        column=column or None,
+        alpha=alpha,
+        shards_per_client=shards,
+        seed=seed,
     )
 
 
@@ -141,10 +157,21 @@ def _client_rows(settings: RunSettings, node: NodeData, partition_id: int, num_p
         return read_table(path), path
     scheme = settings.source.partition
     if scheme == "domain":
-        raise DataError("partition 'domain' is the built-in task's; for a data file use iid, dirichlet, shards or natural")
-    column = settings.source.partition_column or (settings.source.label_column if settings.source.task == "classify" else "")
-    shares = _shares(settings.source.data, num_partitions, scheme, column, settings.source.alpha, settings.source.shards_per_client,
-                     settings.run.seed)
+        raise DataError(
+            "partition 'domain' is the built-in task's; for a data file use iid, dirichlet, shards or natural"
+        )
+    column = settings.source.partition_column or (
+        settings.source.label_column if settings.source.task == "classify" else ""
+    )
+    shares = _shares(
+        settings.source.data,
+        num_partitions,
+        scheme,
+        column,
+        settings.source.alpha,
+        settings.source.shards_per_client,
+        settings.run.seed,
+    )
     rows = read_table(settings.source.data).select(shares[partition_id])
     return rows, settings.source.data
 
@@ -177,7 +204,8 @@ def load_client_datasets(
     if settings.source.uses_builtin_data and not node.data:
         if settings.source.task in ("classify", "sft"):
             raise DataError(
-                f"task {settings.source.task!r} trains on your data: give this node a data file (node config data=PATH) "
+                f"task {settings.source.task!r} trains on your data: "
+                "give this node a data file (node config data=PATH) "
                 "or the run data / data-dir"
             )
         return _builtin(settings, tokenizer, partition_id, num_partitions, member, members)
@@ -189,7 +217,9 @@ def load_client_datasets(
     if node.eval_data:
         train_rows, eval_rows = rows, read_table(node.eval_data)
     else:
-        train_rows, eval_rows = _split_validation(rows, settings.source.validation_fraction, settings.run.seed, partition_id)
+        train_rows, eval_rows = _split_validation(
+            rows, settings.source.validation_fraction, settings.run.seed, partition_id
+        )
     if members > 1:
         train_rows = train_rows.select(np.array_split(np.arange(len(train_rows)), members)[member])
     eval_rows = _cap(eval_rows, settings.training.client_eval_examples, settings.run.seed)
@@ -198,33 +228,52 @@ def load_client_datasets(
     return ClientDatasets(
         train=tokenize_rows(train_rows, tokenizer, settings, label_names=labels, source=str(path)),
         eval=tokenize_rows(eval_rows, tokenizer, settings, label_names=labels, source=node.eval_data or str(path)),
-        train_rows=train_rows, eval_rows=eval_rows, tokenizer=tokenizer, task=settings.source.task,
-        label_names=labels, domain_names=FILE_DOMAIN, source=source,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        tokenizer=tokenizer,
+        task=settings.source.task,
+        label_names=labels,
+        domain_names=FILE_DOMAIN,
+        source=source,
     )
 
 
-def _builtin(settings: RunSettings, tokenizer: Any, partition_id: int, num_partitions: int, member: int,
-             members: int) -> ClientDatasets:
+def _builtin(
+    settings: RunSettings, tokenizer: Any, partition_id: int, num_partitions: int, member: int, members: int
+) -> ClientDatasets:
     data = data_for(settings, num_partitions)
     share = data.train.subset(data.partitions[partition_id])
     tokens = tokenize(share, tokenizer, settings.source.sequence_length, settings.source.task)
-    train_pos, eval_pos = client_split(len(tokens), settings.training.client_eval_examples, settings.run.seed, partition_id)
+    train_pos, eval_pos = client_split(
+        len(tokens), settings.training.client_eval_examples, settings.run.seed, partition_id
+    )
     if members > 1:
         train_pos = np.array_split(train_pos, members)[member]
 
     def rows(positions: np.ndarray) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({
-            "text": [share.texts[i] for i in positions], "label": [int(share.labels[i]) for i in positions],
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "text": [share.texts[i] for i in positions],
+                "label": [int(share.labels[i]) for i in positions],
+            }
+        )
 
     return ClientDatasets(
-        train=tokens.rows(train_pos), eval=tokens.rows(eval_pos), train_rows=rows(train_pos),
-        eval_rows=rows(eval_pos), tokenizer=tokenizer, task=settings.source.task, label_names=LABEL_NAMES,
-        domain_names=data.domain_names, source=DataSource("builtin:stdlib-topics", len(share), ""),
+        train=tokens.rows(train_pos),
+        eval=tokens.rows(eval_pos),
+        train_rows=rows(train_pos),
+        eval_rows=rows(eval_pos),
+        tokenizer=tokenizer,
+        task=settings.source.task,
+        label_names=LABEL_NAMES,
+        domain_names=data.domain_names,
+        source=DataSource("builtin:stdlib-topics", len(share), ""),
     )
 
 
 def server_eval_tokens(settings: RunSettings, tokenizer: Any) -> Tokenized:
     """The run's ``eval-data`` file tokenized for the task (server-side evaluation), capped at ``eval-examples``."""
     rows = _cap(read_table(settings.source.eval_data), settings.run.eval_examples, settings.run.seed)
-    return tokenize_rows(rows, tokenizer, settings, label_names=run_label_names(settings), source=settings.source.eval_data)
+    return tokenize_rows(
+        rows, tokenizer, settings, label_names=run_label_names(settings), source=settings.source.eval_data
+    )

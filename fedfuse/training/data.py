@@ -93,10 +93,7 @@ def tokenize(dataset: TopicDataset, tokenizer, max_length: int, task: str) -> To
         list(dataset.texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    if task == "lm":
-        labels = ids.masked_fill(mask == 0, -100)
-    else:
-        labels = torch.as_tensor(dataset.labels, dtype=torch.long)
+    labels = ids.masked_fill(mask == 0, -100) if task == "lm" else torch.as_tensor(dataset.labels, dtype=torch.long)
     return Tokenized(ids, mask, labels, np.asarray(dataset.domains))
 
 

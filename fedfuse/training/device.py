@@ -9,10 +9,14 @@ task vector lives in LoRA space exactly as without quantization. It needs CUDA a
 from __future__ import annotations
 
 import tempfile
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from fedfuse.settings import RunSettings, SettingsError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HEAD_MODULES = ["classifier", "score"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -44,8 +48,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise SettingsError(f"gradient-checkpointing: {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    pretrained = cast("PreTrainedModel", model)  # a transformers model; torch types its attributes as Tensor | Module
+    pretrained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pretrained.config.use_cache = False
 
 
 def quantize_4bit(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -64,12 +69,17 @@ def quantize_4bit(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     from peft import prepare_model_for_kbit_training
 
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
         llm_int8_skip_modules=HEAD_MODULES,
     )
-    loader = AutoModelForCausalLM if model.config.architectures and "CausalLM" in model.config.architectures[0] \
-        else AutoModelForSequenceClassification
+    pretrained = cast("PreTrainedModel", model)
+    architectures = pretrained.config.architectures
+    loader = (
+        AutoModelForCausalLM if architectures and "CausalLM" in architectures[0] else AutoModelForSequenceClassification
+    )
     with tempfile.TemporaryDirectory(prefix="fedfuse-qlora-") as folder:
-        model.save_pretrained(folder)
+        pretrained.save_pretrained(folder)
         quantized = loader.from_pretrained(folder, quantization_config=config, device_map={"": device.index or 0})
     return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)

@@ -138,9 +138,11 @@ def evaluate(
             counted = (target != -100).double()
             correct = ((predicted == target).double() * counted).sum(-1)
             counted = counted.sum(-1)
-            loss_sum += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-            ))
+            loss_sum += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
             loss_count += float(counted.sum())
         np.add.at(correct_by_domain, batch.domains, correct.numpy())
         np.add.at(count_by_domain, batch.domains, counted.numpy())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import cast
 
 import torch
 import transformers
@@ -104,7 +105,7 @@ def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int
     heads = set(head_names(model))
     config = LoraConfig(
         r=settings.training.lora_rank,
-        lora_alpha=settings.training.lora_alpha,
+        lora_alpha=settings.training.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; a float works
         target_modules=target_modules_for(model, settings),
         lora_dropout=0.0,
         bias="none",
@@ -137,8 +138,8 @@ def lora_update(peft_model: torch.nn.Module, round_state: dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     for module, layer in lora_layers(peft_model).items():
         a_name, b_name = factor_names(module)
-        out[a_name] = layer.lora_A["default"].weight.detach().float().clone()
-        out[b_name] = layer.lora_B["default"].weight.detach().float().clone()
+        out[a_name] = cast(torch.Tensor, layer.lora_A["default"].weight).detach().float().clone()
+        out[b_name] = cast(torch.Tensor, layer.lora_B["default"].weight).detach().float().clone()
     for name, parameter in peft_model.named_parameters():
         plain = name.removeprefix(PEFT_PREFIX)
         if parameter.requires_grad and plain.startswith(HEAD_PREFIXES):

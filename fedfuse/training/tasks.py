@@ -49,12 +49,16 @@ def tokenize_rows(
         return _tokenize_chats(rows, tokenizer, settings, source, domains)
     require_columns(rows, [settings.source.text_column], source=source, why="the text column; set text-column")
     texts = [str(text) for text in rows[settings.source.text_column]]
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=settings.source.sequence_length, return_tensors="pt")
+    encoded = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=settings.source.sequence_length, return_tensors="pt"
+    )
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     if settings.source.task == "lm":
         return Tokenized(ids, mask, ids.masked_fill(mask == 0, IGNORE), domains)
     require_columns(rows, [settings.source.label_column], source=source, why="the label column; set label-column")
-    labels = label_ids(rows[settings.source.label_column], label_names, source=source, column=settings.source.label_column)
+    labels = label_ids(
+        rows[settings.source.label_column], label_names, source=source, column=settings.source.label_column
+    )
     return Tokenized(ids, mask, torch.tensor(labels, dtype=torch.long), domains)
 
 
@@ -81,22 +85,39 @@ def _tokenize_chats(
     rows: datasets.Dataset, tokenizer: Any, settings: RunSettings, source: str, domains: np.ndarray
 ) -> Tokenized:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"task 'sft' renders chats with the tokenizer's chat template, and the model {settings.source.model!r} has none")
+        raise DataError(
+            "task 'sft' renders chats with the tokenizer's chat template, "
+            f"and the model {settings.source.model!r} has none"
+        )
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"task 'sft' needs a fast tokenizer (character offsets); {settings.source.model!r} has a slow one")
-    sft_columns(rows, messages=settings.source.messages_column, prompt=settings.source.prompt_column,
-                response=settings.source.response_column, source=source)
+        raise DataError(
+            f"task 'sft' needs a fast tokenizer (character offsets); {settings.source.model!r} has a slow one"
+        )
+    sft_columns(
+        rows,
+        messages=settings.source.messages_column,
+        prompt=settings.source.prompt_column,
+        response=settings.source.response_column,
+        source=source,
+    )
     length = settings.source.sequence_length
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     learnable = 0
     for number, row in enumerate(rows):
-        messages = conversation(row, messages=settings.source.messages_column, prompt=settings.source.prompt_column,
-                                response=settings.source.response_column, source=source, number=number)
+        messages = conversation(
+            row,
+            messages=settings.source.messages_column,
+            prompt=settings.source.prompt_column,
+            response=settings.source.response_column,
+            source=source,
+            number=number,
+        )
         text, spans = assistant_spans(tokenizer, messages)
-        encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=length,
-                            return_offsets_mapping=True)
+        encoded = tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=length, return_offsets_mapping=True
+        )
         n = len(encoded["input_ids"])
         ids[number, :n] = torch.tensor(encoded["input_ids"])
         mask[number, :n] = 1
@@ -105,7 +126,5 @@ def _tokenize_chats(
                 labels[number, position] = encoded["input_ids"][position]
         learnable += int((labels[number] != IGNORE).any())
     if learnable == 0:
-        raise DataError(
-            f"{source}: max-length {length} cuts off every assistant answer; raise max-length"
-        )
+        raise DataError(f"{source}: max-length {length} cuts off every assistant answer; raise max-length")
     return Tokenized(ids, mask, labels, domains)

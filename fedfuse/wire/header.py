@@ -9,8 +9,9 @@ it strictly: unknown, missing or mistyped fields are rejected, so a header has o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from fedfuse.algebra import Sparsifier
 from fedfuse.wire.errors import UpdateRejected
@@ -112,7 +113,10 @@ class TensorEntry:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "shape": list(self.shape), "encoding": self.encoding, "nnz": self.nnz, "fisher": self.fisher,
+            "shape": list(self.shape),
+            "encoding": self.encoding,
+            "nnz": self.nnz,
+            "fisher": self.fisher,
         }
         if self.encoding == "dare":
             out["seed"] = self.seed
@@ -138,9 +142,7 @@ class Expectation:
 
     def __post_init__(self) -> None:
         if not isinstance(self.shapes, Mapping):
-            raise ValueError(
-                f"Expectation.shapes must be a mapping of name → shape, got {type(self.shapes).__name__}"
-            )
+            raise ValueError(f"Expectation.shapes must be a mapping of name → shape, got {type(self.shapes).__name__}")
         object.__setattr__(self, "shapes", {name: tuple(int(d) for d in shape) for name, shape in self.shapes.items()})
         if self.max_bytes is not None and (not _is_int(self.max_bytes) or self.max_bytes < 0):
             raise ValueError(f"Expectation.max_bytes must be an int >= 0 or None, got {self.max_bytes!r}")
@@ -252,8 +254,18 @@ def parse_header(document: dict[str, Any], kind: str, extra_keys: set[str] | Non
             f"this decoder reads {kind!r} version {FORMAT_VERSION}",
         )
     keys = {
-        "format", "version", "run_id", "round", "base_fingerprint", "node_id", "num_examples",
-        "sparsifier", "metrics", "tier", "value_dtype", "tensors",
+        "format",
+        "version",
+        "run_id",
+        "round",
+        "base_fingerprint",
+        "node_id",
+        "num_examples",
+        "sparsifier",
+        "metrics",
+        "tier",
+        "value_dtype",
+        "tensors",
     } | (extra_keys or set())
     document = _exact_keys(document, keys, "header")
     num_examples = document["num_examples"]

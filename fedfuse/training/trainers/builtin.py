@@ -20,11 +20,18 @@ from fedfuse.training.loop import train
 from fedfuse.training.trainers.protocol import TrainingRound, TrainResult
 
 
-def loop_trainer(model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound) -> TrainResult:
+def loop_trainer(
+    model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound
+) -> TrainResult:
     """fedfuse's seeded AdamW loop (classification and LM)."""
     loss = train(
-        model, data.train, steps=round.steps, batch_size=settings.training.batch_size, learning_rate=settings.training.lr,
-        seed=round.seed, dtype=round.dtype,
+        model,
+        data.train,
+        steps=round.steps,
+        batch_size=settings.training.batch_size,
+        learning_rate=settings.training.lr,
+        seed=round.seed,
+        dtype=round.dtype,
     )
     return TrainResult(loss)
 
@@ -54,7 +61,9 @@ def trim_padding(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return {key: value[:, :width] for key, value in batch.items()}
 
 
-def sft_trainer(model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound) -> TrainResult:
+def sft_trainer(
+    model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound
+) -> TrainResult:
     """``transformers.Trainer`` on the chat examples (loss on assistant tokens only), constant AdamW lr."""
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
@@ -78,7 +87,9 @@ def sft_trainer(model: torch.nn.Module, data: ClientDatasets, settings: RunSetti
             fp16=round.dtype == torch.float16,
             use_cpu=round.device.type == "cpu",
             gradient_checkpointing=settings.training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if settings.training.gradient_checkpointing else None,
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+            if settings.training.gradient_checkpointing
+            else None,
             save_strategy="no",
             eval_strategy="no",
             logging_strategy="no",

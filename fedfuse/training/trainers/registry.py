@@ -48,7 +48,7 @@ def resolve_trainer(name: str, task: str) -> Callable:
         )
     try:
         trainer = found[0].load()
-    except Exception as exc:  # noqa: BLE001 - a broken plug-in is reported in one line
+    except Exception as exc:
         raise TrainerNotFound(f"trainer entry point {name!r} ({found[0].value}) failed to load: {exc}") from None
     return _callable(trainer, name)
 

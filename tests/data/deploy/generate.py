@@ -15,21 +15,50 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LABELS = ("cardiac", "respiratory", "musculoskeletal")
 FINDINGS = {
-    "cardiac": ("chest pain radiating to the left arm", "palpitations at rest", "an irregular pulse",
-                "ankle swelling and breathlessness lying flat", "pressure behind the sternum on exertion",
-                "a new heart murmur", "fainting after climbing stairs", "racing heartbeat with sweating"),
-    "respiratory": ("a productive cough for two weeks", "wheezing at night", "shortness of breath on mild effort",
-                    "fever with crackles at the lung base", "coughing up blood-streaked sputum",
-                    "low oxygen saturation on room air", "a sore throat and hoarse voice", "tight chest after a cold"),
-    "musculoskeletal": ("lower back pain after lifting", "a swollen knee after a fall", "stiff shoulder for months",
-                        "wrist pain after a sports injury", "hip pain when walking", "a sprained ankle",
-                        "neck pain with limited rotation", "painful swollen finger joints in the morning"),
+    "cardiac": (
+        "chest pain radiating to the left arm",
+        "palpitations at rest",
+        "an irregular pulse",
+        "ankle swelling and breathlessness lying flat",
+        "pressure behind the sternum on exertion",
+        "a new heart murmur",
+        "fainting after climbing stairs",
+        "racing heartbeat with sweating",
+    ),
+    "respiratory": (
+        "a productive cough for two weeks",
+        "wheezing at night",
+        "shortness of breath on mild effort",
+        "fever with crackles at the lung base",
+        "coughing up blood-streaked sputum",
+        "low oxygen saturation on room air",
+        "a sore throat and hoarse voice",
+        "tight chest after a cold",
+    ),
+    "musculoskeletal": (
+        "lower back pain after lifting",
+        "a swollen knee after a fall",
+        "stiff shoulder for months",
+        "wrist pain after a sports injury",
+        "hip pain when walking",
+        "a sprained ankle",
+        "neck pain with limited rotation",
+        "painful swollen finger joints in the morning",
+    ),
 }
 STYLES = {
-    "hospital-a": ("Patient presents with {f}.", "Referred for {f}.", "{a}-year-old reports {f}.",
-                   "Seen in clinic today with {f}."),
-    "hospital-b": ("Pt c/o {f}, onset {d} days ago.", "ED triage: {f}.", "Walk-in, {a} y/o, {f}.",
-                   "Follow-up call: still {f}."),
+    "hospital-a": (
+        "Patient presents with {f}.",
+        "Referred for {f}.",
+        "{a}-year-old reports {f}.",
+        "Seen in clinic today with {f}.",
+    ),
+    "hospital-b": (
+        "Pt c/o {f}, onset {d} days ago.",
+        "ED triage: {f}.",
+        "Walk-in, {a} y/o, {f}.",
+        "Follow-up call: still {f}.",
+    ),
 }
 MIX = {"hospital-a": (0.5, 0.3, 0.2), "hospital-b": (0.2, 0.3, 0.5)}  # non-IID: different label shares
 ROWS = {"hospital-a": 48, "hospital-b": 64}
