@@ -170,7 +170,6 @@ def run_fedfuse(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
     threads = _use_threads(config)
     sync, gpu_allocated = _device_hooks(device)
     strategy = get_strategy(method.strategy, device=device)
-    weighted = method.strategy in ("fedavg", "fisher")
     moved = largest_update = 0
     state = strategy.new_state()
     gpu_before = gpu_allocated()
@@ -189,7 +188,7 @@ def run_fedfuse(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
             moved += nbytes
             largest_update = max(largest_update, nbytes)
             with meter.timed(sync):
-                state.add(update, weight=float(num_examples(k)) if weighted else 1.0, fisher=fisher)
+                state.add(update, weight=float(num_examples(k)) if method.weighted else 1.0, fisher=fisher)
             del update, fisher
         add_seconds = meter.seconds
         with meter.timed(sync):
@@ -285,7 +284,7 @@ def run_peft(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Method:
-    """One benchmarked aggregation: who runs it and on what kind of update."""
+    """One benchmarked aggregation: who runs it, on what kind of update, and whether updates carry example weights."""
 
     name: str
     family: Literal["fedfuse", "flower", "peft"]
@@ -293,16 +292,19 @@ class Method:
     strategy: str = ""
     sparse: bool = False
     fisher: bool = False
+    weighted: bool = False
     peft: str = ""
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("fedfuse-fedavg-dense", "fedfuse", run_fedfuse, strategy="fedavg"),
-        Method("fedfuse-fedavg-sparse", "fedfuse", run_fedfuse, strategy="fedavg", sparse=True),
-        Method("fedfuse-fisher-dense", "fedfuse", run_fedfuse, strategy="fisher", fisher=True),
-        Method("fedfuse-fisher-sparse", "fedfuse", run_fedfuse, strategy="fisher", sparse=True, fisher=True),
+        Method("fedfuse-fedavg-dense", "fedfuse", run_fedfuse, strategy="fedavg", weighted=True),
+        Method("fedfuse-fedavg-sparse", "fedfuse", run_fedfuse, strategy="fedavg", sparse=True, weighted=True),
+        Method("fedfuse-fisher-dense", "fedfuse", run_fedfuse, strategy="fisher", fisher=True, weighted=True),
+        Method(
+            "fedfuse-fisher-sparse", "fedfuse", run_fedfuse, strategy="fisher", sparse=True, fisher=True, weighted=True
+        ),
         Method("fedfuse-ties-dense", "fedfuse", run_fedfuse, strategy="ties"),
         Method("fedfuse-ties-sparse", "fedfuse", run_fedfuse, strategy="ties", sparse=True),
         Method("flower-fedavg", "flower", run_flower),
