@@ -269,4 +269,4 @@ def test_error_feedback_is_a_client_module_that_imports_only_the_algebra() -> No
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     assert {m for m in imported if m.startswith("fedfuse")} == {"fedfuse.algebra"}
-    assert imported <= {"__future__", "typing", "torch", "fedfuse.algebra"}
+    assert imported <= {"__future__", "typing", "collections.abc", "torch", "fedfuse.algebra"}
