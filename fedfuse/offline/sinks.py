@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,18 +43,20 @@ class MergeResult:
     nbytes: int
 
 
-class _AtomicSink:
+class _AtomicSink(ABC):
     """Opens the atomic output on enter; finishes the files, then moves them into place, on a clean exit."""
 
     def __init__(self, output: Output) -> None:
         self.output = output
         self._stack = ExitStack()
 
+    @abstractmethod
     def _open(self, temp: Path) -> None:
-        raise NotImplementedError
+        """Create the writers inside the temporary output ``temp``."""
 
+    @abstractmethod
     def _finish(self) -> None:
-        raise NotImplementedError
+        """Close the writers (the output is moved into place afterwards)."""
 
     def __enter__(self) -> Self:
         temp = self._stack.enter_context(
