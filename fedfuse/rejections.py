@@ -58,6 +58,7 @@ ROUND_REASONS: dict[str, str] = {
     "duplicate_node": "the node (or gateway) already contributed this round, under any tier",
     "zero_weight": "the update's weight is zero (it reported no training examples)",
     "incompatible_update": "the update does not fit the strategy or the update space (e.g. no Fisher diagonal)",
+    "sender_mismatch": "an unsigned payload names another node than the transport peer that sent it",
 }
 """Decided by the round engine (:mod:`fedfuse.rounds`) and the server around it."""
 

@@ -45,6 +45,7 @@ ALLOWED = {
         "checkpoints",
         "known_warnings",
     },
+    "flower": {"client", "server"},
 }
 """For each layer, the fedfuse top-level modules/packages it may import (itself always)."""
 

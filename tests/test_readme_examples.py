@@ -32,6 +32,7 @@ ENV = {
     "COLUMNS": "300",
     "NO_COLOR": "1",
     "TERM": "dumb",
+    "RAY_TQDM_PATCH_PRINT": "0",  # Ray would swap builtins.print for its own, hiding a block's prints from the driver
 }
 
 DRIVER = """

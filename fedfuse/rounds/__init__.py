@@ -7,6 +7,7 @@
 
 from fedfuse.rounds.engine import (
     PAYLOAD_KINDS,
+    WEIGHTINGS,
     Contribution,
     PayloadKind,
     RoundEngine,
@@ -17,6 +18,7 @@ from fedfuse.rounds.space import UpdateSpace
 
 __all__ = [
     "PAYLOAD_KINDS",
+    "WEIGHTINGS",
     "Contribution",
     "PayloadKind",
     "RoundEngine",

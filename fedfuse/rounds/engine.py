@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from fedfuse.algebra import apply_task_vector
+from fedfuse.algebra import apply_task_vector, name_mismatch
 from fedfuse.rejections import Rejected, Rejection, counts_by_reason
 from fedfuse.rounds.space import UpdateSpace
 from fedfuse.strategies import MergeState, MergeStrategy
@@ -77,6 +77,9 @@ class RoundEngine:
         the payload names.
     max_bytes : int, optional
         Refuse larger payloads before parsing them.
+    bind_senders : bool
+        Unsigned payloads must name the transport peer that sent them (``sender``), so no peer can
+        contribute under, or suppress, another's name; a signed payload names its signer instead.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class RoundEngine:
         weighting: Weighting | str = "num_examples",
         check_signature: SignatureCheck | None = None,
         max_bytes: int | None = None,
+        bind_senders: bool = False,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
@@ -97,6 +101,7 @@ class RoundEngine:
         self.space = space
         self.weighting = weighting
         self.check_signature = check_signature
+        self.bind_senders = bind_senders
         self.round_number = round_number
         self.run_id = run_id
         self.base_fingerprint = base_fingerprint
@@ -150,27 +155,28 @@ class RoundEngine:
             self.signatures_verified += 1
         try:
             if kind == "update":
-                return self._fold_update(payload, signer)
-            return self._fold_partial(payload, signer)
+                return self._fold_update(payload, signer, sender)
+            return self._fold_partial(payload, signer, sender)
         except UpdateRejected as exc:
             return self.reject(sender, exc.reason, str(exc))
 
-    def _admit(self, header: UpdateHeader, signer: str | None, role: str) -> Rejection | None:
-        """Refuse a payload whose named node is not its signer, or a node that already contributed."""
-        node = str(header.node_id)
+    def _admit(self, node: str, signer: str | None, sender: str | None, role: str) -> Rejection | None:
+        """Refuse a payload whose named node is not its signer (or sender), or a node that already contributed."""
         if signer is not None and node != signer:
             return self.reject(node, "signer_mismatch", f"payload names {role} {node} but {signer} signed it")
+        if signer is None and self.bind_senders and node != sender:
+            return self.reject(sender, "sender_mismatch", f"unsigned payload from {sender} names {role} {node}")
         known = self.contributions.get(node)
         if known is not None:
             where = f" (tier {known.tier!r})" if known.tier else ""
             return self.reject(node, "duplicate_node", f"{role} {node} already contributed this round{where}")
         return None
 
-    def _fold_update(self, payload: bytes, signer: str | None) -> Rejection | None:
+    def _fold_update(self, payload: bytes, signer: str | None, sender: str | None) -> Rejection | None:
         update = decode_update(payload, expect=self.update_expect)
         header = update.header
         node = str(header.node_id)
-        refused = self._admit(header, signer, "node")
+        refused = self._admit(node, signer, sender, "node")
         if refused is not None:
             return refused
         weight = float(header.num_examples) if self.weighting == "num_examples" else 1.0
@@ -184,7 +190,51 @@ class RoundEngine:
         self._record(header, "update", weight)
         return None
 
-    def _fold_partial(self, payload: bytes, signer: str | None) -> Rejection | None:
+    def offer_task_vector(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        node: str,
+        num_examples: float,
+        fisher: Mapping[str, torch.Tensor] | None = None,
+        metrics: Mapping[str, int | float | str] | None = None,
+        nbytes: int = 0,
+    ) -> Rejection | None:
+        """Fold a dense task vector the server formed itself (e.g. from a Flower reply's plain weights).
+
+        ``nbytes`` is what the reply weighed on the transport (counted in ``uplink-bytes``).
+        It must have exactly the space's tensors and shapes and finite values; it is then shrunk by the
+        space's sparsifier (TIES trim or DARE, seeded for ``node`` and the round) and folded like an update.
+        """
+        self.bytes_received += nbytes
+        refused = self._admit(node, None, node, "node")
+        if refused is not None:
+            return refused
+        problem = _space_mismatch(self.space.merge_shapes, tensors)
+        if problem:
+            return self.reject(node, "incompatible_update", f"node {node}: {problem}")
+        bad = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            return self.reject(node, "non_finite", f"node {node}: tensor {bad!r} has NaN or infinite values")
+        for name, diagonal in (fisher or {}).items():
+            if not bool(torch.isfinite(diagonal).all()):
+                return self.reject(node, "non_finite", f"node {node}: Fisher of {name!r} has NaN or infinite values")
+            if bool((diagonal < 0).any()):
+                return self.reject(node, "negative_fisher", f"node {node}: Fisher of {name!r} has negative entries")
+        if not math.isfinite(num_examples) or num_examples < 0:
+            return self.reject(node, "bad_num_examples", f"node {node} reported {num_examples} examples")
+        weight = float(num_examples) if self.weighting == "num_examples" else 1.0
+        if weight <= 0:
+            return self.reject(node, "zero_weight", f"node {node} reported {num_examples} examples")
+        sparse = self.space.server_sparsified(tensors, round_number=self.round_number or 0, node=node)
+        try:
+            self.state.add(sparse, weight=weight, fisher=fisher)
+        except ValueError as exc:
+            return self.reject(node, "incompatible_update", f"node {node}: {exc}")
+        self.contributions[node] = Contribution(node, "update", "", int(num_examples), weight, dict(metrics or {}))
+        return None
+
+    def _fold_partial(self, payload: bytes, signer: str | None, sender: str | None) -> Rejection | None:
         if not self.strategy.mergeable:
             return self.reject(
                 None,
@@ -193,7 +243,7 @@ class RoundEngine:
             )
         partial = decode_partial(payload, strategy=self.strategy, expect=self.partial_expect)
         header = partial.header
-        refused = self._admit(header, signer, "gateway")
+        refused = self._admit(str(header.node_id), signer, sender, "gateway")
         if refused is not None:
             return refused
         try:
@@ -247,6 +297,17 @@ class RoundEngine:
     def encode_partial(self, header: UpdateHeader) -> bytes:
         """The round's state as a partial-state payload (what a tier gateway forwards)."""
         return encode_partial(self.state, header=header)
+
+
+def _space_mismatch(shapes: Mapping[str, tuple[int, ...]], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``tensors`` do not fit the space's names and shapes, or None."""
+    problem = name_mismatch(shapes, tensors, missing="missing tensors", extra="unexpected tensors")
+    if problem:
+        return problem
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != shapes[name]:
+            return f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}"
+    return None
 
 
 def _example_weighted(contributions: Iterable[Contribution], key: str) -> float | None:

@@ -46,7 +46,8 @@ class UpdateSpace:
     scale : float
         LoRA's s = alpha / rank (unused for full weights).
     sparsifier : Sparsifier
-        Applied on the server to each ΔWₖ in LoRA-exact space (clients sparsify full updates themselves).
+        Applied on the server to each ΔWₖ in LoRA-exact space, and to task vectors the server formed
+        itself from plain weights (:meth:`server_sparsified`); clients sparsify their own full updates.
     seed, seed_scope
         The run seed and DARE seed scope, so server-side DARE masks are seeded like a client's.
     """
@@ -101,9 +102,12 @@ class UpdateSpace:
             return update.tensors, update.fisher
         dense = {name: to_dense(tensor) for name, tensor in update.tensors.items()}
         deltas = factors_to_deltas(dense, self.scale)
-        header = update.header
-        seed_for = dare_seed_fn(self.seed, header.round, str(header.node_id), self.seed_scope)
-        return sparsify_update(deltas, self.sparsifier, seed_for), None
+        return self.server_sparsified(deltas, round_number=update.header.round, node=str(update.header.node_id)), None
+
+    def server_sparsified(self, dense: Update, *, round_number: int, node: str) -> Update:
+        """``dense`` shrunk on the server by this space's sparsifier, DARE seeded as the client would be."""
+        seed_for = dare_seed_fn(self.seed, round_number, node, self.seed_scope)
+        return sparsify_update({name: to_dense(t) for name, t in dense.items()}, self.sparsifier, seed_for)
 
     def task_vector(self, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The merged change to the global weights, by parameter name."""

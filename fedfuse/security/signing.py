@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +180,14 @@ class Registry:
             f"{signed.institution!r} signed this payload for run {signed.run_id} round {signed.round}, "
             f"not run {run_id} round {round_number} (replayed or stale)",
         )
+
+    def round_check(self, *, run_id: str, round_number: int, base_fingerprint: str) -> Callable[[bytes, object], str]:
+        """``check(payload, signature) -> institution`` for one round (the round engine's signature hook)."""
+
+        def check(payload: bytes, signature: object) -> str:
+            signed = signature if isinstance(signature, UpdateSignature) else None
+            return self.verify(
+                signed, run_id=run_id, round_number=round_number, base_fingerprint=base_fingerprint, payload=payload
+            )
+
+        return check

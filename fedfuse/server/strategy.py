@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, RoundInstruction, TrainReply
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
-from fedfuse.security import Registry, UpdateSignature
+from fedfuse.security import Registry
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
 from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.wire import fingerprint
@@ -124,20 +124,12 @@ class FedFuseStrategy(Strategy):
             run_id=self.run_id,
             base_fingerprint=self._round_fingerprint,
             weighting=self.settings.merge.weighting,
-            check_signature=None if self.registry is None else self._signature_check(server_round),
+            check_signature=None
+            if self.registry is None
+            else self.registry.round_check(
+                run_id=self.run_id, round_number=server_round, base_fingerprint=self._round_fingerprint
+            ),
         )
-
-    def _signature_check(self, server_round: int) -> Callable[[bytes, object], str]:
-        registry, fingerprint_now = self.registry, self._round_fingerprint
-        assert registry is not None
-
-        def check(payload: bytes, signature: object) -> str:
-            signed = signature if isinstance(signature, UpdateSignature) else None
-            return registry.verify(
-                signed, run_id=self.run_id, round_number=server_round, base_fingerprint=fingerprint_now, payload=payload
-            )
-
-        return check
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

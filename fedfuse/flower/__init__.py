@@ -1,0 +1,11 @@
+"""fedfuse merging in any Flower app: ``FedMerge`` on the server, the uplink mods on the client.
+
+>>> from fedfuse.flower import FedMerge, signing_mod, task_vector_mod
+>>> strategy = FedMerge("ties", fraction_evaluate=0.5)      # where the ServerApp had FedAvg(...)
+>>> mods = [task_vector_mod(sparsifier="trim", density=0.1)] # ClientApp(mods=mods): sparse task vectors
+"""
+
+from fedfuse.client.mods import signing_mod, task_vector_mod
+from fedfuse.server.fedmerge import FedMerge
+
+__all__ = ["FedMerge", "signing_mod", "task_vector_mod"]
