@@ -12,11 +12,12 @@ Built and parsed only here, by the server, the ClientApp and the tier gateway:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, cast
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
 
@@ -33,6 +34,19 @@ ARRAYS_RECORD = "arrays"
 RESIDUAL_RECORD = "fedfuse.residual"
 SIGNATURE_RECORD = "fedfuse.signature"
 PAYLOAD_RECORDS: dict[PayloadKind, str] = {"update": UPDATE_RECORD, "partial": PARTIAL_RECORD}
+
+
+def array_record(records: Mapping[str, ArrayRecord], key: str, *, ignore: Iterable[str] = ()) -> ArrayRecord | None:
+    """The ArrayRecord under ``key``, else the only one there is besides ``ignore`` (Flower's one-record convention)."""
+    if key in records:
+        return records[key]
+    others = [name for name in records if name not in set(ignore)]
+    return records[others[0]] if len(others) == 1 else None
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord's arrays as writable torch tensors in their own dtypes, by name."""
+    return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
 
 
 class ReplyRejected(Rejected):

@@ -87,7 +87,7 @@ def test_fedmerge_rejects_bad_standard_replies_with_fedfuse_reasons_and_merges_t
         _standard_reply(messages[1], good[1][0], 10),
         Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="boom"), reply_to=messages[3]),
         _standard_reply(messages[4], _weights(4), None),
-        _standard_reply(messages[5], {"w": torch.zeros(4, 4), "b": torch.zeros(3)}),
+        _standard_reply(messages[5], {"w": torch.zeros(4, 3), "b": torch.zeros(1)}),  # b would broadcast
         _standard_reply(messages[6], nan),
         _standard_reply(messages[7], {**_weights(7), "extra": torch.zeros(2)}),
         _standard_reply(messages[2], good[2][0], 30),

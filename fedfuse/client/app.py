@@ -18,12 +18,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.gateway import run_gateway_round
 from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
+from fedfuse.client.residuals import keep_feedback, restore_feedback
 from fedfuse.messages import ARRAYS_RECORD, RESIDUAL_RECORD, EvaluateReply, RoundInstruction, TrainReply
 from fedfuse.security import UpdateSignature, load_signing_key, sign_update
 from fedfuse.settings import RunSettings
@@ -52,16 +53,12 @@ def _error_feedback(settings: RunSettings, context: Context, record: str) -> Err
     """The residual store kept in ``context.state`` under ``record`` (None when the run uses no feedback)."""
     if not settings.uses_error_feedback:
         return None
-    feedback = ErrorFeedback(settings.compression.sparsifier_spec)
-    stored = context.state.array_records.get(record)
-    if stored is not None:
-        feedback.load_state_dict(stored.to_torch_state_dict())
-    return feedback
+    return restore_feedback(context, record, settings.compression.sparsifier_spec)
 
 
 def _keep_residual(context: Context, record: str, feedback: ErrorFeedback | None) -> None:
     if feedback is not None:
-        context.state.array_records[record] = ArrayRecord(feedback.state_dict())
+        keep_feedback(context, record, feedback)
 
 
 def _signature(context: Context, shard: Shard, instruction: RoundInstruction, payload: bytes) -> UpdateSignature | None:

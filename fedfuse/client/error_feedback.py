@@ -127,3 +127,15 @@ class ErrorFeedback:
         if seed_for is None:
             raise ValueError("DARE needs seed_for(name) -> seed; build one with dare_seed_fn(...)")
         return {name: dare_drop(t, s.density, seed_for(name), rescale=False) for name, t in corrected.items()}
+
+
+def shrink_update(
+    tau: Mapping[str, torch.Tensor],
+    sparsifier: Sparsifier,
+    seed_for: Callable[[str], int],
+    feedback: ErrorFeedback | None = None,
+) -> dict[str, torch.Tensor | SparseTensor]:
+    """What a client sends for ``tau``: sparsified through ``feedback`` when given (and not dense), else directly."""
+    if feedback is not None and sparsifier.kind != "none":
+        return feedback.compress(tau, seed_for)
+    return sparsify_update(tau, sparsifier, seed_for)

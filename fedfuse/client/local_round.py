@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed, sparsify_update
-from fedfuse.client.error_feedback import ErrorFeedback
+from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed
+from fedfuse.client.error_feedback import ErrorFeedback, shrink_update
 from fedfuse.data.files import DataSource
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import ClientDatasets, NodeData, load_client_datasets
@@ -170,10 +170,7 @@ def run_local_round(
         tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
         sparsifier = settings.compression.sparsifier_spec
         seed_for = dare_seed_fn(settings.run.seed, round_number, shard.node_name, settings.compression.seed_scope)
-        if error_feedback is not None and sparsifier.kind != "none":
-            tensors = error_feedback.compress(tau, seed_for)
-        else:
-            tensors = sparsify_update(tau, sparsifier, seed_for)
+        tensors = shrink_update(tau, sparsifier, seed_for, error_feedback)
         if settings.fisher_batch_count:
             fisher = fisher_diagonal(
                 model,

@@ -11,16 +11,16 @@ signs that payload with the institution's Ed25519 key. Evaluate messages pass th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
-from fedfuse.algebra import Sparsifier, dare_seed_fn, name_mismatch, sparsify_update
-from fedfuse.client.error_feedback import ErrorFeedback
-from fedfuse.messages import RESIDUAL_RECORD, TrainReply
+from fedfuse.algebra import Sparsifier, dare_seed_fn, name_mismatch
+from fedfuse.client.error_feedback import shrink_update
+from fedfuse.client.residuals import keep_feedback, restore_feedback
+from fedfuse.messages import RESIDUAL_RECORD, TrainReply, array_record, record_tensors
 from fedfuse.security import load_signing_key, sign_update
 from fedfuse.wire import UPDATE_VALUE_DTYPES, UpdateHeader, encode_update, fingerprint
 
@@ -31,17 +31,6 @@ IDENTITY_RECORD = "fedfuse.identity"
 def _failed(msg: Message, reason: str) -> Message:
     """An error reply (Flower's convention for a mod whose precondition fails)."""
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
-
-
-def _single(records: Mapping[str, ArrayRecord], key: str) -> tuple[str, ArrayRecord] | None:
-    """The ArrayRecord under ``key``, or the only one there is."""
-    if key in records:
-        return key, records[key]
-    return next(iter(records.items())) if len(records) == 1 else None
-
-
-def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
 
 
 def _server_round(msg: Message) -> int | None:
@@ -96,40 +85,34 @@ def task_vector_mod(
     spec = Sparsifier(kind, 1.0 if kind == "none" else density, seed_scope=seed_scope)  # type: ignore[arg-type]
     if wire_dtype not in UPDATE_VALUE_DTYPES:
         raise ValueError(f"wire_dtype must be one of {', '.join(UPDATE_VALUE_DTYPES)}; got {wire_dtype!r}")
-    ErrorFeedback(spec)  # checks that this sparsifier can carry a residual
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        sent = _single(msg.content.array_records, arrayrecord_key)
+        sent = array_record(msg.content.array_records, arrayrecord_key)
         round_number = _server_round(msg)
         if sent is None or round_number is None:
             return _failed(msg, "task_vector_mod needs one ArrayRecord and a 'server-round' in the train message")
-        received = _tensors(sent[1])
+        received = record_tensors(sent)
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        trained = _single(reply.content.array_records, arrayrecord_key)
+        trained = array_record(reply.content.array_records, arrayrecord_key)
         metrics = next(iter(reply.content.metric_records.values()), None)
         examples = None if metrics is None else metrics.get(weighted_by_key)
         if trained is None or not isinstance(examples, (int, float)) or not math.isfinite(examples):
             return _failed(msg, f"task_vector_mod needs the reply's ArrayRecord and a number {weighted_by_key!r}")
-        weights = _tensors(trained[1])
+        weights = record_tensors(trained)
         problem = name_mismatch(received, weights, missing="missing in the reply", extra="not received")
         if problem:
             return _failed(msg, f"task_vector_mod: the reply's arrays differ from the received ones ({problem})")
         tau = {name: weights[name].to(torch.float32) - received[name].to(torch.float32) for name in received}
         node = _node_name(context, node_name)
         seed_for = dare_seed_fn(seed, round_number, node, seed_scope)
-        if error_feedback and kind != "none":
-            feedback = ErrorFeedback(spec)
-            stored = context.state.array_records.get(RESIDUAL_RECORD)
-            if stored is not None:
-                feedback.load_state_dict(stored.to_torch_state_dict())
-            tensors = feedback.compress(tau, seed_for)
-            context.state.array_records[RESIDUAL_RECORD] = ArrayRecord(feedback.state_dict())
-        else:
-            tensors = sparsify_update(tau, spec, seed_for)
+        feedback = restore_feedback(context, RESIDUAL_RECORD, spec) if error_feedback else None
+        tensors = shrink_update(tau, spec, seed_for, feedback)
+        if feedback is not None:
+            keep_feedback(context, RESIDUAL_RECORD, feedback)
         assert metrics is not None
         header = UpdateHeader(
             run_id=str(msg.metadata.run_id),
@@ -165,11 +148,11 @@ def signing_mod(key_path: str, institution: str | None = None, *, arrayrecord_ke
         name = institution or str(context.node_config.get("institution", "") or "")
         if not name:
             return _failed(msg, "signing_mod needs an institution name (argument or node config 'institution')")
-        sent = _single(msg.content.array_records, arrayrecord_key)
+        sent = array_record(msg.content.array_records, arrayrecord_key)
         round_number = _server_round(msg)
         if sent is None or round_number is None:
             return _failed(msg, "signing_mod needs one ArrayRecord and a 'server-round' in the train message")
-        base = fingerprint(_tensors(sent[1]))
+        base = fingerprint(record_tensors(sent))
         context.state.config_records[IDENTITY_RECORD] = ConfigRecord({"institution": name})
         reply = call_next(msg, context)
         if reply.has_error():

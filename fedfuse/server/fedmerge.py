@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedfuse.algebra import Sparsifier
-from fedfuse.messages import PAYLOAD_RECORDS, TrainReply
+from fedfuse.messages import PAYLOAD_RECORDS, TrainReply, array_record, record_tensors
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import WEIGHTINGS, RoundEngine, UpdateSpace
 from fedfuse.security import Registry
@@ -140,7 +140,7 @@ class FedMerge(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold each reply into the round engine as it comes; the merged weights and aggregated metrics."""
-        round_state = {name: torch.as_tensor(array.numpy()) for name, array in self._round_arrays.items()}
+        round_state = record_tensors(self._round_arrays)
         base = fingerprint(round_state)
         run_id = self._run_id
         check = None
@@ -205,10 +205,7 @@ class FedMerge(FedAvg):
             return engine.offer(parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature)
         if self.registry is not None:
             return engine.reject(sender, "unsigned", "a standard reply carries no signature (this run requires one)")
-        weights = content.array_records.get(self.arrayrecord_key)
-        if weights is None:
-            others = [name for name in content.array_records if name != self.fisher_key]
-            weights = content.array_records[others[0]] if len(others) == 1 else None
+        weights = array_record(content.array_records, self.arrayrecord_key, ignore=[self.fisher_key])
         if weights is None:
             return engine.reject(sender, "no_payload", f"reply has no {self.arrayrecord_key!r} ArrayRecord")
         metrics = _metric_record(content)
@@ -218,23 +215,17 @@ class FedMerge(FedAvg):
                 sender, "bad_num_examples", f"reply's MetricRecord has no number {self.weighted_by_key!r}"
             )
         try:
-            tau = {
-                name: torch.as_tensor(array.numpy()).to(torch.float32) - round_state[name]
-                for name, array in weights.items()
-                if name in round_state
-            }
-            extra = sorted(set(weights) - set(round_state))
-            if extra:
-                return engine.reject(sender, "incompatible_update", f"reply has arrays the model lacks: {extra[:5]}")
-            for name in set(tau) & set(round_state):
-                if tau[name].shape != round_state[name].shape:
-                    return engine.reject(sender, "incompatible_update", f"array {name!r} has another shape")
+            trained = {name: t.to(torch.float32) for name, t in record_tensors(weights).items()}
+            fisher_record = content.array_records.get(self.fisher_key)
+            fisher = None
+            if fisher_record is not None:
+                fisher = {name: t.to(torch.float32) for name, t in record_tensors(fisher_record).items()}
         except (TypeError, ValueError, RuntimeError) as exc:
             return engine.reject(sender, "incompatible_update", f"arrays cannot be read as tensors: {exc}")
-        fisher_record = content.array_records.get(self.fisher_key)
-        fisher = None
-        if fisher_record is not None:
-            fisher = {name: torch.as_tensor(a.numpy()).to(torch.float32) for name, a in fisher_record.items()}
+        tau = {  # only same-shaped arrays are differenced; the engine refuses other names and shapes
+            name: t - round_state[name] if name in round_state and t.shape == round_state[name].shape else t
+            for name, t in trained.items()
+        }
         scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
         nbytes = sum(len(array.data) for record in content.array_records.values() for array in record.values())
         return engine.offer_task_vector(
