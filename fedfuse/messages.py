@@ -7,11 +7,15 @@ Built and parsed only here, by the server, the ClientApp and the tier gateway:
 - :class:`TrainReply` — an encoded update or partial state (one uint8 ``Array``, so Flower's chunked
   transport applies) and, when the node signs, its signature. Nothing else: node, tier, number of
   examples and client metrics live in the payload's header, which the signature covers;
-- :class:`EvaluateReply` — a client's local evaluation (example count and metrics) and which data it used.
+- :class:`EvaluateReply` — a client's local evaluation (example count and metrics) and which data it used;
+- :class:`NodeName` — a node's stable name (its institution or partition), asked once per node with a
+  ``query`` message, so the server samples and folds nodes in an order that survives a resume
+  (Flower's node ids are drawn at random by each simulation).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, cast
@@ -49,6 +53,25 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b.*)$")
+MAX_REASON = 300
+
+
+def short_reason(text: str | None) -> str:
+    """A client's error as one short line: terminal colour codes removed, the exception line of a traceback kept.
+
+    Flower passes a failed ClientApp's whole traceback (with Ray's colour codes in simulation); a
+    report needs the last ``SomeError: message`` line, capped at :data:`MAX_REASON` characters.
+    """
+    lines = [line.strip() for line in _ANSI.sub("", text or "").splitlines() if line.strip()]
+    if not lines:
+        return "the client reported an error"
+    exceptions = [m.group(1) for line in lines if (m := _EXCEPTION_LINE.match(line))]
+    line = exceptions[-1] if exceptions else lines[-1]
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
+
+
 class ReplyRejected(Rejected):
     """A reply that cannot be handed to the round engine: the client failed, or it carries no payload."""
 
@@ -62,6 +85,8 @@ class RoundInstruction:
     server_round: int
     run_id: str = ""
     base_fingerprint: str = ""
+    run_key: str = ""
+    """Names the run across resumes (the first Flower run's id): nodes key the state they keep on disk by it."""
 
     def to_config(self, extra: Mapping[str, ConfigRecordValues] | None = None) -> ConfigRecord:
         """As the message's config record (``extra``: the run's own train/evaluate config)."""
@@ -71,6 +96,7 @@ class RoundInstruction:
                 "server-round": self.server_round,
                 "run-id": self.run_id,
                 "base-fingerprint": self.base_fingerprint,
+                "run-key": self.run_key,
             }
         )
 
@@ -82,6 +108,7 @@ class RoundInstruction:
             int(cast(int, config["server-round"])),
             str(config.get("run-id", "")),
             str(config.get("base-fingerprint", "")),
+            str(config.get("run-key", "")),
         )
 
 
@@ -122,7 +149,7 @@ class TrainReply:
     def from_message(cls, message: Message) -> TrainReply:
         """Parse a reply (raises :class:`ReplyRejected` ``client_error`` when the client reported an error)."""
         if message.has_error():
-            raise ReplyRejected("client_error", message.error.reason or "the client reported an error")
+            raise ReplyRejected("client_error", short_reason(message.error.reason))
         return cls.from_content(message.content)
 
 
@@ -163,7 +190,7 @@ class EvaluateReply:
     def from_message(cls, message: Message) -> EvaluateReply:
         """Parse a reply (raises :class:`ReplyRejected` on a client error or a reply without metrics)."""
         if message.has_error():
-            raise ReplyRejected("client_error", message.error.reason or "the client reported an error")
+            raise ReplyRejected("client_error", short_reason(message.error.reason))
         content = message.content
         if METRICS_RECORD not in content.metric_records:
             raise ReplyRejected("no_payload", "evaluate reply carries no metrics")
@@ -177,3 +204,39 @@ class EvaluateReply:
             data_rows=None if sha is None else int(cast(int, config.get("data-rows", 0))),
             data_sha256=None if sha is None else str(sha),
         )
+
+
+IDENTIFY_QUERY = "identify"
+"""The ``fedfuse`` entry of the config record of a query message that asks a node for its name."""
+
+
+@dataclass(frozen=True)
+class NodeName:
+    """A node's answer to the identify query: the stable name it trains and reports under."""
+
+    name: str
+
+    @staticmethod
+    def query(node_id: int) -> Message:
+        """The query message that asks node ``node_id`` for its name."""
+        content = RecordDict({CONFIG_RECORD: ConfigRecord({"fedfuse": IDENTIFY_QUERY})})
+        return Message(content=content, dst_node_id=node_id, message_type="query")
+
+    @staticmethod
+    def is_query(message: Message) -> bool:
+        """Whether ``message`` is the identify query."""
+        config = message.content.config_records.get(CONFIG_RECORD)
+        return config is not None and config.get("fedfuse") == IDENTIFY_QUERY
+
+    def reply_to(self, message: Message) -> Message:
+        """The Flower reply to the query ``message``."""
+        return Message(content=RecordDict({CONFIG_RECORD: ConfigRecord({"node": self.name})}), reply_to=message)
+
+    @classmethod
+    def from_message(cls, message: Message) -> NodeName | None:
+        """The name in a reply, or None when the node answered with an error or without a name."""
+        if message.has_error():
+            return None
+        config = message.content.config_records.get(CONFIG_RECORD)
+        name = None if config is None else config.get("node")
+        return cls(name) if isinstance(name, str) and name else None

@@ -36,6 +36,7 @@ WIRE_REASONS: dict[str, str] = {
     "unsorted_indices": "indices are not strictly increasing (the delta sum wrapped around)",
     "bitmap_padding": "a bitmap has bits set past the tensor's last entry, or the wrong length",
     "dare_count_mismatch": "the number of DARE values differs from the mask regenerated from its seed",
+    "sparsifier_mismatch": "the update was shrunk otherwise than the run's sparsifier (kind or DARE density)",
     "non_finite": "a value or Fisher entry is NaN or infinite",
     "negative_fisher": "the Fisher diagonal has negative entries",
     "bad_partial": "a partial state does not fit the strategy (identity, statistics or counters)",
@@ -59,6 +60,7 @@ ROUND_REASONS: dict[str, str] = {
     "zero_weight": "the update's weight is zero (it reported no training examples)",
     "incompatible_update": "the update does not fit the strategy or the update space (e.g. no Fisher diagonal)",
     "sender_mismatch": "an unsigned payload names another node than the transport peer that sent it",
+    "timed_out": "the node sent no reply before the round's deadline (run config timeout); a late reply is dropped",
 }
 """Decided by the round engine (:mod:`fedfuse.rounds`) and the server around it."""
 

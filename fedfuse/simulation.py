@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedfuse.client.app import make_client_app
+from fedfuse.client.residuals import STATE_DIR_ENV
 from fedfuse.known_warnings import known_warnings_silenced
 from fedfuse.server.app import make_server_app
 from fedfuse.settings import RunSettings
@@ -120,7 +121,9 @@ def simulate(
     add a misbehaving client). ``parallel`` caps clients training at once (default: CPU cores).
     ``client_gpus`` (``--client-gpus``) gives each client that many GPUs through Ray (0: clients see no
     GPU); Ray then also caps clients at once to ``floor(GPUs / client_gpus)``. Asking for GPUs where torch
-    sees none raises :class:`ClientResourcesError` before anything starts.
+    sees none raises :class:`ClientResourcesError` before anything starts. Simulated nodes keep their
+    on-disk state (error-feedback residuals) under ``<output-dir>/node-state`` unless
+    ``$FEDFUSE_STATE_DIR`` says otherwise, so ``resume`` finds it.
     """
     overrides = dict(overrides or {})
     settings = RunSettings.from_run_config({}, **overrides)
@@ -137,7 +140,13 @@ def simulate(
         gpus=visible_gpus() if client_gpus > 0 else 0,
         verbose=verbose,
     )
-    with known_warnings_silenced(), _quiet_flower(verbose), _environment_default(RAY_OVERRIDE_ON_ZERO, "1"):
+    node_state = str(Path(settings.run.output_dir).resolve() / "node-state")
+    with (
+        known_warnings_silenced(),
+        _quiet_flower(verbose),
+        _environment_default(RAY_OVERRIDE_ON_ZERO, "1"),
+        _environment_default(STATE_DIR_ENV, node_state),
+    ):
         run_simulation(
             server_app=make_server_app(overrides),
             client_app=client_app or make_client_app(overrides),

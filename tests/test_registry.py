@@ -45,8 +45,8 @@ def test_get_strategy_passes_the_strategy_own_parameters() -> None:
 
 
 def test_an_unknown_name_lists_the_available_strategies() -> None:
-    with pytest.raises(ValueError, match="unknown merge strategy 'median'") as error:
-        get_strategy("median")
+    with pytest.raises(ValueError, match="unknown merge strategy 'geometric_median'") as error:
+        get_strategy("geometric_median")
     for name in BUILT_INS:
         assert name in str(error.value)
 

@@ -66,7 +66,8 @@ def test_two_rounds_of_exact_lora_ties_through_flower(uninterrupted):
     assert changed and all("query" in n or "value" in n or n.startswith("classifier.") for n in changed)
 
 
-def test_resume_after_round_one_reaches_the_same_weights(uninterrupted, tmp_path):
+def test_resume_after_round_one_reaches_bit_identical_weights(uninterrupted, tmp_path):
+    """Nodes are sampled and folded in the order of their names, so a resumed run sums exactly as the first did."""
     out, _ = uninterrupted
     stopped = simulate({**TINY, "num-server-rounds": 1, "output-dir": str(tmp_path)}, num_clients=3)
     assert len(stopped["rounds"]) == 1
@@ -74,8 +75,7 @@ def test_resume_after_round_one_reaches_the_same_weights(uninterrupted, tmp_path
     assert [r["round"] for r in resumed["rounds"]] == [1, 2]
     expected, got = load_checkpoint(out).weights, load_checkpoint(tmp_path).weights
     assert set(expected) == set(got)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [name for name in expected if not torch.equal(got[name], expected[name])] == []
 
 
 def _corrupting_client(overrides: dict) -> ClientApp:

@@ -29,6 +29,10 @@ DECLARED = {
     "fisher": ("lam", "eps"),
     "dare_linear": ("lam",),
     "dare_ties": ("lam", "vote"),
+    "median": ("lam",),
+    "trimmed_mean": ("lam", "trim"),
+    "krum": ("lam", "byzantine", "select"),
+    "multi_krum": ("lam", "byzantine"),
 }
 """Every built-in method with its declared parameters, ``lam`` first."""
 

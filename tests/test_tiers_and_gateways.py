@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedfuse.client.app import make_client_app
-from fedfuse.messages import CONFIG_RECORD, TrainReply
+from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
 from fedfuse.rounds import UpdateSpace
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings, build_merge_strategy
@@ -20,10 +20,24 @@ SHAPES = {"w": (6, 5), "b": (5,)}
 
 
 class NodeList:
-    """The one Grid method ``configure_train`` needs: the connected node ids."""
+    """What ``configure_train`` needs of a Grid: the connected node ids, and their answers to the name query."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return [11, 12, 13, 14]
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            ids.append(f"query-{message.metadata.dst_node_id}")
+            message.metadata.__dict__["_message_id"] = ids[-1]  # what Flower's in-memory Grid does on push
+            self.pending[ids[-1]] = NodeName(f"institution-{message.metadata.dst_node_id}").reply_to(message)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(i) for i in message_ids if i in self.pending]
 
 
 def _replies(strategy: FedFuseStrategy, tiers: list[str]) -> list[Message]:
@@ -31,20 +45,19 @@ def _replies(strategy: FedFuseStrategy, tiers: list[str]) -> list[Message]:
     messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), NodeList()))
     fingerprint = messages[0].content.config_records[CONFIG_RECORD]["base-fingerprint"]
     replies = []
-    for k, tier in enumerate(tiers):
+    for k, (tier, message) in enumerate(zip(tiers, messages, strict=True)):
         generator = torch.Generator().manual_seed(k)
         tau = {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
         header = UpdateHeader(
             run_id="run",
             round=1,
             base_fingerprint=fingerprint,
-            node_id=f"n{k}",
+            node_id=str(message.metadata.dst_node_id),
             num_examples=10 + k,
             metrics={"train-loss": 1.0},
             tier=tier,
         )
-        content = TrainReply("update", encode_update(tau, header=header)).to_content()
-        replies.append(Message(content=content, dst_node_id=0, message_type="train"))
+        replies.append(TrainReply("update", encode_update(tau, header=header)).reply_to(message))
     return replies
 
 

@@ -25,6 +25,7 @@ from fedfuse.checkpoints.writer import (
     check_target,
     parse_size,
     plan_shards,
+    recover_interrupted_writes,
     shard_name,
     tensor_bytes,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "open_checkpoint",
     "parse_size",
     "plan_shards",
+    "recover_interrupted_writes",
     "shard_name",
     "tensor_bytes",
 ]

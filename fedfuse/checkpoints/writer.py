@@ -24,6 +24,11 @@ import torch
 
 from fedfuse.checkpoints.reader import DTYPE_CODES, INDEX_FILE, SINGLE_FILE
 
+TEMP_MARK = ".fedfuse-tmp-"
+"""Marks the temporary path of an atomic write in progress (``.<name>.fedfuse-tmp-<random>``)."""
+ASIDE_MARK = ".fedfuse-old-"
+"""Marks the previous version moved aside during an atomic overwrite."""
+
 
 class CheckpointWriteError(ValueError):
     """An output cannot be written as asked (bad size, existing target, a tensor off the plan); says why."""
@@ -287,7 +292,7 @@ def atomic_output(target: str | Path, *, directory: bool, overwrite: bool = Fals
     """
     path = check_target(target, directory=directory, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _fresh_path(path.parent, f".{path.name}.fedfuse-tmp-", directory=directory)
+    temp = _fresh_path(path.parent, f".{path.name}{TEMP_MARK}", directory=directory)
     try:
         yield temp
         check_target(path, directory=directory, overwrite=overwrite)
@@ -315,7 +320,7 @@ def _move_into_place(temp: Path, target: Path) -> None:
     if not target.exists():
         os.replace(temp, target)
         return
-    aside = _fresh_path(target.parent, f".{target.name}.fedfuse-old-", directory=True) / "old"
+    aside = _fresh_path(target.parent, f".{target.name}{ASIDE_MARK}", directory=True) / "old"
     os.replace(target, aside)
     try:
         os.replace(temp, target)
@@ -334,3 +339,31 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
+
+
+def recover_interrupted_writes(folder: str | Path) -> list[Path]:
+    """Undo what a killed :func:`atomic_output` left in ``folder``; return the paths removed or restored.
+
+    A process killed mid-write leaves ``.<name>.fedfuse-tmp-*`` (an incomplete new version: removed)
+    and, if it died between the two renames of an overwrite, ``.<name>.fedfuse-old-*`` holding the
+    previous version while ``<name>`` is missing: that version is put back. Nothing else is touched.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    touched = []
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        if not name.startswith("."):
+            continue
+        if ASIDE_MARK in name:
+            target = root / name[1:].split(ASIDE_MARK, 1)[0]
+            previous = entry / "old"
+            if previous.exists() and not target.exists():
+                os.replace(previous, target)
+            _remove(entry)
+            touched.append(entry)
+        elif TEMP_MARK in name:
+            _remove(entry)
+            touched.append(entry)
+    return touched

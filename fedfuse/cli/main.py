@@ -8,6 +8,7 @@ from fedfuse import __version__
 from fedfuse.bench.aggregate import aggregate
 from fedfuse.bench.overhead import overhead
 from fedfuse.bench.quality import quality
+from fedfuse.bench.robust import robust
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.export import export
@@ -57,6 +58,7 @@ bench_app.command("quality", help="Accuracy, expert retention, uplink and time o
 bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(
     overhead
 )
+bench_app.command("robust", help="Final accuracy of merge methods under simulated attacks, against clean runs.")(robust)
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 

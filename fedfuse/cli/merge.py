@@ -61,6 +61,10 @@ def _check_combine_flags(given: dict[str, bool]) -> None:
         )
 
 
+def _error(console: Console, message: str) -> None:
+    console.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
+
+
 def merge(
     base: Annotated[Path, typer.Option("--base", help="Base model: a .safetensors file or an HF model folder.")],
     model: Annotated[
@@ -135,6 +139,12 @@ def merge(
         bool, typer.Option("--force", help="Replace a non-empty --out or an existing --partial-out.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    allow_non_finite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-non-finite", help="Merge NaN/Inf input values as they are (default: refuse, naming them)."
+        ),
+    ] = False,
 ) -> None:
     """Merge fine-tuned checkpoints of BASE into one model, tensor by tensor (memory: one tensor).
 
@@ -195,9 +205,17 @@ def merge(
                     force=force,
                     progress=progress,
                     first_model_index=first_model_index,
+                    allow_non_finite=allow_non_finite,
                 )
     except MergeInputError as exc:
-        errors.print(f"[bold red]error:[/bold red] [red]{escape(str(exc))}[/red]", soft_wrap=True)
+        _error(errors, str(exc))
         raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        _error(errors, "interrupted, nothing written")
+        raise typer.Exit(code=130) from None
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        _error(errors, f"cannot write the merge{where}: {exc.strerror or exc}; nothing written")
+        raise typer.Exit(code=1) from None
     if not quiet:
         _report(result, Console())

@@ -7,6 +7,9 @@ from typing import Annotated, Any
 import typer
 
 from fedfuse.data.files import DataError
+from fedfuse.security import KeyFileError, Registry
+from fedfuse.server.app import resume_state
+from fedfuse.server.checkpoint import CheckpointError
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError
 from fedfuse.simulation import simulate as run_simulation
@@ -136,8 +139,13 @@ def simulate(
         overrides = {**parse_run_config(run_config), **{k: v for k, v in named.items() if v is not None}}
         if strategy_param:
             overrides["strategy-params"] = merged_strategy_params(overrides.get("strategy-params", ""), strategy_param)
-        preflight(RunSettings.from_run_config({}, **overrides), clients)
-    except (SettingsError, DataError) as exc:
+        settings = RunSettings.from_run_config({}, **overrides)
+        preflight(settings, clients)
+        if settings.run.resume:
+            resume_state(settings)
+        if settings.run.signer_registry:
+            Registry.load(settings.run.signer_registry)
+    except (SettingsError, DataError, CheckpointError, KeyFileError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
         run_simulation(overrides, num_clients=clients, client_gpus=client_gpus, verbose=verbose)

@@ -9,7 +9,9 @@ CSV, Parquet or a save_to_disk folder; see ``fedfuse.training.client_data``);
 slices of its share and replies with their merged partial state; ``signing-key`` (optional) is the path
 of the institution's Ed25519 update-signing key: every payload is then signed (run, round, base
 fingerprint, node, payload hash) and the signature travels next to it.
-Error-feedback residuals live in ``Context.state`` between rounds of a run.
+Error-feedback residuals live in ``Context.state`` between rounds of a run and, keyed by the run key
+the server sends, under the node's ``state-dir`` (see :mod:`fedfuse.client.residuals`), so they
+survive a resume.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from flwr.clientapp import ClientApp
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.gateway import run_gateway_round
 from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
-from fedfuse.client.residuals import keep_feedback, restore_feedback
-from fedfuse.messages import ARRAYS_RECORD, RESIDUAL_RECORD, EvaluateReply, RoundInstruction, TrainReply
+from fedfuse.client.residuals import ResidualFiles, keep_feedback, restore_feedback
+from fedfuse.messages import ARRAYS_RECORD, RESIDUAL_RECORD, EvaluateReply, NodeName, RoundInstruction, TrainReply
 from fedfuse.security import UpdateSignature, load_signing_key, sign_update
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import NodeData
@@ -34,7 +36,11 @@ CAUSAL_TASKS = ("lm", "sft")
 
 
 def shard_of(context: Context) -> Shard:
-    """The node's share of the data and its name, from the node config."""
+    """The node's share of the data and its name, from the node config.
+
+    Unsigned, the node's payloads name its Flower node id (the server binds each update to the
+    node that sent it); signed, they name the institution whose key signs them.
+    """
     config = context.node_config
     try:
         partition_id = int(config["partition-id"])
@@ -46,19 +52,32 @@ def shard_of(context: Context) -> Shard:
         ) from exc
     name = str(config.get("institution", "") or f"partition-{partition_id}")
     node_data = NodeData(str(config.get("data", "") or ""), str(config.get("eval-data", "") or ""))
-    return Shard(partition_id, num_partitions, name, node_data=node_data)
+    signed = bool(str(config.get("signing-key", "") or ""))
+    return Shard(partition_id, num_partitions, name, node_data=node_data, sender="" if signed else str(context.node_id))
 
 
-def _error_feedback(settings: RunSettings, context: Context, record: str) -> ErrorFeedback | None:
-    """The residual store kept in ``context.state`` under ``record`` (None when the run uses no feedback)."""
+def _residual_files(context: Context, instruction: RoundInstruction, shard: Shard, record: str) -> ResidualFiles | None:
+    """Where the node keeps this store's residuals on disk for the run (None when the server names no run key)."""
+    return ResidualFiles.of(context, instruction.run_key, shard.node_name, record) if instruction.run_key else None
+
+
+def _error_feedback(
+    settings: RunSettings, context: Context, record: str, instruction: RoundInstruction, shard: Shard
+) -> ErrorFeedback | None:
+    """The residual store under ``record`` left by the previous round (None when the run uses no feedback)."""
     if not settings.uses_error_feedback:
         return None
-    return restore_feedback(context, record, settings.compression.sparsifier_spec)
+    files = _residual_files(context, instruction, shard, record)
+    spec = settings.compression.sparsifier_spec
+    return restore_feedback(context, record, spec, round_number=instruction.server_round, files=files)
 
 
-def _keep_residual(context: Context, record: str, feedback: ErrorFeedback | None) -> None:
+def _keep_residual(
+    context: Context, record: str, feedback: ErrorFeedback | None, instruction: RoundInstruction, shard: Shard
+) -> None:
     if feedback is not None:
-        keep_feedback(context, record, feedback)
+        files = _residual_files(context, instruction, shard, record)
+        keep_feedback(context, record, feedback, round_number=instruction.server_round, files=files)
 
 
 def _signature(context: Context, shard: Shard, instruction: RoundInstruction, payload: bytes) -> UpdateSignature | None:
@@ -87,7 +106,7 @@ def _gateway_reply(
 ) -> TrainReply:
     """A gateway's reply: its members trained and merged into one partial state (each with its own residual)."""
     records = [f"{RESIDUAL_RECORD}.member-{member}" for member in range(members)]
-    feedback = [_error_feedback(settings, context, record) for record in records]
+    feedback = [_error_feedback(settings, context, record, instruction, shard) for record in records]
     result = run_gateway_round(
         settings,
         changed,
@@ -99,7 +118,7 @@ def _gateway_reply(
         error_feedback=feedback,
     )
     for record, store in zip(records, feedback, strict=False):
-        _keep_residual(context, record, store)
+        _keep_residual(context, record, store, instruction, shard)
     return TrainReply("partial", result.payload, _signature(context, shard, instruction, result.payload))
 
 
@@ -118,7 +137,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         members = int(context.node_config.get("gateway-members", 0) or 0)
         if members:
             return _gateway_reply(settings, context, changed, instruction, shard, tier, members).reply_to(msg)
-        feedback = _error_feedback(settings, context, RESIDUAL_RECORD)
+        feedback = _error_feedback(settings, context, RESIDUAL_RECORD, instruction, shard)
         result = run_local_round(
             settings,
             changed,
@@ -128,10 +147,16 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             error_feedback=feedback,
             tier=tier,
         )
-        _keep_residual(context, RESIDUAL_RECORD, feedback)
+        _keep_residual(context, RESIDUAL_RECORD, feedback, instruction, shard)
         return TrainReply("update", result.payload, _signature(context, shard, instruction, result.payload)).reply_to(
             msg
         )
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        if not NodeName.is_query(msg):
+            raise ValueError("the fedfuse ClientApp answers only the identify query")
+        return NodeName(shard_of(context).node_name).reply_to(msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -17,7 +17,7 @@ import torch
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.local_round import Shard, finite_metrics, round_model, run_local_round
 from fedfuse.rounds import RoundEngine, UpdateSpace
-from fedfuse.settings import RunSettings, build_merge_strategy
+from fedfuse.settings import RunSettings
 from fedfuse.training.models import lora_scale, update_shapes
 from fedfuse.wire import UpdateHeader, fingerprint
 
@@ -46,6 +46,11 @@ def run_gateway_round(
 
     ``error_feedback`` holds one residual store per member (None entries: no feedback for that member).
     """
+    if not settings.merge.spec.mergeable:
+        raise ValueError(
+            f"gateway {shard.node_name}: strategy {settings.merge.strategy!r} is not a monoid, "
+            "so its members' updates cannot be forwarded as one partial state; run them as plain clients"
+        )
     if members < 2:
         raise ValueError(f"a gateway needs at least 2 members, got {members}")
     feedback = list(error_feedback) if error_feedback is not None else [None] * members
@@ -53,13 +58,14 @@ def run_gateway_round(
         raise ValueError(f"a gateway with {members} members needs {members} error-feedback stores, got {len(feedback)}")
     _, round_state, _ = round_model(settings, changed)
     base_fingerprint = fingerprint(round_state)
-    engine = RoundEngine(
-        build_merge_strategy(settings),
+    engine = RoundEngine.for_run(
+        settings,
         UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)),
         round_number=round_number,
         run_id=run_id,
         base_fingerprint=base_fingerprint,
-        weighting=settings.merge.weighting,
+        bind_senders=False,
+        gateway=True,
     )
     examples, loss = 0, 0.0
     for member in range(members):
@@ -81,9 +87,9 @@ def run_gateway_round(
         run_id=run_id,
         round=round_number,
         base_fingerprint=base_fingerprint,
-        node_id=shard.node_name,
+        node_id=shard.header_node,
         num_examples=examples,
-        metrics=finite_metrics({"members": members, "train-loss": train_loss}),
+        metrics={**finite_metrics({"members": members, "train-loss": train_loss}), "institution": shard.node_name},
         tier=tier,
     )
     return GatewayResult(engine.encode_partial(header), examples, train_loss)

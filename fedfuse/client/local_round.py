@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed
+from fedfuse.algebra.noise import add_gaussian_noise
+from fedfuse.algebra.robust import clip_factor, scale_update, update_norm
+from fedfuse.client.attacks import MODEL_ATTACKS, attacked_tensors, flipped_labels, reported_examples
 from fedfuse.client.error_feedback import ErrorFeedback, shrink_update
 from fedfuse.data.files import DataSource
+from fedfuse.rounds.privacy import noise_generator
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import ClientDatasets, NodeData, load_client_datasets
 from fedfuse.training.device import (
@@ -45,6 +49,9 @@ class Shard:
 
     A gateway node splits its share over ``members`` institutions behind it; ``member`` picks one.
     ``node_data`` holds the node's own files (node config ``data`` / ``eval-data``), if any.
+    ``node_name`` seeds training and DARE masks and names the node in reports; ``sender`` (when set)
+    is the identity its payload headers carry instead: the Flower node id in unsigned runs, so the
+    server can bind each update to the node that sent it.
     """
 
     partition_id: int
@@ -53,6 +60,12 @@ class Shard:
     member: int = 0
     members: int = 1
     node_data: NodeData = field(default_factory=NodeData)
+    sender: str = ""
+
+    @property
+    def header_node(self) -> str:
+        """The node id its payload headers carry."""
+        return self.sender or self.node_name
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -128,6 +141,26 @@ def _training_model(
     return model
 
 
+def _attacked(
+    settings: RunSettings, attacker: bool, tensors: dict[str, torch.Tensor], seed: int
+) -> dict[str, torch.Tensor]:
+    """The task vector (or LoRA factors) a simulated attacker sends instead; honest clients' unchanged."""
+    if not attacker or settings.attack.attack not in MODEL_ATTACKS:
+        return tensors
+    return attacked_tensors(tensors, settings.attack, torch.Generator().manual_seed(seed + 2))
+
+
+def locally_private(
+    tensors: dict[str, UpdateTensor], settings: RunSettings, round_number: int, node: str
+) -> dict[str, UpdateTensor]:
+    """Local DP: the update clipped to C, then N(0, σ²C²) on every entry it carries (DARE: its round mask)."""
+    privacy = settings.privacy
+    clipped = scale_update(tensors, clip_factor(update_norm(tensors), privacy.dp_clip_norm))
+    generator = noise_generator(settings, round_number, f"local|{node}")
+    std = privacy.dp_noise_multiplier * privacy.dp_clip_norm
+    return {name: add_gaussian_noise(clipped[name], std, generator) for name in sorted(clipped)}
+
+
 def run_local_round(
     settings: RunSettings,
     changed: dict[str, torch.Tensor],
@@ -148,6 +181,9 @@ def run_local_round(
     model, round_state, tokenizer = round_model(settings, changed)
     round_state = {name: tensor.clone() for name, tensor in round_state.items()}
     data = client_datasets(settings, shard, tokenizer)
+    attacker = settings.attack.attacks(shard.partition_id)
+    if attacker and settings.attack.attack == "label_flip":
+        data = flipped_labels(data)
     device = client_device(settings)
     model = _training_model(settings, model, round_number, device)
     steps = steps_for(
@@ -161,16 +197,20 @@ def run_local_round(
     train_seconds = time.perf_counter() - started
     fisher = None
     if settings.training.mode == "lora":
-        tensors: dict[str, UpdateTensor] = {
+        factors = {
             name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()
         }
+        tensors: dict[str, UpdateTensor] = dict(_attacked(settings, attacker, factors, seed))
         sparsifier = Sparsifier()
     else:
         current = dict(model.named_parameters())
         tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
+        tau = _attacked(settings, attacker, tau, seed)
         sparsifier = settings.compression.sparsifier_spec
         seed_for = dare_seed_fn(settings.run.seed, round_number, shard.node_name, settings.compression.seed_scope)
         tensors = shrink_update(tau, sparsifier, seed_for, error_feedback)
+        if settings.privacy.dp == "local":
+            tensors = locally_private(tensors, settings, round_number, shard.node_name)
         if settings.fisher_batch_count:
             fisher = fisher_diagonal(
                 model,
@@ -184,13 +224,14 @@ def run_local_round(
         run_id=run_id,
         round=round_number,
         base_fingerprint=fingerprint(round_state),
-        node_id=shard.node_name,
-        num_examples=len(data.train),
+        node_id=shard.header_node,
+        num_examples=reported_examples(len(data.train), settings.attack) if attacker else len(data.train),
         sparsifier=sparsifier,
         metrics={
             **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
             "data-rows": data.source.rows,
             "data-sha256": data.source.sha256,
+            "institution": shard.node_name,
         },
         tier=tier,
     )

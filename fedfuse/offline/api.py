@@ -65,6 +65,7 @@ def merge_models(
     force: bool = False,
     progress: Progress | None = None,
     first_model_index: int = 0,
+    allow_non_finite: bool = False,
 ) -> MergeResult:
     """Merge fine-tuned checkpoints of ``base`` into a model folder ``out`` (or a partial-state file).
 
@@ -106,6 +107,9 @@ def merge_models(
     first_model_index : int
         Index of the first model in DARE seeds, so groups merged separately draw the masks a flat
         merge would (give group 2 the number of models in group 1).
+    allow_non_finite : bool
+        Merge NaN/Inf values as they are; by default a base, model or Fisher tensor holding one is an
+        error naming it, and nothing is written.
 
     Raises
     ------
@@ -131,6 +135,7 @@ def merge_models(
         max_shard_size=max_shard_size,
         force=force,
         first_model_index=first_model_index,
+        allow_non_finite=allow_non_finite,
     )
     with ExitStack() as stack:
         base_ckpt = open_input(stack, "base", plan.base)

@@ -46,6 +46,8 @@ class MergePlan:
     seed: int
     first_model_index: int
     output: Output
+    allow_non_finite: bool = False
+    """Merge NaN/Inf input values as they are instead of refusing the merge (naming the tensor)."""
 
     @property
     def total_weight(self) -> float:
@@ -176,6 +178,7 @@ def plan_merge(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     first_model_index: int = 0,
+    allow_non_finite: bool = False,
 ) -> MergePlan:
     """Check every option of :func:`fedfuse.offline.merge_models`; raises :class:`MergeInputError`."""
     strategy = plan_strategy(method, strategy_params(lam, vote, params), device=device, dtype=dtype)
@@ -208,6 +211,7 @@ def plan_merge(
         seed=seed,
         first_model_index=first_model_index,
         output=output,
+        allow_non_finite=allow_non_finite,
     )
 
 

@@ -132,6 +132,16 @@ class ModelSource:
             check_layout(floating, ckpt, f"Fisher file {i + 1}", source, dtypes=False)
             self._fishers.append(ckpt)
         self._seed_fns = [dare_seed_fn(plan.seed, 0, plan.first_model_index + i) for i in range(len(plan.models))]
+        self._paths = {"base": base.path, **{f"model {i + 1}": path for i, path in enumerate(plan.models)}}
+        self._allow_non_finite = plan.allow_non_finite
+
+    def _finite(self, tensor: torch.Tensor, name: str, which: str) -> torch.Tensor:
+        if not self._allow_non_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MergeInputError(
+                f"{which} ({self._paths.get(which, which)}): tensor {name!r} has NaN or infinite values; "
+                "nothing was written (--allow-non-finite merges them as they are)"
+            )
+        return tensor
 
     def covers(self, name: str) -> bool:
         return True
@@ -139,12 +149,17 @@ class ModelSource:
     def state_for(self, name: str, base_tensor: torch.Tensor) -> MergeState:
         compute = self.strategy.device
         state = self.strategy.new_state()
-        base_work = {name: base_tensor.to(compute)}
+        base_work = {name: self._finite(base_tensor, name, "base").to(compute)}
         for i, ckpt in enumerate(self._models):
-            tau = task_vector({name: ckpt.get(name).to(compute)}, base_work)
+            tuned = self._finite(ckpt.get(name), name, f"model {i + 1}")
+            tau = task_vector({name: tuned.to(compute)}, base_work)
             update = sparsify_update(tau, self._sparsifier, self._seed_fns[i])
-            del tau
-            fisher = {name: self._fishers[i].get(name)} if self._fishers else None
+            del tau, tuned
+            fisher = (
+                {name: self._finite(self._fishers[i].get(name), name, f"Fisher file {i + 1}")}
+                if self._fishers
+                else None
+            )
             state.add(update, weight=self._weights[i], fisher=fisher)
             del update, fisher
         return state

@@ -14,15 +14,19 @@ from fedfuse.rounds.engine import (
     SignatureCheck,
     Weighting,
 )
+from fedfuse.rounds.privacy import CentralPrivacy, PrivacyAccountant, central_noise_std
 from fedfuse.rounds.space import UpdateSpace
 
 __all__ = [
     "PAYLOAD_KINDS",
     "WEIGHTINGS",
+    "CentralPrivacy",
     "Contribution",
     "PayloadKind",
+    "PrivacyAccountant",
     "RoundEngine",
     "SignatureCheck",
     "UpdateSpace",
     "Weighting",
+    "central_noise_std",
 ]

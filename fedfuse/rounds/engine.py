@@ -23,7 +23,10 @@ import torch
 
 from fedfuse.algebra import apply_task_vector, name_mismatch
 from fedfuse.rejections import Rejected, Rejection, counts_by_reason
+from fedfuse.rounds.bounds import UpdateBounds
+from fedfuse.rounds.privacy import CentralPrivacy
 from fedfuse.rounds.space import UpdateSpace
+from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.strategies import MergeState, MergeStrategy
 from fedfuse.wire import (
     Expectation,
@@ -32,6 +35,8 @@ from fedfuse.wire import (
     decode_partial,
     decode_update,
     encode_partial,
+    max_partial_bytes,
+    max_update_bytes,
 )
 
 PayloadKind = Literal["update", "partial"]
@@ -75,11 +80,22 @@ class RoundEngine:
     check_signature : callable, optional
         When given, every payload must carry a signature it accepts; the signer must be the node
         the payload names.
-    max_bytes : int, optional
-        Refuse larger payloads before parsing them.
+    max_bytes : int or "auto", optional
+        Refuse larger payloads before parsing them; ``"auto"``: the largest the expected tensors can
+        need (:func:`fedfuse.wire.max_update_bytes`, :func:`fedfuse.wire.max_partial_bytes`).
+    clip_norm : float
+        When > 0, every update (in the space the strategy merges: ΔW for exact LoRA) is scaled to at
+        most this L2 norm before it is folded, whatever the strategy; counted in ``clipped``.
+    max_num_examples : int
+        When > 0, an update reporting more examples weighs as this many (counted in ``capped``).
+    check_sparsifier : bool
+        Updates must say they were shrunk as the space's wire sparsifier says (kind, DARE density).
     bind_senders : bool
         Unsigned payloads must name the transport peer that sent them (``sender``), so no peer can
         contribute under, or suppress, another's name; a signed payload names its signer instead.
+    privacy : CentralPrivacy, optional
+        Central differential privacy: Gaussian noise added to the merged task vector (with clipping
+        at ``clip_norm`` = C, this is the Gaussian mechanism on the clipped sum).
     """
 
     def __init__(
@@ -92,8 +108,12 @@ class RoundEngine:
         base_fingerprint: str | None = None,
         weighting: Weighting | str = "num_examples",
         check_signature: SignatureCheck | None = None,
-        max_bytes: int | None = None,
+        max_bytes: int | Literal["auto"] | None = None,
+        clip_norm: float = 0.0,
+        max_num_examples: int = 0,
+        check_sparsifier: bool = False,
         bind_senders: bool = False,
+        privacy: CentralPrivacy | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
@@ -102,16 +122,65 @@ class RoundEngine:
         self.weighting = weighting
         self.check_signature = check_signature
         self.bind_senders = bind_senders
+        self.privacy = privacy
         self.round_number = round_number
         self.run_id = run_id
         self.base_fingerprint = base_fingerprint
-        self.update_expect = Expectation(space.wire_shapes, round_number, run_id, base_fingerprint, max_bytes)
-        self.partial_expect = Expectation(space.merge_shapes, round_number, run_id, base_fingerprint, max_bytes)
+        self.bounds = UpdateBounds(float(clip_norm), int(max_num_examples), weighting)
+        update_cap = max_update_bytes(space.wire_shapes) if max_bytes == "auto" else max_bytes
+        partial_cap = (
+            max_partial_bytes(space.merge_shapes, len(strategy.statistics)) if max_bytes == "auto" else max_bytes
+        )
+        wire_sparsifier = space.wire_sparsifier if check_sparsifier else None
+        self.update_expect = Expectation(
+            space.wire_shapes, round_number, run_id, base_fingerprint, update_cap, sparsifier=wire_sparsifier
+        )
+        self.partial_expect = Expectation(space.merge_shapes, round_number, run_id, base_fingerprint, partial_cap)
         self.state: MergeState = strategy.new_state()
         self.contributions: dict[str, Contribution] = {}
         self.rejections: list[Rejection] = []
         self.bytes_received = 0
         self.signatures_verified = 0
+
+    @classmethod
+    def for_run(
+        cls,
+        settings: RunSettings,
+        space: UpdateSpace,
+        *,
+        round_number: int,
+        run_id: str,
+        base_fingerprint: str,
+        check_signature: SignatureCheck | None = None,
+        bind_senders: bool = True,
+        expected_updates: int | None = None,
+        gateway: bool = False,
+    ) -> RoundEngine:
+        """The engine a run uses for one round (server or tier gateway): strategy, weighting, bounds, clipping.
+
+        Payloads are capped in size (``max-update-bytes``, or the largest the expected tensors can
+        need), must say the run's sparsifier, and (``bind_senders``) unsigned ones must name the
+        node that sent them. A gateway clips its members' updates the same way, so tiers stay exact.
+        In central DP the server's engine (``expected_updates`` = the clients sampled) noises the merge;
+        a ``gateway`` only clips (the server adds the noise once, to the whole round).
+        """
+        strategy = build_merge_strategy(settings)
+        central = settings.privacy.dp == "central" and not gateway
+        return cls(
+            strategy,
+            space,
+            round_number=round_number,
+            run_id=run_id,
+            base_fingerprint=base_fingerprint,
+            weighting=settings.merge.weighting,
+            check_signature=check_signature,
+            max_bytes=settings.run.max_update_bytes or "auto",
+            clip_norm=settings.server_clip_norm,
+            max_num_examples=settings.merge.max_num_examples,
+            check_sparsifier=True,
+            bind_senders=bind_senders,
+            privacy=CentralPrivacy(settings, strategy, round_number, expected_updates) if central else None,
+        )
 
     @property
     def tiers(self) -> dict[str, list[str]]:
@@ -179,14 +248,15 @@ class RoundEngine:
         refused = self._admit(node, signer, sender, "node")
         if refused is not None:
             return refused
-        weight = float(header.num_examples) if self.weighting == "num_examples" else 1.0
+        weight = self.bounds.weight(header.num_examples)
         if weight <= 0:
             return self.reject(node, "zero_weight", f"node {node} reported {header.num_examples} examples")
         try:
             tensors, fisher = self.space.merge_input(update)
-            self.state.add(tensors, weight=weight, fisher=fisher)
+            self.state.add(self.bounds.clip(tensors), weight=weight, fisher=fisher)
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
+        self.bounds.admitted(header.num_examples)
         self._record(header, "update", weight)
         return None
 
@@ -223,14 +293,15 @@ class RoundEngine:
                 return self.reject(node, "negative_fisher", f"node {node}: Fisher of {name!r} has negative entries")
         if not math.isfinite(num_examples) or num_examples < 0:
             return self.reject(node, "bad_num_examples", f"node {node} reported {num_examples} examples")
-        weight = float(num_examples) if self.weighting == "num_examples" else 1.0
+        weight = self.bounds.weight(num_examples)
         if weight <= 0:
             return self.reject(node, "zero_weight", f"node {node} reported {num_examples} examples")
         sparse = self.space.server_sparsified(tensors, round_number=self.round_number or 0, node=node)
         try:
-            self.state.add(sparse, weight=weight, fisher=fisher)
+            self.state.add(self.bounds.clip(sparse), weight=weight, fisher=fisher)
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
+        self.bounds.admitted(num_examples)
         self.contributions[node] = Contribution(node, "update", "", int(num_examples), weight, dict(metrics or {}))
         return None
 
@@ -263,13 +334,14 @@ class RoundEngine:
         return list(self.contributions)
 
     def metrics(self) -> dict[str, MetricValue]:
-        """The round's counts: accepted, rejected (and per reason), bytes, tiers, signatures, train loss."""
+        """The round's counts: accepted, rejected (and per reason), bytes, tiers, signatures, clipped, capped, loss."""
         metrics: dict[str, MetricValue] = {
             "accepted": len(self.contributions),
             "rejected": len(self.rejections),
             "uplink-bytes": self.bytes_received,
             "tiers": len(self.tiers),
             "signatures-verified": self.signatures_verified,
+            **self.bounds.metrics(),
             **{f"rejected.{reason}": n for reason, n in counts_by_reason(self.rejections).items()},
         }
         loss = _example_weighted(self.contributions.values(), "train-loss")
@@ -285,8 +357,10 @@ class RoundEngine:
         if not self.contributions:
             reasons = ", ".join(counts_by_reason(self.rejections)) or "no payloads"
             raise ValueError(f"no update was accepted this round ({reasons})")
-        merged = self.state.finalize(release=True)
-        return self.space.task_vector({name: tensor.cpu() for name, tensor in merged.items()})
+        merged = {name: tensor.cpu() for name, tensor in self.state.finalize(release=True).items()}
+        if self.privacy is not None:
+            merged = self.privacy.apply(merged, len(self.contributions))
+        return self.space.task_vector(merged)
 
     def finalize(self, round_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The next round's weights: ``round_weights`` plus the merged task vector; None if nothing was accepted."""

@@ -96,6 +96,11 @@ class UpdateSpace:
             shapes[module + ".weight"] = (shapes.pop(b_name)[0], shapes.pop(a_name)[1])
         return shapes
 
+    @property
+    def wire_sparsifier(self) -> Sparsifier:
+        """How clients shrink what they send: the run's sparsifier for full weights; LoRA factors go dense."""
+        return self.sparsifier if self.kind == "full" else Sparsifier()
+
     def merge_input(self, update: DecodedUpdate) -> tuple[Update, Update | None]:
         """The (tensors, fisher) the strategy folds for one decoded update."""
         if self.kind != "lora-exact":

@@ -31,6 +31,24 @@ class KeyFileError(ValueError):
     """A key or certificate file would be overwritten, or cannot be read."""
 
 
+def read_trusted(path: str | Path, what: str, *, private: bool = False) -> bytes:
+    """The bytes of a key or registry file that no other user can have swapped (or, if ``private``, read).
+
+    A world-writable file is refused (anyone on the machine could put their own key in it), and so is
+    a private key readable by other users, as OpenSSH does.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o002:
+            raise KeyFileError(f"{what} {path} is writable by every user, so anyone could swap it: chmod o-w {path}")
+        if private and mode & 0o044:
+            raise KeyFileError(f"{what} {path} is readable by other users: chmod 600 {path}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
 def write_file(path: Path, data: bytes, *, private: bool, force: bool) -> Path:
     """Write ``data`` to ``path`` (0600 when private, 0644 otherwise); refuse to overwrite without ``force``.
 

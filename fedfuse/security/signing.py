@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedfuse.rejections import SIGNATURE_REASONS, Rejected
-from fedfuse.security.keyfiles import KeyFileError, write_file
+from fedfuse.security.keyfiles import KeyFileError, read_trusted, write_file
 
 STATEMENT_VERSION = "fedfuse-update-signature-v1"
 
@@ -75,8 +75,8 @@ def statement(run_id: str, round_number: int, base_fingerprint: str, node: str, 
 
 
 def load_signing_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
-    """An institution's Ed25519 private key (OpenSSH or PEM)."""
-    data = Path(path).read_bytes()
+    """An institution's Ed25519 private key (OpenSSH or PEM); refused if other users can read or replace it."""
+    data = read_trusted(path, "update-signing key", private=True)
     try:
         key = (serialization.load_ssh_private_key if b"OPENSSH" in data else serialization.load_pem_private_key)(
             data, password=None
@@ -124,15 +124,22 @@ class Registry:
 
     @classmethod
     def load(cls, path: str | Path) -> Registry:
-        """Read a registry file."""
+        """Read a registry file (refused if every user may write it, or if an entry is malformed)."""
+        data = read_trusted(path, "signer registry")
         try:
-            document = json.loads(Path(path).read_text())
+            document = json.loads(data)
             institutions = document["institutions"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise KeyFileError(f"cannot read the signer registry {path}: {exc}") from exc
         if not isinstance(institutions, dict):
             raise KeyFileError(f"{path}: 'institutions' must map names to public keys")
-        return cls(institutions)
+        for name, line in institutions.items():
+            if not isinstance(line, str) or not name:
+                raise KeyFileError(f"{path}: entry {name!r} must map a name to an 'ssh-ed25519 …' public key line")
+        try:
+            return cls(institutions)
+        except KeyFileError as exc:
+            raise KeyFileError(f"{path}: {exc}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the registry (atomically, readable by everyone: it holds public keys only)."""

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.rounds import UpdateSpace
+from fedfuse.rounds import PrivacyAccountant, UpdateSpace
 from fedfuse.security import Registry
 from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
@@ -28,6 +28,9 @@ from fedfuse.training.client_data import run_label_names
 from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
 
 RESUME_MUST_MATCH = (
+    "dp",
+    "dp-clip-norm",
+    "dp-noise-multiplier",
     "model",
     "task",
     "mode",
@@ -82,7 +85,8 @@ def _evaluation_record(metrics: MetricRecord | None) -> dict[str, Any] | None:
     }
 
 
-def _resume(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
+def resume_state(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
+    """The weights, history and next round of the checkpoint ``resume`` names (``CheckpointError`` if unfit)."""
     checkpoint = load_checkpoint(settings.run.resume)
     ours = settings.to_run_config()
     different = [key for key in RESUME_MUST_MATCH if str(checkpoint.settings.get(key)) != str(ours[key])]
@@ -112,6 +116,23 @@ def _initial_client_record(event: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _accountant(settings: RunSettings, history: dict[str, Any]) -> PrivacyAccountant | None:
+    """The run's privacy accountant (None without DP), continuing the checkpoint's when resuming."""
+    privacy = settings.privacy
+    if not privacy.enabled:
+        return None
+    previous = history.get("privacy", {}).get("accountant_history", [])
+    history["privacy"] = {
+        "dp": privacy.dp,
+        "clip_norm": privacy.dp_clip_norm,
+        "noise_multiplier": privacy.dp_noise_multiplier,
+        "delta": privacy.dp_delta,
+        "accountant": "opacus RDPAccountant",
+        "accountant_history": previous,
+    }
+    return PrivacyAccountant(privacy.dp_noise_multiplier, privacy.dp_delta, [tuple(e) for e in previous])
+
+
 def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
     """The whole federated run; returns the history written to ``report.json``."""
     started = time.perf_counter()
@@ -120,17 +141,26 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
     run_dir = Path(settings.run.output_dir)
     model, _ = base_model(settings)
     if settings.run.resume:
-        weights, history, first_round = _resume(settings)
+        weights, history, first_round = resume_state(settings)
     else:
         weights, first_round = global_state(model), 1
         history = {"settings": settings.to_run_config(), "initial": None, "rounds": []}
     history["settings"] = settings.to_run_config()
+    history.setdefault("run_key", str(context.run_id))
     space = UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings))
     evaluator = ServerEvaluator(settings) if has_server_evaluation(settings) else None
     display = RoundDisplay(settings.run.num_server_rounds)
     base = global_state(model)
     registry = Registry.load(settings.run.signer_registry) if settings.run.signer_registry else None
-    strategy = FedFuseStrategy(settings, space, str(context.run_id), base, on_reply=display.reply, registry=registry)
+    strategy = FedFuseStrategy(
+        settings,
+        space,
+        str(context.run_id),
+        base,
+        on_reply=display.reply,
+        registry=registry,
+        run_key=history["run_key"],
+    )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         assert evaluator is not None
@@ -140,8 +170,14 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
             display.initial(history["initial"])
         return metrics
 
+    accountant = _accountant(settings, history)
+
     def on_round(event: dict[str, Any]) -> None:
         record = _round_record(event)
+        if accountant is not None:
+            rate = strategy.train_sample_rate if settings.privacy.dp == "central" else 1.0
+            record["dp_epsilon"] = accountant.step(rate)
+            history["privacy"]["accountant_history"] = [list(entry) for entry in accountant.history]
         history["rounds"].append(record)
         history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
         state = event["arrays"].to_torch_state_dict()

@@ -3,6 +3,8 @@
 Layout of ``<output-dir>/checkpoint/``: ``weights-round-NNNN.safetensors`` and ``state.json``, which
 names the weights file of the last finished round (``"weights"``, what resume reads) and every round
 still kept (``"kept"``: round → file, with ``"kept_fingerprints"``), so an export can pick one.
+What a killed write left behind (temporary files, a version moved aside) is cleaned up by the next
+save or load; a damaged ``state.json`` is a :class:`CheckpointError` naming the file and the field.
 ``keep`` rounds are kept (1 = the last only, 0 = all). Weights are written to a temporary file and
 renamed, then ``state.json`` is replaced the same way, and only then are weights files that left the
 kept set deleted: a crash at any moment leaves ``state.json`` pointing at complete weights files.
@@ -20,10 +22,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedfuse.checkpoints import atomic_output
+from fedfuse.checkpoints import atomic_output, recover_interrupted_writes
 from fedfuse.wire import fingerprint
 
 STATE_FILE = "state.json"
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "round": (int,),
+    "weights": (str,),
+    "fingerprint": (str,),
+    "settings": (dict,),
+    "history": (dict,),
+}
+"""The fields every ``state.json`` must have, with their JSON types (checked before any is used)."""
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = "fedfuse-checkpoint-1"
 
@@ -77,6 +87,7 @@ def save_checkpoint(
         raise ValueError(f"keep must be an integer >= 0 (0 = every round), got {keep!r}")
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_writes(folder)
     state_path = folder / STATE_FILE
     before = _kept(_read_state(state_path)) if state_path.is_file() else {}
     weights_name = weights_file(round_number)
@@ -123,6 +134,17 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint state {path}: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fedfuse checkpoint (format {FORMAT})")
+    for field, kinds in STATE_FIELDS.items():
+        value = document.get(field)
+        if field not in document or not isinstance(value, kinds) or isinstance(value, bool):
+            expected = " or ".join(kind.__name__ for kind in kinds)
+            raise CheckpointError(f"damaged checkpoint {path}: field {field!r} is missing or not a {expected}")
+    for field in ("kept", "kept_fingerprints"):
+        entries = document.get(field, {})
+        if not isinstance(entries, dict) or not all(
+            isinstance(v, str) and isinstance(k, str) and k.isdigit() for k, v in entries.items()
+        ):
+            raise CheckpointError(f"damaged checkpoint {path}: field {field!r} must map round numbers to strings")
     return document
 
 
@@ -143,6 +165,7 @@ def load_checkpoint(path: str | Path, round_number: int | None = None) -> Checkp
     history as of the last round, whichever round is read.
     """
     state_path = find_state(path)
+    recover_interrupted_writes(state_path.parent)
     document = _read_state(state_path)
     kept = _kept(document)
     if round_number is None:

@@ -52,7 +52,8 @@ def write_report(history: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
     """Write ``report.json``, ``report.md``, ``accuracy.png`` and ``uplink.png`` into ``out_dir``.
 
     ``out_dir`` is created if needed and files of an earlier report there are replaced. Returns the
-    paths under the keys ``json``, ``markdown``, ``accuracy_plot`` and ``uplink_plot``.
+    paths under the keys ``json``, ``markdown``, ``accuracy_plot`` and ``uplink_plot`` (and
+    ``privacy_plot``, ε per round, for a differentially private run).
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +71,9 @@ def write_report(history: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
         "accuracy_plot": lambda path: _save_png(_accuracy_figure(history), path),
         "uplink_plot": lambda path: _save_png(_uplink_figure(history), path),
     }
+    if history.get("privacy"):
+        paths["privacy_plot"] = folder / "privacy.png"
+        writers["privacy_plot"] = lambda path: _save_png(_privacy_figure(history), path)
     for key, write in writers.items():
         with atomic_output(paths[key], directory=False, overwrite=True) as temp:
             write(temp)
@@ -107,7 +111,42 @@ def render_markdown(history: Mapping[str, Any]) -> str:
     lines += federated_section(history, _markdown_table)
     lines += _domain_section(history, rounds)
     lines += _rejection_section(rounds)
+    lines += _privacy_section(history, rounds)
     return "\n".join(lines)
+
+
+def _epsilons(history: Mapping[str, Any]) -> list[tuple[int, float]]:
+    points = [(_round_number(r, i), _number(r.get("dp_epsilon"))) for i, r in enumerate(_rounds(history))]
+    return [(number, eps) for number, eps in points if eps is not None]
+
+
+def _privacy_section(history: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    privacy = history.get("privacy")
+    if not privacy:
+        return []
+    lines = [
+        "## Differential privacy",
+        "",
+        f"{privacy['dp']} DP: clip norm C = {privacy['clip_norm']}, "
+        f"noise multiplier σ = {privacy['noise_multiplier']}, "
+        f"δ = {privacy['delta']}; ε spent so far from {privacy['accountant']}.",
+        "",
+    ]
+    return lines + _markdown_table(("round", "ε"), [(str(n), f"{eps:.4g}") for n, eps in _epsilons(history)])
+
+
+def _privacy_figure(history: Mapping[str, Any]) -> Figure:
+    figure = Figure(figsize=(7, 4), dpi=110)
+    axes = figure.add_subplot()
+    privacy = history["privacy"]
+    axes.set_title(f"Privacy spent (δ = {privacy['delta']}, σ = {privacy['noise_multiplier']})")
+    axes.set_xlabel("round")
+    axes.set_ylabel("ε")
+    points = _epsilons(history)
+    if points:
+        axes.plot(*zip(*points, strict=False), marker="o", color="tab:purple")
+    axes.grid(alpha=0.3)
+    return figure
 
 
 def _rounds(history: Mapping[str, Any]) -> list[Mapping[str, Any]]:

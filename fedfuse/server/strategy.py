@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, RoundInstruction, TrainReply
+from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, NodeName, RoundInstruction, TrainReply
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
 from fedfuse.security import Registry
@@ -35,6 +35,8 @@ from fedfuse.wire import fingerprint
 RoundCallback = Callable[[dict[str, Any]], None]
 EVALUATION_METRICS = ("accuracy", "loss", "perplexity")
 """What a client's evaluate reply reports, averaged by examples over clients."""
+IDENTIFY_TIMEOUT = 120.0
+"""Seconds to wait for nodes to say their names (a node that does not goes by its Flower id)."""
 ReplyCallback = Callable[[int, int], None]
 CLIENT_METRICS = {
     "train-loss": "train_loss",
@@ -64,6 +66,8 @@ class FedFuseStrategy(Strategy):
         a registered institution are folded (the others are rejected with the reason).
     on_reply : callable, optional
         Called with (replies received, replies expected) as each reply is folded (progress bars).
+    run_key : str
+        Names the run across resumes (default: ``run_id``); nodes key the residuals they keep on disk by it.
     """
 
     def __init__(
@@ -74,8 +78,10 @@ class FedFuseStrategy(Strategy):
         base_state: dict[str, torch.Tensor],
         on_reply: ReplyCallback | None = None,
         registry: Registry | None = None,
+        run_key: str = "",
     ) -> None:
         self.settings = settings
+        self.run_key = run_key or run_id
         self.base_state = base_state
         self.registry = registry
         self.space = space
@@ -85,17 +91,39 @@ class FedFuseStrategy(Strategy):
         self._round_state: dict[str, torch.Tensor] = {}
         self._round_fingerprint = ""
         self._expected = 0
+        self._names: dict[int, str] = {}
+        self._sampled: list[int] = []
+        self._available = 0
+        self.train_sample_rate = 1.0
+        """Clients sampled to train in the last round over those connected (what DP accounting needs)."""
         self.last_rejections: list[dict[str, str | None]] = []
         self.last_clients: dict[str, dict[str, Any]] = {}
 
     def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
+        """A seeded sample of the connected nodes, ordered by their names (stable across resumes)."""
         nodes = wait_for_nodes(grid, self.settings.run.min_train_nodes, self.settings.run.timeout)
         if not nodes:
             return []
+        names = self._names_of(grid, nodes)
+        nodes = sorted(nodes, key=lambda node: (names[node], node))
         count = min(len(nodes), max(self.settings.run.min_train_nodes, math.ceil(fraction * len(nodes))))
+        self._available = len(nodes)
         rng = np.random.default_rng([self.settings.run.seed, server_round])
         chosen = rng.choice(len(nodes), size=count, replace=False)
-        return sorted(int(nodes[i]) for i in chosen)
+        return [int(nodes[i]) for i in sorted(chosen)]
+
+    def _names_of(self, grid: Grid, nodes: list[int]) -> dict[int, str]:
+        """Each node's stable name, asked once per node (a node that does not answer goes by its id)."""
+        unknown = [node for node in nodes if node not in self._names]
+        if unknown:
+            queries = [NodeName.query(node) for node in unknown]
+            for reply in stream_replies(grid, queries, timeout=min(self.settings.run.timeout, IDENTIFY_TIMEOUT)):
+                answer = NodeName.from_message(reply)
+                if answer is not None:
+                    self._names[int(reply.metadata.src_node_id)] = answer.name
+            for node in unknown:
+                self._names.setdefault(node, str(node))
+        return self._names
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -105,7 +133,9 @@ class FedFuseStrategy(Strategy):
         self._round_fingerprint = fingerprint(self._round_state)
         nodes = self._sample(grid, server_round, self.settings.run.fraction_train)
         self._expected = len(nodes)
-        instruction = RoundInstruction(server_round, self.run_id, self._round_fingerprint)
+        self._sampled = list(nodes)
+        self.train_sample_rate = len(nodes) / max(1, self._available)
+        instruction = RoundInstruction(server_round, self.run_id, self._round_fingerprint, self.run_key)
         content = RecordDict(
             {ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: instruction.to_config(config)}
         )
@@ -117,13 +147,13 @@ class FedFuseStrategy(Strategy):
 
     def _engine(self, server_round: int) -> RoundEngine:
         """The round's engine: what payloads must match, and the signature check when updates are signed."""
-        return RoundEngine(
-            self.merge,
+        return RoundEngine.for_run(
+            self.settings,
             self.space,
             round_number=server_round,
             run_id=self.run_id,
             base_fingerprint=self._round_fingerprint,
-            weighting=self.settings.merge.weighting,
+            expected_updates=self._expected,
             check_signature=None
             if self.registry is None
             else self.registry.round_check(
@@ -137,10 +167,12 @@ class FedFuseStrategy(Strategy):
         """Offer each reply to the round engine as it comes, then apply the merge to the round's weights."""
         engine = self._engine(server_round)
         self.last_clients = {}
+        replied: set[int] = set()
         for received, reply in enumerate(replies, start=1):
             if self.on_reply:
                 self.on_reply(received, self._expected)
             sender = str(reply.metadata.src_node_id)
+            replied.add(reply.metadata.src_node_id)
             rejection: Rejection | None
             try:
                 parsed = TrainReply.from_message(reply)
@@ -157,9 +189,16 @@ class FedFuseStrategy(Strategy):
                     rejection.reason,
                     rejection.message,
                 )
+        for node in self._sampled:
+            if node not in replied:
+                engine.reject(
+                    self._names.get(node, str(node)),
+                    "timed_out",
+                    f"no reply within the round's deadline of {self.settings.run.timeout:g} s",
+                )
         self.last_rejections = [rejection.as_record() for rejection in engine.rejections]
         for contribution in engine.contributions.values():
-            self._client_record(contribution.node, _train_record(contribution))
+            self._client_record(self._display_name(contribution), _train_record(contribution))
         metrics = engine.metrics()
         new_state = engine.finalize(self._round_state)
         if new_state is None:
@@ -177,6 +216,13 @@ class FedFuseStrategy(Strategy):
         changed = self._broadcast(dict(arrays.to_torch_state_dict()))
         content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: RoundInstruction(server_round).to_config(config)})
         return [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
+
+    def _display_name(self, contribution: Contribution) -> str:
+        """The name a contribution has in the report: its institution (as it says), or its node id."""
+        label = str(contribution.metrics.get("institution", "") or contribution.node)
+        if label != contribution.node and label in self.last_clients:  # two nodes say the same name
+            return f"{label} (node {contribution.node})"
+        return label
 
     def _client_record(self, node: str, values: dict[str, Any]) -> None:
         """Remember what one client reported this round, for the report's per-client table."""
@@ -275,7 +321,7 @@ class FedFuseStrategy(Strategy):
             started = time.perf_counter()
             messages = list(self.configure_train(server_round, arrays, train_config, grid))
             downlink = sum(len(a.data) for m in messages for a in m.content.array_records[ARRAYS_RECORD].values())
-            replies = stream_replies(grid, messages, timeout=timeout)
+            replies = stream_replies(grid, messages, timeout=timeout, ordered=True)
             del messages
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:

@@ -7,9 +7,11 @@ its section: ``settings.source`` (model and data), ``settings.training`` (local 
 ``settings.run`` (rounds, sampling, outputs).
 """
 
+from fedfuse.settings.attack import ATTACKS, AttackSettings
 from fedfuse.settings.compression import SPARSIFIERS, WIRE_DTYPES, CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError
 from fedfuse.settings.merge import DEVICES, LORA_AGGREGATIONS, WEIGHTINGS, MergeSettings, build_merge_strategy
+from fedfuse.settings.privacy import DP_MODES, DP_STRATEGIES, PrivacySettings
 from fedfuse.settings.run import RunControl
 from fedfuse.settings.run_settings import SECTIONS, RunSettings
 from fedfuse.settings.source import AUTO_MAX_LENGTH, PARTITIONS, TASKS, SourceSettings
@@ -24,11 +26,14 @@ from fedfuse.settings.training import (
 )
 
 __all__ = [
+    "ATTACKS",
     "AUTO_LEARNING_RATE",
     "AUTO_MAX_LENGTH",
     "AUTO_TARGET_MODULES",
     "CLIENT_DEVICES",
     "DEVICES",
+    "DP_MODES",
+    "DP_STRATEGIES",
     "LORA_AGGREGATIONS",
     "MODES",
     "PARTITIONS",
@@ -39,8 +44,10 @@ __all__ = [
     "TASKS",
     "WEIGHTINGS",
     "WIRE_DTYPES",
+    "AttackSettings",
     "CompressionSettings",
     "MergeSettings",
+    "PrivacySettings",
     "RunControl",
     "RunSettings",
     "Scalar",

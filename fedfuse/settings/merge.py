@@ -51,12 +51,20 @@ class MergeSettings:
     lora_aggregation: str = setting("exact", "`exact` merges ΔW = s·B·A; `factors` averages A and B (baseline)")
     weighting: str = setting("num_examples", "update weight: `num_examples` or `uniform`")
     device: str = setting("auto", "where the server's merge state lives (`auto`: CUDA when present)")
+    clip_norm: float = setting(0.0, "clip every update to this L2 norm before merging, any strategy (0 = off)")
+    max_num_examples: int = setting(
+        1_000_000, "an update reporting more examples weighs as this many (counted as `capped`; 0 = no cap)"
+    )
 
     def __post_init__(self) -> None:
         check_choice(self, "strategy", tuple(available_strategies()))
         check_choice(self, "lora_aggregation", LORA_AGGREGATIONS)
         check_choice(self, "weighting", WEIGHTINGS)
         check_choice(self, "device", DEVICES)
+        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise SettingsError(f"clip-norm must be >= 0 (0 = off); got {self.clip_norm}")
+        if self.max_num_examples < 0:
+            raise SettingsError(f"max-num-examples must be >= 0 (0 = no cap); got {self.max_num_examples}")
         if not math.isfinite(self.lam):
             raise SettingsError(f"lam must be finite; got {self.lam}")
         try:  # every parameter checked now (types, choices, the constructor's ranges), not at the first merge

@@ -45,9 +45,13 @@ class RunControl:
         "JSON registry of institutions' Ed25519 keys; when set, only updates signed for this run and round are merged",
     )
 
+    max_update_bytes: int = setting(
+        0, "refuse larger update payloads before parsing them (0 = the largest the expected tensors can need)"
+    )
+
     def __post_init__(self) -> None:
         check_at_least(self, 1, "num_server_rounds", "min_train_nodes")
-        check_at_least(self, 0, "eval_examples", "seed", "keep_checkpoints")
+        check_at_least(self, 0, "eval_examples", "seed", "keep_checkpoints", "max_update_bytes")
         check_fraction(self, "fraction_train")
         check_fraction(self, "fraction_evaluate")
         if self.fraction_train == 0.0:

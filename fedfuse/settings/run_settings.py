@@ -1,4 +1,4 @@
-"""``RunSettings``: the five sections of a run, built from Flower's flat run config and checked across sections.
+"""``RunSettings``: the seven sections of a run, built from Flower's flat run config and checked across sections.
 
 Flower hands both apps ``context.run_config``: the ``[tool.flwr.app.config]`` table of
 ``pyproject.toml`` with any ``--run-config`` overrides. Keys stay flat for users (``local-steps``);
@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedfuse.settings.attack import AttackSettings
 from fedfuse.settings.compression import CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError, coerce, key, section_fields
 from fedfuse.settings.merge import MergeSettings
+from fedfuse.settings.privacy import DP_STRATEGIES, PrivacySettings
 from fedfuse.settings.run import RunControl
 from fedfuse.settings.source import SourceSettings
 from fedfuse.settings.training import TrainingSettings
@@ -27,6 +29,8 @@ SECTIONS: dict[str, type] = {
     "compression": CompressionSettings,
     "merge": MergeSettings,
     "run": RunControl,
+    "privacy": PrivacySettings,
+    "attack": AttackSettings,
 }
 """Section attribute of :class:`RunSettings` → its class, in run-config (and README table) order."""
 
@@ -52,7 +56,11 @@ class RunSettings:
     merge : MergeSettings
         The server's merge.
     run : RunControl
-        Rounds, sampling, evaluation, outputs, time-outs, signers.
+        Rounds, sampling, evaluation, outputs, time-outs, signers, input bounds.
+    privacy : PrivacySettings
+        Client-level differential privacy.
+    attack : AttackSettings
+        Simulated attackers (a testing feature).
     """
 
     source: SourceSettings = field(default_factory=SourceSettings)
@@ -60,6 +68,8 @@ class RunSettings:
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)
     run: RunControl = field(default_factory=RunControl)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
 
     def __post_init__(self) -> None:
         needs_fisher = self.merge.spec.needs_fisher
@@ -71,9 +81,51 @@ class RunSettings:
                 f"strategy {name!r} needs mode 'full': "
                 "a LoRA client has no Fisher diagonal for the ΔW the server merges"
             )
+        if self.attack.attack == "label_flip" and self.source.task not in ("topics", "classify"):
+            raise SettingsError(f"attack 'label_flip' needs a classification task; task is {self.source.task!r}")
         c = self.compression
         if self.uses_error_feedback and c.sparsifier == "dare" and c.seed_scope == "round":
             raise SettingsError("error-feedback with round-scoped DARE seeds would drop the same entries every round")
+        if self.privacy.enabled:
+            self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """A DP run's merge must be a linear function of the clipped updates, on a support that reveals no one."""
+        p, c, name = self.privacy, self.compression, self.merge.strategy
+        base = self.merge.spec.preset_of or name
+        if base not in DP_STRATEGIES:
+            raise SettingsError(
+                f"dp {p.dp!r} needs strategy fedavg, task_arithmetic or dare_linear; {name!r} is refused: TIES elects "
+                "signs and divides by agreeing weights, Fisher weights each client by its own Fisher and robust "
+                "methods select individual updates, so Gaussian noise on the clipped sum does not bound what they "
+                "release"
+            )
+        if c.sparsifier == "trim" or (c.sparsifier == "dare" and c.seed_scope != "round"):
+            raise SettingsError(
+                f"dp {p.dp!r} needs sparsifier none, or dare with seed-scope round: a trimmed support (top-|τ|) "
+                "depends on a client's data and a node-seeded DARE support identifies the client"
+            )
+        if self.merge.weighting != "uniform":
+            raise SettingsError(
+                f"dp {p.dp!r} needs weighting uniform: weighting by examples gives one client more than 1/K of the "
+                "mean, beyond what clipping bounds"
+            )
+        if self.merge.clip_norm and self.merge.clip_norm != p.dp_clip_norm:
+            raise SettingsError(
+                f"clip-norm {self.merge.clip_norm} differs from dp-clip-norm {p.dp_clip_norm}: a DP run clips at C"
+            )
+        if p.dp == "local" and self.training.mode == "lora":
+            raise SettingsError(
+                "dp 'local' needs mode full: a LoRA client sends factors, and noise on B and A is not "
+                "Gaussian noise on ΔW = s·B·A (use dp central, which clips and noises ΔW on the server)"
+            )
+        if p.dp == "central" and self.training.mode == "lora" and self.merge.lora_aggregation != "exact":
+            raise SettingsError("dp 'central' with LoRA needs lora-aggregation exact (clipping and noise act on ΔW)")
+
+    @property
+    def server_clip_norm(self) -> float:
+        """The norm the server (and a gateway) clips each update to: C in central DP, else ``clip-norm``."""
+        return self.privacy.dp_clip_norm if self.privacy.dp == "central" else self.merge.clip_norm
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> RunSettings:

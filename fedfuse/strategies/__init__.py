@@ -1,4 +1,4 @@
-"""Merge strategies: one small class per method, each a monoid of sufficient statistics.
+"""Merge strategies: one small class per method, a monoid of sufficient statistics or (robust methods) spilled.
 
 Each method declares its parameters, whether it needs Fisher, its default sparsifier and whether its
 state is mergeable; presets such as ``dare_ties`` are data rows (see :mod:`fedfuse.strategies.presets`).
@@ -13,6 +13,8 @@ state is mergeable; presets such as ``dare_ties`` are data rows (see :mod:`fedfu
 from fedfuse.strategies.base import MergeState, MergeStrategy, add_at, resolve_device
 from fedfuse.strategies.fedavg import FedAvg
 from fedfuse.strategies.fisher import FisherMerge
+from fedfuse.strategies.krum import Krum
+from fedfuse.strategies.median import Median
 from fedfuse.strategies.params import COMMON_PARAMS, Param, format_strategy_params, parse_strategy_params
 from fedfuse.strategies.presets import BUILT_IN_PRESETS
 from fedfuse.strategies.registry import (
@@ -26,14 +28,16 @@ from fedfuse.strategies.registry import (
     strategy_class,
 )
 from fedfuse.strategies.spec import MethodSpec, Preset
+from fedfuse.strategies.spilled import SpilledState, SpilledStrategy
 from fedfuse.strategies.task_arithmetic import TaskArithmetic
 from fedfuse.strategies.tiers import Contribution, MergeTree, reduce_tree
 from fedfuse.strategies.ties import Ties
+from fedfuse.strategies.trimmed_mean import TrimmedMean
 
-BUILT_IN_STRATEGIES: tuple[str, ...] = ("fedavg", "task_arithmetic", "ties", "fisher")
+BUILT_IN_STRATEGIES: tuple[str, ...] = ("fedavg", "task_arithmetic", "ties", "fisher", "median", "trimmed_mean", "krum")
 """The strategy classes fedfuse ships (presets: :data:`BUILT_IN_PRESETS`)."""
 
-for _cls in (FedAvg, TaskArithmetic, Ties, FisherMerge):
+for _cls in (FedAvg, TaskArithmetic, Ties, FisherMerge, Median, TrimmedMean, Krum):
     register_strategy(_cls.name)(_cls)
 for _preset in BUILT_IN_PRESETS:
     register_preset(_preset)
@@ -46,14 +50,19 @@ __all__ = [
     "Contribution",
     "FedAvg",
     "FisherMerge",
+    "Krum",
+    "Median",
     "MergeState",
     "MergeStrategy",
     "MergeTree",
     "MethodSpec",
     "Param",
     "Preset",
+    "SpilledState",
+    "SpilledStrategy",
     "TaskArithmetic",
     "Ties",
+    "TrimmedMean",
     "add_at",
     "available_strategies",
     "build_strategy",

@@ -17,4 +17,10 @@ BUILT_IN_PRESETS: tuple[Preset, ...] = (
         default_sparsifier="dare",
         help="TIES over DARE-dropped task vectors (PEFT/mergekit dare_ties)",
     ),
+    Preset(
+        "multi_krum",
+        base="krum",
+        fixed={"select": 0},
+        help="multi-Krum: the average of the K − f best-scored updates",
+    ),
 )

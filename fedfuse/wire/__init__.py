@@ -17,6 +17,7 @@ from fedfuse.wire.header import (
     TensorEntry,
     UpdateHeader,
 )
+from fedfuse.wire.limits import max_partial_bytes, max_update_bytes
 from fedfuse.wire.partial import DecodedPartial, decode_partial, encode_partial
 from fedfuse.wire.update import DecodedUpdate, decode_update, encode_update
 from fedfuse.wire.values import UPDATE_VALUE_DTYPES
@@ -37,4 +38,6 @@ __all__ = [
     "encode_partial",
     "encode_update",
     "fingerprint",
+    "max_partial_bytes",
+    "max_update_bytes",
 ]

@@ -131,6 +131,9 @@ class Expectation:
     shapes: every tensor the payload may carry, with its shape (names outside it are rejected).
     allow_missing: accept payloads that carry only some of ``shapes`` (else all must be there).
     max_bytes: reject larger payloads before parsing them.
+    sparsifier: when set, an update must say it was shrunk this way (kind and density), and every
+    DARE tensor must declare this density, so no payload can make the decoder regenerate a mask
+    the run did not ask for.
     """
 
     shapes: Mapping[str, tuple[int, ...]]
@@ -139,6 +142,7 @@ class Expectation:
     base_fingerprint: str | None = None
     max_bytes: int | None = None
     allow_missing: bool = False
+    sparsifier: Sparsifier | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.shapes, Mapping):
@@ -313,6 +317,29 @@ def check_expectation(parsed: WireHeader, expect: Expectation) -> None:
             "fingerprint_mismatch",
             f"payload was made against base {header.base_fingerprint!r}, expected {expect.base_fingerprint!r}",
         )
+
+
+def check_sparsifier(parsed: WireHeader, expect: Expectation) -> None:
+    """Reject an update shrunk otherwise than the run's sparsifier says (kind, density; DARE densities)."""
+    wanted = expect.sparsifier
+    if wanted is None:
+        return
+    said = parsed.header.sparsifier
+    if said.kind != wanted.kind or not math.isclose(said.density, wanted.density, rel_tol=1e-9):
+        raise UpdateRejected(
+            "sparsifier_mismatch",
+            f"update says sparsifier {said.kind} at density {said.density}; "
+            f"the run uses {wanted.kind} at density {wanted.density}",
+        )
+    for name, entry in parsed.entries.items():
+        if entry.encoding == "dare" and (
+            wanted.kind != "dare" or not math.isclose(entry.density or 0.0, wanted.density, rel_tol=1e-9)
+        ):
+            raise UpdateRejected(
+                "sparsifier_mismatch",
+                f"tensor {name!r} declares DARE density {entry.density}; the run uses {wanted.kind} "
+                f"at density {wanted.density}",
+            )
 
 
 def check_names_and_shapes(shapes: Mapping[str, tuple[int, ...]], expect: Expectation, what: str = "tensor") -> None:

@@ -22,6 +22,7 @@ from fedfuse.wire.header import (
     WireHeader,
     check_expectation,
     check_names_and_shapes,
+    check_sparsifier,
     header_document,
     parse_header,
 )
@@ -96,6 +97,7 @@ def _decode(data: bytes, expect: Expectation) -> DecodedUpdate:
     parsed = parse_header(document, UPDATE_FORMAT)
     check_expectation(parsed, expect)
     check_names_and_shapes({name: entry.shape for name, entry in parsed.entries.items()}, expect)
+    check_sparsifier(parsed, expect)
     check_blob_keys(parsed, blobs)
     tensors: dict[str, UpdateTensor] = {}
     fisher: dict[str, UpdateTensor] = {}
@@ -115,7 +117,8 @@ def decode_update(data: bytes, *, expect: Expectation) -> DecodedUpdate:
     """Decode and validate an update; any problem raises :class:`UpdateRejected` (never anything else).
 
     Checks, in order: size (before parsing), framing, CRC32, header fields and version, run,
-    round and base fingerprint, tensor names and shapes against ``expect``, blob dtypes, index
+    round and base fingerprint, tensor names and shapes against ``expect``, the sparsifier (when
+    ``expect`` names one), blob dtypes, index
     validity (bounds, order, duplicates, bitmap padding, varint form), value counts (DARE: against
     the regenerated mask), finite values, non-negative Fisher.
     """

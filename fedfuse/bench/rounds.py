@@ -1,0 +1,67 @@
+"""Federated rounds in one process: the ClientApp's local round and the server's round engine, without Flower.
+
+Benchmarks that need many runs (``fedfuse bench robust``) use this instead of Flower's simulation
+engine: every client trains with :func:`~fedfuse.client.local_round.run_local_round` (attack keys,
+compression and seeds included) and every payload goes through :meth:`RoundEngine.for_run`, exactly
+as in ``fedfuse simulate``; only the transport (and its start-up time) is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedfuse.client.local_round import Shard, run_local_round
+from fedfuse.rounds import RoundEngine, UpdateSpace
+from fedfuse.server.evaluation import ServerEvaluator
+from fedfuse.settings import RunSettings
+from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
+from fedfuse.wire import fingerprint
+
+RUN_ID = "fedfuse-bench"
+
+
+@dataclass
+class RoundsResult:
+    """Server accuracy after each round and the round engine's metrics."""
+
+    accuracy: list[float] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_rounds(
+    settings: RunSettings, clients: int, *, on_round: Callable[[int, float], None] | None = None
+) -> RoundsResult:
+    """``num-server-rounds`` rounds of ``clients`` clients (all sampled), evaluated on the server's split."""
+    model, _ = base_model(settings)
+    base = {name: tensor.clone() for name, tensor in global_state(model).items()}
+    del model
+    weights = dict(base)
+    space = UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings))
+    evaluator = ServerEvaluator(settings)
+    result = RoundsResult()
+    for round_number in range(1, settings.run.num_server_rounds + 1):
+        changed = {name: t for name, t in weights.items() if not torch.equal(t, base[name])}
+        engine = RoundEngine.for_run(
+            settings,
+            space,
+            round_number=round_number,
+            run_id=RUN_ID,
+            base_fingerprint=fingerprint(weights),
+            bind_senders=False,
+        )
+        for partition in range(clients):
+            shard = Shard(partition, clients, f"partition-{partition}")
+            local = run_local_round(settings, changed, round_number=round_number, run_id=RUN_ID, shard=shard)
+            engine.offer(local.payload)
+        weights = engine.finalize(weights) or weights
+        accuracy = float(evaluator(ArrayRecord(weights))["accuracy"])  # type: ignore[arg-type]
+        result.accuracy.append(accuracy)
+        result.metrics.append(dict(engine.metrics()))
+        if on_round:
+            on_round(round_number, accuracy)
+    return result

@@ -1,0 +1,55 @@
+"""Client-level differential privacy settings (``settings.privacy``).
+
+``central``: the server clips every update to ``dp-clip-norm`` C and adds Gaussian noise of standard
+deviation σ·C to their sum (Flower's server-side fixed-clipping convention: σ·C / sampled clients on
+a FedAvg mean). ``local``: each client clips its own update and adds N(0, σ²C²) before sending. The
+privacy spent is accounted per round by Opacus's RDP accountant at ``dp-delta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedfuse.settings.fields import SettingsError, check_choice, check_positive, setting
+
+DP_MODES = ("none", "central", "local")
+DP_STRATEGIES = ("fedavg", "task_arithmetic")
+"""Methods whose merge is a linear function of the clipped sum, so the Gaussian mechanism bounds them."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Client-level differential privacy for FedAvg and task arithmetic (dense or round-seeded DARE).
+
+    Parameters
+    ----------
+    dp : str
+        ``none``, ``central`` (server clips and adds noise) or ``local`` (each client does).
+    dp_clip_norm : float
+        C, the L2 norm every update is clipped to.
+    dp_noise_multiplier : float
+        σ: the noise's standard deviation is σ·C.
+    dp_delta : float
+        δ of the reported (ε, δ).
+    dp_noise_seed : int
+        Seed of the noise for tests only; -1 (default) draws it from the operating system, as DP needs.
+    """
+
+    dp: str = setting("none", "client-level differential privacy: `central`, `local` or `none` (see Privacy)")
+    dp_clip_norm: float = setting(1.0, "C: every update is clipped to this L2 norm (DP runs)")
+    dp_noise_multiplier: float = setting(1.0, "σ: Gaussian noise of standard deviation σ·C (DP runs)")
+    dp_delta: float = setting(1e-5, "δ of the (ε, δ) reported each round (Opacus RDP accountant)")
+    dp_noise_seed: int = setting(-1, "seed of the DP noise, for tests only (-1: the OS's randomness)")
+
+    def __post_init__(self) -> None:
+        check_choice(self, "dp", DP_MODES)
+        check_positive(self, "dp_clip_norm", "dp_noise_multiplier")
+        if not 0 < self.dp_delta < 1:
+            raise SettingsError(f"dp-delta must be in (0, 1); got {self.dp_delta}")
+        if self.dp_noise_seed < -1:
+            raise SettingsError(f"dp-noise-seed must be >= 0, or -1 for the OS's randomness; got {self.dp_noise_seed}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run is differentially private."""
+        return self.dp != "none"

@@ -1,0 +1,158 @@
+"""Faults survived with real processes: a client that raises or is late, and a server killed with SIGKILL.
+
+Each test runs Flower's simulation engine for real (Ray actors); the kill test runs ``fedfuse simulate``
+as its own process group and kills all of it, Ray included, then resumes with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedfuse.client.app import make_client_app
+from fedfuse.server.checkpoint import load_checkpoint
+from fedfuse.simulation import simulate
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "num-server-rounds": 1,
+    "local-steps": 2,
+    "batch-size": 8,
+    "max-length": 16,
+    "lora-rank": 2,
+    "eval-examples": 32,
+    "client-eval-examples": 8,
+    "fraction-evaluate": 0.0,
+    "min-train-nodes": 2,
+}
+
+
+def _faulty_client(overrides: dict, fault) -> ClientApp:
+    """The fedfuse ClientApp, except that partition 0 runs ``fault`` instead of training."""
+    honest = make_client_app(overrides)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) == 0:
+            fault()
+        return honest(msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
+    return app
+
+
+def _raise() -> None:
+    raise ValueError("the local disk is on fire")
+
+
+def test_a_client_that_raises_is_recorded_in_one_short_line_and_the_round_completes(tmp_path) -> None:
+    overrides = {**TINY, "output-dir": str(tmp_path)}
+    history = simulate(overrides, num_clients=3, client_app=_faulty_client(overrides, _raise))
+    (record,) = history["rounds"]
+    assert record["accepted"] == 2 and record["rejections"] == {"client_error": 1}
+    (message,) = record["rejection_messages"]
+    assert "ValueError: the local disk is on fire" in message
+    assert "\x1b" not in message and "Traceback" not in message and len(message) < 400
+    assert load_checkpoint(tmp_path).round == 1
+
+
+def test_a_client_past_the_round_deadline_is_dropped_and_recorded(tmp_path) -> None:
+    overrides = {**TINY, "output-dir": str(tmp_path), "timeout": 25.0}
+    started = time.perf_counter()
+    history = simulate(overrides, num_clients=3, client_app=_faulty_client(overrides, lambda: time.sleep(45)))
+    (record,) = history["rounds"]
+    assert record["accepted"] == 2 and record["rejections"] == {"timed_out": 1}
+    assert "deadline of 25 s" in record["rejection_messages"][0]
+    assert time.perf_counter() - started < 120
+
+
+KILL_RUN = {
+    "mode": "full",
+    "strategy": "ties",
+    "sparsifier": "trim",
+    "density": 0.2,
+    "num-server-rounds": 3,
+    "local-steps": 2,
+    "batch-size": 8,
+    "max-length": 16,
+    "eval-examples": 32,
+    "client-eval-examples": 8,
+    "fraction-evaluate": 0.0,
+}
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    config = " ".join(f"{key}={value}" for key, value in KILL_RUN.items())
+    return [sys.executable, "-m", "fedfuse.cli.main", "simulate", "--clients", "3", "--output-dir", str(out),
+            "--run-config", config, *extra]  # fmt: skip
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the simulation and everything it started (Ray's processes included)."""
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    process.wait(timeout=30)
+
+
+def _finished_round(out: Path) -> int:
+    state = out / "checkpoint" / "state.json"
+    try:
+        return int(json.loads(state.read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_a_server_killed_at_a_random_moment_resumes_to_bit_identical_weights(tmp_path) -> None:
+    """Error feedback on: clients' residuals must survive the kill too (kept on the node, keyed by run)."""
+    environment = {key: value for key, value in os.environ.items() if key != "FEDFUSE_STATE_DIR"}
+    straight = tmp_path / "straight"
+    done = subprocess.run(_command(straight), env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(killed), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _finished_round(killed) < 1 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 4.0))  # somewhere in round 2, or its checkpoint write
+    finally:
+        _kill_group(process)
+    reached = _finished_round(killed)
+    assert 1 <= reached < 3, f"the kill came too late to test anything (round {reached} finished)"
+    resumed = subprocess.run(
+        _command(killed, "--resume", str(killed)), env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    expected, got = load_checkpoint(straight), load_checkpoint(killed)
+    assert got.round == expected.round == 3
+    assert [name for name in expected.weights if not torch.equal(expected.weights[name], got.weights[name])] == []
+    leftovers = [p.name for p in (killed / "checkpoint").iterdir() if ".fedfuse-" in p.name]
+    assert leftovers == []
+    assert (killed / "node-state").is_dir(), "the nodes kept their error-feedback residuals under the run folder"
