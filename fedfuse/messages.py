@@ -67,8 +67,11 @@ def short_reason(text: str | None) -> str:
     lines = [line.strip() for line in _ANSI.sub("", text or "").splitlines() if line.strip()]
     if not lines:
         return "the client reported an error"
-    exceptions = [m.group(1) for line in lines if (m := _EXCEPTION_LINE.match(line))]
-    line = exceptions[-1] if exceptions else lines[-1]
+    exceptions = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    index = exceptions[-1] if exceptions else len(lines) - 1
+    line = lines[index]
+    if line.endswith(":") and index + 1 < len(lines):  # Flower's "ClientAppException:" with the message below
+        line = f"{line} {lines[index + 1]}"
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
 
 

@@ -69,7 +69,7 @@ def test_a_client_that_raises_is_recorded_in_one_short_line_and_the_round_comple
     (record,) = history["rounds"]
     assert record["accepted"] == 2 and record["rejections"] == {"client_error": 1}
     (message,) = record["rejection_messages"]
-    assert "ValueError: the local disk is on fire" in message
+    assert "the local disk is on fire" in message
     assert "\x1b" not in message and "Traceback" not in message and len(message) < 400
     assert load_checkpoint(tmp_path).round == 1
 

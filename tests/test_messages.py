@@ -66,7 +66,7 @@ def test_an_incomplete_signature_record_counts_as_unsigned() -> None:
 
 def test_the_round_instruction_uses_flowers_server_round_key() -> None:
     config = RoundInstruction(4, "run", "fp").to_config({"lr": 0.1})
-    assert dict(config) == {"lr": 0.1, "server-round": 4, "run-id": "run", "base-fingerprint": "fp"}
+    assert dict(config) == {"lr": 0.1, "server-round": 4, "run-id": "run", "base-fingerprint": "fp", "run-key": ""}
 
 
 def test_an_evaluate_reply_round_trips_with_flowers_num_examples_key() -> None:

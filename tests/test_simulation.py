@@ -136,6 +136,7 @@ def _recording_client(overrides: dict, out: Path) -> ClientApp:
         if record["before"]:
             replay = copy.deepcopy(context)
             del replay.state.array_records[RESIDUAL_RECORD]
+            replay.node_config["state-dir"] = str(out / f"no-residuals-{partition}-{round_number}")
         reply = honest(msg, context)
         record |= {"after": residual(context), "sent": TrainReply.from_content(reply.content).payload}
         if replay is not None:
