@@ -51,22 +51,19 @@ class UpdateBounds:
             return float(min(num_examples, self.max_num_examples))
         return float(num_examples)
 
-    def admitted(self, num_examples: float) -> None:
-        """Count an accepted update whose claimed examples the cap cut."""
+    def clip(self, tensors: Update) -> tuple[Update, float]:
+        """``tensors`` scaled to at most ``clip_norm`` (unchanged when off or not needed), and their norm."""
+        norm = update_norm(tensors)
+        factor = 1.0 if self.clip_norm <= 0 else clip_factor(norm, self.clip_norm)
+        return (tensors if factor == 1.0 else scale_update(tensors, factor)), norm
+
+    def admitted(self, num_examples: float, norm: float) -> None:
+        """Count an accepted update: its norm, and whether clipping or the example cap cut it."""
+        self.norms.append(norm)
+        if self.clip_norm > 0 and norm > self.clip_norm:
+            self.clipped += 1
         if self.max_num_examples > 0 and num_examples > self.max_num_examples:
             self.capped += 1
-
-    def clip(self, tensors: Update) -> Update:
-        """``tensors`` scaled to at most ``clip_norm`` (unchanged when clipping is off or not needed)."""
-        norm = update_norm(tensors)
-        self.norms.append(norm)
-        if self.clip_norm <= 0:
-            return tensors
-        factor = clip_factor(norm, self.clip_norm)
-        if factor == 1.0:
-            return tensors
-        self.clipped += 1
-        return scale_update(tensors, factor)
 
     def metrics(self) -> dict[str, int | float]:
         """``clipped``, ``capped`` and, once an update was seen, ``update-norm-median`` / ``update-norm-max``."""

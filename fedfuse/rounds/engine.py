@@ -253,10 +253,11 @@ class RoundEngine:
             return self.reject(node, "zero_weight", f"node {node} reported {header.num_examples} examples")
         try:
             tensors, fisher = self.space.merge_input(update)
-            self.state.add(self.bounds.clip(tensors), weight=weight, fisher=fisher)
+            clipped, norm = self.bounds.clip(tensors)
+            self.state.add(clipped, weight=weight, fisher=fisher)
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
-        self.bounds.admitted(header.num_examples)
+        self.bounds.admitted(header.num_examples, norm)
         self._record(header, "update", weight)
         return None
 
@@ -298,10 +299,11 @@ class RoundEngine:
             return self.reject(node, "zero_weight", f"node {node} reported {num_examples} examples")
         sparse = self.space.server_sparsified(tensors, round_number=self.round_number or 0, node=node)
         try:
-            self.state.add(self.bounds.clip(sparse), weight=weight, fisher=fisher)
+            clipped, norm = self.bounds.clip(sparse)
+            self.state.add(clipped, weight=weight, fisher=fisher)
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
-        self.bounds.admitted(num_examples)
+        self.bounds.admitted(num_examples, norm)
         self.contributions[node] = Contribution(node, "update", "", int(num_examples), weight, dict(metrics or {}))
         return None
 
