@@ -6,19 +6,17 @@ as its own process group and kills all of it, Ray included, then resumes with ``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from federation import kill_tree
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -105,20 +103,6 @@ def _command(out: Path, *extra: str) -> list[str]:
             "--run-config", config, *extra]  # fmt: skip
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the simulation and everything it started (Ray's processes included)."""
-    try:
-        family = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    process.wait(timeout=30)
-
-
 def _finished_round(out: Path) -> int:
     state = out / "checkpoint" / "state.json"
     try:
@@ -143,7 +127,7 @@ def test_a_server_killed_at_a_random_moment_resumes_to_bit_identical_weights(tmp
             time.sleep(0.05)
         time.sleep(random.Random(os.getpid()).uniform(0.0, 4.0))  # somewhere in round 2, or its checkpoint write
     finally:
-        _kill_group(process)
+        kill_tree(process)
     reached = _finished_round(killed)
     assert 1 <= reached < 3, f"the kill came too late to test anything (round {reached} finished)"
     resumed = subprocess.run(

@@ -5,6 +5,9 @@ TIES — on dense updates and on sparse density-d updates (TIES-trimmed support,
 per tensor; Fisher gets its diagonal on the same support, or dense for dense updates) — by Flower's
 ``aggregate_arrayrecords`` (the baseline: the FedAvg every Flower strategy calls) and by PEFT
 ``merge_utils.ties`` (majority "total", same density) and ``task_arithmetic``, per tensor.
+The robust methods (median, trimmed mean, multi-Krum) run on dense updates: each update is spilled
+to an unlinked file and merged chunk by chunk, so their rows show peak RSS against K (the file's
+pages are the kernel's page cache, not the process's RSS).
 
 Measurement rules
 -----------------
@@ -307,6 +310,9 @@ METHODS: dict[str, Method] = {
         ),
         Method("fedfuse-ties-dense", "fedfuse", run_fedfuse, strategy="ties"),
         Method("fedfuse-ties-sparse", "fedfuse", run_fedfuse, strategy="ties", sparse=True),
+        Method("fedfuse-median-dense", "fedfuse", run_fedfuse, strategy="median"),
+        Method("fedfuse-trimmed-mean-dense", "fedfuse", run_fedfuse, strategy="trimmed_mean"),
+        Method("fedfuse-multi-krum-dense", "fedfuse", run_fedfuse, strategy="multi_krum"),
         Method("flower-fedavg", "flower", run_flower),
         Method("peft-ties", "peft", run_peft, peft="ties"),
         Method("peft-task-arithmetic", "peft", run_peft, peft="task_arithmetic"),
