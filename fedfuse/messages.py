@@ -5,8 +5,9 @@ Built and parsed only here, by the server, the ClientApp and the tier gateway:
 - :class:`RoundInstruction` — the config of a train or evaluate message (``server-round``, as Flower
   names it, plus the run id and the fingerprint of the round's weights);
 - :class:`TrainReply` — an encoded update or partial state (one uint8 ``Array``, so Flower's chunked
-  transport applies) and, when the node signs, its signature. Nothing else: node, tier, number of
-  examples and client metrics live in the payload's header, which the signature covers;
+  transport applies), when the node signs its signature, and the client's phase timings (unsigned
+  diagnostics, :mod:`fedfuse.timing`). Node, tier, number of examples and client metrics live in the
+  payload's header, which the signature covers;
 - :class:`EvaluateReply` — a client's local evaluation (example count and metrics) and which data it used;
 - :class:`NodeName` — a node's stable name (its institution or partition), asked once per node with a
   ``query`` message, so the server samples and folds nodes in an order that survives a resume
@@ -28,6 +29,7 @@ from flwr.app.typing import ConfigRecordValues
 from fedfuse.rejections import ROUND_REASONS, Rejected
 from fedfuse.rounds.engine import PayloadKind
 from fedfuse.security import UpdateSignature
+from fedfuse.timing import reported_phases
 
 UPDATE_RECORD = "fedfuse.update"
 PARTIAL_RECORD = "fedfuse.partial"
@@ -37,6 +39,7 @@ CONFIG_RECORD = "config"
 ARRAYS_RECORD = "arrays"
 RESIDUAL_RECORD = "fedfuse.residual"
 SIGNATURE_RECORD = "fedfuse.signature"
+TIMING_RECORD = "fedfuse.timing"
 PAYLOAD_RECORDS: dict[PayloadKind, str] = {"update": UPDATE_RECORD, "partial": PARTIAL_RECORD}
 
 
@@ -117,11 +120,13 @@ class RoundInstruction:
 
 @dataclass(frozen=True)
 class TrainReply:
-    """A node's answer to a train message: one payload and, optionally, its signature."""
+    """A node's answer to a train message: one payload and, optionally, its signature and phase timings."""
 
     kind: PayloadKind
     payload: bytes
     signature: UpdateSignature | None = None
+    timing: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per client phase (:data:`fedfuse.timing.CLIENT_PHASES` and ``total``); not signed, never trusted."""
 
     def to_content(self) -> RecordDict:
         """As Flower message content."""
@@ -133,6 +138,8 @@ class TrainReply:
         if self.signature is not None:
             signed: dict[str, ConfigRecordValues] = dict(self.signature.to_config())
             records[SIGNATURE_RECORD] = ConfigRecord(signed)
+        if self.timing:
+            records[TIMING_RECORD] = MetricRecord({name: float(value) for name, value in self.timing.items()})
         return RecordDict(records)
 
     def reply_to(self, message: Message) -> Message:
@@ -145,7 +152,9 @@ class TrainReply:
         for kind, record in PAYLOAD_RECORDS.items():
             arrays = content.array_records.get(record)
             if arrays is not None and PAYLOAD_KEY in arrays:
-                return cls(kind, arrays[PAYLOAD_KEY].numpy().tobytes(), _signature(content))
+                timing = content.metric_records.get(TIMING_RECORD)
+                phases = reported_phases(dict(timing)) if timing is not None else {}
+                return cls(kind, arrays[PAYLOAD_KEY].numpy().tobytes(), _signature(content), phases)
         raise ReplyRejected("no_payload", "reply carries neither an update nor a partial state")
 
     @classmethod

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedfuse"
 
 ALLOWED = {
     "rejections": set(),
+    "timing": set(),
     "algebra": set(),
     "strategies": {"algebra"},
     "wire": {"algebra", "strategies", "rejections"},
@@ -29,6 +30,7 @@ ALLOWED = {
         "models",
         "checkpoints",
         "known_warnings",
+        "timing",
     },
     "server": {
         "algebra",
@@ -44,6 +46,7 @@ ALLOWED = {
         "models",
         "checkpoints",
         "known_warnings",
+        "timing",
     },
     "flower": {"client", "server"},
 }

@@ -8,6 +8,7 @@ import torch
 from fedfuse.messages import (
     PARTIAL_RECORD,
     SIGNATURE_RECORD,
+    TIMING_RECORD,
     UPDATE_RECORD,
     EvaluateReply,
     ReplyRejected,
@@ -38,6 +39,20 @@ def test_a_train_reply_parses_back_to_what_was_sent(kind) -> None:
     content = sent.to_content()
     assert set(content.array_records) == {UPDATE_RECORD if kind == "update" else PARTIAL_RECORD}
     assert TrainReply.from_content(content) == sent
+
+
+def test_a_train_reply_carries_the_clients_phase_timings_beside_the_payload() -> None:
+    sent = TrainReply("update", _payload(), None, {"train": 1.5, "encode": 0.25, "total": 2.0})
+    content = sent.to_content()
+    assert dict(content.metric_records[TIMING_RECORD]) == {"train": 1.5, "encode": 0.25, "total": 2.0}
+    assert TrainReply.from_content(content) == sent
+
+
+def test_timings_that_are_not_finite_non_negative_numbers_are_dropped() -> None:
+    content = TrainReply("update", _payload(), None, {"train": 1.0}).to_content()
+    record = content.metric_records[TIMING_RECORD]
+    record["encode"], record["sign"], record["data"] = -1.0, float("nan"), float("inf")
+    assert TrainReply.from_content(content).timing == {"train": 1.0}
 
 
 def test_node_tier_examples_and_metrics_travel_in_the_signed_header_only() -> None:

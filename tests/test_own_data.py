@@ -5,6 +5,8 @@ Every error a user can cause names the file and, where there is one, the row or 
 
 from __future__ import annotations
 
+import os
+
 import datasets
 import pytest
 from own_data_helpers import chat_rows, sentiment_rows, tiny_chat_llama, write_jsonl
@@ -176,6 +178,20 @@ def test_a_node_holds_out_a_seeded_validation_split_or_uses_its_own_eval_file(tm
         settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=NodeData(str(path), str(held_out))
     )
     assert (len(own.train_rows), len(own.eval_rows)) == (40, 6)
+
+
+def test_a_share_is_tokenized_once_per_process_until_its_file_changes(tmp_path, minilm_tokenizer):
+    path = write_jsonl(tmp_path / "site.jsonl", sentiment_rows(12))
+    settings = RunSettings.from_run_config(task="classify", labels="negative,positive", validation_fraction=0.25)
+    node = NodeData(str(path))
+    first = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=node)
+    assert load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=node) is first
+    other = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=2, node=node)
+    assert other is not first
+    write_jsonl(path, sentiment_rows(20))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    edited = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=1, node=node)
+    assert edited is not first and edited.source.rows == 20
 
 
 def test_the_built_in_task_is_not_loaded_when_a_node_has_its_own_file(tmp_path, minilm_tokenizer, monkeypatch):

@@ -66,6 +66,17 @@ def test_two_rounds_of_exact_lora_ties_through_flower(uninterrupted):
     assert changed and all("query" in n or "value" in n or n.startswith("classifier.") for n in changed)
 
 
+def test_every_round_reports_where_its_time_went(uninterrupted):
+    _, history = uninterrupted
+    for record in history["rounds"]:
+        server, client = record["phases"], record["client_phases"]
+        assert {"broadcast", "wait", "decode_fold", "finalize", "evaluation", "checkpoint", "report"} <= set(server)
+        assert client["replies"] == 3
+        assert {"build", "data", "train", "encode", "sign", "total"} <= set(client)
+        assert client["total"] >= client["train"] > 0
+        assert sum(server.values()) <= record["seconds"] + server["checkpoint"] + server["report"] + 0.05
+
+
 def test_resume_after_round_one_reaches_bit_identical_weights(uninterrupted, tmp_path):
     """Nodes are sampled and folded in the order of their names, so a resumed run sums exactly as the first did."""
     out, _ = uninterrupted

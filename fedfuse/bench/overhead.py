@@ -1,11 +1,20 @@
-"""``fedfuse bench overhead``: fedfuse's round time against a plain Flower FedAvg app doing the same training.
+"""``fedfuse bench overhead``: where a round's time goes, its compute bound, and fedfuse against plain Flower.
 
-Both runs use Flower's simulation engine, the same clients, data shards, seeds, local training
-(full fine-tuning with fedfuse's training loop) and the same server-side evaluation each round. The
-plain app is what a Flower user writes: clients return their whole weights in an ``ArrayRecord`` and
-``flwr.serverapp.strategy.FedAvg.start`` averages them. fedfuse adds task vectors, the wire codec,
-validation, streaming folding and an atomic checkpoint per round. Round time is the interval between
-consecutive round ends; round 1 (actors loading the model) is left out, the median of the rest kept.
+Every fedfuse run reports its rounds' phases (see :mod:`fedfuse.bench.breakdown`): the clients' model
+build, data, training, Fisher, encoding and signing, transport and queueing, and the server's
+broadcast, decode+fold, finalize, evaluation, checkpoint and report, with the **compute bound** (the
+clients' pure training time over the clients that run at once, plus server evaluation). Presets:
+``full`` (full fine-tuning, dense FedAvg; also runs the plain Flower app), ``default`` (``fedfuse
+simulate`` as shipped) and ``sft`` (federated SFT of SmolLM2 on the shipped instructions);
+``--clients 256 --run-config "fraction-train=0.125"`` measures hundreds of institutions.
+
+With ``--compare`` both runs use Flower's simulation engine, the same clients, data shards, seeds,
+local training (full fine-tuning with fedfuse's training loop) and the same server-side evaluation each
+round. The plain app is what a Flower user writes: clients return their whole weights in an
+``ArrayRecord`` and ``flwr.serverapp.strategy.FedAvg.start`` averages them. fedfuse adds task vectors,
+the wire codec, validation, streaming folding and an atomic checkpoint per round. Round time is the
+interval between consecutive round ends; round 1 (actors loading the model) is left out, the median of
+the rest kept.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,10 +39,13 @@ from flwr.simulation import run_simulation
 from rich.console import Console
 
 from fedfuse.algebra import derive_seed
+from fedfuse.bench.breakdown import breakdown, breakdown_table, median_ratio
+from fedfuse.bench.measure import markdown_table, print_table
+from fedfuse.cli.simulate import parse_run_config
 from fedfuse.client.app import shard_of
 from fedfuse.client.local_round import client_datasets
 from fedfuse.server.evaluation import ServerEvaluator
-from fedfuse.settings import RunSettings
+from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.simulation import simulate
 from fedfuse.training.loop import steps_for, train
 from fedfuse.training.models import base_model, global_state, load_global_state
@@ -105,34 +119,35 @@ def plain_flower_server(settings: RunSettings, clients: int, round_ends: list[fl
 
 def _median_round(ends: list[float]) -> tuple[float, list[float]]:
     durations = [b - a for a, b in itertools.pairwise(ends)]
-    steady = durations[1:] or durations
-    return statistics.median(steady), durations
+    steady_rounds = durations[1:] or durations
+    return statistics.median(steady_rounds), durations
 
 
-def overhead(
-    clients: Annotated[int, typer.Option("--clients", help="Simulated clients.", min=1)] = 4,
-    rounds: Annotated[int, typer.Option("--rounds", help="Rounds per run (round 1 is warm-up).", min=2)] = 4,
-    local_steps: Annotated[int, typer.Option("--local-steps", help="Local steps per client per round.", min=1)] = 10,
-    eval_examples: Annotated[int, typer.Option("--eval-examples", help="Server evaluation examples per round.")] = 256,
-    out: Annotated[Path, typer.Option("--out", help="Folder for overhead.md and overhead.json.")] = Path(
-        "bench-results/overhead"
-    ),
-    check: Annotated[bool, typer.Option("--check", help="Exit with status 1 when the target fails.")] = False,
-) -> None:
-    """Round time of fedfuse (dense FedAvg, full fine-tuning) over a plain Flower FedAvg app."""
-    console = Console()
-    out.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {
-        "mode": "full",
-        "strategy": "fedavg",
-        "sparsifier": "none",
-        "num-server-rounds": rounds,
-        "local-steps": local_steps,
-        "eval-examples": eval_examples,
-        "fraction-evaluate": 0.0,
-        "output-dir": str(out / "fedfuse-run"),
-    }
-    settings = RunSettings.from_run_config({}, **overrides)
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"mode": "full", "strategy": "fedavg", "sparsifier": "none", "fraction-evaluate": 0.0, "local-steps": 10},
+    "default": {},
+    "sft": {
+        "model": "smollm2",
+        "task": "sft",
+        "data": "examples/data/instructions.jsonl",
+        "partition": "natural",
+        "partition-column": "institution",
+        "batch-size": 8,
+        "local-steps": 8,
+    },
+}
+"""Run settings per preset: ``full`` (the Flower comparison), ``default`` (``fedfuse simulate`` as shipped), ``sft``."""
+MANY_CLIENTS = 100
+"""From this many simulated clients on, the looser compute-bound target applies."""
+
+
+def bound_target(preset: str, clients: int) -> float:
+    """The wall/compute-bound target: 1.2×, or 1.5× for SmolLM2 SFT and for hundreds of clients."""
+    return 1.5 if preset == "sft" or clients >= MANY_CLIENTS else 1.2
+
+
+def _flower_round(settings: RunSettings, clients: int, console: Console) -> tuple[float, list[float]]:
+    """Median steady round time of the plain Flower app with the same settings, and every round's time."""
     console.rule("plain Flower FedAvg")
     flower_ends: list[float] = []
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -145,37 +160,100 @@ def overhead(
             "init_args": {"num_cpus": min(clients, 2), "num_gpus": 0, "logging_level": "ERROR"},
         },
     )
-    console.rule("fedfuse")
-    history = simulate(overrides, num_clients=clients)
-    fedfuse_ends = [history["rounds"][0]["finished_at"] - history["rounds"][0]["seconds"]]
-    fedfuse_ends += [r["finished_at"] for r in history["rounds"]]
-    flower_round, flower_all = _median_round(flower_ends)
-    fedfuse_round, fedfuse_all = _median_round(fedfuse_ends)
-    ratio = fedfuse_round / flower_round
-    ok = ratio <= TARGET_RATIO
-    lines = [
-        "| app | round times (s) | median round 2.. (s) | ratio |",
-        "|---|---|---:|---:|",
-        f"| plain Flower FedAvg | {' '.join(f'{d:.1f}' for d in flower_all)} | {flower_round:.2f} | 1.000 |",
-        f"| fedfuse fedavg (dense) | {' '.join(f'{d:.1f}' for d in fedfuse_all)} | {fedfuse_round:.2f} | {ratio:.3f} |",
-        "",
-        f"{'PASS' if ok else 'FAIL'} fedfuse round time ≤ {TARGET_RATIO}× plain Flower: {ratio:.3f}×",
-    ]
+    return _median_round(flower_ends)
+
+
+def overhead(
+    preset: Annotated[
+        str, typer.Option("--preset", help="full (the Flower comparison), default (fedfuse simulate) or sft (SmolLM2).")
+    ] = "full",
+    clients: Annotated[int, typer.Option("--clients", help="Simulated clients.", min=1)] = 4,
+    rounds: Annotated[int, typer.Option("--rounds", help="Rounds per run (round 1 is warm-up).", min=2)] = 4,
+    local_steps: Annotated[
+        int | None, typer.Option("--local-steps", help="Local steps per client per round (default: the preset's).")
+    ] = None,
+    eval_examples: Annotated[int, typer.Option("--eval-examples", help="Server evaluation examples per round.")] = 256,
+    run_config: Annotated[
+        str, typer.Option("--run-config", help='More run-config keys for fedfuse, e.g. "fraction-train=0.125".')
+    ] = "",
+    compare: Annotated[
+        bool | None,
+        typer.Option("--compare/--no-compare", help="Also run the plain Flower app (default: with preset full)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for overhead.md and overhead.json.")] = Path(
+        "bench-results/overhead"
+    ),
+    check: Annotated[bool, typer.Option("--check", help="Exit with status 1 when a target fails.")] = False,
+) -> None:
+    """Where fedfuse's round time goes, against its compute bound and (preset full) a plain Flower FedAvg app."""
+    console = Console()
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    compare = preset == "full" if compare is None else compare
+    if compare and preset != "full":
+        raise typer.BadParameter("--compare needs --preset full: the plain Flower app does full fine-tuning")
+    out.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {
+        **PRESETS[preset],
+        "num-server-rounds": rounds,
+        "eval-examples": eval_examples,
+        "output-dir": str(out / "fedfuse-run"),
+    }
+    if local_steps is not None:
+        overrides["local-steps"] = local_steps
+    try:
+        overrides.update(parse_run_config(run_config))
+        settings = RunSettings.from_run_config({}, **overrides)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    flower = _flower_round(settings, clients, console) if compare else None
+    console.rule(f"fedfuse ({preset})")
+    parallel = min(clients, os.cpu_count() or 1)
+    history = simulate(overrides, num_clients=clients, parallel=parallel)
+    fedfuse_round, fedfuse_all = _median_round(
+        [history["rounds"][0]["finished_at"] - history["rounds"][0]["seconds"]]
+        + [r["finished_at"] for r in history["rounds"]]
+    )
+    rows = breakdown(history, parallel)
+    bound_ratio = median_ratio(rows)
+    target = bound_target(preset, clients)
+    checks = [(bound_ratio <= target, f"fedfuse round wall ≤ {target}× its compute bound: {bound_ratio:.3f}×")]
+    lines = []
+    if flower is not None:
+        flower_round, flower_all = flower
+        ratio = fedfuse_round / flower_round
+        checks.append((ratio <= TARGET_RATIO, f"fedfuse round time ≤ {TARGET_RATIO}× plain Flower: {ratio:.3f}×"))
+        lines += [
+            "| app | round times (s) | median round 2.. (s) | ratio |",
+            "|---|---|---:|---:|",
+            f"| plain Flower FedAvg | {' '.join(f'{d:.1f}' for d in flower_all)} | {flower_round:.2f} | 1.000 |",
+            f"| fedfuse fedavg | {' '.join(f'{d:.1f}' for d in fedfuse_all)} | {fedfuse_round:.2f} | {ratio:.3f} |",
+            "",
+        ]
+    columns, table = breakdown_table(rows)
+    print_table(f"fedfuse round breakdown ({preset}, {clients} clients, {parallel} at once)", columns, table)
+    lines += [markdown_table(columns, table), ""]
+    lines += [f"{'PASS' if ok else 'FAIL'} {text}" for ok, text in checks]
     text = "\n".join(lines)
-    console.print(text)
-    (out / "overhead.md").write_text(f"# fedfuse bench overhead\n\nclients {clients}, settings {overrides}\n\n{text}\n")
+    console.print(text, markup=False, highlight=False)
+    (out / "overhead.md").write_text(
+        f"# fedfuse bench overhead\n\npreset {preset}, clients {clients}, settings {overrides}\n\n{text}\n"
+    )
     (out / "overhead.json").write_text(
         json.dumps(
             {
+                "preset": preset,
                 "clients": clients,
+                "parallel": parallel,
                 "settings": overrides,
-                "flower_round_s": flower_all,
+                "flower_round_s": flower[1] if flower else None,
                 "fedfuse_round_s": fedfuse_all,
-                "ratio": ratio,
-                "pass": ok,
+                "rounds": [{**asdict(row), "bound": row.bound, "ratio": row.ratio} for row in rows],
+                "bound_ratio": bound_ratio,
+                "pass": all(ok for ok, _ in checks),
             },
             indent=2,
         )
     )
-    if check and not ok:
+    if check and not all(ok for ok, _ in checks):
         raise typer.Exit(code=1)

@@ -17,6 +17,7 @@ survive a resume.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,6 +138,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         members = int(context.node_config.get("gateway-members", 0) or 0)
         if members:
             return _gateway_reply(settings, context, changed, instruction, shard, tier, members).reply_to(msg)
+        started = time.perf_counter()
         feedback = _error_feedback(settings, context, RESIDUAL_RECORD, instruction, shard)
         result = run_local_round(
             settings,
@@ -148,9 +150,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             tier=tier,
         )
         _keep_residual(context, RESIDUAL_RECORD, feedback, instruction, shard)
-        return TrainReply("update", result.payload, _signature(context, shard, instruction, result.payload)).reply_to(
-            msg
-        )
+        signing = time.perf_counter()
+        signature = _signature(context, shard, instruction, result.payload)
+        timing = {**result.phases, "sign": time.perf_counter() - signing, "total": time.perf_counter() - started}
+        return TrainReply("update", result.payload, signature, timing).reply_to(msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

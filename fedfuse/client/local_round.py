@@ -10,7 +10,6 @@ dense (they are small); the server forms ΔW = s·B·A and sparsifies there, so 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from fedfuse.client.error_feedback import ErrorFeedback, shrink_update
 from fedfuse.data.files import DataSource
 from fedfuse.rounds.privacy import noise_generator
 from fedfuse.settings import RunSettings
+from fedfuse.timing import Phases
 from fedfuse.training.client_data import ClientDatasets, NodeData, load_client_datasets
 from fedfuse.training.device import (
     autocast_dtype,
@@ -89,6 +89,8 @@ class LocalResult:
     train_loss: float
     source: DataSource
     train_seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of the round (:data:`fedfuse.timing.CLIENT_PHASES`)."""
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -178,40 +180,34 @@ def run_local_round(
     report: examples, train loss and seconds, the trainer's metrics, and which data it used.
     """
     torch.set_num_threads(settings.training.client_threads)
-    model, round_state, tokenizer = round_model(settings, changed)
-    round_state = {name: tensor.clone() for name, tensor in round_state.items()}
-    data = client_datasets(settings, shard, tokenizer)
-    attacker = settings.attack.attacks(shard.partition_id)
-    if attacker and settings.attack.attack == "label_flip":
-        data = flipped_labels(data)
-    device = client_device(settings)
-    model = _training_model(settings, model, round_number, device)
+    phases = Phases()
+    with phases("build"):
+        model, round_state, tokenizer = round_model(settings, changed)
+        round_state = {name: tensor.clone() for name, tensor in round_state.items()}
+    with phases("data"):
+        data = client_datasets(settings, shard, tokenizer)
+        attacker = settings.attack.attacks(shard.partition_id)
+        if attacker and settings.attack.attack == "label_flip":
+            data = flipped_labels(data)
+    with phases("build"):
+        device = client_device(settings)
+        model = _training_model(settings, model, round_number, device)
     steps = steps_for(
         len(data.train), settings.training.batch_size, settings.training.local_steps, settings.training.local_epochs
     )
     seed = derive_seed(settings.run.seed, round_number, shard.node_name, "train")
     trainer = resolve_trainer(settings.training.trainer, settings.source.task)
     context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
-    started = time.perf_counter()
-    result = as_result(trainer(model, data, settings, context))
-    train_seconds = time.perf_counter() - started
+    with phases("train"):
+        result = as_result(trainer(model, data, settings, context))
+    train_seconds = phases.seconds["train"]
+    with phases("encode"):
+        tensors, sparsifier = _update_tensors(
+            settings, model, round_state, device, attacker, seed, shard, round_number, error_feedback
+        )
     fisher = None
-    if settings.training.mode == "lora":
-        factors = {
-            name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()
-        }
-        tensors: dict[str, UpdateTensor] = dict(_attacked(settings, attacker, factors, seed))
-        sparsifier = Sparsifier()
-    else:
-        current = dict(model.named_parameters())
-        tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
-        tau = _attacked(settings, attacker, tau, seed)
-        sparsifier = settings.compression.sparsifier_spec
-        seed_for = dare_seed_fn(settings.run.seed, round_number, shard.node_name, settings.compression.seed_scope)
-        tensors = shrink_update(tau, sparsifier, seed_for, error_feedback)
-        if settings.privacy.dp == "local":
-            tensors = locally_private(tensors, settings, round_number, shard.node_name)
-        if settings.fisher_batch_count:
+    if settings.training.mode != "lora" and settings.fisher_batch_count:
+        with phases("fisher"):
             fisher = fisher_diagonal(
                 model,
                 data.train,
@@ -220,20 +216,49 @@ def run_local_round(
                 seed=seed + 1,
             )
             fisher = {name: value.cpu() for name, value in fisher.items()}
-    header = UpdateHeader(
-        run_id=run_id,
-        round=round_number,
-        base_fingerprint=fingerprint(round_state),
-        node_id=shard.header_node,
-        num_examples=reported_examples(len(data.train), settings.attack) if attacker else len(data.train),
-        sparsifier=sparsifier,
-        metrics={
-            **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
-            "data-rows": data.source.rows,
-            "data-sha256": data.source.sha256,
-            "institution": shard.node_name,
-        },
-        tier=tier,
-    )
-    payload = encode_update(tensors, header=header, value_dtype=settings.compression.wire_dtype, fisher=fisher)
-    return LocalResult(payload, len(data.train), result.loss, data.source, train_seconds)
+    with phases("encode"):
+        header = UpdateHeader(
+            run_id=run_id,
+            round=round_number,
+            base_fingerprint=fingerprint(round_state),
+            node_id=shard.header_node,
+            num_examples=reported_examples(len(data.train), settings.attack) if attacker else len(data.train),
+            sparsifier=sparsifier,
+            metrics={
+                **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
+                "data-rows": data.source.rows,
+                "data-sha256": data.source.sha256,
+                "institution": shard.node_name,
+            },
+            tier=tier,
+        )
+        payload = encode_update(tensors, header=header, value_dtype=settings.compression.wire_dtype, fisher=fisher)
+    return LocalResult(payload, len(data.train), result.loss, data.source, train_seconds, phases.as_dict())
+
+
+def _update_tensors(
+    settings: RunSettings,
+    model: torch.nn.Module,
+    round_state: dict[str, torch.Tensor],
+    device: torch.device,
+    attacker: bool,
+    seed: int,
+    shard: Shard,
+    round_number: int,
+    error_feedback: ErrorFeedback | None,
+) -> tuple[dict[str, UpdateTensor], Sparsifier]:
+    """What the client sends and how it was shrunk: LoRA factors as they are, or the shrunk task vector."""
+    if settings.training.mode == "lora":
+        factors = {
+            name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()
+        }
+        return dict(_attacked(settings, attacker, factors, seed)), Sparsifier()
+    current = dict(model.named_parameters())
+    tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
+    tau = _attacked(settings, attacker, tau, seed)
+    sparsifier = settings.compression.sparsifier_spec
+    seed_for = dare_seed_fn(settings.run.seed, round_number, shard.node_name, settings.compression.seed_scope)
+    tensors = shrink_update(tau, sparsifier, seed_for, error_feedback)
+    if settings.privacy.dp == "local":
+        tensors = locally_private(tensors, settings, round_number, shard.node_name)
+    return tensors, sparsifier

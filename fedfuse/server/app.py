@@ -71,6 +71,8 @@ def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
         "rejections": {reason: int(n) for reason, n in _prefixed(train, "rejected.").items()},
         "rejection_messages": [f"{r['node'] or '?'}: {r['message']}" for r in event["rejections"]],
         "seconds": round(float(event["seconds"]), 3),
+        "phases": dict(event.get("phases") or {}),
+        "client_phases": dict(event.get("client_phases") or {}),
         "finished_at": time.time(),
     }
 
@@ -173,6 +175,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
     accountant = _accountant(settings, history)
 
     def on_round(event: dict[str, Any]) -> None:
+        reporting = time.perf_counter()
         record = _round_record(event)
         if accountant is not None:
             rate = strategy.train_sample_rate if settings.privacy.dp == "central" else 1.0
@@ -180,13 +183,16 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
             history["privacy"]["accountant_history"] = [list(entry) for entry in accountant.history]
         history["rounds"].append(record)
         history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
+        checkpointing = time.perf_counter()
         state = event["arrays"].to_torch_state_dict()
         history["checkpoint"] = str(
             save_checkpoint(
                 run_dir, record["round"], dict(state), history, history["settings"], keep=settings.run.keep_checkpoints
             )
         )
+        record["phases"]["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
         display.round(record)
+        record["phases"]["report"] = round(time.perf_counter() - reporting - record["phases"]["checkpoint"], 4)
 
     def on_initial(event: dict[str, Any]) -> None:
         history["initial"] = _initial_client_record(event)

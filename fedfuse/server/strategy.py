@@ -30,6 +30,7 @@ from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
 from fedfuse.security import Registry
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
 from fedfuse.settings import RunSettings, build_merge_strategy
+from fedfuse.timing import Phases
 from fedfuse.wire import fingerprint
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -98,6 +99,10 @@ class FedFuseStrategy(Strategy):
         """Clients sampled to train in the last round over those connected (what DP accounting needs)."""
         self.last_rejections: list[dict[str, str | None]] = []
         self.last_clients: dict[str, dict[str, Any]] = {}
+        self.last_phases = Phases()
+        """The last round's decode+fold and finalize seconds (``start`` adds the other server phases)."""
+        self.last_client_phases: dict[str, float] = {}
+        """The last round's client phase seconds summed over the replies that reported them, plus ``replies``."""
 
     def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
         """A seeded sample of the connected nodes, ordered by their names (stable across resumes)."""
@@ -106,7 +111,8 @@ class FedFuseStrategy(Strategy):
             return []
         names = self._names_of(grid, nodes)
         nodes = sorted(nodes, key=lambda node: (names[node], node))
-        count = min(len(nodes), max(self.settings.run.min_train_nodes, math.ceil(fraction * len(nodes))))
+        wanted = math.ceil(round(fraction * len(nodes), 9))  # 0.28 × 25 is 7.000000000000001 in floats: 7, not 8
+        count = min(len(nodes), max(self.settings.run.min_train_nodes, wanted))
         self._available = len(nodes)
         rng = np.random.default_rng([self.settings.run.seed, server_round])
         chosen = rng.choice(len(nodes), size=count, replace=False)
@@ -167,6 +173,8 @@ class FedFuseStrategy(Strategy):
         """Offer each reply to the round engine as it comes, then apply the merge to the round's weights."""
         engine = self._engine(server_round)
         self.last_clients = {}
+        self.last_phases = phases = Phases()
+        self.last_client_phases = {}
         replied: set[int] = set()
         for received, reply in enumerate(replies, start=1):
             if self.on_reply:
@@ -174,12 +182,16 @@ class FedFuseStrategy(Strategy):
             sender = str(reply.metadata.src_node_id)
             replied.add(reply.metadata.src_node_id)
             rejection: Rejection | None
-            try:
-                parsed = TrainReply.from_message(reply)
-            except Rejected as exc:
-                rejection = engine.reject(sender, exc.reason, str(exc))
-            else:
-                rejection = engine.offer(parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature)
+            with phases("decode_fold"):
+                try:
+                    parsed = TrainReply.from_message(reply)
+                except Rejected as exc:
+                    rejection = engine.reject(sender, exc.reason, str(exc))
+                else:
+                    self._count_client_phases(parsed.timing)
+                    rejection = engine.offer(
+                        parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature
+                    )
             if rejection is not None:
                 log(
                     WARNING,
@@ -200,11 +212,21 @@ class FedFuseStrategy(Strategy):
         for contribution in engine.contributions.values():
             self._client_record(self._display_name(contribution), _train_record(contribution))
         metrics = engine.metrics()
-        new_state = engine.finalize(self._round_state)
+        with phases("finalize"):
+            new_state = engine.finalize(self._round_state)
         if new_state is None:
             log(WARNING, "round %s: no update accepted; the global model stays as it was", server_round)
             return None, MetricRecord(metrics)
         return ArrayRecord(new_state), MetricRecord(metrics)
+
+    def _count_client_phases(self, timing: dict[str, float] | Any) -> None:
+        """Add one reply's phase seconds to the round's sums (replies without timings are not counted)."""
+        if not timing:
+            return
+        sums = self.last_client_phases
+        for name, seconds in timing.items():
+            sums[name] = sums.get(name, 0.0) + seconds
+        sums["replies"] = sums.get("replies", 0.0) + 1
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -319,25 +341,33 @@ class FedFuseStrategy(Strategy):
                 self._initial_federated_evaluation(grid, arrays, evaluate_config, timeout, result, on_initial)
         for server_round in range(first_round, num_rounds + 1):
             started = time.perf_counter()
-            messages = list(self.configure_train(server_round, arrays, train_config, grid))
-            downlink = sum(len(a.data) for m in messages for a in m.content.array_records[ARRAYS_RECORD].values())
+            phases = Phases()
+            with phases("broadcast"):
+                messages = list(self.configure_train(server_round, arrays, train_config, grid))
+                downlink = sum(len(a.data) for m in messages for a in m.content.array_records[ARRAYS_RECORD].values())
             replies = stream_replies(grid, messages, timeout=timeout, ordered=True)
             del messages
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            with phases("wait"):
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            for name, seconds in self.last_phases.seconds.items():
+                phases.add(name, seconds)
+                phases.add("wait", -seconds)
             if new_arrays is not None:
                 arrays = new_arrays
                 result.arrays = arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
-            evaluate_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
-            client_eval = None
-            if evaluate_messages:
-                client_eval = self.aggregate_evaluate(
-                    server_round, stream_replies(grid, evaluate_messages, timeout=timeout)
-                )
-                if client_eval is not None:
-                    result.evaluate_metrics_clientapp[server_round] = client_eval
-            server_eval = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            with phases("client_eval"):
+                evaluate_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
+                client_eval = None
+                if evaluate_messages:
+                    client_eval = self.aggregate_evaluate(
+                        server_round, stream_replies(grid, evaluate_messages, timeout=timeout)
+                    )
+                    if client_eval is not None:
+                        result.evaluate_metrics_clientapp[server_round] = client_eval
+            with phases("evaluation"):
+                server_eval = evaluate_fn(server_round, arrays) if evaluate_fn else None
             if server_eval is not None:
                 result.evaluate_metrics_serverapp[server_round] = server_eval
             if on_round:
@@ -352,6 +382,8 @@ class FedFuseStrategy(Strategy):
                         "clients": {node: dict(record) for node, record in sorted(self.last_clients.items())},
                         "downlink_bytes": downlink,
                         "seconds": time.perf_counter() - started,
+                        "phases": phases.as_dict(),
+                        "client_phases": {name: round(value, 4) for name, value in self.last_client_phases.items()},
                     }
                 )
         return result

@@ -190,6 +190,10 @@ def _cap(rows: datasets.Dataset, limit: int, seed: int) -> datasets.Dataset:
     return rows.select(np.sort(np.random.default_rng([seed, 11]).permutation(len(rows))[:limit]))
 
 
+CACHED_CLIENT_DATASETS = 8
+"""Clients' tokenized datasets a process keeps between rounds (a simulation worker serves many clients)."""
+
+
 def load_client_datasets(
     settings: RunSettings,
     tokenizer: Any,
@@ -200,7 +204,42 @@ def load_client_datasets(
     member: int = 0,
     members: int = 1,
 ) -> ClientDatasets:
-    """This client's train and validation data (see the module docstring); ``member`` slices a gateway's share."""
+    """This client's train and validation data (see the module docstring); ``member`` slices a gateway's share.
+
+    Tokenizing a share every round is wasted work (the rows do not change within a run), so the
+    process keeps the last :data:`CACHED_CLIENT_DATASETS` results, keyed by the settings, the
+    tokenizer object, the share and the modification times of the data files: an edited file is
+    read again. The result is shared between rounds: treat it as read-only.
+    """
+    stamp = _data_stamp(settings, node)
+    return _cached_datasets(settings, tokenizer, partition_id, num_partitions, node, member, members, stamp)
+
+
+def _data_stamp(settings: RunSettings, node: NodeData) -> tuple[tuple[str, int], ...]:
+    """(path, mtime) of every data file or folder the client may read: a changed file misses the cache."""
+    paths = (node.data, node.eval_data, settings.source.data, settings.source.data_dir)
+    stamps = []
+    for path in filter(None, paths):
+        resolved = Path(path).expanduser()
+        if not resolved.exists():
+            stamps.append((str(resolved), -1))
+            continue
+        entries = [resolved, *resolved.iterdir()] if resolved.is_dir() else [resolved]
+        stamps.append((str(resolved), max(entry.stat().st_mtime_ns for entry in entries)))
+    return tuple(stamps)
+
+
+@functools.lru_cache(maxsize=CACHED_CLIENT_DATASETS)
+def _cached_datasets(
+    settings: RunSettings,
+    tokenizer: Any,
+    partition_id: int,
+    num_partitions: int,
+    node: NodeData,
+    member: int,
+    members: int,
+    stamp: tuple[tuple[str, int], ...],
+) -> ClientDatasets:
     if settings.source.uses_builtin_data and not node.data:
         if settings.source.task in ("classify", "sft"):
             raise DataError(
