@@ -24,7 +24,7 @@ from fedfuse.algebra import Update, to_dense
 from fedfuse.algebra.robust import pairwise_sq_distances
 from fedfuse.strategies.base import MergeState, MergeStrategy
 
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 8 * 2**20
 """Bytes of the K-row buffer read per step of a spilled merge (the sort needs about twice that)."""
 
 
