@@ -11,7 +11,7 @@ from fedfuse.security import KeyFileError, Registry
 from fedfuse.server.app import resume_state
 from fedfuse.server.checkpoint import CheckpointError
 from fedfuse.settings import RunSettings, SettingsError
-from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError
+from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError, RayClusterError
 from fedfuse.simulation import simulate as run_simulation
 from fedfuse.strategies import format_strategy_params, parse_strategy_params
 from fedfuse.training.client_data import preflight
@@ -111,6 +111,13 @@ def simulate(
         help="GPUs per client, given by Ray (0.5: two clients share a GPU; 0: clients see no GPU). Above 0, Ray"
         " runs at most floor(GPUs / client-gpus) clients at once.",
     ),
+    ray_address: str = typer.Option(
+        None,
+        "--ray-address",
+        metavar="ADDR",
+        help="Run on an existing Ray cluster (HOST:PORT of its 'ray start --head --port PORT'; 'auto' finds a local"
+        " one) instead of starting a local Ray; clients at once then follow the cluster's CPUs and GPUs.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Simulate a federation on this machine and write report.json, report.md and plots."""
@@ -148,6 +155,8 @@ def simulate(
     except (SettingsError, DataError, CheckpointError, KeyFileError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
-        run_simulation(overrides, num_clients=clients, client_gpus=client_gpus, verbose=verbose)
-    except ClientResourcesError as exc:
+        run_simulation(
+            overrides, num_clients=clients, client_gpus=client_gpus, verbose=verbose, ray_address=ray_address
+        )
+    except (ClientResourcesError, RayClusterError) as exc:
         raise typer.BadParameter(str(exc)) from None
