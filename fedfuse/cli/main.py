@@ -9,6 +9,7 @@ from fedfuse.bench.aggregate import aggregate
 from fedfuse.bench.overhead import overhead
 from fedfuse.bench.quality import quality
 from fedfuse.bench.robust import robust
+from fedfuse.bench.scale import scale
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.export import export
@@ -59,6 +60,7 @@ bench_app.command("overhead", help="fedfuse round time against a plain Flower Fe
     overhead
 )
 bench_app.command("robust", help="Final accuracy of merge methods under simulated attacks, against clean runs.")(robust)
+bench_app.command("scale", help="Round time and the server's peak RSS against institutions and clients sampled.")(scale)
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 
