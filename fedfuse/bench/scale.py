@@ -64,7 +64,8 @@ COLUMNS = (
 LEGEND = (
     "N institutions, K sampled per round, updates accepted per round (rounds 2..), median round time of rounds "
     "2.., the server process's peak RSS and its growth during the simulation, the server process's CPU seconds "
-    "and those of Flower's node-polling thread, the point's wall time; × is against the sweep's smallest point."
+    "and those of Flower's node-polling thread (whole run, round 1 included), the point's wall time; × is "
+    "against the sweep's smallest point."
 )
 
 
