@@ -25,7 +25,6 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._started = time.perf_counter()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -39,10 +38,6 @@ class Phases:
     def add(self, name: str, seconds: float) -> None:
         """Add ``seconds`` to phase ``name``."""
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def elapsed(self) -> float:
-        """Seconds since this object was made."""
-        return time.perf_counter() - self._started
 
     def as_dict(self, digits: int = 4) -> dict[str, float]:
         """The phases (rounded), in insertion order."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -219,7 +219,7 @@ class FedFuseStrategy(Strategy):
             return None, MetricRecord(metrics)
         return ArrayRecord(new_state), MetricRecord(metrics)
 
-    def _count_client_phases(self, timing: dict[str, float] | Any) -> None:
+    def _count_client_phases(self, timing: Mapping[str, float]) -> None:
         """Add one reply's phase seconds to the round's sums (replies without timings are not counted)."""
         if not timing:
             return
