@@ -13,20 +13,28 @@ import torch
 from hypothesis import strategies as st
 
 from fedfuse.algebra import SparseTensor, dare_drop, ties_trim, to_dense
-from fedfuse.strategies import Contribution, MergeState, MergeStrategy, get_strategy
+from fedfuse.strategies import Contribution, MergeState, MergeStrategy, ModelStock, Ties, get_strategy
+from fedfuse.strategies.model_stock import row_length
 
 STRATEGY_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("fedavg", {}),
+    ("linear", {}),
     ("task_arithmetic", {}),
+    ("task_arithmetic", {"normalize": True}),
     ("fisher", {}),
     ("ties", {"vote": "mass"}),
     ("ties", {"vote": "count"}),
+    ("ties", {"vote": "mass", "normalize": False}),
+    ("model_stock", {}),
+    ("model_stock", {"filter_wise": True}),
     ("dare_linear", {}),
     ("dare_ties", {}),
+    ("breadcrumbs_ties", {}),
+    ("della", {}),
 ]
-"""Every built-in strategy, with both TIES votes."""
+"""Every built-in mergeable strategy that needs no base tensors, with both TIES votes and the declared switches."""
 
-CONFIG_IDS = [name + ("-" + params["vote"] if "vote" in params else "") for name, params in STRATEGY_CONFIGS]
+CONFIG_IDS = ["-".join([name, *(f"{k}={v}" for k, v in params.items())]) for name, params in STRATEGY_CONFIGS]
 
 
 def make_strategy(config: tuple[str, dict[str, Any]], **common: Any) -> MergeStrategy:
@@ -141,11 +149,36 @@ def stat_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[
 
 def output_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[str, torch.Tensor]:
     """Per entry, the magnitude against which a merged value's rounding error is measured (fp64)."""
-    abs_out = fold(_as_fp64(strategy), [absolute(c) for c in items]).finalize()
-    if strategy.name in ("ties", "dare_ties"):
+    if isinstance(strategy, Ties):
         exact = fold(_as_fp64(strategy), items).finalize()
         return {name: exact[name].abs() for name in exact}
+    if isinstance(strategy, ModelStock):
+        return _model_stock_scales(strategy, items)
+    abs_out = fold(_as_fp64(strategy), [absolute(c) for c in items]).finalize()
     return {name: t.abs() for name, t in abs_out.items()}
+
+
+def _model_stock_scales(strategy: ModelStock, items: Sequence[Contribution]) -> dict[str, torch.Tensor]:
+    """|mean|·(|t| + |dt/dc|·(‖U‖² + ΣQ)/(K(K − 1))): the ratio t amplifies the rounding of the angle c."""
+    mean_abs = fold(get_strategy("fedavg", dtype="float64"), [absolute(c) for c in items]).finalize()
+    state = fold(_as_fp64(strategy), items)
+    count = state.num_updates
+    out = {}
+    for name, stats in state.stats.items():
+        if count == 1:
+            out[name] = mean_abs[name]
+            continue
+        length = row_length(state.shapes[name], strategy.filter_wise)
+        u2 = stats["U"].reshape(-1, length).square().sum(1, keepdim=True)
+        q = stats["Q"].reshape(-1, length).sum(1, keepdim=True)
+        cosine = (u2 - q) / (count * (count - 1))
+        denominator = 1 + (count - 1) * cosine
+        regular = denominator > 1e-12
+        ratio = torch.where(regular, count * cosine / denominator.clamp_min(1e-12), 0.0)
+        slope = torch.where(regular, count / denominator.clamp_min(1e-12).square(), 0.0)
+        amplification = ratio.abs() + slope * (u2 + q) / (count * (count - 1))
+        out[name] = (mean_abs[name].reshape(-1, length) * amplification).reshape(state.shapes[name])
+    return out
 
 
 def ties_vote_is_close(
@@ -155,7 +188,7 @@ def ties_vote_is_close(
     state = fold(_as_fp64(strategy), items)
     out = {}
     for name, stats in state.stats.items():
-        if strategy.name in ("ties", "dare_ties") and getattr(strategy, "vote", "") == "mass":
+        if isinstance(strategy, Ties) and strategy.vote == "mass":
             mass = stats["P"] - stats["N"]
             out[name] = ((stats["P"] + stats["N"]).abs() <= rel * mass) & (mass > 0)
         else:

@@ -269,7 +269,7 @@ def test_param_sets_a_declared_strategy_parameter(tmp_path: Path, bert) -> None:
     "extra, message",
     [
         (["--method", "ties"], "give --density"),
-        (["--method", "nope"], "unknown merge strategy 'nope'; available: dare_linear, dare_ties, fedavg"),
+        (["--method", "nope"], "unknown merge strategy 'nope'; available: breadcrumbs, breadcrumbs_ties, dare_linear"),
         (["--method", "fedavg", "--weight", "1"], "got 1 weight(s) for 2 model(s)"),
         (["--method", "fisher"], "needs a Fisher diagonal file per model"),
         (

@@ -154,7 +154,7 @@ def expand(weights, like):
     return weights.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def mergekit_ties(tau, weights, vote):
+def mergekit_ties(tau, weights, vote, normalize=True):
     """mergekit ``ties``: weighted deltas, sign vote ("sum" of weighted deltas or "count"), ÷ agreeing weight."""
     w = expand(weights, tau)
     weighted = tau * w
@@ -163,7 +163,26 @@ def mergekit_ties(tau, weights, vote):
     agree = tau.sign() == elected
     divisor = (w * agree).sum(0)
     divisor[divisor == 0] = 1
-    return (weighted * agree).sum(0) / divisor
+    return (weighted * agree).sum(0) / (divisor if normalize else 1)
+
+
+def mergekit_model_stock(tau, weights, filter_wise):
+    """mergekit ``model_stock`` on task vectors: t·(weighted mean), t from the mean pairwise cosine."""
+    rows = tau.reshape(tau.shape[0], -1, tau.shape[-1] if filter_wise and tau.dim() > 1 else tau[0].numel())
+    count = tau.shape[0]
+    mean = (expand(weights, tau) * tau).sum(0) / weights.sum()
+    if count == 1:
+        return mean
+    norms = rows.norm(dim=-1)
+    cosines = [
+        torch.where(norms[i] * norms[j] > 0, (rows[i] * rows[j]).sum(-1) / (norms[i] * norms[j]), 0.0)
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    c = torch.stack(cosines).mean(0)
+    denominator = 1 + (count - 1) * c
+    t = torch.where(denominator > 1e-12, count * c / denominator, 0.0)
+    return (mean.reshape(rows.shape[1:]) * t.unsqueeze(-1)).reshape(mean.shape)
 
 
 def reference(name, params, items, lam):
@@ -171,15 +190,17 @@ def reference(name, params, items, lam):
     out = {}
     for n, tau in taus.items():
         w = expand(weights, tau)
-        if name == "fedavg":
+        if name in ("fedavg", "linear") or (name == "task_arithmetic" and params.get("normalize")):
             merged = (w * tau).sum(0) / weights.sum()
         elif name in ("task_arithmetic", "dare_linear"):
             merged = (w * tau).sum(0)
         elif name == "fisher":
             wf = w * fishers[n]
             merged = (wf * tau).sum(0) / wf.sum(0).clamp_min(1e-12)
+        elif name == "model_stock":
+            merged = mergekit_model_stock(tau, weights, params.get("filter_wise", False))
         else:
-            merged = mergekit_ties(tau, weights, params.get("vote", "mass"))
+            merged = mergekit_ties(tau, weights, params.get("vote", "mass"), params.get("normalize", True))
         out[n] = lam * merged
     return out
 
@@ -237,10 +258,15 @@ def test_a_ties_tie_elects_plus(vote) -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [c for c in STRATEGY_CONFIGS if c[0] != "ties" or c[1]["vote"] == "mass"],
-    ids=[i for i in CONFIG_IDS if i != "ties-count"],
+    [c for c in STRATEGY_CONFIGS if c[1].get("vote") != "count" and c[0] != "model_stock"],
+    ids=[
+        i
+        for c, i in zip(STRATEGY_CONFIGS, CONFIG_IDS, strict=True)
+        if c[1].get("vote") != "count" and c[0] != "model_stock"
+    ],
 )
 def test_an_update_with_weight_zero_changes_nothing(config) -> None:
+    """(A count vote and model stock's angle count updates, not weights: they are left out.)"""
     strategy = make_strategy(config)
     base = [Contribution({"w": torch.tensor([1.0, -2.0, 0.5])}, 1.0, {"w": torch.ones(3)})]
     extra = Contribution({"w": torch.tensor([-9.0, 9.0, 9.0])}, 0.0, {"w": torch.ones(3)})
@@ -251,15 +277,19 @@ def test_an_update_with_weight_zero_changes_nothing(config) -> None:
 @settings(max_examples=15, deadline=None)
 @given(items=contributions())
 def test_doubling_every_weight_doubles_the_statistics_exactly(config, items) -> None:
-    """Weights are linear in every statistic: FedAvg/Fisher/TIES results are unchanged, task arithmetic doubles."""
+    """Weights are linear in every weighted statistic: FedAvg/Fisher/TIES results are unchanged, sums double.
+
+    The count vote C and model stock's unit-vector sums U, Q count updates, not weights.
+    """
     strategy = make_strategy(config)
     doubled = [Contribution(c.update, 2 * c.weight, c.fisher) for c in items]
     one, two = fold(strategy, items), fold(strategy, doubled)
     for name in one.stats:
         for stat in one.stats[name]:
-            factor = 1.0 if stat == "C" else 2.0
+            factor = 1.0 if stat in ("C", "U", "Q") else 2.0
             assert torch.equal(two.stats[name][stat], factor * one.stats[name][stat])
-    factor = 2.0 if config[0] in ("task_arithmetic", "dare_linear") else 1.0
+    sums = config[0] in ("task_arithmetic", "dare_linear") and not config[1].get("normalize")
+    factor = 2.0 if sums or config[1].get("normalize") is False else 1.0
     for name, tensor in one.finalize().items():
         assert torch.equal(two.finalize()[name], factor * tensor)
 
@@ -297,7 +327,8 @@ def test_bf16_and_fp16_updates_are_accumulated_in_fp32(config) -> None:
         dtype = torch.bfloat16 if i % 2 else torch.float16
         state.add({"w": torch.ones(2, dtype=dtype)}, 1.0, {"w": torch.ones(2, dtype=dtype)})
     assert all(t.dtype == torch.float32 for t in state.stats["w"].values())
-    expected = 300.0 if config[0] in ("task_arithmetic", "dare_linear") else 1.0
+    sums = config[0] in ("task_arithmetic", "dare_linear") and not config[1].get("normalize")
+    expected = 300.0 if sums or config[1].get("normalize") is False else 1.0
     assert torch.equal(state.finalize()["w"], torch.full((2,), expected))
     sparse = strategy.new_state().add(
         {"w": SparseTensor(torch.tensor([1]), torch.tensor([0.5], dtype=torch.bfloat16), (2,))},

@@ -24,11 +24,18 @@ from fedfuse.strategies import (
 
 DECLARED = {
     "fedavg": ("lam",),
-    "task_arithmetic": ("lam",),
-    "ties": ("lam", "vote"),
+    "linear": ("lam", "normalize"),
+    "task_arithmetic": ("lam", "normalize"),
+    "ties": ("lam", "vote", "normalize"),
+    "model_stock": ("lam", "filter_wise"),
     "fisher": ("lam", "eps"),
-    "dare_linear": ("lam",),
-    "dare_ties": ("lam", "vote"),
+    "slerp": ("lam", "t"),
+    "dare_linear": ("lam", "normalize"),
+    "dare_ties": ("lam", "vote", "normalize"),
+    "breadcrumbs": ("lam", "normalize"),
+    "breadcrumbs_ties": ("lam", "vote", "normalize"),
+    "della": ("lam", "vote", "normalize"),
+    "della_linear": ("lam", "normalize"),
     "median": ("lam",),
     "trimmed_mean": ("lam", "trim"),
     "krum": ("lam", "byzantine", "select"),
@@ -91,7 +98,8 @@ def test_string_values_are_coerced_by_the_declared_type() -> None:
 
 
 def test_an_undeclared_parameter_is_refused_in_one_line_listing_the_declared_ones() -> None:
-    with pytest.raises(ValueError, match=r"^strategy 'ties' has no parameter 'eps'; its parameters: lam, vote$"):
+    message = r"^strategy 'ties' has no parameter 'eps'; its parameters: lam, vote, normalize$"
+    with pytest.raises(ValueError, match=message):
         build_strategy("ties", {"eps": 1e-8})
 
 
@@ -166,7 +174,7 @@ def test_a_plugin_cannot_redeclare_lam(private_registry) -> None:
 def test_a_preset_fixes_base_parameters_which_are_then_not_settable(private_registry) -> None:
     register_preset(Preset("ties_count_test", base="ties", default_sparsifier="trim", fixed={"vote": "count"}))
     spec = method_spec("ties_count_test")
-    assert spec.param_names == ("lam",) and spec.fixed == {"vote": "count"}
+    assert spec.param_names == ("lam", "normalize") and spec.fixed == {"vote": "count"}
     assert build_strategy("ties_count_test").vote == "count"
     with pytest.raises(ValueError, match="fixes vote"):
         build_strategy("ties_count_test", {"vote": "mass"})

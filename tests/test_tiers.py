@@ -88,12 +88,17 @@ def test_any_tree_gives_the_flat_result_within_float_rounding(config, drawn) -> 
         assert_within(tree_out[name], tensor, out_scales[name], REL, f"merged {name}", skip=close_votes[name])
 
 
-@configs
+@pytest.mark.parametrize(
+    "config",
+    [c for c in STRATEGY_CONFIGS if c[0] != "model_stock"],
+    ids=[i for c, i in zip(STRATEGY_CONFIGS, CONFIG_IDS, strict=True) if c[0] != "model_stock"],
+)
 @settings(max_examples=20, deadline=None)
 @given(drawn=trees(dyadic=True))
 def test_on_a_dyadic_grid_tree_and_flat_results_are_bit_identical(config, drawn) -> None:
     """Values k/8, weights and Fisher entries powers of two, DARE densities 1/4, 1/2, 1: every partial sum
-    is exactly representable, so the grouping cannot change a single bit."""
+    is exactly representable, so the grouping cannot change a single bit. (Model stock sums unit
+    vectors, which leave the grid: it is covered within rounding by the test above.)"""
     items, shape = drawn
     strategy = make_strategy(config)
     tree = reduce_tree(strategy, materialize(strategy, shape))

@@ -15,6 +15,7 @@ from rich.filesize import decimal
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from fedfuse.algebra.sparsify import SPARSIFIER_KINDS
 from fedfuse.offline import MergeInputError, MergeResult, combine_partials, merge_models
 from fedfuse.offline import Progress as ProgressCallback
 from fedfuse.strategies import available_strategies, parse_strategy_params
@@ -89,8 +90,22 @@ def merge(
         str | None,
         typer.Option(
             "--sparsifier",
-            click_type=click.Choice(["none", "trim", "dare"]),
-            help="Override the method's sparsifier (ties: trim, dare_*: dare, others: none).",
+            click_type=click.Choice(list(SPARSIFIER_KINDS)),
+            help="Override the method's sparsifier (ties: trim, dare_*: dare, breadcrumbs*, della*, others: none).",
+        ),
+    ] = None,
+    gamma: Annotated[
+        float | None, typer.Option("--gamma", help="Breadcrumbs: fraction of largest-|τ| outliers dropped (0.01).")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="DELLA: keep probabilities span density ± epsilon (0.15).")
+    ] = None,
+    rescale: Annotated[
+        str | None,
+        typer.Option(
+            "--rescale",
+            click_type=click.Choice(["inverse", "l1", "none"]),
+            help="Rescale kept entries: inverse (1/p, dare/della default), l1 (mergekit) or none.",
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="Where to accumulate: cpu, cuda, cuda:N or auto.")] = "cpu",
@@ -161,6 +176,9 @@ def merge(
                         "--weight": bool(weight),
                         "--density": density is not None,
                         "--sparsifier": sparsifier is not None,
+                        "--gamma": gamma is not None,
+                        "--epsilon": epsilon is not None,
+                        "--rescale": rescale is not None,
                         "--vote": vote is not None,
                         "--param": bool(param),
                         "--fisher": bool(fisher),
@@ -192,6 +210,7 @@ def merge(
                     weights=weight,
                     density=density,
                     sparsifier=sparsifier,
+                    sparsifier_options={"gamma": gamma, "epsilon": epsilon, "rescale": rescale},
                     lam=lam,
                     seed=seed,
                     device=device,

@@ -52,6 +52,7 @@ def merge_models(
     weights: Sequence[float] | None = None,
     density: float | None = None,
     sparsifier: str | None = None,
+    sparsifier_options: Mapping[str, Any] | None = None,
     lam: float = 1.0,
     seed: int = 0,
     device: str = "cpu",
@@ -79,8 +80,11 @@ def merge_models(
         One per model (default all 1.0).
     density : float, optional
         Kept fraction for the sparsifier; required unless the sparsifier is ``"none"``.
-    sparsifier : {"none", "trim", "dare"}, optional
+    sparsifier : {"none", "trim", "dare", "breadcrumbs", "della"}, optional
         Overrides the method's declared default (ties → trim, dare_* → dare, else none).
+    sparsifier_options : mapping, optional
+        ``gamma`` (breadcrumbs' outlier fraction), ``epsilon`` (DELLA's spread) and ``rescale``
+        (``inverse``, ``l1`` or ``none``; see :class:`fedfuse.algebra.Sparsifier`).
     lam : float
         λ, the scale of the merged task vector.
     seed : int
@@ -126,6 +130,7 @@ def merge_models(
         weights=weights,
         density=density,
         sparsifier=sparsifier,
+        sparsifier_options=sparsifier_options,
         seed=seed,
         device=device,
         dtype=dtype,
@@ -144,7 +149,7 @@ def merge_models(
         header = None
         if plan.output.kind == "partial":
             metrics: dict[str, int | float | str] = {"models": len(plan.models)}
-            if plan.sparsifier.kind == "dare":
+            if plan.sparsifier.seeded:
                 metrics.update(seed=plan.seed, first_model_index=plan.first_model_index)
             header = UpdateHeader(
                 run_id=OFFLINE_RUN,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedfuse.algebra import Sparsifier
+from fedfuse.algebra.sparsify import SPARSIFIER_KINDS
 from fedfuse.checkpoints import check_target, parse_size
 from fedfuse.offline.errors import MergeInputError, input_errors
 from fedfuse.strategies import MergeStrategy, available_strategies, build_strategy, method_spec
@@ -113,28 +114,50 @@ def plan_strategy(method: str | None, params: Mapping[str, object], *, device: s
         return build_strategy(method, params, device=device, dtype=dtype)
 
 
-def plan_sparsifier(method: str, kind: str | None, density: float | None) -> Sparsifier:
-    """The sparsifier asked for, or the method's declared default; a density exactly when one is used."""
+def plan_sparsifier(
+    method: str,
+    kind: str | None,
+    density: float | None,
+    *,
+    gamma: float | None = None,
+    epsilon: float | None = None,
+    rescale: str | None = None,
+) -> Sparsifier:
+    """The sparsifier asked for, or the method's declared default; a density exactly when one is used.
+
+    ``gamma`` (breadcrumbs), ``epsilon`` (della) and ``rescale`` are refused where they mean nothing.
+    """
     kind = kind or method_spec(method).default_sparsifier
+    extras = {"--gamma": (gamma, "breadcrumbs"), "--epsilon": (epsilon, "della")}
+    for flag, (value, owner) in extras.items():
+        if value is not None and kind != owner:
+            raise MergeInputError(f"{flag} applies to the {owner} sparsifier, but this merge uses {kind!r}")
     if kind == "none":
         if density is not None and density != 1.0:
             raise MergeInputError(
                 f"density {density} was given but method {method!r} uses no sparsifier "
-                "(choose one with --sparsifier trim|dare)"
+                f"(choose one with --sparsifier {'|'.join(SPARSIFIER_KINDS[1:])})"
             )
+        if rescale is not None:
+            raise MergeInputError(f"--rescale was given but method {method!r} uses no sparsifier")
         return Sparsifier("none")
-    if kind not in ("trim", "dare"):
-        raise MergeInputError(f"unknown sparsifier {kind!r}: choose none, trim or dare")
+    if kind not in SPARSIFIER_KINDS:
+        raise MergeInputError(f"unknown sparsifier {kind!r}: choose {', '.join(SPARSIFIER_KINDS)}")
     if density is None:
         raise MergeInputError(
             f"method {method!r} sparsifies with {kind!r}: give --density (the kept fraction, e.g. 0.2)"
         )
+    options: dict[str, Any] = {"rescale": rescale or "auto"}
+    if gamma is not None:
+        options["gamma"] = gamma
+    if epsilon is not None:
+        options["epsilon"] = epsilon
     with input_errors():
-        return Sparsifier(kind, density)  # type: ignore[arg-type]
+        return Sparsifier(kind, density, **options)  # type: ignore[arg-type]
 
 
-def plan_weights(weights: Sequence[float] | None, count: int) -> tuple[float, ...]:
-    """One finite weight >= 0 per model (default all 1), not all 0."""
+def plan_weights(weights: Sequence[float] | None, count: int, *, negative: bool = False) -> tuple[float, ...]:
+    """One finite weight per model (default all 1), >= 0 unless the method takes ``negative`` ones, not all 0."""
     if weights is None or len(weights) == 0:
         return (1.0,) * count
     if len(weights) != count:
@@ -143,9 +166,11 @@ def plan_weights(weights: Sequence[float] | None, count: int) -> tuple[float, ..
         )
     checked = tuple(float(w) for w in weights)
     for i, w in enumerate(checked):
-        if not math.isfinite(w) or w < 0:
+        if not math.isfinite(w) or (w < 0 and not negative):
             raise MergeInputError(f"weight {i + 1} must be finite and >= 0, got {w}")
-    if sum(checked) <= 0:
+    if negative and all(w == 0 for w in checked):
+        raise MergeInputError("all weights are 0: at least one model must have a non-zero weight")
+    if not negative and sum(checked) <= 0:
         raise MergeInputError("all weights are 0: at least one model must have a positive weight")
     return checked
 
@@ -169,6 +194,7 @@ def plan_merge(
     weights: Sequence[float] | None = None,
     density: float | None = None,
     sparsifier: str | None = None,
+    sparsifier_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
@@ -183,10 +209,10 @@ def plan_merge(
     """Check every option of :func:`fedfuse.offline.merge_models`; raises :class:`MergeInputError`."""
     strategy = plan_strategy(method, strategy_params(lam, vote, params), device=device, dtype=dtype)
     assert method is not None
-    chosen = plan_sparsifier(method, sparsifier, density)
+    chosen = plan_sparsifier(method, sparsifier, density, **(sparsifier_options or {}))
     if not models:
         raise MergeInputError("give at least one model to merge (--model)")
-    checked_weights = plan_weights(weights, len(models))
+    checked_weights = plan_weights(weights, len(models), negative=strategy.negative_weights)
     fisher_paths = tuple(Path(p) for p in fishers or ())
     needs_fisher = method_spec(method).needs_fisher
     if needs_fisher and not fisher_paths:

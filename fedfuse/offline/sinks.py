@@ -118,7 +118,7 @@ class ModelSink(_AtomicSink):
         if state is None:
             self._writer.write(name, base_tensor)
             return
-        merged = state.finalize()
+        merged = state.finalize(base={name: base_tensor} if self._strategy.needs_base else None)
         theta = apply_task_vector({name: base_tensor.to(self._strategy.device)}, merged)[name]
         self._writer.write(name, theta.cpu())
 

@@ -15,6 +15,7 @@ from fedfuse.rounds.engine import (
     Weighting,
 )
 from fedfuse.rounds.privacy import CentralPrivacy, PrivacyAccountant, central_noise_std
+from fedfuse.rounds.server_optimizer import ServerOptimizer
 from fedfuse.rounds.space import UpdateSpace
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PayloadKind",
     "PrivacyAccountant",
     "RoundEngine",
+    "ServerOptimizer",
     "SignatureCheck",
     "UpdateSpace",
     "Weighting",

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.rounds import PrivacyAccountant, UpdateSpace
 from fedfuse.security import Registry
-from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedfuse.server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
 from fedfuse.server.evaluation import ServerEvaluator, has_server_evaluation
 from fedfuse.server.report import write_report
@@ -44,6 +44,8 @@ RESUME_MUST_MATCH = (
     "alpha",
 )
 """Settings a resumed run must share with the checkpoint (others, such as rounds, may change)."""
+RESUME_DEFAULTS = {"server-optimizer": "none"}
+"""What a checkpoint written before a key existed had (``server-optimizer`` must match too)."""
 
 
 def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -89,20 +91,32 @@ def _evaluation_record(metrics: MetricRecord | None) -> dict[str, Any] | None:
 
 def resume_state(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
     """The weights, history and next round of the checkpoint ``resume`` names (``CheckpointError`` if unfit)."""
+    checkpoint = resumed_checkpoint(settings)
+    return checkpoint.weights, checkpoint.history, checkpoint.round + 1
+
+
+def resumed_checkpoint(settings: RunSettings) -> Checkpoint:
+    """The checkpoint ``resume`` names, checked against the run's settings (``CheckpointError`` if unfit)."""
     checkpoint = load_checkpoint(settings.run.resume)
     ours = settings.to_run_config()
-    different = [key for key in RESUME_MUST_MATCH if str(checkpoint.settings.get(key)) != str(ours[key])]
+    theirs = {**RESUME_DEFAULTS, **checkpoint.settings}
+    keys = RESUME_MUST_MATCH + tuple(RESUME_DEFAULTS)
+    different = [key for key in keys if str(theirs.get(key)) != str(ours[key])]
     if different:
         raise CheckpointError(
             "cannot resume: settings differ from the checkpoint's: "
-            + ", ".join(f"{k} {checkpoint.settings.get(k)!r} → {ours[k]!r}" for k in different)
+            + ", ".join(f"{k} {theirs.get(k)!r} → {ours[k]!r}" for k in different)
+        )
+    if settings.merge.server_optimizer != "none" and checkpoint.optimizer is None:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint holds no server optimizer state for {settings.merge.server_optimizer!r}"
         )
     if checkpoint.round >= settings.run.num_server_rounds:
         raise CheckpointError(
             f"checkpoint already holds round {checkpoint.round} of {settings.run.num_server_rounds}: nothing to resume "
             "(raise num-server-rounds to continue)"
         )
-    return checkpoint.weights, checkpoint.history, checkpoint.round + 1
+    return checkpoint
 
 
 def _initial_client_record(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,8 +156,9 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         settings = settings.replace(labels=",".join(run_label_names(settings)))
     run_dir = Path(settings.run.output_dir)
     model, _ = base_model(settings)
-    if settings.run.resume:
-        weights, history, first_round = resume_state(settings)
+    checkpoint = resumed_checkpoint(settings) if settings.run.resume else None
+    if checkpoint is not None:
+        weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
     else:
         weights, first_round = global_state(model), 1
         history = {"settings": settings.to_run_config(), "initial": None, "rounds": []}
@@ -163,6 +178,13 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         registry=registry,
         run_key=history["run_key"],
     )
+    optimizer = strategy.optimizer
+    if checkpoint is not None and checkpoint.optimizer is not None and optimizer.enabled:
+        try:
+            optimizer.load_state(checkpoint.optimizer, checkpoint.optimizer_steps)
+        except ValueError as exc:
+            raise CheckpointError(f"cannot resume: {exc}") from None
+    history["server_optimizer"] = optimizer.describe()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         assert evaluator is not None
@@ -185,9 +207,17 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
         history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
         checkpointing = time.perf_counter()
         state = event["arrays"].to_torch_state_dict()
+        history["server_optimizer"] = optimizer.describe()
         history["checkpoint"] = str(
             save_checkpoint(
-                run_dir, record["round"], dict(state), history, history["settings"], keep=settings.run.keep_checkpoints
+                run_dir,
+                record["round"],
+                dict(state),
+                history,
+                history["settings"],
+                keep=settings.run.keep_checkpoints,
+                optimizer=optimizer.state_tensors() if optimizer.enabled else None,
+                optimizer_steps=optimizer.steps,
             )
         )
         record["phases"]["checkpoint"] = round(time.perf_counter() - checkpointing, 4)

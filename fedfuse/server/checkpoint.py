@@ -8,6 +8,9 @@ save or load; a damaged ``state.json`` is a :class:`CheckpointError` naming the 
 ``keep`` rounds are kept (1 = the last only, 0 = all). Weights are written to a temporary file and
 renamed, then ``state.json`` is replaced the same way, and only then are weights files that left the
 kept set deleted: a crash at any moment leaves ``state.json`` pointing at complete weights files.
+A run with a server optimizer also writes its state (m, v per tensor) as ``optimizer-round-NNNN.safetensors``
+beside the weights, before ``state.json`` names it (``"optimizer"``: file, fingerprint, steps); only the
+last round's is kept, which is what resume continues from.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedfuse.checkpoints import atomic_output, recover_interrupted_writes
@@ -35,6 +39,8 @@ STATE_FIELDS: dict[str, tuple[type, ...]] = {
 }
 """The fields every ``state.json`` must have, with their JSON types (checked before any is used)."""
 CHECKPOINT_DIR = "checkpoint"
+UNREADABLE = (OSError, ValueError, RuntimeError, SafetensorError)
+"""What reading a missing, truncated or damaged safetensors file raises."""
 FORMAT = "fedfuse-checkpoint-1"
 
 
@@ -52,6 +58,9 @@ class Checkpoint:
     settings: dict[str, Any]
     kept: tuple[int, ...] = ()
     """Every round whose weights the checkpoint folder still holds, ascending."""
+    optimizer: dict[str, torch.Tensor] | None = None
+    """The server optimizer's state after this round (None: the run has none, or an earlier round was read)."""
+    optimizer_steps: int = 0
 
 
 def _replace_atomically(target: Path, write: Callable[[Path], object]) -> None:
@@ -67,6 +76,11 @@ def weights_file(round_number: int) -> str:
     return f"weights-round-{round_number:04d}.safetensors"
 
 
+def optimizer_file(round_number: int) -> str:
+    """The server optimizer's state file of a round, ``optimizer-round-NNNN.safetensors``."""
+    return f"optimizer-round-{round_number:04d}.safetensors"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     round_number: int,
@@ -74,6 +88,8 @@ def save_checkpoint(
     history: dict[str, Any],
     settings: dict[str, Any],
     keep: int = 1,
+    optimizer: dict[str, torch.Tensor] | None = None,
+    optimizer_steps: int = 0,
 ) -> Path:
     """Write round ``round_number``'s checkpoint under ``run_dir/checkpoint``; returns ``state.json``'s path.
 
@@ -82,6 +98,8 @@ def save_checkpoint(
     keep : int
         Rounds of weights to keep: 1 = only this round (the default), 0 = every round, N = the last N.
         Kept rounds later than ``round_number`` (left by an earlier run in the same folder) are dropped.
+    optimizer, optimizer_steps : dict of str to Tensor, int
+        The server optimizer's state after this round and its step count (None: the run has none).
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError(f"keep must be an integer >= 0 (0 = every round), got {keep!r}")
@@ -89,11 +107,19 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     recover_interrupted_writes(folder)
     state_path = folder / STATE_FILE
-    before = _kept(_read_state(state_path)) if state_path.is_file() else {}
+    previous = _read_state(state_path) if state_path.is_file() else None
+    before = _kept(previous) if previous is not None else {}
+    previous_optimizer = _optimizer_entry(previous, state_path)[0] if previous is not None else ""
     weights_name = weights_file(round_number)
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
     digest = fingerprint(contiguous)
     _replace_atomically(folder / weights_name, lambda path: save_file(contiguous, str(path)))
+    optimizer_entry, optimizer_name = None, ""
+    if optimizer is not None:
+        moments = {name: tensor.detach().contiguous().cpu() for name, tensor in optimizer.items()}
+        optimizer_name = optimizer_file(round_number)
+        _replace_atomically(folder / optimizer_name, lambda path: save_file(moments, str(path)))
+        optimizer_entry = {"file": optimizer_name, "fingerprint": fingerprint(moments), "steps": int(optimizer_steps)}
     kept = {r: entry for r, entry in before.items() if r < round_number}
     kept[round_number] = (weights_name, digest)
     if keep:
@@ -107,13 +133,30 @@ def save_checkpoint(
         "kept_fingerprints": {str(r): fp for r, (_, fp) in sorted(kept.items())},
         "settings": settings,
         "history": history,
+        **({"optimizer": optimizer_entry} if optimizer_entry is not None else {}),
     }
     _replace_atomically(state_path, lambda path: path.write_text(json.dumps(document, indent=1, sort_keys=True)))
-    still_used = {name for name, _ in kept.values()}
-    for name, _ in before.values():
-        if name not in still_used and (folder / name).is_file():
+    still_used = {name for name, _ in kept.values()} | {optimizer_name}
+    for name in [name for name, _ in before.values()] + [previous_optimizer]:
+        if name and name not in still_used and (folder / name).is_file():
             (folder / name).unlink()
     return state_path
+
+
+def _optimizer_entry(document: dict[str, Any], path: Path) -> tuple[str, str, int]:
+    """(file, fingerprint, steps) of a state's server optimizer, ``("", "", 0)`` without one."""
+    entry = document.get("optimizer")
+    if entry is None:
+        return "", "", 0
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and isinstance(entry.get("fingerprint"), str)
+        and isinstance(entry.get("steps"), int)
+        and not isinstance(entry.get("steps"), bool)
+    ):
+        raise CheckpointError(f"damaged checkpoint {path}: field 'optimizer' must hold file, fingerprint and steps")
+    return entry["file"], entry["fingerprint"], entry["steps"]
 
 
 def _kept(document: dict[str, Any]) -> dict[int, tuple[str, str | None]]:
@@ -145,6 +188,7 @@ def _read_state(path: Path) -> dict[str, Any]:
             isinstance(v, str) and isinstance(k, str) and k.isdigit() for k, v in entries.items()
         ):
             raise CheckpointError(f"damaged checkpoint {path}: field {field!r} must map round numbers to strings")
+    _optimizer_entry(document, path)
     return document
 
 
@@ -180,8 +224,21 @@ def load_checkpoint(path: str | Path, round_number: int | None = None) -> Checkp
     weights_path = state_path.parent / name
     try:
         weights = load_file(str(weights_path))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except UNREADABLE as exc:
         raise CheckpointError(f"cannot read checkpoint weights {weights_path}: {exc}") from exc
     if digest is None or fingerprint(weights) != digest:
         raise CheckpointError(f"checkpoint weights {weights_path} do not match the fingerprint in {state_path}")
-    return Checkpoint(round_number, weights, document["history"], document["settings"], tuple(sorted(kept)))
+    optimizer, steps = None, 0
+    optimizer_name, optimizer_digest, optimizer_steps = _optimizer_entry(document, state_path)
+    if optimizer_name and round_number == int(document["round"]):
+        optimizer_path = state_path.parent / optimizer_name
+        try:
+            optimizer = load_file(str(optimizer_path))
+        except UNREADABLE as exc:
+            raise CheckpointError(f"cannot read checkpoint optimizer state {optimizer_path}: {exc}") from exc
+        if fingerprint(optimizer) != optimizer_digest:
+            raise CheckpointError(f"optimizer state {optimizer_path} does not match the fingerprint in {state_path}")
+        steps = optimizer_steps
+    return Checkpoint(
+        round_number, weights, document["history"], document["settings"], tuple(sorted(kept)), optimizer, steps
+    )

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, NodeName, RoundInstruction, TrainReply
 from fedfuse.rejections import Rejected, Rejection
-from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
+from fedfuse.rounds import Contribution, RoundEngine, ServerOptimizer, UpdateSpace
 from fedfuse.security import Registry
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
 from fedfuse.settings import RunSettings, build_merge_strategy
@@ -89,6 +89,7 @@ class FedFuseStrategy(Strategy):
         self.run_id = run_id
         self.on_reply = on_reply
         self.merge = build_merge_strategy(settings)
+        self.optimizer = ServerOptimizer.for_run(settings)  # steps on each round's merge; the ServerApp checkpoints it
         self._round_state: dict[str, torch.Tensor] = {}
         self._round_fingerprint = ""
         self._expected = 0
@@ -213,7 +214,7 @@ class FedFuseStrategy(Strategy):
             self._client_record(self._display_name(contribution), _train_record(contribution))
         metrics = engine.metrics()
         with phases("finalize"):
-            new_state = engine.finalize(self._round_state)
+            new_state = self.optimizer.apply(engine, self._round_state)
         if new_state is None:
             log(WARNING, "round %s: no update accepted; the global model stays as it was", server_round)
             return None, MetricRecord(metrics)
@@ -297,7 +298,7 @@ class FedFuseStrategy(Strategy):
     def summary(self) -> None:
         """Log the configuration."""
         s = self.settings
-        log(INFO, "\t├── merge strategy: %s (%s)", s.merge.strategy, self.merge.params())
+        log(INFO, "\t├── merge: %s (%s), server %s", s.merge.strategy, self.merge.params(), self.optimizer.describe())
         log(
             INFO,
             "\t├── update space: %s, sparsifier %s d=%s",

@@ -6,7 +6,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from fedfuse.settings.fields import SettingsError, check_choice, setting
+from fedfuse.algebra.server_optim import (
+    ADAPTIVE_OPTIMIZERS,
+    DEFAULT_SERVER_LR,
+    SERVER_OPTIMIZERS,
+    ServerOptimizerRule,
+)
+from fedfuse.settings.fields import SettingsError, check_choice, key, setting
 from fedfuse.strategies import (
     MergeStrategy,
     MethodSpec,
@@ -37,6 +43,9 @@ class MergeSettings:
         declared parameters as ``"name=value,name=value"``.
     lora_aggregation : str
         "exact" merges ΔW = s·BA; "factors" averages A and B (the baseline).
+    server_optimizer, server_lr, server_momentum, server_beta2, server_tau : str, float or "auto", float
+        The top server's optimizer on the merged task vector (``none``, ``fedavgm``, ``fedadam``,
+        ``fedyogi``; :mod:`fedfuse.algebra.server_optim`), η ("auto": the optimizer's default), β₁, β₂, τ.
     """
 
     strategy: str = setting(
@@ -55,6 +64,17 @@ class MergeSettings:
     max_num_examples: int = setting(
         1_000_000, "an update reporting more examples weighs as this many (counted as `capped`; 0 = no cap)"
     )
+    server_optimizer: str = setting(
+        "none",
+        "server optimizer on the merged task vector (the pseudo-gradient): `none`, `fedavgm`, `fedadam`, `fedyogi` "
+        "(Reddi et al. 2021)",
+    )
+    server_lr: float | str = setting(
+        "auto", "server learning rate η (`auto`: 1.0 fedavgm, 0.1 fedadam, 0.01 fedyogi)", auto=float
+    )
+    server_momentum: float = setting(0.9, "β₁ in [0, 1): FedAvgM momentum, FedAdam/FedYogi first-moment decay")
+    server_beta2: float = setting(0.99, "β₂ in [0, 1): FedAdam/FedYogi second-moment decay")
+    server_tau: float = setting(1e-3, "τ > 0: FedAdam/FedYogi adaptivity, step η·m/(√v + τ)")
 
     def __post_init__(self) -> None:
         check_choice(self, "strategy", tuple(available_strategies()))
@@ -67,12 +87,50 @@ class MergeSettings:
             raise SettingsError(f"max-num-examples must be >= 0 (0 = no cap); got {self.max_num_examples}")
         if not math.isfinite(self.lam):
             raise SettingsError(f"lam must be finite; got {self.lam}")
+        self._check_server_optimizer()
         try:  # every parameter checked now (types, choices, the constructor's ranges), not at the first merge
-            build_strategy(self.strategy, self.strategy_arguments(), device="cpu")
+            strategy = build_strategy(self.strategy, self.strategy_arguments(), device="cpu")
         except ValueError as exc:
             if isinstance(exc, SettingsError):
                 raise
             raise SettingsError(f"strategy-params: {exc}") from None
+        if not type(strategy).federated or strategy.needs_base:
+            raise SettingsError(
+                f"strategy {self.strategy!r} with these parameters merges offline only (fedfuse merge): it needs "
+                "the base model's own weights, not only the institutions' task vectors"
+            )
+
+    def _check_server_optimizer(self) -> None:
+        """Refuse a bad ``server-*`` value, or one that the chosen server optimizer would ignore."""
+        check_choice(self, "server_optimizer", SERVER_OPTIMIZERS)
+        lr = self.server_lr
+        if lr != "auto" and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise SettingsError(f"server-lr must be > 0 or 'auto'; got {lr!r}")
+        for name in ("server_momentum", "server_beta2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value < 1.0):
+                raise SettingsError(f"{key(name)} must be in [0, 1); got {value}")
+        if not (math.isfinite(self.server_tau) and self.server_tau > 0):
+            raise SettingsError(f"server-tau must be > 0; got {self.server_tau}")
+        knobs = ("server_lr", "server_momentum", "server_beta2", "server_tau")
+        used = {"none": 0, "fedavgm": 2}.get(self.server_optimizer, len(knobs))
+        for index, name in enumerate(knobs):
+            if index >= used and getattr(self, name) != _FLAT_DEFAULTS[name]:
+                users = "fedavgm, fedadam, fedyogi" if index < 2 else ", ".join(ADAPTIVE_OPTIMIZERS)
+                raise SettingsError(
+                    f"{key(name)} applies only to server-optimizer {users}; server-optimizer is "
+                    f"{self.server_optimizer!r}"
+                )
+
+    @property
+    def server_rule(self) -> ServerOptimizerRule | None:
+        """The server optimizer's rule with its hyperparameters (η resolved), or None for ``none``."""
+        if self.server_optimizer == "none":
+            return None
+        lr = DEFAULT_SERVER_LR[self.server_optimizer] if self.server_lr == "auto" else float(self.server_lr)
+        return ServerOptimizerRule(
+            self.server_optimizer, lr, momentum=self.server_momentum, beta2=self.server_beta2, tau=self.server_tau
+        )
 
     @property
     def spec(self) -> MethodSpec:

@@ -10,11 +10,13 @@ state is mergeable; presets such as ``dare_ties`` are data rows (see :mod:`fedfu
 >>> state = ties.new_state()          # add(update, weight, fisher) → combine → finalize
 """
 
-from fedfuse.strategies.base import MergeState, MergeStrategy, add_at, resolve_device
+from fedfuse.strategies.base import FinalizeContext, MergeState, MergeStrategy, add_at, resolve_device
 from fedfuse.strategies.fedavg import FedAvg
 from fedfuse.strategies.fisher import FisherMerge
 from fedfuse.strategies.krum import Krum
+from fedfuse.strategies.linear import Linear
 from fedfuse.strategies.median import Median
+from fedfuse.strategies.model_stock import ModelStock
 from fedfuse.strategies.params import COMMON_PARAMS, Param, format_strategy_params, parse_strategy_params
 from fedfuse.strategies.presets import BUILT_IN_PRESETS
 from fedfuse.strategies.registry import (
@@ -27,6 +29,7 @@ from fedfuse.strategies.registry import (
     register_strategy,
     strategy_class,
 )
+from fedfuse.strategies.slerp import Slerp
 from fedfuse.strategies.spec import MethodSpec, Preset
 from fedfuse.strategies.spilled import SpilledState, SpilledStrategy
 from fedfuse.strategies.task_arithmetic import TaskArithmetic
@@ -34,10 +37,11 @@ from fedfuse.strategies.tiers import Contribution, MergeTree, reduce_tree
 from fedfuse.strategies.ties import Ties
 from fedfuse.strategies.trimmed_mean import TrimmedMean
 
-BUILT_IN_STRATEGIES: tuple[str, ...] = ("fedavg", "task_arithmetic", "ties", "fisher", "median", "trimmed_mean", "krum")
+_CLASSES = (FedAvg, Linear, TaskArithmetic, Ties, ModelStock, FisherMerge, Slerp, Median, TrimmedMean, Krum)
+BUILT_IN_STRATEGIES: tuple[str, ...] = tuple(cls.name for cls in _CLASSES)
 """The strategy classes fedfuse ships (presets: :data:`BUILT_IN_PRESETS`)."""
 
-for _cls in (FedAvg, TaskArithmetic, Ties, FisherMerge, Median, TrimmedMean, Krum):
+for _cls in _CLASSES:
     register_strategy(_cls.name)(_cls)
 for _preset in BUILT_IN_PRESETS:
     register_preset(_preset)
@@ -49,15 +53,19 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Contribution",
     "FedAvg",
+    "FinalizeContext",
     "FisherMerge",
     "Krum",
+    "Linear",
     "Median",
     "MergeState",
     "MergeStrategy",
     "MergeTree",
     "MethodSpec",
+    "ModelStock",
     "Param",
     "Preset",
+    "Slerp",
     "SpilledState",
     "SpilledStrategy",
     "TaskArithmetic",

@@ -13,6 +13,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -75,6 +76,12 @@ class MergeStrategy(ABC):
     default_sparsifier: str = "none"
     mergeable: ClassVar[bool] = True
     """The state is a monoid (``combine`` sums statistics): tiers, gateways and partial states are exact."""
+    federated: ClassVar[bool] = True
+    """The method can merge a federated round (False: offline ``fedfuse merge`` only, e.g. SLERP)."""
+    negative_weights: ClassVar[bool] = False
+    """Update weights may be negative (task negation); otherwise a negative weight is refused."""
+    needs_base: bool = False
+    """``finalize`` needs the base tensors (the merged model is not base + a function of the task vectors)."""
 
     def __init__(self, *, lam: float = 1.0, device: str = "cpu", dtype: str = "float32") -> None:
         if not math.isfinite(lam):
@@ -104,6 +111,22 @@ class MergeStrategy(ABC):
     @abstractmethod
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
         """The merged task vector of one tensor (flat, before λ) from its summed statistics."""
+
+    def accumulate_parameter(
+        self,
+        stats: dict[str, torch.Tensor],
+        values: torch.Tensor,
+        weight: float,
+        fisher: torch.Tensor | None,
+        index: torch.Tensor | None,
+        shape: torch.Size,
+    ) -> None:
+        """:meth:`accumulate` knowing the parameter's ``shape`` (row-wise methods override this one)."""
+        self.accumulate(stats, values, weight, fisher, index)
+
+    def finalize_parameter(self, stats: dict[str, torch.Tensor], context: FinalizeContext) -> torch.Tensor:
+        """:meth:`finalize_tensor` knowing the shape, the update count and (``needs_base``) the base tensor."""
+        return self.finalize_tensor(stats, context.total_weight)
 
     def params(self) -> dict[str, Any]:
         """The parameters that change the merge's meaning (serialized with partial states)."""
@@ -138,6 +161,17 @@ def _check_fisher(name: str, fisher: torch.Tensor | SparseTensor, tensor: torch.
     values = fisher.values if isinstance(fisher, SparseTensor) else fisher
     if values.numel() and float(values.min()) < 0:  # one vectorized pass; (x < 0).any() is two slow bool ones
         raise ValueError(f"tensor {name!r}: Fisher diagonal has negative entries")
+
+
+@dataclass(frozen=True)
+class FinalizeContext:
+    """What a method may need beyond its statistics to finalize one parameter."""
+
+    shape: torch.Size
+    total_weight: float
+    num_updates: int
+    base: torch.Tensor | None = None
+    """The parameter's base value, flat on the state's device (only for ``needs_base`` methods)."""
 
 
 class MergeState:
@@ -176,9 +210,9 @@ class MergeState:
         """
         self._check_not_released()
         weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"update weight must be finite and >= 0, got {weight}")
         s = self.strategy
+        if not math.isfinite(weight) or (weight < 0 and not s.negative_weights):
+            raise ValueError(f"update weight must be finite and >= 0, got {weight}")
         if s.needs_fisher and fisher is None:
             raise ValueError(f"strategy {s.name!r} needs a Fisher diagonal with every update")
         if fisher is not None:
@@ -202,7 +236,9 @@ class MergeState:
                 if fisher_tensor is None
                 else fisher_on_support(name, fisher_tensor, tensor).to(device=s.device, dtype=s.dtype)
             )
-            s.accumulate(self._stats_for(name, tensor.shape), values, weight, fisher_values, index)
+            s.accumulate_parameter(
+                self._stats_for(name, tensor.shape), values, weight, fisher_values, index, tensor.shape
+            )
         self.total_weight += weight
         self.num_updates += 1
         return self
@@ -229,20 +265,32 @@ class MergeState:
         self.num_updates += other.num_updates
         return self
 
-    def finalize(self, *, release: bool = False) -> dict[str, torch.Tensor]:
+    def finalize(
+        self, *, release: bool = False, base: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The merged task vector λ·merge(τ₁…τ_K), one tensor per parameter (state dtype and device).
 
         ``release=True`` frees each parameter's statistics as soon as its result exists, so the
         peak is the state plus one tensor's work instead of the state plus the whole output; the
-        state is spent afterwards (a server does this at the end of a round).
+        state is spent afterwards (a server does this at the end of a round). ``base`` gives the base
+        tensors to a method that ``needs_base`` (SLERP, linear without normalization).
         """
         self._check_not_released()
         if self.num_updates == 0:
             raise ValueError("no updates were added to this merge state")
-        lam = self.strategy.lam
+        strategy = self.strategy
+        if strategy.needs_base and (base is None or not set(self.stats) <= set(base)):
+            raise ValueError(f"strategy {strategy.name!r} needs the base tensors to finalize (an offline merge)")
+        lam = strategy.lam
         out = {}
         for name in list(self.stats):
-            merged = self.strategy.finalize_tensor(self.stats[name], self.total_weight)
+            base_flat = (
+                None
+                if not strategy.needs_base or base is None
+                else base[name].reshape(-1).to(device=strategy.device, dtype=strategy.dtype)
+            )
+            context = FinalizeContext(self.shapes[name], self.total_weight, self.num_updates, base_flat)
+            merged = strategy.finalize_parameter(self.stats[name], context)
             out[name] = (merged * lam if lam != 1.0 else merged).reshape(self.shapes[name])
             if release:
                 del self.stats[name]

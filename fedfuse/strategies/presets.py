@@ -18,6 +18,30 @@ BUILT_IN_PRESETS: tuple[Preset, ...] = (
         help="TIES over DARE-dropped task vectors (PEFT/mergekit dare_ties)",
     ),
     Preset(
+        "breadcrumbs",
+        base="task_arithmetic",
+        default_sparsifier="breadcrumbs",
+        help="task arithmetic over breadcrumbs (outliers and smallest dropped; mergekit breadcrumbs)",
+    ),
+    Preset(
+        "breadcrumbs_ties",
+        base="ties",
+        default_sparsifier="breadcrumbs",
+        help="TIES over breadcrumbs-dropped task vectors (mergekit breadcrumbs_ties)",
+    ),
+    Preset(
+        "della",
+        base="ties",
+        default_sparsifier="della",
+        help="TIES over DELLA MagPrune-dropped task vectors (mergekit della)",
+    ),
+    Preset(
+        "della_linear",
+        base="task_arithmetic",
+        default_sparsifier="della",
+        help="task arithmetic over DELLA MagPrune-dropped task vectors (mergekit della_linear)",
+    ),
+    Preset(
         "multi_krum",
         base="krum",
         fixed={"select": 0},

@@ -170,8 +170,13 @@ class SpilledState(MergeState):
                 gram += (rows @ rows.T).cpu()
         return self.strategy.coefficients(pairwise_sq_distances(gram))
 
-    def finalize(self, *, release: bool = False) -> dict[str, torch.Tensor]:
-        """The merged task vector, parameter by parameter (λ applied); ``release`` deletes the spill file."""
+    def finalize(
+        self, *, release: bool = False, base: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The merged task vector, parameter by parameter (λ applied); ``release`` deletes the spill file.
+
+        ``base`` is accepted for the common signature; robust methods do not need it.
+        """
         self._check_not_released()
         if self.num_updates == 0:
             raise ValueError("no updates were added to this merge state")

@@ -21,6 +21,10 @@ class Ties(MergeStrategy):
     vote : {"mass", "count"}
         ``"mass"`` (default) elects the sign of Σ wₖτₖ (PEFT "total", mergekit "sum");
         ``"count"`` elects the sign of Σ sign(τₖ) (PEFT "frequency"). A tie elects +.
+    normalize : bool
+        Divide the agreeing sum by the agreeing weight (default True, the TIES paper and PEFT). False
+        keeps the agreeing sum Σ wₖτₖ (mergekit ``normalize: false``, its default for ``dare_ties`` and
+        ``breadcrumbs_ties``).
 
     Statistics: P = Σ_{τₖ>0} wₖτₖ, Wp = Σ_{τₖ>0} wₖ, N = Σ_{τₖ<0} wₖτₖ, Wn = Σ_{τₖ<0} wₖ, plus
     C = Σ sign(τₖ) for the count vote. The result is P/Wp where + is elected, N/Wn where − is:
@@ -30,24 +34,31 @@ class Ties(MergeStrategy):
 
     name = "ties"
     default_sparsifier = "trim"
-    parameters = (Param("vote", str, "mass", VOTES, "sign election: `mass` (Σ wτ, PEFT total) or `count` (Σ sign τ)"),)
+    parameters = (
+        Param("vote", str, "mass", VOTES, "sign election: `mass` (Σ wτ, PEFT total) or `count` (Σ sign τ)"),
+        Param("normalize", bool, True, help="divide by the agreeing weight (False: mergekit `normalize: false`)"),
+    )
 
-    def __init__(self, *, vote: Literal["mass", "count"] = "mass", **common: Any) -> None:
+    def __init__(self, *, vote: Literal["mass", "count"] = "mass", normalize: bool = True, **common: Any) -> None:
         super().__init__(**common)
         if vote not in VOTES:
             raise ValueError(f"TIES vote must be one of {', '.join(VOTES)}; got {vote!r}")
         self.vote = vote
-        self.statistics = ("P", "Wp", "N", "Wn") + (("C",) if vote == "count" else ())
+        self.normalize = bool(normalize)
+        weights = ("Wp", "Wn") if self.normalize else ()
+        self.statistics = ("P", "N", *weights) + (("C",) if vote == "count" else ())
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "vote": self.vote}
+        # `normalize` appears only when off, so states written before it existed still combine.
+        return {**super().params(), "vote": self.vote, **({} if self.normalize else {"normalize": False})}
 
     def accumulate(self, stats, values, weight, fisher, index) -> None:
         # Comparisons are written straight into a float scratch: bool tensors and bool→float casts
         # are several times slower on CPU. add_at consumes the scratch before it is reused.
         scratch = torch.empty_like(values)
-        add_at(stats["Wp"], torch.gt(values, 0, out=scratch), index, alpha=weight)
-        add_at(stats["Wn"], torch.lt(values, 0, out=scratch), index, alpha=weight)
+        if self.normalize:
+            add_at(stats["Wp"], torch.gt(values, 0, out=scratch), index, alpha=weight)
+            add_at(stats["Wn"], torch.lt(values, 0, out=scratch), index, alpha=weight)
         add_at(stats["P"], torch.clamp(values, min=0, out=scratch), index, alpha=weight)
         add_at(stats["N"], torch.clamp(values, max=0, out=scratch), index, alpha=weight)
         if self.vote == "count":
@@ -62,6 +73,8 @@ class Ties(MergeStrategy):
         else:
             torch.ge(torch.add(stats["P"], stats["N"], out=plus), 0, out=plus)
         merged = torch.mul(stats["P"], plus)
+        if not self.normalize:
+            return merged.addcmul_(stats["N"], plus.neg_().add_(1))
         agreeing_weight = torch.mul(stats["Wp"], plus)
         minus = plus.neg_().add_(1)
         merged.addcmul_(stats["N"], minus)

@@ -178,18 +178,31 @@ def header_document(
         "base_fingerprint": header.base_fingerprint,
         "node_id": header.node_id,
         "num_examples": header.num_examples,
-        "sparsifier": {
-            "kind": header.sparsifier.kind,
-            "density": header.sparsifier.density,
-            "scope": header.sparsifier.scope,
-            "seed_scope": header.sparsifier.seed_scope,
-        },
+        "sparsifier": sparsifier_json(header.sparsifier),
         "metrics": dict(header.metrics),
         "tier": header.tier,
         "value_dtype": value_dtype,
         "tensors": {name: entry.to_json() for name, entry in entries.items()},
         **(extra or {}),
     }
+
+
+def sparsifier_json(sparsifier: Sparsifier) -> dict[str, Any]:
+    """A sparsifier as JSON: kind, density and scopes, plus gamma, epsilon and rescale where they apply."""
+    document: dict[str, Any] = {
+        "kind": sparsifier.kind,
+        "density": sparsifier.density,
+        "scope": sparsifier.scope,
+        "seed_scope": sparsifier.seed_scope,
+    }
+    document.update({key: getattr(sparsifier, key) for key in _SPARSIFIER_EXTRAS.get(sparsifier.kind, ())})
+    if sparsifier.rescale != "auto":
+        document["rescale"] = sparsifier.rescale
+    return document
+
+
+_SPARSIFIER_EXTRAS = {"breadcrumbs": ("gamma",), "della": ("epsilon",)}
+"""The sparsifier fields only some kinds carry on the wire (the others keep their defaults)."""
 
 
 def _malformed(message: str) -> UpdateRejected:
@@ -237,13 +250,17 @@ def _parse_entry(name: str, obj: Any) -> TensorEntry:
 
 
 def _parse_sparsifier(obj: Any) -> Sparsifier:
-    obj = _exact_keys(obj, {"kind", "density", "scope", "seed_scope"}, "sparsifier")
-    if not _finite_number(obj["density"]):
-        raise _malformed(f"sparsifier density must be a number, got {obj['density']!r}")
-    if not all(isinstance(obj[k], str) for k in ("kind", "scope", "seed_scope")):
-        raise _malformed("sparsifier kind, scope and seed_scope must be strings")
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    extras = _SPARSIFIER_EXTRAS.get(kind, ()) if isinstance(kind, str) else ()
+    optional = {"rescale"} & set(obj) if isinstance(obj, dict) else set()
+    obj = _exact_keys(obj, {"kind", "density", "scope", "seed_scope", *extras, *optional}, "sparsifier")
+    if not all(_finite_number(obj[k]) for k in ("density", *extras)):
+        raise _malformed(f"sparsifier {', '.join(('density', *extras))} must be numbers")
+    if not all(isinstance(obj[k], str) for k in ("kind", "scope", "seed_scope", *optional)):
+        raise _malformed("sparsifier kind, scope, seed_scope and rescale must be strings")
+    options: dict[str, Any] = {key: float(obj[key]) for key in extras} | {key: obj[key] for key in optional}
     try:
-        return Sparsifier(obj["kind"], float(obj["density"]), obj["scope"], obj["seed_scope"])
+        return Sparsifier(obj["kind"], float(obj["density"]), obj["scope"], obj["seed_scope"], **options)
     except ValueError as exc:
         raise _malformed(f"sparsifier: {exc}") from exc
 
