@@ -11,6 +11,7 @@ import importlib
 import textwrap
 
 import pytest
+from tiny_runs import TINY_RUN
 
 from fedfuse.simulation import simulate
 from fedfuse.training.trainers import (
@@ -90,15 +91,9 @@ def test_an_entry_point_trainer_is_found_by_name(installed_plugin):
 def test_a_simulation_trains_every_client_with_the_entry_point_trainer(installed_plugin, tmp_path):
     history = simulate(
         {
+            **TINY_RUN,
             "trainer": "plain-sgd",
             "num-server-rounds": 2,
-            "local-steps": 2,
-            "batch-size": 8,
-            "max-length": 16,
-            "lora-rank": 2,
-            "eval-examples": 32,
-            "client-eval-examples": 8,
-            "fraction-evaluate": 0.0,
             "output-dir": str(tmp_path / "run"),
         },
         num_clients=2,

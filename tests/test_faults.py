@@ -19,6 +19,7 @@ import torch
 from federation import kill_tree
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from tiny_runs import TINY_RUN
 
 from fedfuse.client.app import make_client_app
 from fedfuse.server.checkpoint import load_checkpoint
@@ -26,17 +27,7 @@ from fedfuse.simulation import simulate
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "num-server-rounds": 1,
-    "local-steps": 2,
-    "batch-size": 8,
-    "max-length": 16,
-    "lora-rank": 2,
-    "eval-examples": 32,
-    "client-eval-examples": 8,
-    "fraction-evaluate": 0.0,
-    "min-train-nodes": 2,
-}
+TINY = {**TINY_RUN, "num-server-rounds": 1, "min-train-nodes": 2}
 
 
 def _faulty_client(overrides: dict, fault) -> ClientApp:

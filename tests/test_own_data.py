@@ -5,6 +5,7 @@ Every error a user can cause names the file and, where there is one, the row or 
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import datasets
@@ -236,3 +237,11 @@ def test_preflight_checks_every_share_before_a_simulation_starts(tmp_path):
             ),
             4,
         )
+
+
+def test_a_files_digest_follows_an_edit_in_the_same_process(tmp_path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n')
+    before = file_sha256(str(path))
+    path.write_text('{"text": "b", "label": 1}\n{"text": "c", "label": 0}\n')
+    assert file_sha256(str(path)) != before == hashlib.sha256(b'{"text": "a", "label": 0}\n').hexdigest()

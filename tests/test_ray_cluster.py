@@ -27,6 +27,7 @@ import ray
 from federation import free_port, kill_tree, wait_for_port
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
 from fedfuse.cli.main import app
@@ -35,17 +36,7 @@ from fedfuse.simulation import ClientResourcesError, RayClusterError, backend_co
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 OBJECT_STORE_BYTES = 300 * 1024 * 1024  # Ray's default is 30% of the machine's memory per node
-TINY = {
-    "num-server-rounds": 2,
-    "local-steps": 2,
-    "batch-size": 8,
-    "max-length": 16,
-    "lora-rank": 2,
-    "eval-examples": 32,
-    "client-eval-examples": 8,
-    "fraction-evaluate": 0.0,
-    "min-train-nodes": 2,
-}
+TINY = {**TINY_RUN, "num-server-rounds": 2, "min-train-nodes": 2}
 
 
 @dataclass

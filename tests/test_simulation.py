@@ -13,6 +13,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from tiny_runs import TINY_RUN
 
 from fedfuse.algebra import to_dense
 from fedfuse.client.app import make_client_app
@@ -27,13 +28,9 @@ from fedfuse.wire import REASONS, Expectation, decode_update
 pytestmark = pytest.mark.slow
 
 TINY = {
+    **{key: value for key, value in TINY_RUN.items() if key != "fraction-evaluate"},
     "num-server-rounds": 2,
-    "local-steps": 2,
-    "batch-size": 8,
-    "max-length": 16,
-    "lora-rank": 2,
     "eval-examples": 64,
-    "client-eval-examples": 8,
     "strategy": "ties",
     "sparsifier": "trim",
     "density": 0.3,

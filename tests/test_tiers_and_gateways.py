@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
+from tiny_runs import TINY_RUN
 
 from fedfuse.client.app import make_client_app
 from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
@@ -110,17 +111,11 @@ def _tiered_client(overrides: dict) -> ClientApp:
 @pytest.mark.slow
 def test_a_gateway_forwards_its_members_partial_state_through_flower(tmp_path):
     overrides = {
+        **TINY_RUN,
         "num-server-rounds": 1,
-        "local-steps": 2,
-        "batch-size": 8,
-        "max-length": 16,
-        "lora-rank": 2,
-        "eval-examples": 32,
-        "client-eval-examples": 8,
         "strategy": "ties",
         "sparsifier": "trim",
         "density": 0.3,
-        "fraction-evaluate": 0.0,
         "output-dir": str(tmp_path),
     }
     history = simulate(overrides, num_clients=3, client_app=_tiered_client(overrides))

@@ -186,12 +186,22 @@ def sft_columns(dataset: datasets.Dataset, *, messages: str, prompt: str, respon
     )
 
 
-@functools.lru_cache(maxsize=16)
 def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes, or of a folder's files in sorted order (names and bytes)."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file's bytes, or of a folder's files in sorted order (names and bytes).
+
+    Cached per path *and* the files' sizes and modification times, so an edited file is hashed anew.
+    """
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _sha256_of(path, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    root = Path(path)
+    files = [Path(name) for name, _, _ in stamp]
     for file in files:
         if root.is_dir():
             digest.update(str(file.relative_to(root)).encode())
