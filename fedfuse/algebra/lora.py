@@ -63,6 +63,24 @@ def factors_to_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict
     return out
 
 
+def pad_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r×in) and B (out×r) padded with zero rows of A and zero columns of B to rank ``rank`` ≥ r.
+
+    B·A is unchanged (the padded terms are 0·0), so a rank-r pair can travel or be stored where a
+    larger rank is expected.
+    """
+    have = lora_a.shape[0]
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != have:
+        raise ValueError(f"LoRA factors do not chain: A is {tuple(lora_a.shape)}, B is {tuple(lora_b.shape)}")
+    if rank < have:
+        raise ValueError(f"cannot pad rank-{have} LoRA factors down to rank {rank}")
+    if rank == have:
+        return lora_a, lora_b
+    padded_a = torch.cat([lora_a, lora_a.new_zeros(rank - have, lora_a.shape[1])], dim=0)
+    padded_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - have)], dim=1)
+    return padded_a, padded_b
+
+
 def naive_factor_average(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], scale: float
 ) -> torch.Tensor:

@@ -16,12 +16,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from fedfuse.algebra.sparsify import SPARSIFIER_KINDS
-from fedfuse.offline import MergeInputError, MergeResult, combine_partials, merge_models
+from fedfuse.offline import AdapterMergeResult, MergeInputError, MergeResult, combine_partials, merge_models
 from fedfuse.offline import Progress as ProgressCallback
+from fedfuse.offline import merge_adapters as merge_lora_adapters
 from fedfuse.strategies import available_strategies, parse_strategy_params
 
 
-def _report(result: MergeResult, console: Console) -> None:
+def _report(result: MergeResult | AdapterMergeResult, console: Console) -> None:
+    if isinstance(result, AdapterMergeResult):
+        console.print(f"[green]wrote[/green] {escape(result.summary().removeprefix('wrote '))}", soft_wrap=True)
+        return
     what = "partial statistics" if result.kind == "partial" else "model"
     files = "" if result.kind == "partial" else f" ({', '.join(path.name for path in result.files)})"
     console.print(
@@ -144,6 +148,16 @@ def merge(
             help="A partial-state file to fold in (--partial-out or a gateway's; repeat); replaces --model.",
         ),
     ] = None,
+    adapter: Annotated[
+        list[Path] | None,
+        typer.Option("--adapter", help="A PEFT LoRA adapter folder to merge in ΔW space (repeat); replaces --model."),
+    ] = None,
+    out_adapter: Annotated[
+        bool, typer.Option("--out-adapter", help="With --adapter: write a PEFT LoRA adapter (needs --rank) to --out.")
+    ] = False,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="Rank of the --out-adapter factors (truncated SVD of each ΔW).")
+    ] = None,
     first_model_index: Annotated[
         int,
         typer.Option(
@@ -166,6 +180,7 @@ def merge(
     Example: fedfuse merge --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
     """
     errors = Console(stderr=True)
+    result: MergeResult | AdapterMergeResult
     try:
         with _progress_bar(not quiet and sys.stderr.isatty()) as progress:
             if combine:
@@ -186,6 +201,9 @@ def merge(
                         "--lambda": lam != 1.0,
                         "--seed": seed != 0,
                         "--first-model-index": first_model_index != 0,
+                        "--adapter": bool(adapter),
+                        "--out-adapter": out_adapter,
+                        "--rank": rank is not None,
                     }
                 )
                 result = combine_partials(
@@ -197,6 +215,41 @@ def merge(
                     max_shard_size=max_shard_size,
                     force=force,
                     progress=progress,
+                )
+            elif adapter or out_adapter or rank is not None:
+                try:
+                    params = parse_strategy_params(param or [])
+                except ValueError as exc:
+                    raise MergeInputError(f"--param: {exc}") from None
+                if model or fisher:
+                    given = "--adapter" if adapter else "--out-adapter" if out_adapter else "--rank"
+                    raise MergeInputError(
+                        f"{given} cannot be mixed with {'--model' if model else '--fisher'}: "
+                        "merge either fine-tuned models or LoRA adapters"
+                    )
+                result = merge_lora_adapters(
+                    base,
+                    adapter or [],
+                    method=method or "",
+                    weights=weight,
+                    density=density,
+                    sparsifier=sparsifier,
+                    sparsifier_options={"gamma": gamma, "epsilon": epsilon, "rescale": rescale},
+                    lam=lam,
+                    seed=seed,
+                    device=device,
+                    dtype=dtype,
+                    vote=vote,
+                    params=params,
+                    out=out,
+                    out_adapter=out_adapter,
+                    rank=rank,
+                    max_shard_size=max_shard_size,
+                    partial_out=partial_out,
+                    force=force,
+                    progress=progress,
+                    first_model_index=first_model_index,
+                    allow_non_finite=allow_non_finite,
                 )
             else:
                 try:

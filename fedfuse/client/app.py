@@ -5,6 +5,8 @@ Node config (``--node-config`` of a SuperNode; set by Flower in simulation): ``p
 seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging;
 ``data`` / ``eval-data`` (optional) are the institution's own training and validation files (JSONL,
 CSV, Parquet or a save_to_disk folder; see ``fedfuse.training.client_data``);
+``lora-rank`` (optional, at most the run's ``lora-rank``) is the node's own LoRA rank (its factors
+travel padded to the run's rank, see ``fedfuse.client.local_round.to_run_rank``);
 ``gateway-members`` (optional, >= 2) makes the node a tier gateway that trains that many members on
 slices of its share and replies with their merged partial state; ``signing-key`` (optional) is the path
 of the institution's Ed25519 update-signing key: every payload is then signed (run, round, base
@@ -54,7 +56,12 @@ def shard_of(context: Context) -> Shard:
     name = str(config.get("institution", "") or f"partition-{partition_id}")
     node_data = NodeData(str(config.get("data", "") or ""), str(config.get("eval-data", "") or ""))
     signed = bool(str(config.get("signing-key", "") or ""))
-    return Shard(partition_id, num_partitions, name, node_data=node_data, sender="" if signed else str(context.node_id))
+    try:
+        lora_rank = int(config.get("lora-rank", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"node config lora-rank must be an integer, got {config.get('lora-rank')!r}") from exc
+    sender = "" if signed else str(context.node_id)
+    return Shard(partition_id, num_partitions, name, node_data=node_data, sender=sender, lora_rank=lora_rank)
 
 
 def _residual_files(context: Context, instruction: RoundInstruction, shard: Shard, record: str) -> ResidualFiles | None:

@@ -5,6 +5,8 @@ on the client's device; everything after training is fedfuse's. Full mode sends
 τ = θ_local − θ_round, sparsified on the client (with error feedback when enabled) and optionally
 with a diagonal Fisher. LoRA mode sends each module's A and B factors and the head's task vector
 dense (they are small); the server forms ΔW = s·B·A and sparsifies there, so TIES and DARE act on ΔW.
+A node may train at its own LoRA rank rₖ ≤ the run's ``lora-rank`` r (node config ``lora-rank``): it
+sends its factors at rank r (:func:`to_run_rank`), so every node's payload has the shapes the server expects.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed
+from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed, factor_names, lora_modules
+from fedfuse.algebra.lora import pad_factors
 from fedfuse.algebra.noise import add_gaussian_noise
 from fedfuse.algebra.robust import clip_factor, scale_update, update_norm
 from fedfuse.client.attacks import MODEL_ATTACKS, attacked_tensors, flipped_labels, reported_examples
@@ -49,6 +52,7 @@ class Shard:
 
     A gateway node splits its share over ``members`` institutions behind it; ``member`` picks one.
     ``node_data`` holds the node's own files (node config ``data`` / ``eval-data``), if any.
+    ``lora_rank`` is the node's own LoRA rank (node config ``lora-rank``, at most the run's); 0: the run's.
     ``node_name`` seeds training and DARE masks and names the node in reports; ``sender`` (when set)
     is the identity its payload headers carry instead: the Flower node id in unsigned runs, so the
     server can bind each update to the node that sent it.
@@ -61,6 +65,7 @@ class Shard:
     members: int = 1
     node_data: NodeData = field(default_factory=NodeData)
     sender: str = ""
+    lora_rank: int = 0
 
     @property
     def header_node(self) -> str:
@@ -72,11 +77,14 @@ class Shard:
             raise ValueError(f"partition-id {self.partition_id} is outside [0, {self.num_partitions})")
         if not 0 <= self.member < self.members:
             raise ValueError(f"member {self.member} is outside [0, {self.members})")
+        if self.lora_rank < 0:
+            raise ValueError(f"node lora-rank must be >= 1 (or 0: the run's), got {self.lora_rank}")
 
     def member_shard(self, member: int, members: int) -> Shard:
         """The share of one of ``members`` institutions behind this node (a gateway's member)."""
+        name = f"{self.node_name}/member-{member}"
         return Shard(
-            self.partition_id, self.num_partitions, f"{self.node_name}/member-{member}", member, members, self.node_data
+            self.partition_id, self.num_partitions, name, member, members, self.node_data, lora_rank=self.lora_rank
         )
 
 
@@ -163,6 +171,35 @@ def locally_private(
     return {name: add_gaussian_noise(clipped[name], std, generator) for name in sorted(clipped)}
 
 
+def node_settings(settings: RunSettings, shard: Shard) -> RunSettings:
+    """The settings the node trains with: the run's, at the node's own LoRA rank when it has one."""
+    rank, run_rank = shard.lora_rank, settings.training.lora_rank
+    if settings.training.mode != "lora" or rank in (0, run_rank):
+        return settings
+    if rank > run_rank:
+        raise ValueError(
+            f"node lora-rank {rank} exceeds the run's lora-rank {run_rank}, the largest rank the server accepts"
+        )
+    return settings.replace(lora_rank=rank)
+
+
+def to_run_rank(factors: Mapping[str, torch.Tensor], settings: RunSettings, rank: int) -> dict[str, torch.Tensor]:
+    """A node's rank-``rank`` LoRA factors in the form the server expects at the run's ``lora-rank`` r.
+
+    The server forms ΔW = s·B·A with the run's s = α / r; a node that trained at rank rₖ (PEFT's scale
+    α / rₖ) sends A and B·(r / rₖ), zero-padded to rank r, so the server's ΔW is the node's
+    ΔWₖ = (α / rₖ)·Bₖ·Aₖ exactly and its payload has every node's shapes. Other tensors pass through.
+    """
+    run_rank = settings.training.lora_rank
+    out = dict(factors)
+    if rank == run_rank:
+        return out
+    for module in lora_modules(list(factors)):
+        a_name, b_name = factor_names(module)
+        out[a_name], out[b_name] = pad_factors(factors[a_name], factors[b_name] * (run_rank / rank), run_rank)
+    return out
+
+
 def run_local_round(
     settings: RunSettings,
     changed: dict[str, torch.Tensor],
@@ -191,7 +228,7 @@ def run_local_round(
             data = flipped_labels(data)
     with phases("build"):
         device = client_device(settings)
-        model = _training_model(settings, model, round_number, device)
+        model = _training_model(node_settings(settings, shard), model, round_number, device)
     steps = steps_for(
         len(data.train), settings.training.batch_size, settings.training.local_steps, settings.training.local_epochs
     )
@@ -252,6 +289,7 @@ def _update_tensors(
         factors = {
             name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()
         }
+        factors = to_run_rank(factors, settings, node_settings(settings, shard).training.lora_rank)
         return dict(_attacked(settings, attacker, factors, seed)), Sparsifier()
     current = dict(model.named_parameters())
     tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}

@@ -9,13 +9,24 @@ Tiers: ``merge_models(..., partial_out=FILE)`` writes a group's partial state in
 tier gateways send (``fedfuse.wire.encode_partial``); :func:`combine_partials` folds such files —
 or a gateway's payload saved to a file — into the model a flat merge gives.
 
+PEFT LoRA adapters: :func:`merge_adapters` merges them exactly in ΔW space (:mod:`.adapters`).
+
 >>> from fedfuse.offline import merge_models, combine_partials
 >>> # merge_models("base", ["ft-a", "ft-b"], method="ties", density=0.2, out="merged")
 """
 
+from fedfuse.offline.adapter_merge import AdapterMergeResult, merge_adapters
 from fedfuse.offline.api import combine_partials, merge_models
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress
 from fedfuse.offline.sinks import MergeResult
 
-__all__ = ["MergeInputError", "MergeResult", "Progress", "combine_partials", "merge_models"]
+__all__ = [
+    "AdapterMergeResult",
+    "MergeInputError",
+    "MergeResult",
+    "Progress",
+    "combine_partials",
+    "merge_adapters",
+    "merge_models",
+]
