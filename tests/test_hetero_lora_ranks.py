@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from fedfuse.algebra import factor_names, lora_delta, to_dense
+from fedfuse.client.app import shard_of
 from fedfuse.client.local_round import Shard, node_settings, run_local_round, to_run_rank
 from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.settings import RunSettings, build_merge_strategy
+from fedfuse.settings.fields import SettingsError
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update
 
 OUT, IN, ALPHA, RUN_RANK = 12, 10, 8.0, 4
@@ -124,3 +126,32 @@ def test_real_clients_at_ranks_2_and_4_are_both_accepted_by_the_server_engine() 
     assert sorted(merge_round.accepted) == ["rank-2", "rank-4"]
     merged = merge_round.merged_task_vector()
     assert all(bool(torch.isfinite(to_dense(t)).all()) for t in merged.values())
+
+
+class _Context:
+    """The two fields of a Flower Context that ``shard_of`` reads."""
+
+    def __init__(self, node_config: dict[str, object]) -> None:
+        self.node_config = node_config
+        self.node_id = 7
+
+
+def test_a_simulation_gives_nodes_their_lora_node_ranks_unless_their_node_config_sets_one() -> None:
+    settings = run_settings(**{"lora-node-ranks": "1,2"})
+    ranks = [shard_of(_Context({"partition-id": i, "num-partitions": 3}), settings).lora_rank for i in range(3)]
+    assert ranks == [1, 2, 1]
+    own = _Context({"partition-id": 1, "num-partitions": 3, "lora-rank": 3})
+    assert shard_of(own, settings).lora_rank == 3
+    assert shard_of(_Context({"partition-id": 1, "num-partitions": 3}), run_settings()).lora_rank == 0
+
+
+@pytest.mark.parametrize("ranks", ["0,2", "2,5", "2,x"])
+def test_lora_node_ranks_outside_one_to_the_run_rank_are_refused_in_one_line(ranks) -> None:
+    with pytest.raises(SettingsError, match=r"^lora-node-ranks must be"):
+        run_settings(**{"lora-node-ranks": ranks})
+
+
+def test_a_node_trains_at_its_lora_node_rank_in_settings_that_stay_valid() -> None:
+    settings = run_settings(**{"lora-node-ranks": "2,4"})
+    shard = Shard(0, 2, "partition-0", lora_rank=settings.training.node_rank(0))
+    assert node_settings(settings, shard).training.lora_rank == 2

@@ -38,11 +38,12 @@ from fedfuse.training.client_data import NodeData
 CAUSAL_TASKS = ("lm", "sft")
 
 
-def shard_of(context: Context) -> Shard:
+def shard_of(context: Context, settings: RunSettings | None = None) -> Shard:
     """The node's share of the data and its name, from the node config.
 
     Unsigned, the node's payloads name its Flower node id (the server binds each update to the
-    node that sent it); signed, they name the institution whose key signs them.
+    node that sent it); signed, they name the institution whose key signs them. The node's LoRA rank
+    is its node config ``lora-rank``, else the run's ``lora-node-ranks`` entry for its partition id.
     """
     config = context.node_config
     try:
@@ -60,6 +61,8 @@ def shard_of(context: Context) -> Shard:
         lora_rank = int(config.get("lora-rank", 0) or 0)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"node config lora-rank must be an integer, got {config.get('lora-rank')!r}") from exc
+    if not lora_rank and settings is not None:
+        lora_rank = settings.training.node_rank(partition_id)
     sender = "" if signed else str(context.node_id)
     return Shard(partition_id, num_partitions, name, node_data=node_data, sender=sender, lora_rank=lora_rank)
 
@@ -140,7 +143,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         settings = RunSettings.from_run_config(context.run_config, **extra)
         instruction = RoundInstruction.from_message(msg)
         changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
-        shard = shard_of(context)
+        shard = shard_of(context, settings)
         tier = str(context.node_config.get("tier", ""))
         members = int(context.node_config.get("gateway-members", 0) or 0)
         if members:

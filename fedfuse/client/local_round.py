@@ -180,7 +180,7 @@ def node_settings(settings: RunSettings, shard: Shard) -> RunSettings:
         raise ValueError(
             f"node lora-rank {rank} exceeds the run's lora-rank {run_rank}, the largest rank the server accepts"
         )
-    return settings.replace(lora_rank=rank)
+    return settings.replace(lora_rank=rank, lora_node_ranks="")  # this node's rank is now the rank
 
 
 def to_run_rank(factors: Mapping[str, torch.Tensor], settings: RunSettings, rank: int) -> dict[str, torch.Tensor]:

@@ -40,6 +40,9 @@ class TrainingSettings:
 
     mode: str = setting("lora", "`lora` (PEFT; the head trains fully) or `full`")
     lora_rank: int = setting(8, "LoRA rank r")
+    lora_node_ranks: str = setting(
+        "", "LoRA rank per partition id, e.g. `2,4,8` (cycled; each ≤ `lora-rank`); a node config `lora-rank` wins"
+    )
     lora_alpha: float = setting(16.0, "LoRA α (scale s = α / r)")
     lora_target_modules: str = setting(
         "auto", "`auto`: `query,value` (BERT-like) or `q_proj,k_proj,v_proj,o_proj` (Llama-like); else a comma list"
@@ -79,10 +82,28 @@ class TrainingSettings:
             raise SettingsError(f"learning-rate must be > 0 or 'auto'; got {self.learning_rate!r}")
         if self.fisher_batches != "auto" and int(self.fisher_batches) < 0:
             raise SettingsError(f"fisher-batches must be >= 0 or 'auto'; got {self.fisher_batches!r}")
+        ranks = self.node_ranks  # parsed now: a bad list is refused before anything starts
+        if any(rank < 1 or rank > self.lora_rank for rank in ranks):
+            raise SettingsError(f"lora-node-ranks must be ranks in [1, lora-rank = {self.lora_rank}]; got {ranks}")
         if self.quantization == "4bit" and self.mode != "lora":
             raise SettingsError(
                 "quantization '4bit' (QLoRA) needs mode 'lora': a 4-bit base cannot be fine-tuned in full"
             )
+
+    @property
+    def node_ranks(self) -> tuple[int, ...]:
+        """``lora-node-ranks`` as integers (empty: every node trains at ``lora-rank``)."""
+        try:
+            return tuple(int(part) for part in self.lora_node_ranks.split(",") if part.strip())
+        except ValueError:
+            raise SettingsError(
+                f"lora-node-ranks must be comma-separated integers; got {self.lora_node_ranks!r}"
+            ) from None
+
+    def node_rank(self, partition_id: int) -> int:
+        """The LoRA rank of the node with ``partition_id`` under ``lora-node-ranks`` (0: the run's)."""
+        ranks = self.node_ranks
+        return ranks[partition_id % len(ranks)] if ranks else 0
 
     @property
     def lr(self) -> float:
