@@ -260,11 +260,11 @@ def test_force_replaces_a_non_empty_output(tmp_path: Path, inputs) -> None:
 def test_a_crash_mid_merge_leaves_no_output(tmp_path: Path, inputs, monkeypatch) -> None:
     calls = []
 
-    def failing_apply(base, tau, lam=1.0):
+    def failing_apply(base, tau, lam=1.0, **options):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
-        return apply_task_vector(base, tau, lam)
+        return apply_task_vector(base, tau, lam, **options)
 
     monkeypatch.setattr(sinks, "apply_task_vector", failing_apply)
     out_root = tmp_path / "outputs"

@@ -39,8 +39,10 @@ def task_vector(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
     return out
 
 
-def apply_task_vector(base: Mapping[str, torch.Tensor], tau: Update, lam: float = 1.0) -> dict[str, torch.Tensor]:
-    """θ = θ_base + λ·τ, in fp32, cast back to each base tensor's dtype.
+def apply_task_vector(
+    base: Mapping[str, torch.Tensor], tau: Update, lam: float = 1.0, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """θ = θ_base + λ·τ, in fp32, cast back to each base tensor's dtype (or to ``dtype``, rounding once).
 
     Tensors absent from ``tau`` are copied from the base unchanged; a name in ``tau`` that the
     base lacks, or a shape mismatch, is an error.
@@ -64,5 +66,5 @@ def apply_task_vector(base: Mapping[str, torch.Tensor], tau: Update, lam: float 
             flat.index_add_(0, delta.indices.to(flat.device), delta.values.to(flat), alpha=lam)
         else:
             merged.add_(delta.to(merged), alpha=lam)
-        out[name] = merged.to(base_tensor.dtype)
+        out[name] = merged.to(dtype or base_tensor.dtype)
     return out

@@ -19,6 +19,7 @@ from fedfuse.algebra.sparsify import SPARSIFIER_KINDS
 from fedfuse.offline import AdapterMergeResult, MergeInputError, MergeResult, combine_partials, merge_models
 from fedfuse.offline import Progress as ProgressCallback
 from fedfuse.offline import merge_adapters as merge_lora_adapters
+from fedfuse.offline.recipe import load_recipe, merge_recipe
 from fedfuse.strategies import available_strategies, parse_strategy_params
 
 
@@ -66,12 +67,20 @@ def _check_combine_flags(given: dict[str, bool]) -> None:
         )
 
 
+def _check_config_flags(given: dict[str, bool]) -> None:
+    clashing = [flag for flag, used in given.items() if used]
+    if clashing:
+        raise MergeInputError(f"{', '.join(clashing)} cannot be used with --config: the recipe sets the merge")
+
+
 def _error(console: Console, message: str) -> None:
     console.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
 
 
 def merge(
-    base: Annotated[Path, typer.Option("--base", help="Base model: a .safetensors file or an HF model folder.")],
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Base model: a .safetensors file or an HF model folder.")
+    ] = None,
     model: Annotated[
         list[Path] | None, typer.Option("--model", "-m", help="A fine-tuned model to merge (repeat per model).")
     ] = None,
@@ -174,16 +183,65 @@ def merge(
             "--allow-non-finite", help="Merge NaN/Inf input values as they are (default: refuse, naming them)."
         ),
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="A mergekit recipe (YAML) to run instead of --base/--model/--method; needs --out."
+        ),
+    ] = None,
 ) -> None:
     """Merge fine-tuned checkpoints of BASE into one model, tensor by tensor (memory: one tensor).
 
     Example: fedfuse merge --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
+    (or a mergekit recipe: fedfuse merge --config recipe.yml --out OUT)
     """
     errors = Console(stderr=True)
     result: MergeResult | AdapterMergeResult
     try:
         with _progress_bar(not quiet and sys.stderr.isatty()) as progress:
-            if combine:
+            if config is not None:
+                _check_config_flags(
+                    {
+                        "--base": base is not None,
+                        "--model": bool(model),
+                        "--method": method is not None,
+                        "--weight": bool(weight),
+                        "--density": density is not None,
+                        "--sparsifier": sparsifier is not None,
+                        "--gamma": gamma is not None,
+                        "--epsilon": epsilon is not None,
+                        "--rescale": rescale is not None,
+                        "--vote": vote is not None,
+                        "--param": bool(param),
+                        "--fisher": bool(fisher),
+                        "--dtype": dtype != "float32",
+                        "--lambda": lam != 1.0,
+                        "--partial-out": partial_out is not None,
+                        "--combine": bool(combine),
+                        "--first-model-index": first_model_index != 0,
+                        "--adapter": bool(adapter),
+                        "--out-adapter": out_adapter,
+                        "--rank": rank is not None,
+                    }
+                )
+                if out is None:
+                    raise MergeInputError("give an output folder (--out) for the recipe's merge")
+                recipe = load_recipe(config)
+                for note in () if quiet else recipe.notes:
+                    errors.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
+                result = merge_recipe(
+                    recipe,
+                    out=out,
+                    seed=seed,
+                    device=device,
+                    max_shard_size=max_shard_size,
+                    force=force,
+                    progress=progress,
+                    allow_non_finite=allow_non_finite,
+                )
+            elif base is None:
+                raise MergeInputError("give the base model (--base), or a mergekit recipe (--config)")
+            elif combine:
                 _check_combine_flags(
                     {
                         "--model": bool(model),

@@ -6,11 +6,13 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
+import torch
+
 from fedfuse.algebra import Sparsifier
 from fedfuse.checkpoints import CheckpointReader, TensorInfo
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress, execute
-from fedfuse.offline.plan import Output, PathLike, plan_combine, plan_merge
+from fedfuse.offline.plan import Output, PathLike, TensorSettingsFn, plan_combine, plan_merge
 from fedfuse.offline.sinks import MergeResult, ModelSink, PartialSink
 from fedfuse.offline.sources import ModelSource, PartialSource, base_fingerprint, base_layout, open_input
 from fedfuse.strategies import MergeStrategy
@@ -37,11 +39,16 @@ def _sink(
     total_weight: float,
     num_updates: int,
     header: UpdateHeader | None,
+    out_dtype: torch.dtype | None = None,
 ) -> ModelSink | PartialSink:
     if output.kind == "model":
-        return ModelSink(output, base, layout, strategy, num_updates)
+        return ModelSink(output, base, layout, strategy, num_updates, out_dtype)
     assert header is not None
     return PartialSink(output, strategy, _scalars(strategy, total_weight, num_updates), header)
+
+
+OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+"""The output dtypes a merge can write its floating tensors in (``out_dtype``)."""
 
 
 def merge_models(
@@ -67,6 +74,8 @@ def merge_models(
     progress: Progress | None = None,
     first_model_index: int = 0,
     allow_non_finite: bool = False,
+    tensor_settings: TensorSettingsFn | None = None,
+    out_dtype: str | None = None,
 ) -> MergeResult:
     """Merge fine-tuned checkpoints of ``base`` into a model folder ``out`` (or a partial-state file).
 
@@ -114,12 +123,22 @@ def merge_models(
     allow_non_finite : bool
         Merge NaN/Inf values as they are; by default a base, model or Fisher tensor holding one is an
         error naming it, and nothing is written.
+    tensor_settings : callable, optional
+        Tensor name → its own :class:`~fedfuse.offline.plan.TensorSettings` (strategy, weights, one
+        sparsifier per model) or None for the plan's; :mod:`fedfuse.offline.recipe` builds it from a
+        mergekit recipe's per-model and per-layer values. Model output only.
+    out_dtype : {"float16", "bfloat16", "float32", "float64"}, optional
+        Write the model's floating tensors in this dtype (default: each base tensor's own).
 
     Raises
     ------
     MergeInputError
         For any bad input, before anything is written.
     """
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise MergeInputError(f"unknown output dtype {out_dtype!r}: choose {', '.join(OUT_DTYPES)}")
+    if out_dtype is not None and partial_out is not None:
+        raise MergeInputError("an output dtype applies to a model (--out), not to partial statistics")
     plan = plan_merge(
         base,
         models,
@@ -141,6 +160,7 @@ def merge_models(
         force=force,
         first_model_index=first_model_index,
         allow_non_finite=allow_non_finite,
+        tensor_settings=tensor_settings,
     )
     with ExitStack() as stack:
         base_ckpt = open_input(stack, "base", plan.base)
@@ -159,7 +179,16 @@ def merge_models(
                 sparsifier=plan.sparsifier,
                 metrics=metrics,
             )
-        sink = _sink(plan.output, base_ckpt, layout, plan.strategy, plan.total_weight, len(plan.models), header)
+        sink = _sink(
+            plan.output,
+            base_ckpt,
+            layout,
+            plan.strategy,
+            plan.total_weight,
+            len(plan.models),
+            header,
+            None if out_dtype is None else OUT_DTYPES[out_dtype],
+        )
         with sink:
             execute(base_ckpt, layout, source, sink, progress or None)
         return sink.result()

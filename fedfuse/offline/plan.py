@@ -9,7 +9,7 @@ never by its name. The input files are checked next, from their headers, by :mod
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,19 @@ class Output:
 
 
 @dataclass(frozen=True)
+class TensorSettings:
+    """One tensor's own strategy, model weights and model sparsifiers (a recipe's per-model, per-layer values)."""
+
+    strategy: MergeStrategy
+    weights: tuple[float, ...]
+    sparsifiers: tuple[Sparsifier, ...]
+
+
+TensorSettingsFn = Callable[[str], TensorSettings | None]
+"""Tensor name → its own settings, or None for the plan's (checked before the merge starts)."""
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """A merge of fine-tuned models into their base, every option checked."""
 
@@ -49,11 +62,20 @@ class MergePlan:
     output: Output
     allow_non_finite: bool = False
     """Merge NaN/Inf input values as they are instead of refusing the merge (naming the tensor)."""
+    tensor_settings: TensorSettingsFn | None = None
+    """Per-tensor settings (a recipe's); None: every tensor uses the plan's strategy, weights, sparsifier."""
 
     @property
     def total_weight(self) -> float:
         """The sum of the models' weights (the state's total weight)."""
         return sum(self.weights)
+
+    def settings_for(self, name: str) -> TensorSettings:
+        """Tensor ``name``'s strategy, weights and one sparsifier per model."""
+        own = self.tensor_settings(name) if self.tensor_settings is not None else None
+        if own is not None:
+            return own
+        return TensorSettings(self.strategy, self.weights, (self.sparsifier,) * len(self.models))
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,7 @@ def plan_merge(
     force: bool = False,
     first_model_index: int = 0,
     allow_non_finite: bool = False,
+    tensor_settings: TensorSettingsFn | None = None,
 ) -> MergePlan:
     """Check every option of :func:`fedfuse.offline.merge_models`; raises :class:`MergeInputError`."""
     strategy = plan_strategy(method, strategy_params(lam, vote, params), device=device, dtype=dtype)
@@ -226,6 +249,8 @@ def plan_merge(
     output = plan_output(out, partial_out, force=force, max_shard_size=max_shard_size)
     if output.kind == "partial":
         check_mergeable(method, "--partial-out")
+        if tensor_settings is not None:
+            raise MergeInputError("per-tensor settings (a recipe's) cannot be written as partial statistics")
     check_not_an_input(output.target, [base, *models, *fisher_paths])
     return MergePlan(
         base=Path(base),
@@ -238,6 +263,7 @@ def plan_merge(
         first_model_index=first_model_index,
         output=output,
         allow_non_finite=allow_non_finite,
+        tensor_settings=tensor_settings,
     )
 
 

@@ -101,13 +101,19 @@ class ModelSink(_AtomicSink):
         layout: Mapping[str, TensorInfo],
         strategy: MergeStrategy,
         num_updates: int,
+        out_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(output)
         self._base = base
         self._strategy = strategy
         self._num_updates = num_updates
-        self._specs = [TensorSpec(name, info.shape, info.dtype) for name, info in layout.items()]
+        self._out_dtype = out_dtype
+        self._specs = [TensorSpec(name, info.shape, self._dtype_of(info.dtype)) for name, info in layout.items()]
         self._names: list[str] = []
+
+    def _dtype_of(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a tensor is written in: ``out_dtype`` for floating tensors when set, else its own."""
+        return self._out_dtype if self._out_dtype is not None and dtype.is_floating_point else dtype
 
     def _open(self, temp: Path) -> None:
         metadata = {"format": "pt", "fedfuse_method": self._strategy.name, "fedfuse_version": __version__}
@@ -116,10 +122,12 @@ class ModelSink(_AtomicSink):
 
     def write(self, name: str, base_tensor: torch.Tensor, state: MergeState | None) -> None:
         if state is None:
-            self._writer.write(name, base_tensor)
+            self._writer.write(name, base_tensor.to(self._dtype_of(base_tensor.dtype)))
             return
-        merged = state.finalize(base={name: base_tensor} if self._strategy.needs_base else None)
-        theta = apply_task_vector({name: base_tensor.to(self._strategy.device)}, merged)[name]
+        strategy = state.strategy  # a recipe may give this tensor its own strategy
+        merged = state.finalize(base={name: base_tensor} if strategy.needs_base else None)
+        work = {name: base_tensor.to(strategy.device)}
+        theta = apply_task_vector(work, merged, dtype=self._dtype_of(base_tensor.dtype))[name]
         self._writer.write(name, theta.cpu())
 
     def _finish(self) -> None:

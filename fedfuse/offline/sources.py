@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedfuse.algebra import Sparsifier, dare_seed_fn, sparsify_update, task_vector
+from fedfuse.algebra import dare_seed_fn, sparsify_update, task_vector
 from fedfuse.checkpoints import CheckpointReader, TensorInfo, open_checkpoint
 from fedfuse.offline.errors import MergeInputError, input_errors
 from fedfuse.offline.plan import MergePlan, check_mergeable
@@ -117,8 +117,7 @@ class ModelSource:
         self.strategy = plan.strategy
         self.total_weight = plan.total_weight
         self.num_updates = len(plan.models)
-        self._weights = plan.weights
-        self._sparsifier: Sparsifier = plan.sparsifier
+        self._settings_for = plan.settings_for
         source = f"the base {base.path}"
         self._models = []
         for i, path in enumerate(plan.models):
@@ -148,19 +147,20 @@ class ModelSource:
 
     def state_for(self, name: str, base_tensor: torch.Tensor) -> MergeState:
         compute = self.strategy.device
-        state = self.strategy.new_state()
+        settings = self._settings_for(name)  # the plan's, or this tensor's own (a recipe's per-layer values)
+        state = settings.strategy.new_state()
         base_work = {name: self._finite(base_tensor, name, "base").to(compute)}
         for i, ckpt in enumerate(self._models):
             tuned = self._finite(ckpt.get(name), name, f"model {i + 1}")
             tau = task_vector({name: tuned.to(compute)}, base_work)
-            update = sparsify_update(tau, self._sparsifier, self._seed_fns[i])
+            update = sparsify_update(tau, settings.sparsifiers[i], self._seed_fns[i])
             del tau, tuned
             fisher = (
                 {name: self._finite(self._fishers[i].get(name), name, f"Fisher file {i + 1}")}
                 if self._fishers
                 else None
             )
-            state.add(update, weight=self._weights[i], fisher=fisher)
+            state.add(update, weight=settings.weights[i], fisher=fisher)
             del update, fisher
         return state
 
