@@ -6,12 +6,14 @@ import typer
 
 from fedfuse import __version__
 from fedfuse.bench.aggregate import aggregate
+from fedfuse.bench.merge_quality import merge_quality
 from fedfuse.bench.overhead import overhead
 from fedfuse.bench.quality import quality
 from fedfuse.bench.robust import robust
 from fedfuse.bench.scale import scale
 from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
+from fedfuse.cli.eval import eval_command
 from fedfuse.cli.export import export
 from fedfuse.cli.merge import merge
 from fedfuse.cli.models import models_app
@@ -49,13 +51,17 @@ registry_app = typer.Typer(
 registry_app.command("add", help="Register an institution's update-signing public key.")(registry_add)
 app.add_typer(registry_app, name="registry")
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
+app.command("eval", help="Evaluate a model folder on lm-evaluation-harness tasks, offline.")(eval_command)
 
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
 bench_app.command("aggregate", help="Server-side aggregation time and peak memory against Flower and PEFT.")(aggregate)
 bench_app.command("wire", help="Bytes per parameter and encode/decode speed of update payloads.")(wire)
-bench_app.command("quality", help="Accuracy, expert retention, uplink and time of merge methods (same data, seeds).")(
+bench_app.command("quality", help="Accuracy, uplink, time of compression and merge methods; experts: merge-quality.")(
     quality
 )
+bench_app.command(
+    "merge-quality", help="LoRA experts per skill on a chat LLM merged by every method: exact match, retention."
+)(merge_quality)
 bench_app.command("overhead", help="fedfuse round time against a plain Flower FedAvg app with the same training.")(
     overhead
 )

@@ -1,0 +1,282 @@
+"""``fedfuse bench merge-quality``: does merging LoRA experts keep their skills, on a real chat LLM?
+
+From one base model (default the embedded SmolLM2-135M-Instruct) the benchmark fine-tunes one LoRA
+expert per skill of :mod:`fedfuse.data.skills` (fedfuse's own local round and SFT trainer, cached
+per seed/skill/steps/config), then merges the *same* experts in ΔW space with every registered
+merge method and with the naive factor average (see :mod:`fedfuse.bench.merge_quality_experts`).
+
+Protocol (the model-merging literature's): λ is chosen per method from a small grid on the
+validation split, the test split is scored once at that λ, by greedy decoding and exact match.
+Reported per skill: the base model, each expert (the interference matrix: expert *i* on skill *j*),
+each merge; retention = merged accuracy / own-expert accuracy, summarised by its geometric mean over
+skills; over seeds the mean and a 95 % Student-t interval. ``--federated`` also runs the experts as
+institutions of a one-round ``fedfuse simulate`` (one skill file per client, ``data-dir``) and
+scores the model the fedfuse server merged. Targets print as PASS/FAIL lines; ``--check`` exits 1 on
+a failure. Results land in ``--out``: ``merge-quality.json``, ``.md``, ``.png`` and the expert cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedfuse.bench import merge_quality_experts as experts
+from fedfuse.bench import merge_quality_report as report
+from fedfuse.bench.merge_quality_eval import Scorer
+from fedfuse.checkpoints import atomic_output
+from fedfuse.data import skills as skill_data
+from fedfuse.export.run import open_run
+from fedfuse.simulation import simulate
+from fedfuse.training.models import base_model
+
+FEDERATED_METHODS = ("task_arithmetic", "ties")
+"""Methods the ``--federated`` variant runs through the fedfuse server (when among ``--methods``)."""
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise typer.BadParameter(f"give at least one {what}")
+    return names
+
+
+def _choose_lambda(
+    scorer: Scorer, tau: dict[str, torch.Tensor], grid: Sequence[float], skills: Sequence[str]
+) -> tuple[float, dict[str, float]]:
+    """The λ of ``grid`` with the best mean validation accuracy (the smallest on ties), and every score."""
+    scores: dict[str, float] = {}
+    best, best_score = grid[0], -math.inf
+    for lam in grid:
+        scorer.use(tau, lam)
+        accuracy = scorer.accuracies(skills, "validation")
+        score = sum(accuracy.values()) / len(accuracy)
+        scores[f"{lam:g}"] = score
+        if score > best_score:
+            best, best_score = lam, score
+    return best, scores
+
+
+def _federated(
+    config: experts.ExpertConfig,
+    method: str,
+    lam: float,
+    seed: int,
+    institutions: Path,
+    folder: Path,
+    scorer: Scorer,
+    skills: Sequence[str],
+) -> dict[str, float]:
+    """Test accuracy of the model one fedfuse round merges from one institution per skill."""
+    simulate(
+        {
+            **config.run_config(seed),
+            "data-dir": str(institutions),
+            "num-server-rounds": 1,
+            "strategy": method,
+            "lam": lam,
+            "lora-aggregation": "exact",
+            "weighting": "uniform",
+            "fraction-evaluate": 0.0,
+            "validation-fraction": 0.05,
+            "output-dir": str(folder),
+        },
+        num_clients=len(skills),
+    )
+    scorer.use(scorer.task_vector(open_run(folder).checkpoint.weights))
+    return scorer.accuracies(skills, "test")
+
+
+def seed_cache(
+    out: Path, seed: int, config: experts.ExpertConfig, skills: list[str], methods: list[str], extra: dict[str, Any]
+) -> Path:
+    """Where the scores of one seed are kept: named by the experts' keys, the methods and the scoring setup."""
+    spec = {
+        "experts": [config.key(skill, seed) for skill in skills],
+        "methods": {m: experts.lambda_grid(m, len(skills)) for m in methods},
+        "densities": experts.DENSITIES,
+        **extra,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return out / "seeds" / f"seed{seed}-{digest}.json"
+
+
+def run_seed(
+    seed: int,
+    config: experts.ExpertConfig,
+    skills: list[str],
+    methods: list[str],
+    scorer: Scorer,
+    base: dict[str, float],
+    files: dict[str, dict[str, Path]],
+    out: Path,
+    federated: bool,
+    progress: Progress,
+    task: Any,
+) -> report.SeedResult:
+    """Train (or load) the experts of ``seed``, score them, merge them with every method, score the merges."""
+    started = time.perf_counter()
+    scale = experts.expert_scale(config)
+    factors = []
+    for skill in skills:
+        progress.update(task, description=f"seed {seed}: expert {skill}")
+        expert, _ = experts.train_expert(config, skill, seed, files[skill], out / "experts")
+        factors.append(expert)
+        progress.advance(task)
+    deltas = [experts.expert_deltas(f, scale) for f in factors]
+    result = report.SeedResult(seed, base, {}, train_seconds=time.perf_counter() - started)
+    for skill, delta in zip(skills, deltas, strict=True):
+        progress.update(task, description=f"seed {seed}: scoring expert {skill}")
+        scorer.use(delta)
+        result.interference[skill] = scorer.accuracies(skills, "test")
+        progress.advance(task)
+    for method in methods:
+        progress.update(task, description=f"seed {seed}: {method}")
+        merge_started = time.perf_counter()
+        tau = experts.naive_merge(factors, scale) if method == experts.NAIVE else experts.merge(method, deltas, seed)
+        lam, validation = _choose_lambda(scorer, tau, experts.lambda_grid(method, len(skills)), skills)
+        scorer.use(tau, lam)
+        test = scorer.accuracies(skills, "test")
+        result.merges[method] = report.MergeResult(lam, validation, test, time.perf_counter() - merge_started)
+        progress.console.print(
+            f"seed {seed} {method}: λ={lam:g} (validation {', '.join(f'{k}: {v:.3f}' for k, v in validation.items())})"
+            f" → test geo-mean retention {result.score(test):.3f}"
+        )
+        progress.advance(task)
+    if federated:
+        institutions = out / "data" / "institutions"
+        skill_data.write_institution_dir(institutions, skills, count=config.train_rows)
+        for method in [m for m in FEDERATED_METHODS if m in methods]:
+            progress.update(task, description=f"seed {seed}: federated {method}")
+            folder = out / "federated" / f"{method}-seed{seed}"
+            lam = result.merges[method].lam
+            result.federated[method] = _federated(config, method, lam, seed, institutions, folder, scorer, skills)
+            progress.advance(task)
+    scorer.use(None)
+    return result
+
+
+def merge_quality(
+    model: Annotated[str, typer.Option("--model", help="Base chat model: smollm2, a local folder or a hub id.")] = (
+        "smollm2"
+    ),
+    skills: Annotated[
+        str, typer.Option("--skills", help=f"Comma list of skills (available: {', '.join(skill_data.SKILLS)}).")
+    ] = ",".join(skill_data.DEFAULT_SKILLS),
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma list of merge methods (default: every registered one of "
+            f"{', '.join(experts.CANDIDATE_METHODS)}, plus {experts.NAIVE}).",
+        ),
+    ] = "",
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps of each expert.", min=1)] = 30,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds (0…N−1): experts, LoRA init, DARE masks.", min=1)] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per training step.", min=1)] = 8,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="AdamW learning rate.", min=0.0)] = 3e-3,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.", min=1)] = 8,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA α (scale α / r).", min=0.0)] = 16.0,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per training chat.", min=8)] = 96,
+    train_rows: Annotated[int, typer.Option("--train-rows", help="Training prompts per skill.", min=1)] = 256,
+    validation_rows: Annotated[
+        int, typer.Option("--validation-rows", help="Validation prompts per skill (λ choice).", min=1)
+    ] = 24,
+    test_rows: Annotated[int, typer.Option("--test-rows", help="Test prompts per skill.", min=1)] = 48,
+    eval_batch: Annotated[int, typer.Option("--eval-batch", help="Prompts per generate call.", min=1)] = 48,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads.", min=1)] = 2,
+    federated: Annotated[
+        bool, typer.Option("--federated", help="Also merge the experts as institutions of a one-round simulation.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for results and the expert cache.")] = Path(
+        "bench-results/merge-quality"
+    ),
+    check: Annotated[bool, typer.Option("--check", help="Exit with status 1 when a target fails.")] = False,
+) -> None:
+    """LoRA experts per skill merged by every registered method: exact match, retention, interference."""
+    console = Console()
+    torch.set_num_threads(threads)
+    names = _names(skills, "skill")
+    unknown = [n for n in names if n not in skill_data.SKILLS]
+    if unknown or len(set(names)) != len(names):
+        raise typer.BadParameter(f"skills must be distinct names among {', '.join(skill_data.SKILLS)}; got {names}")
+    try:
+        chosen = experts.check_methods(
+            _names(methods, "method") if methods else [*experts.default_methods(), experts.NAIVE]
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    config = experts.ExpertConfig(
+        model, steps, batch_size, learning_rate, lora_rank, lora_alpha, max_length, train_rows, threads
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"train": train_rows, "validation": validation_rows, "test": test_rows}
+    try:
+        files = skill_data.write_skill_files(out / "data", names, counts=counts)
+        prompts = experts.skill_prompts(names, validation_rows, test_rows)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    lm, tokenizer = base_model(config.settings(0))
+    scorer = Scorer(lm, tokenizer, prompts, batch_size=eval_batch)
+    console.print(
+        f"base {model}; skills {', '.join(names)}; methods {', '.join(chosen)}; {steps} steps × {seeds} seed(s)"
+    )
+    scoring = {"validation-rows": validation_rows, "test-rows": test_rows, "federated": federated}
+    caches = [seed_cache(out, seed, config, names, chosen, scoring) for seed in range(seeds)]
+    results: list[report.SeedResult | None] = [
+        report.SeedResult.from_dict(json.loads(path.read_text())) if path.is_file() else None for path in caches
+    ]
+    base = next((r.base for r in results if r is not None), None)
+    if base is None or any(r is None for r in results):
+        console.print("scoring the base model on the test split")
+        base = base or scorer.accuracies(names, "test")
+    console.print("base model test exact match: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
+    per_seed = 2 * len(names) + len(chosen) + (len([m for m in FEDERATED_METHODS if m in chosen]) if federated else 0)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("merge-quality", total=per_seed * results.count(None))
+        for seed, (cached, path) in enumerate(zip(results, caches, strict=True)):
+            if cached is not None:
+                progress.console.print(f"seed {seed}: scores read from {path}")
+                continue
+            fresh = run_seed(seed, config, names, chosen, scorer, base, files, out, federated, progress, task)
+            with atomic_output(path, directory=False, overwrite=True) as temp:
+                temp.write_text(json.dumps(asdict(fresh), indent=2))
+            results[seed] = fresh
+    done = [r for r in results if r is not None]
+    rows = report.summarise(done)
+    targets = report.checks(rows, done)
+    console.print(report.main_table(rows, names, seeds))
+    console.print(report.interference_table(done))
+    for ok, text in targets:
+        console.print(f"{'[green]PASS' if ok else '[red]FAIL'}[/] {text}")
+    settings = {**asdict(config), "seeds": seeds, "validation-rows": validation_rows, "test-rows": test_rows}
+    document = {
+        "settings": settings,
+        "skills": names,
+        "methods": chosen,
+        "seeds": [asdict(r) for r in done],
+        "rows": [{**asdict(r), "mean_score": r.mean_score} for r in rows],
+        "checks": [{"pass": ok, "check": text} for ok, text in targets],
+    }
+    writers: dict[str, Callable[[Path], Any]] = {
+        "merge-quality.md": lambda path: path.write_text(report.markdown(rows, done, targets, settings)),
+        "merge-quality.json": lambda path: path.write_text(json.dumps(document, indent=2)),
+        "merge-quality.png": lambda path: report.plot(rows, done, path),
+    }
+    for name, write in writers.items():
+        with atomic_output(out / name, directory=False, overwrite=True) as temp:
+            write(temp)
+    console.print(f"saved {out / 'merge-quality.md'}, {out / 'merge-quality.json'}, {out / 'merge-quality.png'}")
+    if check and not all(ok for ok, _ in targets):
+        raise typer.Exit(code=1)
