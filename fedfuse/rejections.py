@@ -39,6 +39,7 @@ WIRE_REASONS: dict[str, str] = {
     "sparsifier_mismatch": "the update was shrunk otherwise than the run's sparsifier (kind or DARE density)",
     "non_finite": "a value or Fisher entry is NaN or infinite",
     "negative_fisher": "the Fisher diagonal has negative entries",
+    "bad_gram": "a Gram matrix has a negative diagonal entry (not XᵀX)",
     "bad_partial": "a partial state does not fit the strategy (identity, statistics or counters)",
     "malformed_payload": "decoding failed in an unforeseen way (reported, never a crash)",
 }

@@ -1,6 +1,6 @@
 """Where a round's time goes: wall seconds summed per named phase (client and server both keep one).
 
-A client reports its phases (model build, data, training, Fisher, encoding, signing) next to its
+A client reports its phases (model build, data, training, Fisher, Gram matrices, encoding, signing) next to its
 update; the server keeps its own (broadcast, waiting, decode+fold, finalize, evaluation,
 checkpoint, report) in each round's record, so ``fedfuse bench overhead`` can say where the time
 went and how far a round is from its training-compute bound. Diagnostics only: nothing steers a
@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-CLIENT_PHASES = ("build", "data", "train", "fisher", "encode", "sign")
+CLIENT_PHASES = ("build", "data", "train", "fisher", "gram", "encode", "sign")
 """A client's phases, in the order they run (``total`` is the whole train handler)."""
 SERVER_PHASES = ("broadcast", "wait", "decode_fold", "finalize", "client_eval", "evaluation", "checkpoint", "report")
 """The server's phases of one round, in the order they run."""

@@ -74,6 +74,8 @@ def test_fedmerge_is_a_flower_fedavg_with_its_options_and_checks_its_strategy_na
         FedMerge("ties", density=2.0)
     with pytest.raises(ValueError, match="has no parameter 'votes'; its parameters: lam, vote"):
         FedMerge("ties", votes="count")
+    with pytest.raises(ValueError, match="needs Gram matrices with every update"):
+        FedMerge("regmean")
 
 
 def test_fedmerge_rejects_bad_standard_replies_with_fedfuse_reasons_and_merges_the_good_ones(server_identity):

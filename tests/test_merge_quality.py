@@ -119,7 +119,7 @@ def tiny_model(tmp_path_factory):
 TINY_ARGS = [
     "--skills", "repeat,arithmetic", "--steps", "2", "--seeds", "1", "--batch-size", "4", "--lora-rank", "2",
     "--train-rows", "8", "--validation-rows", "3", "--test-rows", "4", "--max-length", "96",
-    "--methods", "task_arithmetic,ties,dare_ties,naive_factor_average",
+    "--methods", "task_arithmetic,ties,dare_ties,regmean,naive_factor_average",
 ]  # fmt: skip
 
 
@@ -134,7 +134,7 @@ def test_bench_end_to_end_on_a_tiny_llama_writes_json_png_and_reuses_cached_expe
     seed = report["seeds"][0]
     assert set(seed["interference"]) == {"repeat", "arithmetic"}
     assert all(set(row) == {"repeat", "arithmetic"} for row in seed["interference"].values())
-    for method in ("task_arithmetic", "ties", "dare_ties", "naive_factor_average"):
+    for method in ("task_arithmetic", "ties", "dare_ties", "regmean", "naive_factor_average"):
         merged = seed["merges"][method]
         assert merged["lam"] in experts.lambda_grid(method, 2)
         assert len(merged["validation"]) == len(experts.lambda_grid(method, 2))
@@ -166,3 +166,16 @@ def test_bench_end_to_end_on_a_tiny_llama_writes_json_png_and_reuses_cached_expe
     assert third.exit_code == 0, third.output
     assert json.loads((out / "merge-quality.json").read_text())["seeds"][0]["interference"] == seed["interference"]
     assert not [p for p in out.rglob("*") if ".fedfuse-tmp-" in p.name]
+
+
+def test_federated_variant_merges_seed_0s_experts_through_a_fedfuse_round(tiny_model, tmp_path):
+    out = tmp_path / "mq"
+    args = [*TINY_ARGS[:-1], "task_arithmetic"]
+    command = ["bench", "merge-quality", "--model", str(tiny_model), *args, "--federated", "--out", str(out)]
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "merge-quality.json").read_text())
+    federated = report["seeds"][0]["federated"]["task_arithmetic"]
+    assert set(federated) == {"repeat", "arithmetic"} and all(0.0 <= a <= 1.0 for a in federated.values())
+    assert "federated task_arithmetic" in [row["name"] for row in report["rows"]]
+    assert list((out / "federated").glob("task_arithmetic-seed0-*.json")), "the federated result is cached"

@@ -43,6 +43,7 @@ def one_parameter(strategy, state, name: str):
     """The state's statistics of parameter ``name`` alone (what the offline loop holds at a time)."""
     part = strategy.new_state()
     part.shapes, part.stats = {name: state.shapes[name]}, {name: state.stats[name]}
+    part.stat_shapes = {name: state.stat_shapes[name]}
     part.total_weight, part.num_updates = state.total_weight, state.num_updates
     return part
 

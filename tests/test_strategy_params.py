@@ -29,6 +29,7 @@ DECLARED = {
     "ties": ("lam", "vote", "normalize"),
     "model_stock": ("lam", "filter_wise"),
     "fisher": ("lam", "eps"),
+    "regmean": ("lam", "alpha"),
     "slerp": ("lam", "t"),
     "dare_linear": ("lam", "normalize"),
     "dare_ties": ("lam", "vote", "normalize"),

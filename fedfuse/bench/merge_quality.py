@@ -9,7 +9,7 @@ Protocol (the model-merging literature's): λ is chosen per method from a small 
 validation split, the test split is scored once at that λ, by greedy decoding and exact match.
 Reported per skill: the base model, each expert (the interference matrix: expert *i* on skill *j*),
 each merge; retention = merged accuracy / own-expert accuracy, summarised by its geometric mean over
-skills; over seeds the mean and a 95 % Student-t interval. ``--federated`` also runs the experts as
+skills; over seeds the mean and a 95 % Student-t interval. ``--federated`` also runs seed 0's experts as
 institutions of a one-round ``fedfuse simulate`` (one skill file per client, ``data-dir``) and
 scores the model the fedfuse server merged. Targets print as PASS/FAIL lines; ``--check`` exits 1 on
 a failure. Results land in ``--out``: ``merge-quality.json``, ``.md``, ``.png`` and the expert cache.
@@ -38,10 +38,11 @@ from fedfuse.checkpoints import atomic_output
 from fedfuse.data import skills as skill_data
 from fedfuse.export.run import open_run
 from fedfuse.simulation import simulate
+from fedfuse.strategies import method_spec
 from fedfuse.training.models import base_model
 
-FEDERATED_METHODS = ("task_arithmetic", "ties")
-"""Methods the ``--federated`` variant runs through the fedfuse server (when among ``--methods``)."""
+FEDERATED_METHODS = ("task_arithmetic", "ties", "regmean")
+"""Methods the ``--federated`` variant runs through the fedfuse server (when among ``--methods``), on seed 0."""
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -97,6 +98,40 @@ def _federated(
     return scorer.accuracies(skills, "test")
 
 
+def run_federated(
+    result: report.SeedResult,
+    config: experts.ExpertConfig,
+    skills: list[str],
+    methods: list[str],
+    scorer: Scorer,
+    out: Path,
+    progress: Progress,
+    task: Any,
+) -> None:
+    """Merge seed ``result.seed``'s experts again as institutions of a one-round simulation, per federated method.
+
+    Each method runs at the λ the offline merge chose; its test accuracies are cached beside the run folder.
+    """
+    institutions = out / "data" / "institutions"
+    skill_data.write_institution_dir(institutions, skills, count=config.train_rows)
+    seed = result.seed
+    for method in [m for m in FEDERATED_METHODS if m in methods]:
+        progress.update(task, description=f"seed {seed}: federated {method}")
+        lam = result.merges[method].lam
+        spec = {"experts": [config.key(skill, seed) for skill in skills], "method": method, "lam": lam}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        cache = out / "federated" / f"{method}-seed{seed}-{digest}.json"
+        if cache.is_file():
+            result.federated[method] = json.loads(cache.read_text())
+        else:
+            folder = out / "federated" / f"{method}-seed{seed}"
+            result.federated[method] = _federated(config, method, lam, seed, institutions, folder, scorer, skills)
+            with atomic_output(cache, directory=False, overwrite=True) as temp:
+                temp.write_text(json.dumps(result.federated[method]))
+        progress.advance(task)
+    scorer.use(None)
+
+
 def seed_cache(
     out: Path, seed: int, config: experts.ExpertConfig, skills: list[str], methods: list[str], extra: dict[str, Any]
 ) -> Path:
@@ -120,7 +155,6 @@ def run_seed(
     base: dict[str, float],
     files: dict[str, dict[str, Path]],
     out: Path,
-    federated: bool,
     progress: Progress,
     task: Any,
 ) -> report.SeedResult:
@@ -135,15 +169,24 @@ def run_seed(
         progress.advance(task)
     deltas = [experts.expert_deltas(f, scale) for f in factors]
     result = report.SeedResult(seed, base, {}, train_seconds=time.perf_counter() - started)
+    grams = []
     for skill, delta in zip(skills, deltas, strict=True):
         progress.update(task, description=f"seed {seed}: scoring expert {skill}")
         scorer.use(delta)
         result.interference[skill] = scorer.accuracies(skills, "test")
+        if any(method_spec(m).needs_gram for m in methods if m != experts.NAIVE):
+            grams.append(
+                experts.expert_grams(config, seed, scorer.model, scorer.tokenizer, list(delta), files[skill]["train"])
+            )
         progress.advance(task)
     for method in methods:
         progress.update(task, description=f"seed {seed}: {method}")
         merge_started = time.perf_counter()
-        tau = experts.naive_merge(factors, scale) if method == experts.NAIVE else experts.merge(method, deltas, seed)
+        tau = (
+            experts.naive_merge(factors, scale)
+            if method == experts.NAIVE
+            else experts.merge(method, deltas, seed, grams if method_spec(method).needs_gram else None)
+        )
         lam, validation = _choose_lambda(scorer, tau, experts.lambda_grid(method, len(skills)), skills)
         scorer.use(tau, lam)
         test = scorer.accuracies(skills, "test")
@@ -153,15 +196,6 @@ def run_seed(
             f" → test geo-mean retention {result.score(test):.3f}"
         )
         progress.advance(task)
-    if federated:
-        institutions = out / "data" / "institutions"
-        skill_data.write_institution_dir(institutions, skills, count=config.train_rows)
-        for method in [m for m in FEDERATED_METHODS if m in methods]:
-            progress.update(task, description=f"seed {seed}: federated {method}")
-            folder = out / "federated" / f"{method}-seed{seed}"
-            lam = result.merges[method].lam
-            result.federated[method] = _federated(config, method, lam, seed, institutions, folder, scorer, skills)
-            progress.advance(task)
     scorer.use(None)
     return result
 
@@ -196,7 +230,11 @@ def merge_quality(
     eval_batch: Annotated[int, typer.Option("--eval-batch", help="Prompts per generate call.", min=1)] = 48,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads.", min=1)] = 2,
     federated: Annotated[
-        bool, typer.Option("--federated", help="Also merge the experts as institutions of a one-round simulation.")
+        bool,
+        typer.Option(
+            "--federated",
+            help="Also merge seed 0's experts as institutions of a one-round simulation (fedfuse server).",
+        ),
     ] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for results and the expert cache.")] = Path(
         "bench-results/merge-quality"
@@ -231,7 +269,7 @@ def merge_quality(
     console.print(
         f"base {model}; skills {', '.join(names)}; methods {', '.join(chosen)}; {steps} steps × {seeds} seed(s)"
     )
-    scoring = {"validation-rows": validation_rows, "test-rows": test_rows, "federated": federated}
+    scoring = {"validation-rows": validation_rows, "test-rows": test_rows}
     caches = [seed_cache(out, seed, config, names, chosen, scoring) for seed in range(seeds)]
     results: list[report.SeedResult | None] = [
         report.SeedResult.from_dict(json.loads(path.read_text())) if path.is_file() else None for path in caches
@@ -241,19 +279,22 @@ def merge_quality(
         console.print("scoring the base model on the test split")
         base = base or scorer.accuracies(names, "test")
     console.print("base model test exact match: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
-    per_seed = 2 * len(names) + len(chosen) + (len([m for m in FEDERATED_METHODS if m in chosen]) if federated else 0)
+    per_seed = 2 * len(names) + len(chosen)
+    federated_steps = len([m for m in FEDERATED_METHODS if m in chosen]) if federated else 0
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("merge-quality", total=per_seed * results.count(None))
+        task = progress.add_task("merge-quality", total=per_seed * results.count(None) + federated_steps)
         for seed, (cached, path) in enumerate(zip(results, caches, strict=True)):
             if cached is not None:
                 progress.console.print(f"seed {seed}: scores read from {path}")
                 continue
-            fresh = run_seed(seed, config, names, chosen, scorer, base, files, out, federated, progress, task)
+            fresh = run_seed(seed, config, names, chosen, scorer, base, files, out, progress, task)
             with atomic_output(path, directory=False, overwrite=True) as temp:
                 temp.write_text(json.dumps(asdict(fresh), indent=2))
             results[seed] = fresh
-    done = [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        if federated:
+            run_federated(done[0], config, names, chosen, scorer, out, progress, task)
     rows = report.summarise(done)
     targets = report.checks(rows, done)
     console.print(report.main_table(rows, names, seeds))

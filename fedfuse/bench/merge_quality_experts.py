@@ -30,7 +30,8 @@ from fedfuse.client.local_round import Shard, run_local_round
 from fedfuse.data import skills as skill_data
 from fedfuse.settings import RunSettings
 from fedfuse.strategies import available_strategies, build_strategy, method_spec
-from fedfuse.training.client_data import NodeData
+from fedfuse.training.client_data import NodeData, load_client_datasets
+from fedfuse.training.gram import gram_matrices, gram_targets
 from fedfuse.training.models import lora_scale, update_shapes
 from fedfuse.wire import Expectation, decode_update
 
@@ -46,18 +47,20 @@ CANDIDATE_METHODS: tuple[str, ...] = (
     "della",
     "della_linear",
     "model_stock",
+    "regmean",
     "median",
     "trimmed_mean",
 )
-"""Merge methods the benchmark runs by default when registered: the monoids, then the coordinate-wise
-robust two (cheap at K experts). Fisher is left out: LoRA experts carry no Fisher diagonal."""
+"""Merge methods the benchmark runs by default when registered: the monoids (RegMean with each expert's
+Gram matrices over its own training prompts), then the coordinate-wise robust two (cheap at K experts).
+Fisher is left out: LoRA experts carry no Fisher diagonal."""
 NAIVE = "naive_factor_average"
 """The row of the FedIT baseline: A and B averaged separately (cross terms included)."""
 DENSITIES: dict[str, float] = {"trim": 0.2, "dare": 0.5, "breadcrumbs": 0.8, "della": 0.5}
 """Kept fraction per sparsifier kind (TIES trim 20 %, DARE p = 0.5, breadcrumbs 80 %, DELLA 50 %)."""
 SUM_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)
 """λ grid of methods whose τ is a sum of task vectors (task arithmetic and its sparsified variants)."""
-DISJOINT_GRID: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
+DISJOINT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)
 """λ grid of TIES-style disjoint means (each entry the mean of the agreeing experts)."""
 SUMMING: frozenset[str] = frozenset({"task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"})
 DISJOINT: frozenset[str] = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})
@@ -157,6 +160,26 @@ def train_expert(
     return factors, False
 
 
+GRAM_BATCHES = 8
+"""Batches of an expert's training prompts its RegMean Gram matrices are summed over."""
+
+
+def expert_grams(
+    config: ExpertConfig, seed: int, model: torch.nn.Module, tokenizer: Any, names: Sequence[str], train: Path
+) -> dict[str, torch.Tensor]:
+    """Gram matrices of ``model``'s (base + one expert's ΔW) LoRA-module inputs over that expert's training file."""
+    settings = config.settings(seed)
+    data = load_client_datasets(settings, tokenizer, partition_id=0, num_partitions=1, node=NodeData(data=str(train)))
+    return gram_matrices(
+        model,
+        data.train,
+        gram_targets(model, names),
+        num_batches=GRAM_BATCHES,
+        batch_size=config.batch_size,
+        seed=seed,
+    )
+
+
 def expert_deltas(factors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """An expert's task vector in weight space: ΔW = s·B·A under each module's ``.weight``."""
     return factors_to_deltas(factors, scale)
@@ -168,14 +191,22 @@ def sparsifier_for(method: str) -> Sparsifier:
     return Sparsifier() if kind == "none" else Sparsifier(kind, DENSITIES[kind])  # type: ignore[arg-type]
 
 
-def merge(method: str, deltas: Sequence[dict[str, torch.Tensor]], seed: int) -> dict[str, torch.Tensor]:
-    """τ of ``method`` over the experts' ΔW at λ = 1 (each shrunk by the method's sparsifier, weight 1)."""
+def merge(
+    method: str,
+    deltas: Sequence[dict[str, torch.Tensor]],
+    seed: int,
+    grams: Sequence[dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """τ of ``method`` over the experts' ΔW at λ = 1 (each shrunk by the method's sparsifier, weight 1).
+
+    ``grams`` (RegMean): each expert's Gram matrices of its LoRA modules' inputs, keyed like ``deltas``.
+    """
     strategy = build_strategy(method)
     sparsifier = sparsifier_for(method)
     state = strategy.new_state()
     for k, delta in enumerate(deltas):
         seed_for = dare_seed_fn(seed, 1, f"expert-{k}") if sparsifier.seeded else None
-        state.add(sparsify_update(delta, sparsifier, seed_for), 1.0)
+        state.add(sparsify_update(delta, sparsifier, seed_for), 1.0, gram=None if grams is None else grams[k])
     return {name: t.float().cpu() for name, t in state.finalize(release=True).items()}
 
 

@@ -102,8 +102,9 @@ def summarise(seeds: list[SeedResult]) -> list[Row]:
     ]
     for method in seeds[0].merges:
         rows.append(_row(method, seeds, lambda s, m=method: s.merges[m].test, [s.merges[method].lam for s in seeds]))
-    for method in seeds[0].federated:
-        rows.append(_row(f"federated {method}", seeds, lambda s, m=method: s.federated[m]))
+    federated = [s for s in seeds if s.federated]  # --federated runs seed 0 only
+    for method in federated[0].federated if federated else ():
+        rows.append(_row(f"federated {method}", federated, lambda s, m=method: s.federated[m]))
     return rows
 
 

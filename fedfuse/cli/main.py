@@ -15,6 +15,7 @@ from fedfuse.bench.wire import wire
 from fedfuse.cli.demo import demo
 from fedfuse.cli.eval import eval_command
 from fedfuse.cli.export import export
+from fedfuse.cli.grams import grams
 from fedfuse.cli.merge import merge
 from fedfuse.cli.models import models_app
 from fedfuse.cli.security import certs, keys, registry_add
@@ -51,6 +52,7 @@ registry_app = typer.Typer(
 registry_app.command("add", help="Register an institution's update-signing public key.")(registry_add)
 app.add_typer(registry_app, name="registry")
 app.command("demo", help="Merge a generated three-institution example with several methods.")(demo)
+app.command("grams", help="Gram matrices of a model's linear-layer inputs over a local file (regmean merges).")(grams)
 app.command("eval", help="Evaluate a model folder on lm-evaluation-harness tasks, offline.")(eval_command)
 
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)

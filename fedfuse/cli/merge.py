@@ -142,6 +142,12 @@ def merge(
         list[Path] | None,
         typer.Option("--fisher", help="Fisher-diagonal safetensors file, once per --model (fisher method)."),
     ] = None,
+    gram: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--gram", help="Gram-matrix safetensors file, once per --model (regmean; made by `fedfuse grams`)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output model folder.")] = None,
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Shard the output past this size: 5GB, 500MB, 2GiB or bytes.")
@@ -214,6 +220,7 @@ def merge(
                         "--vote": vote is not None,
                         "--param": bool(param),
                         "--fisher": bool(fisher),
+                        "--gram": bool(gram),
                         "--dtype": dtype != "float32",
                         "--lambda": lam != 1.0,
                         "--partial-out": partial_out is not None,
@@ -255,6 +262,7 @@ def merge(
                         "--vote": vote is not None,
                         "--param": bool(param),
                         "--fisher": bool(fisher),
+                        "--gram": bool(gram),
                         "--dtype": dtype != "float32",
                         "--lambda": lam != 1.0,
                         "--seed": seed != 0,
@@ -279,11 +287,11 @@ def merge(
                     params = parse_strategy_params(param or [])
                 except ValueError as exc:
                     raise MergeInputError(f"--param: {exc}") from None
-                if model or fisher:
+                if model or fisher or gram:
                     given = "--adapter" if adapter else "--out-adapter" if out_adapter else "--rank"
+                    mixed = "--model" if model else "--fisher" if fisher else "--gram"
                     raise MergeInputError(
-                        f"{given} cannot be mixed with {'--model' if model else '--fisher'}: "
-                        "merge either fine-tuned models or LoRA adapters"
+                        f"{given} cannot be mixed with {mixed}: merge either fine-tuned models or LoRA adapters"
                     )
                 result = merge_lora_adapters(
                     base,
@@ -329,6 +337,7 @@ def merge(
                     vote=vote,
                     params=params,
                     fishers=fisher,
+                    grams=gram,
                     out=out,
                     max_shard_size=max_shard_size,
                     partial_out=partial_out,

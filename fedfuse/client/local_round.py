@@ -3,8 +3,9 @@
 Training goes through the run's trainer (built-in or the user's, see ``fedfuse.training.trainers``)
 on the client's device; everything after training is fedfuse's. Full mode sends
 τ = θ_local − θ_round, sparsified on the client (with error feedback when enabled) and optionally
-with a diagonal Fisher. LoRA mode sends each module's A and B factors and the head's task vector
-dense (they are small); the server forms ΔW = s·B·A and sparsifies there, so TIES and DARE act on ΔW.
+with a diagonal Fisher. For RegMean either mode adds the Gram matrices of its linear layers' inputs.
+LoRA mode sends each module's A and B factors and the head's task vector dense (they are small);
+the server forms ΔW = s·B·A and sparsifies there, so TIES and DARE act on ΔW.
 A node may train at its own LoRA rank rₖ ≤ the run's ``lora-rank`` r (node config ``lora-rank``): it
 sends its factors at rank r (:func:`to_run_rank`), so every node's payload has the shapes the server expects.
 """
@@ -34,6 +35,7 @@ from fedfuse.training.device import (
     enable_gradient_checkpointing,
     quantize_4bit,
 )
+from fedfuse.training.gram import gram_matrices, gram_targets
 from fedfuse.training.loop import Evaluation, evaluate, fisher_diagonal, steps_for
 from fedfuse.training.models import (
     attach_lora,
@@ -253,6 +255,17 @@ def run_local_round(
                 seed=seed + 1,
             )
             fisher = {name: value.cpu() for name, value in fisher.items()}
+    grams = None
+    if settings.gram_batch_count:
+        with phases("gram"):
+            grams = gram_matrices(
+                model,
+                data.train,
+                gram_targets(model, tensors),
+                num_batches=settings.gram_batch_count,
+                batch_size=settings.training.batch_size,
+                seed=seed + 2,
+            )
     with phases("encode"):
         header = UpdateHeader(
             run_id=run_id,
@@ -269,7 +282,9 @@ def run_local_round(
             },
             tier=tier,
         )
-        payload = encode_update(tensors, header=header, value_dtype=settings.compression.wire_dtype, fisher=fisher)
+        payload = encode_update(
+            tensors, header=header, value_dtype=settings.compression.wire_dtype, fisher=fisher, grams=grams
+        )
     return LocalResult(payload, len(data.train), result.loss, data.source, train_seconds, phases.as_dict())
 
 

@@ -174,11 +174,16 @@ def _check_adapter_options(
         raise MergeInputError(f"--rank must be an integer >= 1, got {rank!r}")
     if method:
         try:
-            needs_fisher = method_spec(method).needs_fisher
+            spec = method_spec(method)
         except (KeyError, ValueError):
             return  # the plan names the available methods
-        if needs_fisher:
+        if spec.needs_fisher:
             raise MergeInputError(f"method {method!r} needs Fisher diagonals, which LoRA adapters do not carry")
+        if spec.needs_gram:
+            raise MergeInputError(
+                f"method {method!r} needs Gram matrices of each model's inputs: merge the models with --model and "
+                "--gram (fedfuse grams computes them), not adapters"
+            )
 
 
 def merge_adapters(

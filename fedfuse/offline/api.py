@@ -67,6 +67,7 @@ def merge_models(
     vote: str | None = None,
     params: Mapping[str, Any] | None = None,
     fishers: Sequence[PathLike] | None = None,
+    grams: Sequence[PathLike] | None = None,
     out: PathLike | None = None,
     max_shard_size: str | int = "5GB",
     partial_out: PathLike | None = None,
@@ -106,6 +107,9 @@ def merge_models(
         Further declared strategy parameters by name (values may be strings, e.g. ``{"eps": "1e-8"}``).
     fishers : list of path, optional
         One safetensors file of Fisher diagonals per model (the ``fisher`` method needs them).
+    grams : list of path, optional
+        One safetensors file of Gram matrices per model (``regmean`` needs them; see
+        :func:`fedfuse.offline.grams.compute_grams`).
     out : path, optional
         Output model folder (``model.safetensors`` or shards + index, plus the base's config files).
     max_shard_size : str or int
@@ -154,6 +158,7 @@ def merge_models(
         device=device,
         dtype=dtype,
         fishers=fishers,
+        grams=grams,
         out=out,
         partial_out=partial_out,
         max_shard_size=max_shard_size,

@@ -62,6 +62,8 @@ class MergePlan:
     output: Output
     allow_non_finite: bool = False
     """Merge NaN/Inf input values as they are instead of refusing the merge (naming the tensor)."""
+    grams: tuple[Path, ...] = ()
+    """One safetensors file of Gram matrices per model (RegMean), keyed by linear weight name."""
     tensor_settings: TensorSettingsFn | None = None
     """Per-tensor settings (a recipe's); None: every tensor uses the plan's strategy, weights, sparsifier."""
 
@@ -228,6 +230,7 @@ def plan_merge(
     first_model_index: int = 0,
     allow_non_finite: bool = False,
     tensor_settings: TensorSettingsFn | None = None,
+    grams: Sequence[PathLike] | None = None,
 ) -> MergePlan:
     """Check every option of :func:`fedfuse.offline.merge_models`; raises :class:`MergeInputError`."""
     strategy = plan_strategy(method, strategy_params(lam, vote, params), device=device, dtype=dtype)
@@ -244,6 +247,17 @@ def plan_merge(
         raise MergeInputError(f"--fisher was given but method {method!r} does not use Fisher diagonals")
     if fisher_paths and len(fisher_paths) != len(models):
         raise MergeInputError(f"got {len(fisher_paths)} Fisher file(s) for {len(models)} model(s): give one per model")
+    gram_paths = tuple(Path(p) for p in grams or ())
+    needs_gram = method_spec(method).needs_gram
+    if needs_gram and not gram_paths:
+        raise MergeInputError(
+            f"method {method!r} needs a Gram-matrix file per model "
+            "(--gram; `fedfuse grams MODEL --data FILE` makes one)"
+        )
+    if gram_paths and not needs_gram:
+        raise MergeInputError(f"--gram was given but method {method!r} does not use Gram matrices")
+    if gram_paths and len(gram_paths) != len(models):
+        raise MergeInputError(f"got {len(gram_paths)} Gram file(s) for {len(models)} model(s): give one per model")
     if seed < 0 or first_model_index < 0:
         raise MergeInputError(f"--seed and --first-model-index must be >= 0, got {seed} and {first_model_index}")
     output = plan_output(out, partial_out, force=force, max_shard_size=max_shard_size)
@@ -251,7 +265,7 @@ def plan_merge(
         check_mergeable(method, "--partial-out")
         if tensor_settings is not None:
             raise MergeInputError("per-tensor settings (a recipe's) cannot be written as partial statistics")
-    check_not_an_input(output.target, [base, *models, *fisher_paths])
+    check_not_an_input(output.target, [base, *models, *fisher_paths, *gram_paths])
     return MergePlan(
         base=Path(base),
         models=tuple(Path(p) for p in models),
@@ -263,6 +277,7 @@ def plan_merge(
         first_model_index=first_model_index,
         output=output,
         allow_non_finite=allow_non_finite,
+        grams=gram_paths,
         tensor_settings=tensor_settings,
     )
 

@@ -84,6 +84,24 @@ def check_layout(
             raise MergeInputError(f"tensor {name!r}: {role} {ckpt.path} holds {other.dtype}, expected floating point")
 
 
+def check_gram_layout(layout: dict[str, TensorInfo], ckpt: CheckpointReader, role: str, source: str) -> None:
+    """A Gram file holds, for some 2-D floating tensors of the base, one float in × in matrix each."""
+    for name in ckpt.names:
+        info, gram = layout.get(name), ckpt.info(name)
+        if info is None:
+            raise MergeInputError(f"{role} {ckpt.path} has a Gram matrix for {name!r}, which {source} lacks")
+        if len(info.shape) != 2 or not info.is_floating_point:
+            raise MergeInputError(f"{role} {ckpt.path}: {name!r} is not a 2-D floating weight in {source}")
+        size = info.shape[-1]
+        if tuple(gram.shape) != (size, size) or not gram.dtype.is_floating_point:
+            raise MergeInputError(
+                f"{role} {ckpt.path}: the Gram matrix of {name!r} is {gram.dtype} {list(gram.shape)}, "
+                f"expected floating point [{size}, {size}] (the weight's input size)"
+            )
+    if not ckpt.names:
+        raise MergeInputError(f"{role} {ckpt.path} holds no Gram matrix")
+
+
 class _LazyTensors(Mapping[str, torch.Tensor]):
     """A checkpoint as a mapping that loads each tensor when it is looked up (one at a time)."""
 
@@ -130,6 +148,9 @@ class ModelSource:
             ckpt = open_input(stack, f"Fisher file {i + 1}", path)
             check_layout(floating, ckpt, f"Fisher file {i + 1}", source, dtypes=False)
             self._fishers.append(ckpt)
+        self._grams = [open_input(stack, f"Gram file {i + 1}", path) for i, path in enumerate(plan.grams)]
+        for i, ckpt in enumerate(self._grams):
+            check_gram_layout(layout, ckpt, f"Gram file {i + 1}", source)
         self._seed_fns = [dare_seed_fn(plan.seed, 0, plan.first_model_index + i) for i in range(len(plan.models))]
         self._paths = {"base": base.path, **{f"model {i + 1}": path for i, path in enumerate(plan.models)}}
         self._allow_non_finite = plan.allow_non_finite
@@ -160,8 +181,13 @@ class ModelSource:
                 if self._fishers
                 else None
             )
-            state.add(update, weight=settings.weights[i], fisher=fisher)
-            del update, fisher
+            gram = (
+                {name: self._finite(self._grams[i].get(name), name, f"Gram file {i + 1}").float()}
+                if self._grams and name in self._grams[i]
+                else None
+            )
+            state.add(update, weight=settings.weights[i], fisher=fisher, gram=gram)
+            del update, fisher, gram
         return state
 
 

@@ -127,10 +127,9 @@ class RoundEngine:
         self.run_id = run_id
         self.base_fingerprint = base_fingerprint
         self.bounds = UpdateBounds(float(clip_norm), int(max_num_examples), weighting)
-        update_cap = max_update_bytes(space.wire_shapes) if max_bytes == "auto" else max_bytes
-        partial_cap = (
-            max_partial_bytes(space.merge_shapes, len(strategy.statistics)) if max_bytes == "auto" else max_bytes
-        )
+        gram, stats = strategy.needs_gram, len(strategy.statistics)
+        update_cap = max_update_bytes(space.wire_shapes, gram=gram) if max_bytes == "auto" else max_bytes
+        partial_cap = max_partial_bytes(space.merge_shapes, stats, gram=gram) if max_bytes == "auto" else max_bytes
         wire_sparsifier = space.wire_sparsifier if check_sparsifier else None
         self.update_expect = Expectation(
             space.wire_shapes, round_number, run_id, base_fingerprint, update_cap, sparsifier=wire_sparsifier
@@ -251,10 +250,12 @@ class RoundEngine:
         weight = self.bounds.weight(header.num_examples)
         if weight <= 0:
             return self.reject(node, "zero_weight", f"node {node} reported {header.num_examples} examples")
+        if self.strategy.needs_gram and not update.grams:
+            return self.reject(node, "incompatible_update", f"node {node}: {self.strategy.name!r} needs Gram matrices")
         try:
             tensors, fisher = self.space.merge_input(update)
             clipped, norm = self.bounds.clip(tensors)
-            self.state.add(clipped, weight=weight, fisher=fisher)
+            self.state.add(clipped, weight=weight, fisher=fisher, gram=self.space.merge_grams(update))
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
         self.bounds.admitted(header.num_examples, norm)
@@ -282,6 +283,8 @@ class RoundEngine:
         if refused is not None:
             return refused
         problem = _space_mismatch(self.space.merge_shapes, tensors)
+        if self.strategy.needs_gram:
+            problem = f"strategy {self.strategy.name!r} needs Gram matrices, which a plain task vector lacks"
         if problem:
             return self.reject(node, "incompatible_update", f"node {node}: {problem}")
         bad = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)

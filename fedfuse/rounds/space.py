@@ -109,6 +109,16 @@ class UpdateSpace:
         deltas = factors_to_deltas(dense, self.scale)
         return self.server_sparsified(deltas, round_number=update.header.round, node=str(update.header.node_id)), None
 
+    def merge_grams(self, update: DecodedUpdate) -> dict[str, torch.Tensor]:
+        """The update's Gram matrices under the names the strategy merges (LoRA exact: a module's ΔW)."""
+        if self.kind != "lora-exact":
+            return dict(update.grams)
+        suffix = factor_names("")[0]
+        return {
+            (name.removesuffix(suffix) + ".weight" if name.endswith(suffix) else name): gram
+            for name, gram in update.grams.items()
+        }
+
     def server_sparsified(self, dense: Update, *, round_number: int, node: str) -> Update:
         """``dense`` shrunk on the server by this space's sparsifier, DARE seeded as the client would be."""
         seed_for = dare_seed_fn(self.seed, round_number, node, self.seed_scope)

@@ -110,6 +110,11 @@ class FedMerge(FedAvg):
             self.merge = strategy
         else:
             self.merge = build_strategy(strategy, params, device=device)
+        if self.merge.needs_gram:
+            raise ValueError(
+                f"strategy {self.merge.name!r} needs Gram matrices with every update, which Flower replies do not "
+                "carry: run it with fedfuse's own ClientApp (fedfuse simulate, flwr run .)"
+            )
         kind = self.merge.default_sparsifier if sparsifier is None else sparsifier
         self.sparsifier = Sparsifier(kind, 1.0 if kind == "none" else density, seed_scope=seed_scope)  # type: ignore[arg-type]
         self.seed = seed

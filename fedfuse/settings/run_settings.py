@@ -39,6 +39,8 @@ SECTION_OF: dict[str, str] = {name: section for section, cls in SECTIONS.items()
 
 AUTO_FISHER_BATCHES = 4
 """``fisher-batches = "auto"`` for a strategy that needs Fisher."""
+AUTO_GRAM_BATCHES = 4
+"""``gram-batches = "auto"`` for a strategy that needs Gram matrices (RegMean)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,13 @@ class RunSettings:
         name = self.merge.strategy
         if needs_fisher and self.fisher_batch_count == 0:
             raise SettingsError(f"strategy {name!r} needs fisher-batches >= 1 (or 'auto')")
+        if self.merge.spec.needs_gram and self.gram_batch_count == 0:
+            raise SettingsError(f"strategy {name!r} needs gram-batches >= 1 (or 'auto')")
+        if self.merge.spec.needs_gram and self.training.mode == "lora" and self.merge.lora_aggregation != "exact":
+            raise SettingsError(
+                f"strategy {name!r} with LoRA needs lora-aggregation exact: a Gram matrix weights a module's ΔW, "
+                "not its factors"
+            )
         if needs_fisher and self.training.mode == "lora":
             raise SettingsError(
                 f"strategy {name!r} needs mode 'full': "
@@ -96,9 +105,9 @@ class RunSettings:
         if base not in DP_STRATEGIES:
             raise SettingsError(
                 f"dp {p.dp!r} needs strategy fedavg, task_arithmetic or dare_linear; {name!r} is refused: TIES elects "
-                "signs and divides by agreeing weights, Fisher weights each client by its own Fisher and robust "
-                "methods select individual updates, so Gaussian noise on the clipped sum does not bound what they "
-                "release"
+                "signs and divides by agreeing weights, Fisher weights each client by its own Fisher, RegMean sends "
+                "Gram matrices of a client's inputs and robust methods select individual updates, so Gaussian noise "
+                "on the clipped sum does not bound what they release"
             )
         if c.sparsifier == "trim" or (c.sparsifier == "dare" and c.seed_scope != "round"):
             raise SettingsError(
@@ -166,6 +175,13 @@ class RunSettings:
         if self.training.fisher_batches == "auto":
             return AUTO_FISHER_BATCHES if self.merge.spec.needs_fisher else 0
         return int(self.training.fisher_batches)
+
+    @property
+    def gram_batch_count(self) -> int:
+        """Batches for the Gram matrices ("auto": 4 when the strategy declares it needs them, else none)."""
+        if self.training.gram_batches == "auto":
+            return AUTO_GRAM_BATCHES if self.merge.spec.needs_gram else 0
+        return int(self.training.gram_batches)
 
     @property
     def uses_error_feedback(self) -> bool:

@@ -69,8 +69,9 @@ def method_table() -> str:
         "**Merge methods** (each declares its parameters in `fedfuse.strategies`; set them with `lam`, `vote`,"
         ' `strategy-params = "name=value,..."` or `fedfuse simulate --strategy-param name=value`)',
         "",
-        "| strategy | parameters | needs Fisher | default sparsifier | monoid (tiers, gateways) | preset of |",
-        "|---|---|---|---|---|---|",
+        "| strategy | parameters | needs Fisher | needs Gram | default sparsifier | monoid (tiers, gateways) "
+        "| preset of |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in BUILT_IN_STRATEGIES + tuple(p.name for p in BUILT_IN_PRESETS):
         spec = method_spec(name)
@@ -81,7 +82,8 @@ def method_table() -> str:
         )
         preset = f"`{spec.preset_of}`" if spec.preset_of else ""
         lines.append(
-            f"| `{name}` | {params} | {'yes' if spec.needs_fisher else 'no'} | `{spec.default_sparsifier}` "
+            f"| `{name}` | {params} | {'yes' if spec.needs_fisher else 'no'} | {'yes' if spec.needs_gram else 'no'} "
+            f"| `{spec.default_sparsifier}` "
             f"| {'yes' if spec.mergeable else 'no (spilled to disk)'} | {preset} |"
         )
     return "\n".join(lines) + "\n"

@@ -36,6 +36,9 @@ class TrainingSettings:
     fisher_batches : int or "auto"
         Batches for the diagonal Fisher ("auto": resolved by the merge strategy, see
         ``RunSettings.fisher_batch_count``).
+    gram_batches : int or "auto"
+        Batches for the Gram matrices of linear-layer inputs (RegMean; "auto": see
+        ``RunSettings.gram_batch_count``).
     """
 
     mode: str = setting("lora", "`lora` (PEFT; the head trains fully) or `full`")
@@ -53,6 +56,12 @@ class TrainingSettings:
     batch_size: int = setting(32, "examples per step")
     fisher_batches: int | str = setting(
         "auto", "batches for the diagonal Fisher; `auto` = 4 when the strategy needs Fisher, else 0", auto=int
+    )
+    gram_batches: int | str = setting(
+        "auto",
+        "batches for the Gram matrices XᵀX of linear-layer inputs; `auto` = 4 when the strategy needs them"
+        " (`regmean`), else 0",
+        auto=int,
     )
     client_threads: int = setting(1, "torch threads per client")
     client_eval_examples: int = setting(64, "local held-out examples for the evaluate handler")
@@ -80,8 +89,10 @@ class TrainingSettings:
             raise SettingsError("local-steps and local-epochs are both 0: a client would not train")
         if self.learning_rate != "auto" and not float(self.learning_rate) > 0:
             raise SettingsError(f"learning-rate must be > 0 or 'auto'; got {self.learning_rate!r}")
-        if self.fisher_batches != "auto" and int(self.fisher_batches) < 0:
-            raise SettingsError(f"fisher-batches must be >= 0 or 'auto'; got {self.fisher_batches!r}")
+        for key in ("fisher_batches", "gram_batches"):
+            value = getattr(self, key)
+            if value != "auto" and int(value) < 0:
+                raise SettingsError(f"{key.replace('_', '-')} must be >= 0 or 'auto'; got {value!r}")
         ranks = self.node_ranks  # parsed now: a bad list is refused before anything starts
         if any(rank < 1 or rank > self.lora_rank for rank in ranks):
             raise SettingsError(f"lora-node-ranks must be ranks in [1, lora-rank = {self.lora_rank}]; got {ranks}")

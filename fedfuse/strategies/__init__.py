@@ -29,6 +29,7 @@ from fedfuse.strategies.registry import (
     register_strategy,
     strategy_class,
 )
+from fedfuse.strategies.regmean import RegMean
 from fedfuse.strategies.slerp import Slerp
 from fedfuse.strategies.spec import MethodSpec, Preset
 from fedfuse.strategies.spilled import SpilledState, SpilledStrategy
@@ -37,7 +38,19 @@ from fedfuse.strategies.tiers import Contribution, MergeTree, reduce_tree
 from fedfuse.strategies.ties import Ties
 from fedfuse.strategies.trimmed_mean import TrimmedMean
 
-_CLASSES = (FedAvg, Linear, TaskArithmetic, Ties, ModelStock, FisherMerge, Slerp, Median, TrimmedMean, Krum)
+_CLASSES = (
+    FedAvg,
+    Linear,
+    TaskArithmetic,
+    Ties,
+    ModelStock,
+    FisherMerge,
+    RegMean,
+    Slerp,
+    Median,
+    TrimmedMean,
+    Krum,
+)
 BUILT_IN_STRATEGIES: tuple[str, ...] = tuple(cls.name for cls in _CLASSES)
 """The strategy classes fedfuse ships (presets: :data:`BUILT_IN_PRESETS`)."""
 
@@ -65,6 +78,7 @@ __all__ = [
     "ModelStock",
     "Param",
     "Preset",
+    "RegMean",
     "Slerp",
     "SpilledState",
     "SpilledStrategy",

@@ -51,7 +51,7 @@ class ModelStock(MergeStrategy):
     def accumulate(self, stats, values, weight, fisher, index) -> None:
         raise TypeError("model_stock needs each parameter's shape: MergeState calls accumulate_parameter")
 
-    def accumulate_parameter(self, stats, values, weight, fisher, index, shape) -> None:
+    def accumulate_parameter(self, stats, values, weight, fisher, index, shape, gram=None) -> None:
         length = row_length(torch.Size(shape), self.filter_wise)
         add_at(stats["S"], values, index, alpha=weight)
         if index is None:

@@ -59,6 +59,8 @@ class MethodSpec:
         ``none``, ``trim`` or ``dare``.
     mergeable : bool
         Its state is a monoid: partial states of tiers, gateways and ``--partial-out`` combine exactly.
+    needs_gram : bool
+        Every update carries the Gram matrices XᵀX of its linear layers' inputs (RegMean).
     preset_of : str or None
         The base method when this is a preset.
     fixed : Mapping[str, object]
@@ -71,6 +73,7 @@ class MethodSpec:
     needs_fisher: bool
     default_sparsifier: str
     mergeable: bool
+    needs_gram: bool = False
     preset_of: str | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
@@ -85,6 +88,7 @@ class MethodSpec:
             needs_fisher=bool(strategy.needs_fisher),
             default_sparsifier=str(strategy.default_sparsifier),
             mergeable=bool(getattr(strategy, "mergeable", True)),
+            needs_gram=bool(getattr(strategy, "needs_gram", False)),
         )
 
     def with_preset(self, preset: Preset) -> MethodSpec:
@@ -100,6 +104,7 @@ class MethodSpec:
             needs_fisher=self.needs_fisher,
             default_sparsifier=preset.default_sparsifier,
             mergeable=self.mergeable,
+            needs_gram=self.needs_gram,
             preset_of=self.name,
             fixed=MappingProxyType(fixed),
         )

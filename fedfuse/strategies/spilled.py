@@ -102,8 +102,14 @@ class SpilledState(MergeState):
         self.weights: list[float] = []
         self._rows: _RowFile | None = None
 
-    def add(self, update: Update, weight: float = 1.0, fisher: Mapping[str, Any] | None = None) -> SpilledState:
-        """Spill one update (dense or sparse tensors; a sparse one is written with its zeros).
+    def add(
+        self,
+        update: Update,
+        weight: float = 1.0,
+        fisher: Mapping[str, Any] | None = None,
+        gram: Mapping[str, Any] | None = None,
+    ) -> SpilledState:
+        """Spill one update (dense or sparse tensors; a sparse one is written with its zeros; Grams unused).
 
         The first update fixes the tensor names and shapes; every later one must have the same.
         """

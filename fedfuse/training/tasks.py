@@ -125,6 +125,6 @@ def _tokenize_chats(
             if any(lo <= start < hi for lo, hi in spans):
                 labels[number, position] = encoded["input_ids"][position]
         learnable += int((labels[number] != IGNORE).any())
-    if learnable == 0:
+    if learnable == 0 and len(rows):
         raise DataError(f"{source}: max-length {length} cuts off every assistant answer; raise max-length")
     return Tokenized(ids, mask, labels, domains)

@@ -97,7 +97,11 @@ class UpdateHeader:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """How one tensor is coded: shape, encoding, number of stored values, DARE seed/density, Fisher."""
+    """How one tensor is coded: shape, encoding, number of stored values, DARE seed/density, Fisher, Gram.
+
+    ``gram``: a float32 in × in Gram matrix of the layer's inputs travels with this 2-D tensor (RegMean);
+    the field is written only when true, so payloads without Grams read as before.
+    """
 
     shape: tuple[int, ...]
     encoding: Encoding
@@ -105,6 +109,7 @@ class TensorEntry:
     seed: int | None = None
     density: float | None = None
     fisher: bool = False
+    gram: bool = False
 
     @property
     def numel(self) -> int:
@@ -121,6 +126,8 @@ class TensorEntry:
         if self.encoding == "dare":
             out["seed"] = self.seed
             out["density"] = self.density
+        if self.gram:
+            out["gram"] = True
         return out
 
 
@@ -229,6 +236,7 @@ def _parse_entry(name: str, obj: Any) -> TensorEntry:
     if encoding not in ENCODINGS:
         raise _malformed(f"{what}: encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     keys = {"shape", "encoding", "nnz", "fisher"} | ({"seed", "density"} if encoding == "dare" else set())
+    keys |= {"gram"} & set(obj)
     obj = _exact_keys(obj, keys, what)
     shape = obj["shape"]
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
@@ -238,6 +246,9 @@ def _parse_entry(name: str, obj: Any) -> TensorEntry:
         raise _malformed(f"{what}: nnz must be an int >= 0, got {nnz!r}")
     if not isinstance(obj["fisher"], bool):
         raise _malformed(f"{what}: fisher must be true or false, got {obj['fisher']!r}")
+    gram = obj.get("gram", False)
+    if gram is not False and (gram is not True or len(shape) != 2):
+        raise _malformed(f"{what}: gram may only be true, on a 2-D tensor; got {gram!r} with shape {shape!r}")
     seed = density = None
     if encoding == "dare":
         seed, density = obj["seed"], obj["density"]
@@ -246,7 +257,7 @@ def _parse_entry(name: str, obj: Any) -> TensorEntry:
         if not _finite_number(density) or not 0 < density <= 1:
             raise _malformed(f"{what}: DARE density must be in (0, 1], got {density!r}")
         density = float(density)
-    return TensorEntry(tuple(shape), encoding, nnz, seed, density, obj["fisher"])
+    return TensorEntry(tuple(shape), encoding, nnz, seed, density, obj["fisher"], gram)
 
 
 def _parse_sparsifier(obj: Any) -> Sparsifier:

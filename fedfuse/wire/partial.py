@@ -125,7 +125,7 @@ def state_identity(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _parameter_shapes(parsed: WireHeader, strategy: MergeStrategy) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape, checking its statistics are exactly the strategy's, all of one shape."""
+    """Each parameter's shape, checking its statistics are exactly the strategy's, of shapes that fit it."""
     grouped: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, entry in parsed.entries.items():
         name, separator, stat = key.rpartition(STAT_SEPARATOR)
@@ -139,9 +139,10 @@ def _parameter_shapes(parsed: WireHeader, strategy: MergeStrategy) -> dict[str, 
         missing = sorted(set(strategy.statistics) - set(stats))
         if missing:
             raise bad_partial(f"parameter {name!r} lacks statistics {missing}")
-        if len(set(stats.values())) != 1:
-            raise bad_partial(f"parameter {name!r} has statistics of different shapes")
-        shapes[name] = next(iter(stats.values()))
+        try:
+            shapes[name] = tuple(strategy.parameter_shape(name, stats))
+        except ValueError as exc:
+            raise bad_partial(str(exc)) from exc
     return shapes
 
 

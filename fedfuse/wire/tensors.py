@@ -1,17 +1,20 @@
 """One tensor to and from its byte blobs: dense values, or kept values + packed indices, or DARE values.
 
 Blob keys: ``"v:<name>"`` values, ``"i:<name>"`` packed indices (bitmap/delta only) and
-``"f:<name>"`` the Fisher diagonal on the same support (values only). A DARE tensor sends no
-indices: the decoder regenerates them with :func:`fedfuse.algebra.dare_indices`.
+``"f:<name>"`` the Fisher diagonal on the same support (values only), ``"g:<name>"`` the float32
+in × in Gram matrix of a 2-D tensor's inputs (RegMean). A DARE tensor sends no indices: the decoder
+regenerates them with :func:`fedfuse.algebra.dare_indices`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 
 from fedfuse.algebra import SparseTensor, UpdateTensor, dare_indices
+from fedfuse.algebra.regmean import check_gram
 from fedfuse.algebra.sparse import fisher_on_support
 from fedfuse.wire.errors import UpdateRejected
 from fedfuse.wire.header import TensorEntry
@@ -31,6 +34,10 @@ def fisher_key(name: str) -> str:
     return f"f:{name}"
 
 
+def gram_key(name: str) -> str:
+    return f"g:{name}"
+
+
 def blob_keys(name: str, entry: TensorEntry) -> list[str]:
     """The blobs a tensor with this entry must have (and no others)."""
     keys = [values_key(name)]
@@ -38,13 +45,23 @@ def blob_keys(name: str, entry: TensorEntry) -> list[str]:
         keys.append(indices_key(name))
     if entry.fisher:
         keys.append(fisher_key(name))
+    if entry.gram:
+        keys.append(gram_key(name))
     return keys
 
 
 def encode_tensor(
-    name: str, tensor: UpdateTensor, value_dtype: str, fisher: UpdateTensor | None = None
+    name: str,
+    tensor: UpdateTensor,
+    value_dtype: str,
+    fisher: UpdateTensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> tuple[TensorEntry, dict[str, torch.Tensor]]:
-    """The header entry and blobs of one tensor (dense stays dense; DARE sends seed, not indices)."""
+    """The header entry and blobs of one tensor (dense stays dense; DARE sends seed, not indices).
+
+    ``gram`` (2-D tensors only) is sent dense in float32, whatever ``value_dtype``: its entries are
+    sums of squares that overflow 16-bit floats.
+    """
     has_fisher = fisher is not None
     blobs: dict[str, torch.Tensor] = {}
     shape = tuple(int(d) for d in tensor.shape)
@@ -75,7 +92,25 @@ def encode_tensor(
     blobs[values_key(name)] = values_to_blob(values, value_dtype)
     if fisher is not None:
         blobs[fisher_key(name)] = values_to_blob(fisher_on_support(name, fisher, tensor), value_dtype)
+    if gram is not None:
+        check_gram(name, gram, tensor)
+        blobs[gram_key(name)] = values_to_blob(gram.detach().reshape(-1).cpu(), "float32")
+        entry = dataclasses.replace(entry, gram=True)
     return entry, blobs
+
+
+def decode_gram(name: str, entry: TensorEntry, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The in × in float32 Gram matrix sent with a 2-D tensor, validated (count, finite, diagonal ≥ 0)."""
+    what = f"tensor {name!r} Gram matrix"
+    size = entry.shape[-1]
+    values = blob_to_values(blobs[gram_key(name)], "float32", what)
+    if values.numel() != size * size:
+        raise UpdateRejected("value_count", f"{what}: {values.numel()} values for a {size} × {size} matrix")
+    check_finite(values, what)
+    gram = values.reshape(size, size)
+    if size and float(torch.diagonal(gram).min()) < 0:
+        raise UpdateRejected("bad_gram", f"{what} has a negative diagonal entry (not XᵀX)")
+    return gram
 
 
 def _support(name: str, entry: TensorEntry, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
