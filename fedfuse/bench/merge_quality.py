@@ -98,6 +98,11 @@ def _federated(
     return scorer.accuracies(skills, "test")
 
 
+def spec_digest(spec: dict[str, Any]) -> str:
+    """A short SHA-256 of everything that shapes a cached result (its file name part)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_federated(
     result: report.SeedResult,
     config: experts.ExpertConfig,
@@ -119,8 +124,7 @@ def run_federated(
         progress.update(task, description=f"seed {seed}: federated {method}")
         lam = result.merges[method].lam
         spec = {"experts": [config.key(skill, seed) for skill in skills], "method": method, "lam": lam}
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        cache = out / "federated" / f"{method}-seed{seed}-{digest}.json"
+        cache = out / "federated" / f"{method}-seed{seed}-{spec_digest(spec)}.json"
         if cache.is_file():
             result.federated[method] = json.loads(cache.read_text())
         else:
@@ -142,8 +146,7 @@ def seed_cache(
         "densities": experts.DENSITIES,
         **extra,
     }
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return out / "seeds" / f"seed{seed}-{digest}.json"
+    return out / "seeds" / f"seed{seed}-{spec_digest(spec)}.json"
 
 
 def run_seed(
