@@ -173,11 +173,12 @@ def run_seed(
     deltas = [experts.expert_deltas(f, scale) for f in factors]
     result = report.SeedResult(seed, base, {}, train_seconds=time.perf_counter() - started)
     grams = []
+    needs_grams = any(method_spec(m).needs_gram for m in methods if m != experts.NAIVE)
     for skill, delta in zip(skills, deltas, strict=True):
         progress.update(task, description=f"seed {seed}: scoring expert {skill}")
         scorer.use(delta)
         result.interference[skill] = scorer.accuracies(skills, "test")
-        if any(method_spec(m).needs_gram for m in methods if m != experts.NAIVE):
+        if needs_grams:
             grams.append(
                 experts.expert_grams(config, seed, scorer.model, scorer.tokenizer, list(delta), files[skill]["train"])
             )
