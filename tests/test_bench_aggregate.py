@@ -146,6 +146,30 @@ def test_meter_sees_an_allocation_in_its_memory_section(monkeypatch: pytest.Monk
         pass
 
 
+@pytest.mark.parametrize("kernel_peak", [True, False])
+def test_an_untracked_block_leaves_out_its_scratch_but_not_what_it_keeps(
+    monkeypatch: pytest.MonkeyPatch, kernel_peak: bool
+) -> None:
+    """A benchmark's input generator is not the measured code: its transient peak must not count."""
+    if not kernel_peak:
+        monkeypatch.setattr(measure, "reset_peak_rss", lambda: False)
+    meter = Meter()
+    with meter.memory():
+        before = torch.ones(4_000_000)  # 16 MB peak before the untracked block: still counts
+        del before
+        with meter.untracked():
+            scratch = torch.ones(40_000_000)  # 160 MB, written, then freed
+            time.sleep(0.05)
+            kept = scratch[:8_000_000].clone()  # 32 MB left behind
+            del scratch
+        time.sleep(0.05)
+    growth = meter.measurement().rss_growth_bytes
+    assert 30_000_000 <= growth < 100_000_000, growth
+    del kept
+    with pytest.raises(RuntimeError, match="inside"), meter.untracked():
+        pass
+
+
 def test_markdown_table_aligns_numbers_right() -> None:
     text = markdown_table(["method", "K"], [["a|b", "4"]])
     assert text.splitlines() == ["| method | K |", "| --- | ---: |", "| a\\|b | 4 |"]

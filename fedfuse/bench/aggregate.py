@@ -18,8 +18,9 @@ Measurement rules
   same numbers (the JSON records a checksum of each merge).
 - fedfuse streams: it generates update k, times only ``state.add(...)`` and drops the update, then
   times ``finalize(release=True)`` once (as a server does at the end of a round), so its memory is
-  one update in flight plus the state — plus what generating that update costs (a sparse update
-  is trimmed from one dense tensor at a time, inside the measured section).
+  one update in flight plus the state. Generating an update runs in ``meter.untracked()``: the
+  scratch of drawing and trimming it (a server never has it) is left out of the peak, the update it
+  leaves counts.
 - Flower and PEFT take lists, so the child first builds the K updates (not timed: Flower's
   ``RecordDict``s of an ``ArrayRecord`` of numpy fp32 ``Array``s plus a ``MetricRecord`` with
   "num-examples"; PEFT's K torch tensors per parameter) and times the aggregation call alone.
@@ -180,13 +181,14 @@ def run_fedfuse(meter: Meter, config: Mapping[str, Any]) -> dict[str, Any]:
         for k in range(config["k"]):
             update: Mapping[str, UpdateTensor]
             fisher: Mapping[str, UpdateTensor] | None
-            if method.sparse:
-                update, fisher = sparse_update(seed, k, sizes, config["density"], method.fisher)
-            else:
-                update = dense_update(seed, k, sizes)
-                fisher = None
-                if method.fisher:
-                    fisher = {name: fisher_tensor(seed, k, t, n) for t, (name, n) in enumerate(sizes.items())}
+            with meter.untracked():  # a server receives the update; it never draws or trims it
+                if method.sparse:
+                    update, fisher = sparse_update(seed, k, sizes, config["density"], method.fisher)
+                else:
+                    update = dense_update(seed, k, sizes)
+                    fisher = None
+                    if method.fisher:
+                        fisher = {name: fisher_tensor(seed, k, t, n) for t, (name, n) in enumerate(sizes.items())}
             nbytes = update_nbytes(update, fisher)
             moved += nbytes
             largest_update = max(largest_update, nbytes)
@@ -555,7 +557,8 @@ def footnotes(rows: Sequence[Row], config: BenchConfig) -> list[str]:
         "Peak-RSS growth = VmHWM − VmRSS read just before the measured section (high-water mark reset via "
         f"/proc/self/clear_refs; peak read by: {', '.join(methods)}).",
         "fedfuse rows stream: the section generates each update, folds it with add() and drops it, so growth = "
-        "state + one update in flight + merged output; time counts only add() and finalize(release=True).",
+        "state + one update in flight + merged output (drawing and trimming an update is left out of the peak: "
+        "a server never does it); time counts only add() and finalize(release=True).",
         "Flower and PEFT rows take lists: their K updates are built first (not timed, not in growth), so growth is "
         "the aggregation's own working memory; 'inputs held' is the K updates they must also hold — fedfuse never "
         "holds them.",

@@ -10,7 +10,9 @@ times add up). Peak-RSS growth is ``VmHWM − VmRSS``: before the section, free 
 handed back to the OS (``gc.collect`` + glibc ``malloc_trim``), the kernel's high-water mark is
 reset by writing ``5`` to ``/proc/self/clear_refs`` and ``VmRSS`` is read as the baseline; ``VmHWM``
 is read after. Where ``clear_refs`` cannot be written (not root, not Linux) a thread samples
-``VmRSS`` every 5 ms instead, and the measurement says so.
+``VmRSS`` every 5 ms instead, and the measurement says so. Work inside the section that only feeds
+the measured code (a benchmark generating its synthetic inputs) goes in ``meter.untracked()``: its own
+transient peak is left out, what it leaves allocated still counts.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ class _RssSampler(threading.Thread):
         super().__init__(name="rss-sampler", daemon=True)
         self.interval_s = interval_s
         self.peak = read_status_bytes("VmRSS")
+        self.paused = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
-            self.peak = max(self.peak, read_status_bytes("VmRSS"))
+            if not self.paused.is_set():
+                self.peak = max(self.peak, read_status_bytes("VmRSS"))
 
     def stop(self) -> int:
         self._stop_event.set()
@@ -117,6 +121,8 @@ class Meter:
         self.rss_peak_bytes: int | None = None
         self.peak_method = ""
         self._in_memory = False
+        self._sampler: _RssSampler | None = None
+        self._peak_before_untracked = 0
 
     @contextmanager
     def timed(self, sync: Callable[[], None] | None = None) -> Iterator[None]:
@@ -145,6 +151,7 @@ class Meter:
             self.peak_method = "sampling"
             sampler = _RssSampler()
         self.rss_baseline_bytes = read_status_bytes("VmRSS")
+        self._sampler = sampler
         if sampler is not None:
             sampler.start()
         try:
@@ -153,8 +160,31 @@ class Meter:
             if sampler is not None:
                 self.rss_peak_bytes = sampler.stop()
             else:
-                self.rss_peak_bytes = read_status_bytes("VmHWM")
+                self.rss_peak_bytes = max(self._peak_before_untracked, read_status_bytes("VmHWM"))
             self._in_memory = False
+
+    @contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Inside :meth:`memory`: leave this block's transient peak out (what it keeps still counts).
+
+        With ``clear_refs`` the high-water mark so far is kept and the kernel's is reset on exit (after
+        free heap pages go back to the OS); the sampler pauses instead. For the inputs a benchmark
+        generates, whose scratch the measured code never has.
+        """
+        if not self._in_memory:
+            raise RuntimeError("meter.untracked() belongs inside meter.memory()")
+        if self._sampler is not None:
+            self._sampler.paused.set()
+        else:
+            self._peak_before_untracked = max(self._peak_before_untracked, read_status_bytes("VmHWM"))
+        try:
+            yield
+        finally:
+            release_free_memory()  # the block's freed scratch, which the allocator would keep resident
+            if self._sampler is not None:
+                self._sampler.paused.clear()
+            else:
+                reset_peak_rss()
 
     def measurement(self, extra: Mapping[str, Any] | None = None) -> Measurement:
         """The result, once the function returned; fails if it never opened :meth:`memory`."""

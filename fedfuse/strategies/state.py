@@ -52,6 +52,8 @@ class FinalizeContext:
     num_updates: int
     base: torch.Tensor | None = None
     """The parameter's base value, flat on the state's device (only for ``needs_base`` methods)."""
+    consume: bool = False
+    """The statistics are freed right after (``finalize(release=True)``): a method may reuse their memory."""
 
 
 class MergeState:
@@ -198,9 +200,11 @@ class MergeState:
                 if not strategy.needs_base or base is None
                 else base[name].reshape(-1).to(device=strategy.device, dtype=strategy.dtype)
             )
-            context = FinalizeContext(self.shapes[name], self.total_weight, self.num_updates, base_flat)
+            context = FinalizeContext(self.shapes[name], self.total_weight, self.num_updates, base_flat, release)
             merged = strategy.finalize_parameter(self.stats[name], context)
-            out[name] = (merged * lam if lam != 1.0 else merged).reshape(self.shapes[name])
+            if lam != 1.0:  # in place only when no statistic it might alias survives
+                merged = merged.mul_(lam) if release else merged * lam
+            out[name] = merged.reshape(self.shapes[name])
             if release:
                 del self.stats[name]
         self.released = release

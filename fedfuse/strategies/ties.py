@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import torch
 
-from fedfuse.strategies.base import MergeStrategy, add_at
+from fedfuse.strategies.base import FinalizeContext, MergeStrategy, add_at
 from fedfuse.strategies.params import Param
 
 VOTES = ("mass", "count")
@@ -65,20 +65,32 @@ class Ties(MergeStrategy):
             add_at(stats["C"], torch.sign(values, out=scratch), index)
 
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
-        # A float 0/1 mask and multiply-adds instead of torch.where on a bool mask (several times
-        # faster on CPU). Exact: each output is x·1 + y·0, one of the two terms being ±0.
+        written = ("P", "Wp") if self.normalize else ("P",)  # the rest is only read
+        return self._elect_and_average({**stats, **{name: stats[name].clone() for name in written}})
+
+    def finalize_parameter(self, stats: dict[str, torch.Tensor], context: FinalizeContext) -> torch.Tensor:
+        # Statistics about to be freed are overwritten instead of copied: the peak stays state + one scratch.
+        return self._elect_and_average(stats) if context.consume else self.finalize_tensor(stats, context.total_weight)
+
+    def _elect_and_average(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The merged tensor, written over ``P`` (and ``Wp``, the agreeing weight).
+
+        A float 0/1 mask and multiply-adds instead of torch.where on a bool mask (several times faster
+        on CPU). Exact: each output is x·1 + y·0, one of the two terms being ±0.
+        """
         plus = torch.empty_like(stats["P"])
         if self.vote == "count":
             torch.ge(stats["C"], 0, out=plus)
         else:
             torch.ge(torch.add(stats["P"], stats["N"], out=plus), 0, out=plus)
-        merged = torch.mul(stats["P"], plus)
-        if not self.normalize:
-            return merged.addcmul_(stats["N"], plus.neg_().add_(1))
-        agreeing_weight = torch.mul(stats["Wp"], plus)
+        merged = stats["P"].mul_(plus)
+        if self.normalize:
+            stats["Wp"].mul_(plus)
         minus = plus.neg_().add_(1)
         merged.addcmul_(stats["N"], minus)
-        agreeing_weight.addcmul_(stats["Wn"], minus)
+        if not self.normalize:
+            return merged
+        agreeing_weight = stats["Wp"].addcmul_(stats["Wn"], minus)
         del plus, minus
         # A zero agreeing weight comes with a zero agreeing sum (nothing was added), so clamping is exact.
         return merged.div_(agreeing_weight.clamp_min_(torch.finfo(agreeing_weight.dtype).tiny))
