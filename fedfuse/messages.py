@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
+from flwr.common.constant import ErrorCode
 
 from fedfuse.rejections import ROUND_REASONS, Rejected
 from fedfuse.rounds.engine import PayloadKind
@@ -81,7 +82,28 @@ def short_reason(text: str | None) -> str:
 class ReplyRejected(Rejected):
     """A reply that cannot be handed to the round engine: the client failed, or it carries no payload."""
 
-    allowed: ClassVar[dict[str, str]] = {reason: ROUND_REASONS[reason] for reason in ("client_error", "no_payload")}
+    allowed: ClassVar[dict[str, str]] = {
+        reason: ROUND_REASONS[reason] for reason in ("client_error", "node_unavailable", "no_payload")
+    }
+
+
+def reply_error_reason(message: Message) -> str:
+    """``node_unavailable`` for the SuperLink's error on a node that missed its heartbeats, else ``client_error``."""
+    return "node_unavailable" if message.error.code == ErrorCode.NODE_UNAVAILABLE else "client_error"
+
+
+def instruction_destinations(instructions: Iterable[Message]) -> dict[str, int]:
+    """Message id → destination node of instructions the grid has pushed (it assigns the ids on push)."""
+    return {m.metadata.message_id: int(m.metadata.dst_node_id) for m in instructions if m.metadata.message_id}
+
+
+def reply_node(reply: Message, destinations: Mapping[str, int]) -> int:
+    """The node a reply answers for, from the instruction it replies to (``destinations``: message id → node).
+
+    An error the SuperLink makes itself (the node stopped sending heartbeats) comes from the SuperLink's
+    own node id; only the instruction it answers names the node. Other replies come from that node.
+    """
+    return int(destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
 
 
 @dataclass(frozen=True)
@@ -159,9 +181,9 @@ class TrainReply:
 
     @classmethod
     def from_message(cls, message: Message) -> TrainReply:
-        """Parse a reply (raises :class:`ReplyRejected` ``client_error`` when the client reported an error)."""
+        """Parse a reply (raises :class:`ReplyRejected` ``client_error``/``node_unavailable`` on an error reply)."""
         if message.has_error():
-            raise ReplyRejected("client_error", short_reason(message.error.reason))
+            raise ReplyRejected(reply_error_reason(message), short_reason(message.error.reason))
         return cls.from_content(message.content)
 
 
@@ -202,7 +224,7 @@ class EvaluateReply:
     def from_message(cls, message: Message) -> EvaluateReply:
         """Parse a reply (raises :class:`ReplyRejected` on a client error or a reply without metrics)."""
         if message.has_error():
-            raise ReplyRejected("client_error", short_reason(message.error.reason))
+            raise ReplyRejected(reply_error_reason(message), short_reason(message.error.reason))
         content = message.content
         if METRICS_RECORD not in content.metric_records:
             raise ReplyRejected("no_payload", "evaluate reply carries no metrics")

@@ -56,6 +56,7 @@ SIGNATURE_REASONS: dict[str, str] = {
 
 ROUND_REASONS: dict[str, str] = {
     "client_error": "the client reported an error instead of a reply (it crashed or refused)",
+    "node_unavailable": "Flower's SuperLink answered for the node: it stopped sending heartbeats (lost or killed)",
     "no_payload": "the reply carries neither an update nor a partial state",
     "duplicate_node": "the node (or gateway) already contributed this round, under any tier",
     "zero_weight": "the update's weight is zero (it reported no training examples)",

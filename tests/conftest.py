@@ -9,12 +9,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import strategies as st
 
 from fedfuse.algebra import SparseTensor, dare_drop, ties_trim, to_dense
 from fedfuse.strategies import Contribution, MergeState, MergeStrategy, ModelStock, Ties, get_strategy
 from fedfuse.strategies.model_stock import row_length
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Messages can only be built inside a Flower task; pose as the server of run 1."""
+    for field, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)
+
 
 STRATEGY_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("fedavg", {}),

@@ -99,8 +99,13 @@ def test_a_superlink_restart_resumes_and_a_lost_supernode_is_dropped_at_the_dead
         report = json.loads((out / "report.json").read_text())
         first_round, lost_round = report["rounds"]
         assert first_round["accepted"] == 2 and first_round["signatures_verified"] == 2
-        assert lost_round["accepted"] == 1 and lost_round["rejections"] == {"timed_out": 1}, lost_round
-        assert f"deadline of {DEADLINE_S:g} s" in lost_round["rejection_messages"][0]
+        # hospital-b is dropped once: at fedfuse's deadline, or earlier if Flower's SuperLink notices its
+        # missed heartbeats first and answers for it (which of the two comes first is a race).
+        assert lost_round["accepted"] == 1, lost_round
+        assert lost_round["rejections"] in ({"timed_out": 1}, {"node_unavailable": 1}), lost_round
+        (dropped,) = lost_round["rejection_messages"]
+        assert dropped.startswith("hospital-b: "), dropped
+        assert f"deadline of {DEADLINE_S:g} s" in dropped or "heartbeat" in dropped, dropped
         assert set(lost_round["clients"]) == {"hospital-a"}
         assert lost_round["clients"]["hospital-a"]["data_sha256"] == sha256(fed.data["hospital-a"])
         assert load_checkpoint(out).round == 2

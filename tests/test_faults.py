@@ -17,12 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 from federation import kill_tree
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from seeded_grid import SeededGrid
 from tiny_runs import TINY_RUN
 
 from fedfuse.client.app import make_client_app
+from fedfuse.messages import EvaluateReply, TrainReply
+from fedfuse.rejections import Rejected
+from fedfuse.rounds import UpdateSpace
 from fedfuse.server.checkpoint import load_checkpoint
+from fedfuse.server.strategy import FedFuseStrategy
+from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate
 
 pytestmark = pytest.mark.slow
@@ -131,3 +137,30 @@ def test_a_server_killed_at_a_random_moment_resumes_to_bit_identical_weights(tmp
     leftovers = [p.name for p in (killed / "checkpoint").iterdir() if ".fedfuse-" in p.name]
     assert leftovers == []
     assert (killed / "node-state").is_dir(), "the nodes kept their error-feedback residuals under the run folder"
+
+
+SHAPES = {"layer.weight": (5, 4), "layer.bias": (4,)}
+
+
+def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(server_identity) -> None:
+    """Flower's SuperLink answers for a node that missed its heartbeats, from the SuperLink's own id.
+
+    The node must be rejected once, as ``node_unavailable`` — not a ``client_error`` from "node 1" plus a
+    ``timed_out`` for the silent node (what a deployed run recorded when the SuperLink noticed the loss first).
+    """
+    settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
+    base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    strategy = FedFuseStrategy(settings, UpdateSpace.for_run(settings, SHAPES, scale=1.0), "run", base)
+    grid = SeededGrid(SHAPES)
+    grid.unavailable = {12}
+    messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))
+    replies = grid.pull_messages(grid.push_messages(messages))
+    lost = next(reply for reply in replies if reply.has_error())
+    assert lost.metadata.src_node_id not in grid.nodes  # the SuperLink's own id, as Flower sends it
+    arrays, metrics = strategy.aggregate_train(1, iter(replies))
+    assert arrays is not None and metrics["accepted"] == 2
+    assert [(r["node"], r["reason"]) for r in strategy.last_rejections] == [("institution-12", "node_unavailable")]
+    for parse in (TrainReply.from_message, EvaluateReply.from_message):
+        with pytest.raises(Rejected) as raised:
+            parse(lost)
+        assert raised.value.reason == "node_unavailable" and "heartbeat" in str(raised.value)

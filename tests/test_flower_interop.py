@@ -16,7 +16,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfuse.algebra import SparseTensor
 from fedfuse.flower import FedMerge, signing_mod, task_vector_mod
@@ -26,13 +25,6 @@ from fedfuse.strategies import get_strategy
 from fedfuse.wire import Expectation, decode_update, fingerprint
 
 SHAPES = {"w": (4, 3), "b": (3,)}
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Messages can only be built inside a Flower task; pose as the server of run 1."""
-    for field, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
 
 
 class LoopbackGrid:

@@ -16,12 +16,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seeded_grid import SeededGrid
 
 from fedfuse.algebra.server_optim import ServerOptimizerRule, server_step
-from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
+from fedfuse.messages import TrainReply
 from fedfuse.rounds import RoundEngine, ServerOptimizer, UpdateSpace
 from fedfuse.server.app import run_server
 from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -254,56 +254,6 @@ def test_settings_resolve_the_rule_and_round_trip() -> None:
 
 
 # --- (5) through the server: tiers, full mode, and run_server with checkpoint and resume -----------------------------
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Messages can only be built inside a Flower task; pose as the server of run 1."""
-    for field, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
-
-
-class SeededGrid:
-    """An in-process Grid: nodes say their names and answer ``train`` with a seeded update (no training)."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], nodes: tuple[int, ...] = (11, 12, 13), tiers=None) -> None:
-        self.shapes, self.nodes, self.tiers = shapes, nodes, tiers or {}
-        self.pending: dict[str, Message] = {}
-        self.pushed = 0
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            self.pushed += 1
-            ids.append(f"message-{self.pushed}")
-            message.metadata.__dict__["_message_id"] = ids[-1]  # what Flower's in-memory Grid does on push
-            self.pending[ids[-1]] = self._reply(message)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.pending.pop(i) for i in message_ids if i in self.pending]
-
-    def _reply(self, message: Message) -> Message:
-        node = int(message.metadata.dst_node_id)
-        if NodeName.is_query(message):
-            return NodeName(f"institution-{node}").reply_to(message)
-        config = message.content.config_records[CONFIG_RECORD]
-        round_number = int(config["server-round"])
-        generator = torch.Generator().manual_seed(1000 * node + round_number)
-        tau = {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in self.shapes.items()}
-        header = UpdateHeader(
-            run_id=str(config["run-id"]),
-            round=round_number,
-            base_fingerprint=str(config["base-fingerprint"]),
-            node_id=str(node),
-            num_examples=node,
-            metrics={"train-loss": 1.0},
-            tier=self.tiers.get(node, ""),
-        )
-        return TrainReply("update", encode_update(tau, header=header)).reply_to(message)
 
 
 def test_full_mode_rounds_through_the_strategy_step_the_optimizer_and_tiers_stay_exact(server_identity) -> None:

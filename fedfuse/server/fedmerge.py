@@ -27,7 +27,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedfuse.algebra import Sparsifier
-from fedfuse.messages import PAYLOAD_RECORDS, TrainReply, array_record, record_tensors
+from fedfuse.messages import (
+    PAYLOAD_RECORDS,
+    TrainReply,
+    array_record,
+    instruction_destinations,
+    record_tensors,
+    reply_error_reason,
+    reply_node,
+)
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import WEIGHTINGS, RoundEngine, UpdateSpace
 from fedfuse.security import Registry
@@ -126,6 +134,7 @@ class FedMerge(FedAvg):
         self.last_rejections: list[Rejection] = []
         self._round_arrays = ArrayRecord()
         self._run_id = ""
+        self._instructions: list[Message] = []
 
     def summary(self) -> None:
         """Log the merge method and its sparsifier, then FedAvg's sampling and record keys."""
@@ -139,7 +148,8 @@ class FedMerge(FedAvg):
         """FedAvg's sampling and messages; the round's weights are kept to form task vectors against."""
         self._round_arrays = arrays
         self._run_id = str(grid.run.run_id)
-        return super().configure_train(server_round, arrays, config, grid)
+        self._instructions = list(super().configure_train(server_round, arrays, config, grid))
+        return self._instructions
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -169,8 +179,9 @@ class FedMerge(FedAvg):
         )
         float_round = {name: t.to(torch.float32) for name, t in round_state.items()}
         accepted_metrics: list[RecordDict] = []
+        destinations = instruction_destinations(self._instructions)
         for reply in replies:
-            sender = str(reply.metadata.src_node_id)
+            sender = str(reply_node(reply, destinations))
             rejection = self._fold(engine, reply, sender, float_round)
             if rejection is None:
                 accepted_metrics.append(RecordDict({"metrics": _metric_record(reply.content)}))
@@ -200,7 +211,9 @@ class FedMerge(FedAvg):
     ) -> Rejection | None:
         """Offer one reply: a fedfuse payload as is, standard weights as their task vector."""
         if reply.has_error():
-            return engine.reject(sender, "client_error", reply.error.reason or "the client reported an error")
+            return engine.reject(
+                sender, reply_error_reason(reply), reply.error.reason or "the client reported an error"
+            )
         content = reply.content
         if any(record in content.array_records for record in PAYLOAD_RECORDS.values()):
             try:

@@ -11,7 +11,16 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from fedfuse.rounds import Contribution
+
 MISSING = "—"
+CLIENT_METRICS = {
+    "train-loss": "train_loss",
+    "train-seconds": "train_seconds",
+    "data-rows": "data_rows",
+    "data-sha256": "data_sha256",
+}
+"""Header metrics of an accepted update that go into the report's per-client record, by record name."""
 
 
 def _number(value: Any) -> float | None:
@@ -104,3 +113,12 @@ def federated_series(history: Mapping[str, Any], key: str) -> list[tuple[int, fl
         records.append((0, history["initial"]))
     records += [(int(r.get("round", i + 1)), r) for i, r in enumerate(history.get("rounds") or [])]
     return [(number, float(r[key])) for number, r in records if _number(r.get(key)) is not None]
+
+
+def train_record(contribution: Contribution) -> dict[str, Any]:
+    """One accepted contribution as the report's per-client record (from its signed header)."""
+    record: dict[str, Any] = {"num_examples": contribution.num_examples}
+    for key, name in CLIENT_METRICS.items():
+        if key in contribution.metrics:
+            record[name] = contribution.metrics[key]
+    return record

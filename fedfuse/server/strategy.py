@@ -24,10 +24,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, NodeName, RoundInstruction, TrainReply
+from fedfuse.messages import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    EvaluateReply,
+    NodeName,
+    RoundInstruction,
+    TrainReply,
+    instruction_destinations,
+    reply_node,
+)
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import Contribution, RoundEngine, ServerOptimizer, UpdateSpace
 from fedfuse.security import Registry
+from fedfuse.server.report_clients import train_record
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
 from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.timing import Phases
@@ -39,13 +49,6 @@ EVALUATION_METRICS = ("accuracy", "loss", "perplexity")
 IDENTIFY_TIMEOUT = 120.0
 """Seconds to wait for nodes to say their names (a node that does not goes by its Flower id)."""
 ReplyCallback = Callable[[int, int], None]
-CLIENT_METRICS = {
-    "train-loss": "train_loss",
-    "train-seconds": "train_seconds",
-    "data-rows": "data_rows",
-    "data-sha256": "data_sha256",
-}
-"""Header metrics of an accepted update that go into the report's per-client record, by record name."""
 
 
 class FedFuseStrategy(Strategy):
@@ -94,7 +97,7 @@ class FedFuseStrategy(Strategy):
         self._round_fingerprint = ""
         self._expected = 0
         self._names: dict[int, str] = {}
-        self._sampled: list[int] = []
+        self._instructions: list[Message] = []
         self._available = 0
         self.train_sample_rate = 1.0
         """Clients sampled to train in the last round over those connected (what DP accounting needs)."""
@@ -140,13 +143,13 @@ class FedFuseStrategy(Strategy):
         self._round_fingerprint = fingerprint(self._round_state)
         nodes = self._sample(grid, server_round, self.settings.run.fraction_train)
         self._expected = len(nodes)
-        self._sampled = list(nodes)
         self.train_sample_rate = len(nodes) / max(1, self._available)
         instruction = RoundInstruction(server_round, self.run_id, self._round_fingerprint, self.run_key)
         content = RecordDict(
             {ARRAYS_RECORD: self._broadcast(self._round_state), CONFIG_RECORD: instruction.to_config(config)}
         )
-        return [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
+        self._instructions = [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
+        return self._instructions
 
     def _broadcast(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
         """The parameters of ``state`` that differ from the base model (every node already has the base)."""
@@ -177,17 +180,19 @@ class FedFuseStrategy(Strategy):
         self.last_phases = phases = Phases()
         self.last_client_phases = {}
         replied: set[int] = set()
+        destinations = instruction_destinations(self._instructions)
         for received, reply in enumerate(replies, start=1):
             if self.on_reply:
                 self.on_reply(received, self._expected)
-            sender = str(reply.metadata.src_node_id)
-            replied.add(reply.metadata.src_node_id)
+            node = reply_node(reply, destinations)
+            sender = str(node)
+            replied.add(node)
             rejection: Rejection | None
             with phases("decode_fold"):
                 try:
                     parsed = TrainReply.from_message(reply)
                 except Rejected as exc:
-                    rejection = engine.reject(sender, exc.reason, str(exc))
+                    rejection = engine.reject(self._names.get(node, sender), exc.reason, str(exc))
                 else:
                     self._count_client_phases(parsed.timing)
                     rejection = engine.offer(
@@ -202,7 +207,7 @@ class FedFuseStrategy(Strategy):
                     rejection.reason,
                     rejection.message,
                 )
-        for node in self._sampled:
+        for node in (int(message.metadata.dst_node_id) for message in self._instructions):
             if node not in replied:
                 engine.reject(
                     self._names.get(node, str(node)),
@@ -211,7 +216,7 @@ class FedFuseStrategy(Strategy):
                 )
         self.last_rejections = [rejection.as_record() for rejection in engine.rejections]
         for contribution in engine.contributions.values():
-            self._client_record(self._display_name(contribution), _train_record(contribution))
+            self._client_record(self._display_name(contribution), train_record(contribution))
         metrics = engine.metrics()
         with phases("finalize"):
             new_state = self.optimizer.apply(engine, self._round_state)
@@ -388,12 +393,3 @@ class FedFuseStrategy(Strategy):
                     }
                 )
         return result
-
-
-def _train_record(contribution: Contribution) -> dict[str, Any]:
-    """One accepted contribution as the report's per-client record (from its signed header)."""
-    record: dict[str, Any] = {"num_examples": contribution.num_examples}
-    for key, name in CLIENT_METRICS.items():
-        if key in contribution.metrics:
-            record[name] = contribution.metrics[key]
-    return record

@@ -1,0 +1,61 @@
+"""An in-process Flower Grid for driving fedfuse's server strategy without training or Ray.
+
+Its nodes say their names and answer ``train`` with a seeded update; a test can make one node's
+reply the SuperLink's own error instead (a node that stopped sending heartbeats).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Message
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
+from fedfuse.wire import UpdateHeader, encode_update
+
+
+class SeededGrid:
+    """An in-process Grid: nodes say their names and answer ``train`` with a seeded update (no training)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], nodes: tuple[int, ...] = (11, 12, 13), tiers=None) -> None:
+        self.shapes, self.nodes, self.tiers = shapes, nodes, tiers or {}
+        self.pending: dict[str, Message] = {}
+        self.pushed = 0
+        self.unavailable: set[int] = set()
+        """Nodes whose train messages the SuperLink answers with NODE_UNAVAILABLE (missed heartbeats)."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            self.pushed += 1
+            ids.append(f"message-{self.pushed}")
+            message.metadata.__dict__["_message_id"] = ids[-1]  # what Flower's in-memory Grid does on push
+            self.pending[ids[-1]] = self._reply(message)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(i) for i in message_ids if i in self.pending]
+
+    def _reply(self, message: Message) -> Message:
+        node = int(message.metadata.dst_node_id)
+        if node in self.unavailable and not NodeName.is_query(message):
+            return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+        if NodeName.is_query(message):
+            return NodeName(f"institution-{node}").reply_to(message)
+        config = message.content.config_records[CONFIG_RECORD]
+        round_number = int(config["server-round"])
+        generator = torch.Generator().manual_seed(1000 * node + round_number)
+        tau = {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in self.shapes.items()}
+        header = UpdateHeader(
+            run_id=str(config["run-id"]),
+            round=round_number,
+            base_fingerprint=str(config["base-fingerprint"]),
+            node_id=str(node),
+            num_examples=node,
+            metrics={"train-loss": 1.0},
+            tier=self.tiers.get(node, ""),
+        )
+        return TrainReply("update", encode_update(tau, header=header)).reply_to(message)
