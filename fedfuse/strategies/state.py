@@ -202,8 +202,8 @@ class MergeState:
             )
             context = FinalizeContext(self.shapes[name], self.total_weight, self.num_updates, base_flat, release)
             merged = strategy.finalize_parameter(self.stats[name], context)
-            if lam != 1.0:  # in place only when no statistic it might alias survives
-                merged = merged.mul_(lam) if release else merged * lam
+            if lam != 1.0:  # in place only when nothing it might alias (a statistic, the base) survives
+                merged = merged.mul_(lam) if release and base_flat is None else merged * lam
             out[name] = merged.reshape(self.shapes[name])
             if release:
                 del self.stats[name]
