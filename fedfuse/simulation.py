@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedfuse.client.app import make_client_app
+from fedfuse.client.attacks import attacker_client_app
 from fedfuse.client.residuals import STATE_DIR_ENV
 from fedfuse.known_warnings import known_warnings_silenced
 from fedfuse.server.app import make_server_app
@@ -207,6 +208,11 @@ def _on_cluster(address: str | None, init_args: Mapping[str, Any], client_gpus: 
             ray.shutdown()
 
 
+def simulated_client_app(settings: RunSettings, overrides: Mapping[str, Any]) -> ClientApp:
+    """fedfuse's ClientApp, with the simulated attackers when the run names an attack (a simulation device)."""
+    return attacker_client_app(overrides) if settings.attack.attack != "none" else make_client_app(overrides)
+
+
 def simulate(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -262,7 +268,7 @@ def simulate(
     ):
         run_simulation(
             server_app=make_server_app(overrides),
-            client_app=client_app or make_client_app(overrides),
+            client_app=client_app or simulated_client_app(settings, overrides),
             num_supernodes=num_clients,
             backend_config=config,
             verbose_logging=verbose,

@@ -1,8 +1,8 @@
 """Where a round's time goes: wall seconds summed per named phase (client and server both keep one).
 
 A client reports its phases (model build, data, training, Fisher, Gram matrices, encoding, signing) next to its
-update; the server keeps its own (broadcast, waiting, decode+fold, finalize, evaluation,
-checkpoint, report) in each round's record, so ``fedfuse bench overhead`` can say where the time
+update; the server keeps its own (broadcast, waiting, decode+fold, finalize, client evaluation,
+server evaluation, checkpoint, report) in each round's record, so ``fedfuse bench overhead`` can say where the time
 went and how far a round is from its training-compute bound. Diagnostics only: nothing steers a
 merge by them. Imports nothing from fedfuse.
 """

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedfuse.algebra import to_dense
-from fedfuse.client.attacks import attacked_tensors, flipped_labels, reported_examples
-from fedfuse.client.local_round import Shard, run_local_round
+from fedfuse.client.attacks import attacked_tensors, flipped_labels, reported_examples, simulated_local_round
+from fedfuse.client.local_round import Shard
 from fedfuse.settings import AttackSettings, RunSettings, SettingsError
 from fedfuse.training.client_data import ClientDatasets
 from fedfuse.training.data import Tokenized
@@ -75,7 +75,7 @@ def test_an_attacking_client_sends_s_times_its_honest_task_vector(attack) -> Non
     shard = Shard(1, 3, "partition-1")
     factor = -4.0 if attack == "sign_flip" else 4.0
     payloads = [
-        run_local_round(s, {}, round_number=1, run_id="r", shard=shard).payload
+        simulated_local_round(s, {}, round_number=1, run_id="r", shard=shard).payload
         for s in (honest_settings, attacker_settings)
     ]
     honest, attacked = (_decode(payload) for payload in payloads)
@@ -83,7 +83,7 @@ def test_an_attacking_client_sends_s_times_its_honest_task_vector(attack) -> Non
         torch.testing.assert_close(attacked[name], factor * tensor, rtol=1e-5, atol=1e-7)
     bystander = Shard(0, 3, "partition-0")
     untouched, alongside = (
-        _decode(run_local_round(s, {}, round_number=1, run_id="r", shard=bystander).payload)
+        _decode(simulated_local_round(s, {}, round_number=1, run_id="r", shard=bystander).payload)
         for s in (honest_settings, attacker_settings)
     )
     assert all(torch.equal(untouched[name], alongside[name]) for name in untouched)
@@ -94,3 +94,25 @@ def _decode(payload: bytes) -> dict[str, torch.Tensor]:
 
     shapes = update_shapes(RunSettings.from_run_config({}, **TINY))
     return {name: to_dense(t) for name, t in decode_update(payload, expect=Expectation(shapes=shapes)).tensors.items()}
+
+
+def test_attackers_are_a_simulation_device_the_production_client_app_refuses(server_identity, tmp_path) -> None:
+    """The attacker ClientApp (mod + data wrapper) sends what the bench round sends; the plain app refuses."""
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+    from fedfuse.client.app import make_client_app
+    from fedfuse.client.attacks import attacker_client_app
+    from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, RoundInstruction, TrainReply
+
+    overrides = {**TINY, "attack": "scale", "attackers": "1", "attack-scale": 4.0}
+    settings = RunSettings.from_run_config({}, **overrides)
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord({}), CONFIG_RECORD: RoundInstruction(1, "r").to_config()})
+    node_config = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path)}
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    reply = attacker_client_app(overrides)(Message(content, dst_node_id=7, message_type="train"), context)
+    shard = Shard(1, 3, "partition-1", sender="7")
+    bench = simulated_local_round(settings, {}, round_number=1, run_id="r", shard=shard)
+    sent, expected = (_decode(p) for p in (TrainReply.from_content(reply.content).payload, bench.payload))
+    assert all(torch.equal(sent[name], expected[name]) for name in expected)
+    with pytest.raises(ValueError, match="simulation-only"):
+        make_client_app(overrides)(Message(content, dst_node_id=7, message_type="train"), context)

@@ -9,7 +9,7 @@ from flwr.app import Context, RecordDict
 
 from fedfuse.algebra import SparseTensor, Sparsifier, dare_drop, ties_trim
 from fedfuse.client.app import shard_of
-from fedfuse.rounds import RoundEngine, UpdateSpace
+from fedfuse.rounds import RoundEngine
 from fedfuse.settings import RunSettings
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint, max_update_bytes
 
@@ -20,8 +20,8 @@ FINGERPRINT = fingerprint(BASE)
 
 def _engine(**run_config) -> RoundEngine:
     settings = RunSettings.from_run_config({}, **{"mode": "full", **run_config})
-    return RoundEngine.for_run(
-        settings, UpdateSpace.for_run(settings, SHAPES, 1.0), round_number=1, run_id="run", base_fingerprint=FINGERPRINT
+    return settings.round_engine(
+        settings.update_space(SHAPES, 1.0), round_number=1, run_id="run", base_fingerprint=FINGERPRINT
     )
 
 

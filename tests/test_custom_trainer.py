@@ -104,3 +104,28 @@ def test_a_simulation_trains_every_client_with_the_entry_point_trainer(installed
         assert record["accepted"] == 2
         assert record["train_loss"] == pytest.approx(0.125)
     assert history["rounds"][-1]["accuracy"] is not None
+
+
+RECEIVED: list = []
+
+
+def recording_trainer(model, data, settings, round):
+    """A ``module:function`` trainer that keeps what it was handed and trains nothing."""
+    RECEIVED.append(settings)
+    return 0.5
+
+
+def test_a_trainer_receives_the_training_section_task_and_model_not_the_whole_run() -> None:
+    from fedfuse.client.local_round import Shard, run_local_round
+    from fedfuse.settings import RunSettings, TrainingSettings
+    from fedfuse.training.trainers import TrainerSettings
+
+    RECEIVED.clear()
+    settings = RunSettings.from_run_config(
+        {}, mode="full", local_steps=1, batch_size=4, max_length=16, trainer=f"{__name__}:recording_trainer"
+    )
+    run_local_round(settings, {}, round_number=1, run_id="r", shard=Shard(0, 2, "partition-0"))
+    (received,) = RECEIVED
+    assert type(received) is TrainerSettings and isinstance(received.training, TrainingSettings)
+    assert received == TrainerSettings(settings.training, settings.source.task, settings.source.model)
+    assert not hasattr(received, "compression") and not hasattr(received, "privacy")

@@ -270,3 +270,66 @@ def test_error_feedback_is_a_client_module_that_imports_only_the_algebra() -> No
             imported.update(alias.name for alias in node.names)
     assert {m for m in imported if m.startswith("fedfuse")} == {"fedfuse.algebra"}
     assert imported <= {"__future__", "typing", "collections.abc", "torch", "fedfuse.algebra"}
+
+
+UPLINK_RUN = {"mode": "full", "local-steps": 1, "batch-size": 4, "max-length": 16, "sparsifier": "trim", "density": 0.2}
+
+
+def _train_message(round_number: int, run_key: str):
+    from flwr.app import ArrayRecord, Message, RecordDict
+
+    from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, RoundInstruction
+
+    config = RoundInstruction(round_number, "run", "", run_key).to_config()
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord({}), CONFIG_RECORD: config})
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+def test_the_client_app_sends_through_the_mods_what_the_local_round_sends_and_keeps_residuals_by_run_key(
+    server_identity, tmp_path
+) -> None:
+    """fedfuse's ClientApp = training handler + the uplink mods: byte for byte the Flower-free round, every round."""
+    from flwr.app import Context, RecordDict
+
+    from fedfuse.client.app import make_client_app
+    from fedfuse.client.local_round import Shard, run_local_round
+    from fedfuse.client.residuals import ResidualFiles
+    from fedfuse.messages import TIMING_RECORD, TrainReply
+    from fedfuse.settings import RunSettings
+
+    settings = RunSettings.from_run_config({}, **UPLINK_RUN)
+    app = make_client_app(UPLINK_RUN)
+    node_config = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path)}
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    feedback = ErrorFeedback(settings.compression.sparsifier_spec)
+    shard = Shard(1, 3, "partition-1", sender="7")
+    for round_number in (1, 2):
+        reply = app(_train_message(round_number, "key"), context)
+        expected = run_local_round(
+            settings, {}, round_number=round_number, run_id="run", shard=shard, error_feedback=feedback
+        )
+        sent, local = (
+            _decoded(payload, settings)
+            for payload in (TrainReply.from_content(reply.content).payload, expected.payload)
+        )
+        assert sent == local  # the same bytes but for the measured train-seconds
+        timing = reply.content.metric_records[TIMING_RECORD]
+        assert {"build", "data", "train", "encode", "sign", "total"} <= set(timing)
+        assert set(reply.content) == {"fedfuse.update", TIMING_RECORD}
+    kept = ResidualFiles.of(context, "key", "partition-1", "fedfuse.residual").load(2)
+    assert kept is not None and feedback.residual
+    for name, residual in feedback.residual.items():
+        assert torch.equal(kept[name], residual)
+
+
+def _decoded(payload: bytes, settings) -> tuple:
+    """A payload's header (train-seconds left out: it is measured) and its tensors as lists."""
+    from fedfuse.training.models import update_shapes
+    from fedfuse.wire import Expectation, decode_update
+
+    update = decode_update(payload, expect=Expectation(shapes=update_shapes(settings)))
+    header = {
+        **vars(update.header),
+        "metrics": {k: v for k, v in update.header.metrics.items() if k != "train-seconds"},
+    }
+    return header, {name: to_dense(t).tolist() for name, t in sorted(update.tensors.items())}

@@ -25,7 +25,6 @@ from tiny_runs import TINY_RUN
 from fedfuse.client.app import make_client_app
 from fedfuse.messages import EvaluateReply, TrainReply
 from fedfuse.rejections import Rejected
-from fedfuse.rounds import UpdateSpace
 from fedfuse.server.checkpoint import load_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
@@ -150,7 +149,7 @@ def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(s
     """
     settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
     base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
-    strategy = FedFuseStrategy(settings, UpdateSpace.for_run(settings, SHAPES, scale=1.0), "run", base)
+    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", base)
     grid = SeededGrid(SHAPES)
     grid.unavailable = {12}
     messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))
@@ -159,7 +158,7 @@ def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(s
     assert lost.metadata.src_node_id not in grid.nodes  # the SuperLink's own id, as Flower sends it
     arrays, metrics = strategy.aggregate_train(1, iter(replies))
     assert arrays is not None and metrics["accepted"] == 2
-    assert [(r["node"], r["reason"]) for r in strategy.last_rejections] == [("institution-12", "node_unavailable")]
+    assert [(r.node, r.reason) for r in strategy.last_rejections] == [("institution-12", "node_unavailable")]
     for parse in (TrainReply.from_message, EvaluateReply.from_message):
         with pytest.raises(Rejected) as raised:
             parse(lost)

@@ -17,7 +17,8 @@ from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
-from fedfuse.algebra import SparseTensor
+from fedfuse.algebra import SparseTensor, to_dense
+from fedfuse.client.mods import FACTORS_RECORD, FISHER_RECORD, GRAM_RECORD
 from fedfuse.flower import FedMerge, signing_mod, task_vector_mod
 from fedfuse.messages import RESIDUAL_RECORD, TrainReply
 from fedfuse.security import Registry, write_institution_keys
@@ -223,6 +224,55 @@ def test_signing_mod_signs_the_update_and_fedmerge_folds_only_registered_signatu
     _, metrics = strategy.aggregate_train(1, iter(replies))
     assert metrics["accepted"] == 1 and metrics["signatures-verified"] == 1
     assert [r.reason for r in strategy.last_rejections] == ["unknown_signer", "unsigned", "unsigned"]
+
+
+def test_fedfuses_own_client_app_signs_through_signing_mod_with_its_node_configs_key(server_identity, tmp_path):
+    from fedfuse.client.app import make_client_app
+    from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, RoundInstruction
+
+    keys = write_institution_keys(tmp_path, "partition-0")
+    registry = Registry({"partition-0": keys["update_signing_public"].read_text()})
+    run = {"mode": "full", "local-steps": 1, "batch-size": 4, "max-length": 16, "sparsifier": "dare", "density": 0.3}
+    instruction = RoundInstruction(1, "run-7", "f" * 64, "")
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord({}), CONFIG_RECORD: instruction.to_config()})
+    node = {"partition-id": 0, "num-partitions": 2, "signing-key": str(keys["update_signing_private"])}
+    context = Context(run_id=1, node_id=9, node_config=node, state=RecordDict(), run_config={})
+    reply = TrainReply.from_content(
+        make_client_app(run)(Message(content, dst_node_id=9, message_type="train"), context).content
+    )
+    check = registry.round_check(run_id="run-7", round_number=1, base_fingerprint="f" * 64)
+    assert check(reply.payload, reply.signature) == "partition-0"
+    assert reply.timing["sign"] > 0 and reply.timing["total"] >= reply.timing["train"]
+
+
+def test_task_vector_mod_carries_a_replys_fisher_and_gram_records_and_sends_lora_factors_as_they_are(server_identity):
+    round_weights = _weights(0)
+    message = _train_messages(FedMerge("fedavg"), round_weights, [3, 4])[3]
+    fisher = {name: torch.rand(shape) for name, shape in SHAPES.items()}
+    grams = {"w": torch.eye(3) * 2}
+
+    def train(msg: Message, ctx: Context) -> Message:
+        records = {FISHER_RECORD: ArrayRecord(fisher), GRAM_RECORD: ArrayRecord(grams)}
+        return _standard_reply(msg, _weights(5), 12, **records)
+
+    reply = task_vector_mod(sparsifier="none", wire_dtype="float32")(message, _context(), train)
+    assert FISHER_RECORD not in reply.content and GRAM_RECORD not in reply.content
+    payload = TrainReply.from_content(reply.content).payload
+    update = decode_update(payload, expect=Expectation(SHAPES, 1, "1", fingerprint(round_weights)))
+    assert update.fisher is not None
+    for name in SHAPES:
+        torch.testing.assert_close(to_dense(update.fisher[name]), fisher[name], rtol=0, atol=0)
+    torch.testing.assert_close(update.grams["w"], grams["w"])
+    factors = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.randn(4, 2)}
+
+    def lora(msg: Message, ctx: Context) -> Message:
+        return _standard_reply(msg, {}, 12, **{FACTORS_RECORD: ArrayRecord(factors)})
+
+    reply = task_vector_mod(sparsifier="trim", density=0.1, wire_dtype="float32")(message, _context(), lora)
+    shapes = {name: tuple(t.shape) for name, t in factors.items()}
+    sent = decode_update(TrainReply.from_content(reply.content).payload, expect=Expectation(shapes, 1, "1"))
+    assert sent.header.sparsifier.kind == "none" and sent.header.num_examples == 12
+    assert all(torch.equal(to_dense(sent.tensors[name]), factors[name]) for name in factors)
 
 
 def test_fedmerge_accepts_a_strategy_instance_such_as_a_plug_in(server_identity):

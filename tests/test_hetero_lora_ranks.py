@@ -13,7 +13,7 @@ import torch
 from fedfuse.algebra import factor_names, lora_delta, to_dense
 from fedfuse.client.app import shard_of
 from fedfuse.client.local_round import Shard, node_settings, run_local_round, to_run_rank
-from fedfuse.rounds import RoundEngine, UpdateSpace
+from fedfuse.rounds import RoundEngine
 from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.settings.fields import SettingsError
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update
@@ -47,10 +47,8 @@ def node_factors(seed: int, rank: int) -> dict[str, torch.Tensor]:
 
 def engine(settings: RunSettings, shapes: dict[str, tuple[int, ...]], strategy: str = "fedavg") -> RoundEngine:
     settings = settings.replace(strategy=strategy)
-    space = UpdateSpace.for_run(settings, shapes, settings.training.lora_alpha / settings.training.lora_rank)
-    return RoundEngine.for_run(
-        settings, space, round_number=1, run_id="run", base_fingerprint=FINGERPRINT, bind_senders=False
-    )
+    space = settings.update_space(shapes, settings.training.lora_alpha / settings.training.lora_rank)
+    return settings.round_engine(space, round_number=1, run_id="run", base_fingerprint=FINGERPRINT, bind_senders=False)
 
 
 def payload(node: str, tensors: dict[str, torch.Tensor], examples: int) -> bytes:
@@ -113,7 +111,7 @@ def test_real_clients_at_ranks_2_and_4_are_both_accepted_by_the_server_engine() 
         {}, **{"local-steps": 1, "batch-size": 4, "max-length": 16, "lora-rank": 4, "client-eval-examples": 4}
     )
     shapes = update_shapes(settings)
-    space = UpdateSpace.for_run(settings, shapes, lora_scale(settings))
+    space = settings.update_space(shapes, lora_scale(settings))
     merge_round = RoundEngine(build_merge_strategy(settings), space, round_number=1, run_id="r", check_sparsifier=True)
     shards = [Shard(0, 2, "rank-2", lora_rank=2), Shard(1, 2, "rank-4")]
     for shard in shards:

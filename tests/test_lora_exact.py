@@ -85,7 +85,7 @@ def test_server_merge_of_encoded_factors(aggregation):
         strategy="fedavg", lora_aggregation=aggregation, lora_rank=RANK, lora_alpha=SCALE * RANK
     )
     a_name, b_name = factor_names(MODULE)
-    space = UpdateSpace.for_run(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
+    space = settings.update_space({a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
     merge_round = RoundEngine(get_strategy("fedavg"), space, round_number=1, run_id="run", base_fingerprint="fp")
     pairs = [random_factors(seed) for seed in (10, 11, 12)]
     examples = [100, 300, 50]
@@ -113,7 +113,7 @@ def test_exact_lora_ties_trims_each_delta_on_the_server():
             captured.append(tensors[MODULE + ".weight"])
             return tensors, fisher
 
-    space = UpdateSpace.for_run(settings, {a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
+    space = settings.update_space({a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
     space = CapturingSpace(space.kind, space.wire_shapes, space.scale, space.sparsifier, space.seed, space.seed_scope)
     merge_round = RoundEngine(get_strategy("ties"), space, round_number=1)
     a, b = random_factors(3)

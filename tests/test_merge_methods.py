@@ -236,7 +236,7 @@ def test_slerp_merges_exactly_one_model_and_is_not_mergeable() -> None:
     state = fold("slerp", [{"w": torch.ones(2)}, {"w": torch.ones(2)}], [1.0, 1.0])
     with pytest.raises(ValueError, match="exactly one other model"):
         state.finalize(base={"w": torch.zeros(2)})
-    assert not method_spec("slerp").mergeable
+    assert not method_spec("slerp").capabilities.mergeable
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,11 @@ def state_of(name: str, **params):
             "a.b": ties_trim(randn(30, 8, seed=10 + k), 0.2),
             "c": dare_drop(randn(200, seed=20 + k), 0.05, seed=k),
         }
-        fisher = {n: randn(*t.shape, seed=30 + k).abs() for n, t in update.items()} if strategy.needs_fisher else None
+        fisher = (
+            {n: randn(*t.shape, seed=30 + k).abs() for n, t in update.items()}
+            if strategy.capabilities.needs_fisher
+            else None
+        )
         if fisher is not None:
             update = {n: t.to_dense() if hasattr(t, "to_dense") else t for n, t in update.items()}
         state.add(update, weight=k + 1, fisher=fisher)
@@ -228,19 +233,19 @@ def test_a_crash_while_writing_a_partial_leaves_no_file(tmp_path, model_files, m
 class NotAMonoid(FedAvg):
     """A stand-in for a robust method (median, Krum) whose state cannot be summed."""
 
-    mergeable = False
+    capabilities = dataclasses.replace(FedAvg.capabilities, mergeable=False)
 
 
 def test_methods_declared_not_mergeable_make_no_partials(tmp_path, model_files) -> None:
     register_strategy("test_not_a_monoid")(NotAMonoid)
-    with pytest.raises(MergeInputError, match=r"'test_not_a_monoid' is not mergeable.*--partial-out"):
+    with pytest.raises(MergeInputError, match=r"'test_not_a_monoid' is not mergeable.*partial_out"):
         merge_models(
             model_files["base_path"], model_files["models"], method="test_not_a_monoid", partial_out=tmp_path / "p"
         )
     strategy = get_strategy("test_not_a_monoid")
     header = UpdateHeader("r", 0, fingerprint(load_file(model_files["base_path"])), "gw")
     (tmp_path / "p").write_bytes(encode_partial(in_memory_state(model_files, strategy, [0]), header=header))
-    with pytest.raises(MergeInputError, match=r"'test_not_a_monoid' is not mergeable.*--combine"):
+    with pytest.raises(MergeInputError, match=r"'test_not_a_monoid' is not mergeable.*partials"):
         combine_partials([tmp_path / "p"], base=model_files["base_path"], out=tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "base.safetensors",

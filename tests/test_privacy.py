@@ -14,7 +14,7 @@ from opacus.accountants import RDPAccountant
 
 from fedfuse.algebra import dare_indices, derive_seed
 from fedfuse.client.local_round import locally_private
-from fedfuse.rounds import PrivacyAccountant, RoundEngine, UpdateSpace
+from fedfuse.rounds import PrivacyAccountant
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint
 
@@ -33,9 +33,8 @@ CENTRAL = {
 
 def _central_merge(overrides: dict, updates: list[dict[str, torch.Tensor]], expected: int) -> dict[str, torch.Tensor]:
     settings = RunSettings.from_run_config({}, **overrides)
-    engine = RoundEngine.for_run(
-        settings,
-        UpdateSpace.for_run(settings, SHAPES, 1.0),
+    engine = settings.round_engine(
+        settings.update_space(SHAPES, 1.0),
         round_number=1,
         run_id="run",
         base_fingerprint=FINGERPRINT,
@@ -135,8 +134,8 @@ def test_dp_linear_methods_and_lora_exact_central_dp_are_accepted() -> None:
 
 def test_only_the_servers_engine_adds_the_noise_a_gateway_only_clips() -> None:
     settings = RunSettings.from_run_config({}, **CENTRAL)
-    space = UpdateSpace.for_run(settings, SHAPES, 1.0)
+    space = settings.update_space(SHAPES, 1.0)
     common = {"round_number": 1, "run_id": "run", "base_fingerprint": FINGERPRINT}
-    assert RoundEngine.for_run(settings, space, bind_senders=False, **common).privacy is not None
-    gateway = RoundEngine.for_run(settings, space, bind_senders=False, gateway=True, **common)
+    assert settings.round_engine(space, bind_senders=False, **common).privacy is not None
+    gateway = settings.round_engine(space, bind_senders=False, gateway=True, **common)
     assert gateway.privacy is None and gateway.bounds.clip_norm == 2.0

@@ -146,7 +146,7 @@ def test_krum_over_spilled_updates_returns_one_clients_update() -> None:
 
 @pytest.mark.parametrize("name", ROBUST)
 def test_robust_methods_are_declared_non_monoids_and_refuse_partial_states(name) -> None:
-    assert not method_spec(name).mergeable
+    assert not method_spec(name).capabilities.mergeable
     state = build_strategy(name).new_state().add(_updates(1)[0])
     other = build_strategy(name).new_state()
     with pytest.raises(ValueError, match="not a monoid"):

@@ -233,7 +233,7 @@ def test_a_strategy_that_is_not_a_monoid_refuses_partial_states() -> None:
     fedavg = get_strategy("fedavg")
     gateway = fedavg.new_state().add(trimmed(5), weight=10)
     payload = encode_partial(gateway, header=header(7))
-    fedavg.mergeable = False  # instance attribute: this one strategy object declares itself non-mergeable
+    fedavg.with_capabilities(mergeable=False)  # this one strategy object declares itself non-mergeable
     merge_round = engine(fedavg)
     rejection = merge_round.offer(payload, kind="partial")
     assert rejection is not None and rejection.reason == "incompatible_update" and "monoid" in rejection.message

@@ -262,7 +262,7 @@ def test_full_mode_rounds_through_the_strategy_step_the_optimizer_and_tiers_stay
     base = {n: torch.zeros(s) for n, s in SHAPES.items()}
     results = []
     for tiers in ({}, {11: "region-a", 12: "region-b", 13: "region-a"}):
-        strategy = FedFuseStrategy(settings, UpdateSpace.for_run(settings, SHAPES, scale=1.0), "run", base)
+        strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", base)
         grid, arrays = SeededGrid(SHAPES, tiers=tiers), ArrayRecord(base)
         expected = ServerOptimizer(settings.merge.server_rule)
         for server_round in (1, 2):
@@ -283,7 +283,8 @@ def test_full_mode_rounds_through_the_strategy_step_the_optimizer_and_tiers_stay
 
 def round_engine_of(strategy: FedFuseStrategy, server_round: int, replies: list[Message]) -> dict[str, torch.Tensor]:
     """The round's plain merged task vector, from a second engine fed the same replies."""
-    engine = strategy._engine(server_round)
+    assert strategy._reference is not None
+    engine = strategy._round_engine(server_round, strategy._reference)
     for reply in replies:
         parsed = TrainReply.from_message(reply)
         engine.offer(parsed.payload, kind=parsed.kind, sender=str(reply.metadata.src_node_id))
@@ -304,7 +305,7 @@ E2E = {
 
 def serve(out, rounds: int, **extra) -> dict:
     settings = RunSettings.from_run_config({**E2E, "num-server-rounds": rounds, "output-dir": str(out), **extra})
-    grid = SeededGrid(UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)).wire_shapes)
+    grid = SeededGrid(settings.update_space(update_shapes(settings), lora_scale(settings)).wire_shapes)
     context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config={})
     return run_server(grid, context, settings)  # type: ignore[arg-type]
 

@@ -8,9 +8,12 @@ import torch
 from fedfuse.strategies import (
     BUILT_IN_PRESETS,
     BUILT_IN_STRATEGIES,
+    Capabilities,
     MergeStrategy,
     Param,
     Preset,
+    SpilledStrategy,
+    StatisticsStrategy,
     Ties,
     add_at,
     build_strategy,
@@ -74,8 +77,12 @@ def test_the_method_table_lists_the_built_ins_and_presets() -> None:
 )
 def test_each_method_declares_fisher_need_sparsifier_and_mergeability(name, needs_fisher, sparsifier, preset_of):
     spec = method_spec(name)
-    assert (spec.needs_fisher, spec.default_sparsifier, spec.preset_of) == (needs_fisher, sparsifier, preset_of)
-    assert spec.mergeable
+    assert (spec.capabilities.needs_fisher, spec.default_sparsifier, spec.preset_of) == (
+        needs_fisher,
+        sparsifier,
+        preset_of,
+    )
+    assert spec.capabilities.mergeable
 
 
 def test_declarations_carry_type_default_and_choices() -> None:
@@ -135,7 +142,7 @@ def test_parse_strategy_params_refuses_malformed_entries(text, message) -> None:
         parse_strategy_params(text)
 
 
-class _Doubled(MergeStrategy):
+class _Doubled(StatisticsStrategy):
     statistics = ("S",)
 
     def accumulate(self, stats, values, weight, fisher, index) -> None:
@@ -213,3 +220,45 @@ def test_simulate_refuses_an_undeclared_strategy_param_before_anything_starts(mo
     assert result.exit_code == 2
     assert "strategy 'ties' has no parameter 'eps'; its parameters: lam, vote" in result.output
     assert "Traceback" not in result.output
+
+
+def test_capabilities_are_one_record_on_the_spec_and_the_instance() -> None:
+    assert method_spec("fisher").capabilities == Capabilities(needs_fisher=True, averages=True)
+    assert method_spec("dare_ties").capabilities == method_spec("ties").capabilities
+    assert method_spec("median").capabilities.mergeable is False
+    plain = build_strategy("linear", {"normalize": False})
+    assert (plain.capabilities.needs_base, plain.capabilities.averages) == (True, False)
+    assert method_spec("linear").capabilities.needs_base is False  # the class's record is left as declared
+    assert not plain.reference_free and build_strategy("linear").reference_free
+
+
+def test_the_two_bases_have_no_stubs_of_the_other() -> None:
+    median = build_strategy("median")
+    assert isinstance(median, MergeStrategy) and isinstance(median, SpilledStrategy)
+    assert not hasattr(median, "accumulate") and not hasattr(median, "finalize_tensor")
+    assert not hasattr(build_strategy("fedavg"), "merge_rows")
+    with pytest.raises(TypeError, match="must define finalize_tensor"):
+
+        class _NoFinalize(StatisticsStrategy):
+            def accumulate(self, stats, values, weight, fisher, index) -> None:
+                pass
+
+
+def test_a_plugin_written_before_the_split_still_works(private_registry) -> None:
+    with pytest.warns(DeprecationWarning, match="Capabilities"):
+
+        class Old(MergeStrategy):  # the pre-split form: MergeStrategy with accumulate and flag attributes
+            statistics = ("S",)
+            needs_fisher = True
+
+            def accumulate(self, stats, values, weight, fisher, index) -> None:
+                add_at(stats["S"], values * fisher, index, alpha=weight)
+
+            def finalize_tensor(self, stats, total_weight):
+                return stats["S"] / total_weight
+
+    register_strategy("old_test")(Old)
+    assert isinstance(build_strategy("old_test"), StatisticsStrategy)
+    assert method_spec("old_test").capabilities == Capabilities(needs_fisher=True)
+    state = build_strategy("old_test").new_state().add({"w": torch.ones(2)}, 2.0, {"w": torch.full((2,), 3.0)})
+    assert state.finalize()["w"].tolist() == [3.0, 3.0]

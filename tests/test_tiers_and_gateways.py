@@ -11,7 +11,6 @@ from tiny_runs import TINY_RUN
 
 from fedfuse.client.app import make_client_app
 from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
-from fedfuse.rounds import UpdateSpace
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.simulation import simulate
@@ -74,7 +73,7 @@ def test_tiered_merge_equals_the_flat_merge(name, server_identity):
     settings = RunSettings.from_run_config(strategy=name, mode="full")
     results = {}
     for tiers in (["", "", "", ""], ["region-a", "region-b", "region-a", "region-c"]):
-        space = UpdateSpace.for_run(settings, SHAPES, scale=1.0)
+        space = settings.update_space(SHAPES, scale=1.0)
         base = {n: torch.zeros(s) for n, s in SHAPES.items()}
         strategy = FedFuseStrategy(settings, space, "run", base)
         arrays, metrics = strategy.aggregate_train(1, iter(_replies(strategy, tiers)))
@@ -165,8 +164,7 @@ def test_a_gateway_keeps_each_members_error_feedback(tmp_path):
 
 
 def _partial_expectation(settings):
-    from fedfuse.rounds import UpdateSpace
     from fedfuse.training.models import lora_scale, update_shapes
     from fedfuse.wire import Expectation
 
-    return Expectation(UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)).merge_shapes)
+    return Expectation(settings.update_space(update_shapes(settings), lora_scale(settings)).merge_shapes)

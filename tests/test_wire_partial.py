@@ -42,7 +42,7 @@ def fisher_for(k: int) -> dict:
 def state_of(strategy, items: list[tuple[int, dict]]):
     state = strategy.new_state()
     for k, update in items:
-        state.add(update, weight=k + 1, fisher=fisher_for(k) if strategy.needs_fisher else None)
+        state.add(update, weight=k + 1, fisher=fisher_for(k) if strategy.capabilities.needs_fisher else None)
     return state
 
 

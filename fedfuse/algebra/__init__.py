@@ -1,4 +1,4 @@
-"""Pure tensor algebra: task vectors, sparse tensors, sparsifiers, seeds. No Flower, no I/O."""
+"""Pure tensor algebra: task vectors, sparse tensors, sparsifiers (and their registry), seeds. No Flower, no I/O."""
 
 from fedfuse.algebra.lora import (
     Refactored,
@@ -10,8 +10,16 @@ from fedfuse.algebra.lora import (
     svd_refactor,
 )
 from fedfuse.algebra.names import name_mismatch
+from fedfuse.algebra.params import Param
 from fedfuse.algebra.seeds import derive_seed
 from fedfuse.algebra.sparse import SparseTensor, Update, UpdateTensor, to_dense
+from fedfuse.algebra.sparsifiers import (
+    RESCALES,
+    SparsifierSpec,
+    available_sparsifiers,
+    register_sparsifier,
+    sparsifier_spec,
+)
 from fedfuse.algebra.sparsify import (
     Sparsifier,
     dare_drop,
@@ -26,12 +34,16 @@ from fedfuse.algebra.sparsify import (
 from fedfuse.algebra.task_vector import apply_task_vector, task_vector
 
 __all__ = [
+    "RESCALES",
+    "Param",
     "Refactored",
     "SparseTensor",
     "Sparsifier",
+    "SparsifierSpec",
     "Update",
     "UpdateTensor",
     "apply_task_vector",
+    "available_sparsifiers",
     "dare_drop",
     "dare_indices",
     "dare_mask",
@@ -44,6 +56,8 @@ __all__ = [
     "lora_modules",
     "naive_factor_average",
     "name_mismatch",
+    "register_sparsifier",
+    "sparsifier_spec",
     "sparsify_update",
     "svd_refactor",
     "task_vector",

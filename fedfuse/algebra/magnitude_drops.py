@@ -8,17 +8,25 @@ its mask is drawn from a CPU generator seeded per tensor, as DARE's is, so it is
 
 Kept entries are rescaled by ``rescale``: ``"inverse"`` divides each by its keep probability (the
 papers, PEFT's DARE), ``"l1"`` multiplies all by ‖τ‖₁/‖kept‖₁ (mergekit's ``rescale: true``),
-``"none"`` leaves them as they are.
+``"none"`` leaves them as they are. Both register themselves as sparsifiers (``breadcrumbs``, ``della``)
+with their parameters ``gamma`` and ``epsilon`` declared here (see :mod:`fedfuse.algebra.sparsifiers`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from fedfuse.algebra.params import Param
 from fedfuse.algebra.sparse import SparseTensor
+from fedfuse.algebra.sparsifiers import RESCALES, register_sparsifier
 
-RESCALES = ("inverse", "l1", "none")
-"""How kept entries of a random drop are rescaled (see the module docstring)."""
+if TYPE_CHECKING:
+    from fedfuse.algebra.sparsify import Sparsifier
+
+GAMMA = Param("gamma", float, 0.01, help="fraction of largest-|τ| outliers breadcrumbs drops (mergekit's gamma)")
+EPSILON = Param("epsilon", float, 0.15, help="DELLA keep probabilities span density ± epsilon (mergekit's epsilon)")
 
 _L1_EPS = 1e-7
 """Below this L1 norm (before or after the drop) the l1 rescale leaves values as they are (as mergekit)."""
@@ -110,3 +118,31 @@ def della_drop(
     elif rescale == "l1":
         values = l1_rescale(flat, values)
     return SparseTensor(indices=indices, values=values, shape=tensor.shape)
+
+
+@register_sparsifier("breadcrumbs", parameters=(GAMMA,), help="drop the ⌊γ·n⌋ largest outliers and the smallest")
+def breadcrumbs_sparsifier(tensor: torch.Tensor, sparsifier: Sparsifier, seed: int | None) -> SparseTensor:
+    """The ``breadcrumbs`` sparsifier: :func:`breadcrumbs_drop` with the sparsifier's density, γ and rescale."""
+    rescale = sparsifier.resolved_rescale
+    if sparsifier.scope == "global" and rescale == "l1":
+        raise ValueError("an l1 rescale is per tensor: it cannot follow a global trim")
+    return breadcrumbs_drop(tensor, sparsifier.density, sparsifier.gamma, rescale)
+
+
+def _check_della(sparsifier: Sparsifier) -> None:
+    check_della(sparsifier.density, sparsifier.epsilon)
+
+
+@register_sparsifier(
+    "della",
+    parameters=(EPSILON,),
+    seeded=True,
+    rescales=RESCALES,
+    default_rescale="inverse",
+    check=_check_della,
+    help="seeded drop, keep probability rising with the magnitude rank in the row",
+)
+def della_sparsifier(tensor: torch.Tensor, sparsifier: Sparsifier, seed: int | None) -> SparseTensor:
+    """The ``della`` sparsifier: :func:`della_drop` with the tensor's seed."""
+    assert seed is not None  # seeded: sparsify_update passes one
+    return della_drop(tensor, sparsifier.density, sparsifier.epsilon, seed, sparsifier.resolved_rescale)

@@ -11,7 +11,8 @@ tensor by tensor (all operations element-wise)::
 with m₋₁ = v₋₁ = 0 and no bias correction, as in Algorithm 2 of "Adaptive Federated Optimization"
 (Reddi et al., ICLR 2021) and Flower's ``FedYogi``/``FedAvgM`` (``flwr/serverapp/strategy/fedyogi.py``,
 ``fedopt.py``, ``fedavgm.py``). Flower's ``FedAdam`` alone multiplies η by √(1 − β₂ᵗ⁺¹)/(1 − β₁ᵗ⁺¹)
-(``fedadam.py``); fedfuse follows the paper. FedAvgM with β₁ = 0 and η = 1 is plain merging.
+(``fedadam.py``); fedfuse follows the paper unless a rule asks for that ``bias_correction`` (``FedMerge``
+does when it is given Flower's strategy name ``fedadam``). FedAvgM with β₁ = 0 and η = 1 is plain merging.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class ServerOptimizerRule:
         β₂ in [0, 1): the second-moment decay (FedAdam, FedYogi).
     tau : float
         τ > 0: the adaptivity, added to √v in the denominator (FedAdam, FedYogi).
+    bias_correction : bool
+        Scale η by √(1 − β₂ʳ⁺¹)/(1 − β₁ʳ⁺¹) in server round r, as Flower's ``FedAdam`` does (adaptive rules).
     """
 
     name: str
@@ -53,6 +56,7 @@ class ServerOptimizerRule:
     momentum: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in SERVER_OPTIMIZERS[1:]:
@@ -96,7 +100,11 @@ def second_moment(delta: torch.Tensor, v: torch.Tensor | None, rule: ServerOptim
 
 
 def server_step(
-    delta: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, rule: ServerOptimizerRule
+    delta: torch.Tensor,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rule: ServerOptimizerRule,
+    server_round: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One tensor's step: (the change to add to the weights, mₜ, vₜ); vₜ is None for FedAvgM.
 
@@ -108,6 +116,8 @@ def server_step(
         mₜ₋₁ and vₜ₋₁ (None: zeros, the first step).
     rule : ServerOptimizerRule
         The optimizer and its hyperparameters.
+    server_round : int
+        The round being stepped (only a ``bias_correction`` rule reads it).
 
     Returns
     -------
@@ -118,4 +128,7 @@ def server_step(
     if not rule.adaptive:
         return rule.lr * m_t, m_t, None
     v_t = second_moment(delta, v, rule)
-    return rule.lr * m_t / (torch.sqrt(v_t) + rule.tau), m_t, v_t
+    lr = rule.lr
+    if rule.bias_correction:
+        lr *= math.sqrt(1.0 - rule.beta2 ** (server_round + 1)) / (1.0 - rule.momentum ** (server_round + 1))
+    return lr * m_t / (torch.sqrt(v_t) + rule.tau), m_t, v_t

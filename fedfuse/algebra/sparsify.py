@@ -4,7 +4,8 @@ All return :class:`SparseTensor` (kept entries only) so a sparse update never de
 way to the server. Conventions follow PEFT ``merge_utils`` and mergekit: a trim keeps the top
 ⌊d·n⌋ magnitudes; DARE keeps each entry with probability ``density`` and rescales kept values by
 1/density, drawing its mask with ``torch.bernoulli`` from a CPU ``torch.Generator`` seeded per tensor.
-Breadcrumbs and DELLA live in :mod:`fedfuse.algebra.magnitude_drops`.
+Breadcrumbs and DELLA live in :mod:`fedfuse.algebra.magnitude_drops`. Each registers itself by name
+(:mod:`fedfuse.algebra.sparsifiers`), and :func:`sparsify_update` dispatches through that registry.
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from fedfuse.algebra.magnitude_drops import RESCALES, breadcrumbs_drop, check_della, della_drop, l1_rescale
+from fedfuse.algebra.magnitude_drops import EPSILON, GAMMA, l1_rescale
 from fedfuse.algebra.seeds import derive_seed
 from fedfuse.algebra.sparse import SparseTensor
+from fedfuse.algebra.sparsifiers import (
+    RESCALES,
+    SparsifierSpec,
+    register_sparsifier,
+    registered_sparsifiers,
+    sparsifier_spec,
+)
 
 
 def _check_density(density: float) -> None:
@@ -75,33 +83,41 @@ def dare_drop(tensor: torch.Tensor, density: float, seed: int, rescale: bool = T
     return SparseTensor(indices=indices, values=values, shape=tensor.shape, dare_seed=seed, dare_density=density)
 
 
-SparsifierKind = Literal["none", "trim", "dare", "breadcrumbs", "della"]
-SPARSIFIER_KINDS: tuple[str, ...] = ("none", "trim", "dare", "breadcrumbs", "della")
-"""Every sparsifier a client or ``fedfuse merge`` can apply."""
-DEFAULT_GAMMA = 0.01
+SparsifierKind = str
+"""A registered sparsifier's name: ``none``, ``trim``, ``dare``, ``breadcrumbs``, ``della`` or a plug-in's
+(:func:`~fedfuse.algebra.sparsifiers.available_sparsifiers`)."""
+SCOPES = ("tensor", "global")
+"""``Sparsifier.scope``: each tensor on its own, or the whole model at once (trim)."""
+SEED_SCOPES = ("node", "round")
+"""``Sparsifier.seed_scope``: a seeded mask per node, or one per round shared by every node."""
+DEFAULT_GAMMA: float = GAMMA.default
 """Breadcrumbs' default outlier fraction (mergekit's)."""
-DEFAULT_EPSILON = 0.15
+DEFAULT_EPSILON: float = EPSILON.default
 """DELLA's default spread of keep probabilities (mergekit's)."""
-RANDOM_KINDS = ("dare", "della")
-"""Sparsifiers that draw a seeded random mask (their kept values are rescaled, by default by 1/p)."""
+FIELD_PARAMS = ("gamma", "epsilon")
+"""Declared parameters stored in a :class:`Sparsifier` field of their own (the rest go to ``options``)."""
 
 
 @dataclass(frozen=True)
 class Sparsifier:
     """How a client shrinks its task vector before sending it.
 
-    kind: ``"none"`` (dense), ``"trim"`` (TIES top-magnitude), ``"dare"`` (seeded random drop),
-        ``"breadcrumbs"`` (drop the ⌊γ·n⌋ largest outliers and the smallest) or ``"della"`` (seeded
-        drop, keep probability rising with the magnitude rank in the row).
+    kind: a registered sparsifier (:mod:`fedfuse.algebra.sparsifiers`): ``"none"`` (dense), ``"trim"``
+        (TIES top-magnitude), ``"dare"`` (seeded random drop), ``"breadcrumbs"`` (drop the ⌊γ·n⌋ largest
+        outliers and the smallest), ``"della"`` (seeded drop, keep probability rising with the magnitude
+        rank in the row) or a plug-in.
     density: the kept fraction, for every kind (DARE keeps each entry with this probability).
     gamma: the outlier fraction breadcrumbs drops from the top (mergekit's ``gamma``, default 0.01).
     epsilon: DELLA's half-spread of keep probabilities, d ± ε (mergekit's ``epsilon``, default 0.15).
-    rescale: ``"auto"`` (1/p for dare and della, none otherwise), ``"inverse"``, ``"l1"`` (mergekit's
-        ``rescale: true``) or ``"none"``.
+    rescale: ``"auto"`` (the kind's default: 1/p for dare and della, none otherwise), ``"inverse"``,
+        ``"l1"`` (mergekit's ``rescale: true``) or ``"none"``, as the kind declares.
     scope: ``"tensor"`` trims each tensor on its own; ``"global"`` keeps the top ⌊d·N⌋ over the whole
         model. DARE draws every entry independently, so scope does not change it.
     seed_scope: for DARE, ``"node"`` gives every client its own mask, ``"round"`` one mask per round
         shared by all clients (aligned supports, as secure aggregation needs).
+    options: the kind's declared parameters by name (a plug-in's), coerced, defaults filled in, stored
+        as sorted ``(name, value)`` pairs so sparsifiers stay hashable; ``gamma`` and ``epsilon`` given
+        here go to their fields. An undeclared name is refused. See :attr:`params`.
     """
 
     kind: SparsifierKind = "none"
@@ -111,42 +127,91 @@ class Sparsifier:
     gamma: float = DEFAULT_GAMMA
     epsilon: float = DEFAULT_EPSILON
     rescale: str = "auto"
+    options: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in SPARSIFIER_KINDS:
-            raise ValueError(f"unknown sparsifier {self.kind!r}: choose {', '.join(SPARSIFIER_KINDS)}")
-        if self.scope not in ("tensor", "global"):
+        spec = sparsifier_spec(self.kind)
+        if self.scope not in SCOPES:
             raise ValueError(f"unknown sparsifier scope {self.scope!r}: choose tensor or global")
-        if self.seed_scope not in ("node", "round"):
+        if self.seed_scope not in SEED_SCOPES:
             raise ValueError(f"unknown DARE seed scope {self.seed_scope!r}: choose node or round")
         _check_density(self.density)
-        if self.kind == "dare" and self.density == 0.0:
-            raise ValueError("DARE needs density > 0 (kept values are rescaled by 1/density)")
+        given = {name: spec.param(name).coerce(value) for name, value in dict(self.options).items()}
+        for name in FIELD_PARAMS:  # gamma=… and options={"gamma": …} are the same sparsifier
+            if name in given:
+                object.__setattr__(self, name, given.pop(name))
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"breadcrumbs gamma must be in [0, 1], got {self.gamma}")
-        # A field the kind does not use keeps its default, so equal sparsifiers compare equal.
-        if self.kind != "breadcrumbs":
-            object.__setattr__(self, "gamma", DEFAULT_GAMMA)
-        if self.kind != "della":
-            object.__setattr__(self, "epsilon", DEFAULT_EPSILON)
-        if self.kind == "della":
-            check_della(self.density, self.epsilon)
+        self._normalize(spec, given)
+        if spec.check is not None:
+            spec.check(self)
+        self._check_rescale(spec)
+
+    def _normalize(self, spec: SparsifierSpec, given: dict[str, Any]) -> None:
+        """A field the kind does not use keeps its default, so equal sparsifiers compare equal."""
+        for name in FIELD_PARAMS:
+            if not spec.declares(name):
+                object.__setattr__(self, name, _FIELD_DEFAULTS[name])
+            elif spec.param(name).default != _FIELD_DEFAULTS[name]:
+                raise ValueError(f"sparsifier {spec.name!r} declares {name!r} with a default other than the field's")
+        options = {p.name: given.get(p.name, p.default) for p in spec.parameters if p.name not in FIELD_PARAMS}
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
+
+    def _check_rescale(self, spec: SparsifierSpec) -> None:
         if self.rescale not in ("auto", *RESCALES):
             raise ValueError(f"unknown rescale {self.rescale!r}: choose auto, {', '.join(RESCALES)}")
-        if self.rescale == "inverse" and self.kind not in RANDOM_KINDS:
-            raise ValueError(f"rescale 'inverse' (1/p) needs a random drop (dare, della), not {self.kind!r}")
+        if self.rescale == "inverse" and "inverse" not in spec.rescales:
+            random = ", ".join(other.name for other in registered_sparsifiers() if "inverse" in other.rescales)
+            raise ValueError(f"rescale 'inverse' (1/p) needs a random drop ({random}), not {self.kind!r}")
+        if self.rescale not in ("auto", *spec.rescales):
+            raise ValueError(f"sparsifier {self.kind!r} takes rescale auto, {', '.join(spec.rescales)}")
+
+    @classmethod
+    def of(
+        cls,
+        kind: SparsifierKind,
+        density: float = 1.0,
+        *,
+        scope: str = "tensor",
+        seed_scope: str = "node",
+        rescale: str = "auto",
+        params: Mapping[str, object] | None = None,
+    ) -> Sparsifier:
+        """Sparsifier ``kind`` from loose values: its declared ``params`` by name (strings coerced).
+
+        A dense kind (``none``) ignores ``density`` and ``rescale``; an undeclared parameter is refused.
+        The settings, the offline plan and ``task_vector_mod`` build theirs this way.
+        """
+        if sparsifier_spec(kind).dense:
+            density, rescale = 1.0, "auto"
+        return cls(kind, density, scope, seed_scope, rescale=rescale, options=dict(params or {}))  # type: ignore[arg-type]
+
+    @property
+    def spec(self) -> SparsifierSpec:
+        """The kind's declarations (function, parameters, seeded, rescales)."""
+        return sparsifier_spec(self.kind)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The kind's declared parameters and their values (``{"gamma": 0.01}`` for breadcrumbs)."""
+        options = dict(self.options)
+        declared = self.spec.parameters
+        return {p.name: getattr(self, p.name) if p.name in FIELD_PARAMS else options[p.name] for p in declared}
 
     @property
     def resolved_rescale(self) -> str:
-        """The rescale actually applied: ``auto`` is ``inverse`` for dare and della, ``none`` otherwise."""
+        """The rescale actually applied: ``auto`` is the kind's default (``inverse`` for dare and della)."""
         if self.rescale != "auto":
             return self.rescale
-        return "inverse" if self.kind in RANDOM_KINDS else "none"
+        return self.spec.default_rescale
 
     @property
     def seeded(self) -> bool:
         """Whether the sparsifier draws a seeded random mask (needs ``seed_for``)."""
-        return self.kind in RANDOM_KINDS
+        return self.spec.seeded
+
+
+_FIELD_DEFAULTS = {"gamma": DEFAULT_GAMMA, "epsilon": DEFAULT_EPSILON}
 
 
 def global_trim(tau: Mapping[str, torch.Tensor], density: float) -> dict[str, SparseTensor]:
@@ -172,28 +237,20 @@ def sparsify_update(
     sparsifier: Sparsifier,
     seed_for: Callable[[str], int] | None = None,
 ) -> dict[str, torch.Tensor | SparseTensor]:
-    """Apply ``sparsifier`` to every tensor of a task vector.
+    """Apply ``sparsifier`` to every tensor of a task vector, through its registered function.
 
-    ``seed_for(name)`` gives each tensor's DARE or DELLA seed; build it with :func:`dare_seed_fn`.
+    ``seed_for(name)`` gives each tensor's seed for a seeded kind (DARE, DELLA); build it with
+    :func:`dare_seed_fn`.
     """
-    kind, density, rescale = sparsifier.kind, sparsifier.density, sparsifier.resolved_rescale
-    if kind == "none":
-        return dict(tau)
-    if kind in ("trim", "breadcrumbs") and rescale == "l1" and sparsifier.scope == "global":
-        raise ValueError("an l1 rescale is per tensor: it cannot follow a global trim")
-    if kind == "trim":
-        if sparsifier.scope == "global":
-            return dict(global_trim(tau, density))
-        trimmed = {name: ties_trim(t, density) for name, t in tau.items()}
-        return {name: _l1(tau[name], s) for name, s in trimmed.items()} if rescale == "l1" else dict(trimmed)
-    if kind == "breadcrumbs":
-        return {name: breadcrumbs_drop(t, density, sparsifier.gamma, rescale) for name, t in tau.items()}
-    if seed_for is None:
-        raise ValueError(f"{kind} needs seed_for(name) -> seed; build one with dare_seed_fn(...)")
-    if kind == "della":
-        return {name: della_drop(t, density, sparsifier.epsilon, seed_for(name), rescale) for name, t in tau.items()}
-    dropped = {name: dare_drop(t, density, seed_for(name), rescale=rescale == "inverse") for name, t in tau.items()}
-    return {name: _l1(tau[name], s) for name, s in dropped.items()} if rescale == "l1" else dict(dropped)
+    spec = sparsifier.spec
+    if spec.seeded and seed_for is None:
+        raise ValueError(f"{sparsifier.kind} needs seed_for(name) -> seed; build one with dare_seed_fn(...)")
+    if sparsifier.scope == "global" and spec.global_fn is not None:
+        return dict(spec.global_fn(tau, sparsifier))
+    if spec.seeded:
+        assert seed_for is not None
+        return {name: spec.fn(t, sparsifier, seed_for(name)) for name, t in tau.items()}
+    return {name: spec.fn(t, sparsifier, None) for name, t in tau.items()}
 
 
 def _l1(original: torch.Tensor, kept: SparseTensor) -> SparseTensor:
@@ -207,3 +264,46 @@ def dare_seed_fn(
     """Per-tensor DARE seeds for one client and round (``seed_scope="round"`` ignores the node)."""
     node = None if seed_scope == "round" else node_id
     return lambda name: derive_seed(run_seed, round_number, node, name)
+
+
+# --- the built-in registrations (breadcrumbs and della register in magnitude_drops) -----------------
+
+
+@register_sparsifier("none", dense=True, help="dense: send every entry")
+def no_sparsifier(tensor: torch.Tensor, sparsifier: Sparsifier, seed: int | None) -> torch.Tensor:
+    """The ``none`` sparsifier: the tensor itself."""
+    return tensor
+
+
+def _global_trim(tau: Mapping[str, torch.Tensor], sparsifier: Sparsifier) -> dict[str, SparseTensor]:
+    if sparsifier.resolved_rescale == "l1":
+        raise ValueError("an l1 rescale is per tensor: it cannot follow a global trim")
+    return global_trim(tau, sparsifier.density)
+
+
+@register_sparsifier("trim", global_fn=_global_trim, help="TIES: keep the top ⌊d·n⌋ magnitudes")
+def trim_sparsifier(tensor: torch.Tensor, sparsifier: Sparsifier, seed: int | None) -> SparseTensor:
+    """The ``trim`` sparsifier: :func:`ties_trim`, then an l1 rescale if asked."""
+    kept = ties_trim(tensor, sparsifier.density)
+    return _l1(tensor, kept) if sparsifier.resolved_rescale == "l1" else kept
+
+
+def _check_dare(sparsifier: Sparsifier) -> None:
+    if sparsifier.density == 0.0:
+        raise ValueError("DARE needs density > 0 (kept values are rescaled by 1/density)")
+
+
+@register_sparsifier(
+    "dare",
+    seeded=True,
+    rescales=RESCALES,
+    default_rescale="inverse",
+    check=_check_dare,
+    help="seeded random drop keeping each entry with probability d",
+)
+def dare_sparsifier(tensor: torch.Tensor, sparsifier: Sparsifier, seed: int | None) -> SparseTensor:
+    """The ``dare`` sparsifier: :func:`dare_drop` with the tensor's seed, rescaled 1/d, by l1 or not."""
+    assert seed is not None  # seeded: sparsify_update passes one
+    rescale = sparsifier.resolved_rescale
+    dropped = dare_drop(tensor, sparsifier.density, seed, rescale=rescale == "inverse")
+    return _l1(tensor, dropped) if rescale == "l1" else dropped

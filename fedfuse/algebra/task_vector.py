@@ -42,7 +42,7 @@ def task_vector(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
 def apply_task_vector(
     base: Mapping[str, torch.Tensor], tau: Update, lam: float = 1.0, *, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """θ = θ_base + λ·τ, in fp32, cast back to each base tensor's dtype (or to ``dtype``, rounding once).
+    """θ = θ_base + λ·τ, in fp32 (fp64 weights in fp64), cast back to each base tensor's dtype (or to ``dtype``).
 
     Tensors absent from ``tau`` are copied from the base unchanged; a name in ``tau`` that the
     base lacks, or a shape mismatch, is an error.
@@ -60,7 +60,7 @@ def apply_task_vector(
             raise ValueError(
                 f"tensor {name!r}: task vector shape {tuple(delta.shape)} but base shape {tuple(base_tensor.shape)}"
             )
-        merged = base_tensor.to(torch.float32).clone()
+        merged = base_tensor.to(torch.promote_types(base_tensor.dtype, torch.float32)).clone()
         if isinstance(delta, SparseTensor):
             flat = merged.view(-1)
             flat.index_add_(0, delta.indices.to(flat.device), delta.values.to(flat), alpha=lam)

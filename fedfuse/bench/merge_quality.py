@@ -173,7 +173,7 @@ def run_seed(
     deltas = [experts.expert_deltas(f, scale) for f in factors]
     result = report.SeedResult(seed, base, {}, train_seconds=time.perf_counter() - started)
     grams = []
-    needs_grams = any(method_spec(m).needs_gram for m in methods if m != experts.NAIVE)
+    needs_grams = any(method_spec(m).capabilities.needs_gram for m in methods if m != experts.NAIVE)
     for skill, delta in zip(skills, deltas, strict=True):
         progress.update(task, description=f"seed {seed}: scoring expert {skill}")
         scorer.use(delta)
@@ -189,7 +189,7 @@ def run_seed(
         tau = (
             experts.naive_merge(factors, scale)
             if method == experts.NAIVE
-            else experts.merge(method, deltas, seed, grams if method_spec(method).needs_gram else None)
+            else experts.merge(method, deltas, seed, grams if method_spec(method).capabilities.needs_gram else None)
         )
         lam, validation = _choose_lambda(scorer, tau, experts.lambda_grid(method, len(skills)), skills)
         scorer.use(tau, lam)

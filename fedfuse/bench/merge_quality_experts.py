@@ -78,7 +78,7 @@ def check_methods(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in registered and n != NAIVE]
     if unknown:
         raise ValueError(f"unknown merge methods {unknown}; registered: {', '.join(sorted(registered))}")
-    fisher = [n for n in names if n != NAIVE and method_spec(n).needs_fisher]
+    fisher = [n for n in names if n != NAIVE and method_spec(n).capabilities.needs_fisher]
     if fisher:
         raise ValueError(f"{fisher} need a Fisher diagonal per update, which LoRA experts do not send")
     return list(names)
@@ -188,7 +188,7 @@ def expert_deltas(factors: dict[str, torch.Tensor], scale: float) -> dict[str, t
 def sparsifier_for(method: str) -> Sparsifier:
     """The method's default sparsifier at the benchmark's density for that kind."""
     kind = method_spec(method).default_sparsifier
-    return Sparsifier() if kind == "none" else Sparsifier(kind, DENSITIES[kind])  # type: ignore[arg-type]
+    return Sparsifier() if kind == "none" else Sparsifier(kind, DENSITIES[kind])
 
 
 def merge(

@@ -1,9 +1,10 @@
 """Federated rounds in one process: the ClientApp's local round and the server's round engine, without Flower.
 
 Benchmarks that need many runs (``fedfuse bench robust``) use this instead of Flower's simulation
-engine: every client trains with :func:`~fedfuse.client.local_round.run_local_round` (attack keys,
-compression and seeds included) and every payload goes through :meth:`RoundEngine.for_run`, exactly
-as in ``fedfuse simulate``; only the transport (and its start-up time) is left out.
+engine: every client trains with :func:`~fedfuse.client.attacks.simulated_local_round` (the production local
+round plus the run's simulated attack, compression and seeds included) and every payload goes through the run's
+round policy and server optimizer, exactly as in ``fedfuse simulate``; only the transport (and its start-up
+time) is left out.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedfuse.client.local_round import Shard, run_local_round
-from fedfuse.rounds import RoundEngine, UpdateSpace
+from fedfuse.client.attacks import simulated_local_round
+from fedfuse.client.local_round import Shard
 from fedfuse.server.evaluation import ServerEvaluator
 from fedfuse.settings import RunSettings
 from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
@@ -41,13 +42,13 @@ def run_rounds(
     base = {name: tensor.clone() for name, tensor in global_state(model).items()}
     del model
     weights = dict(base)
-    space = UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings))
+    space = settings.update_space(update_shapes(settings), lora_scale(settings))
     evaluator = ServerEvaluator(settings)
+    optimizer = settings.round_policy.optimizer()  # the run's server optimizer steps on every round's merge
     result = RoundsResult()
     for round_number in range(1, settings.run.num_server_rounds + 1):
         changed = {name: t for name, t in weights.items() if not torch.equal(t, base[name])}
-        engine = RoundEngine.for_run(
-            settings,
+        engine = settings.round_engine(
             space,
             round_number=round_number,
             run_id=RUN_ID,
@@ -56,9 +57,9 @@ def run_rounds(
         )
         for partition in range(clients):
             shard = Shard(partition, clients, f"partition-{partition}")
-            local = run_local_round(settings, changed, round_number=round_number, run_id=RUN_ID, shard=shard)
+            local = simulated_local_round(settings, changed, round_number=round_number, run_id=RUN_ID, shard=shard)
             engine.offer(local.payload)
-        weights = engine.finalize(weights) or weights
+        weights = optimizer.apply(engine, weights) or weights
         accuracy = float(evaluator(ArrayRecord(weights))["accuracy"])  # type: ignore[arg-type]
         result.accuracy.append(accuracy)
         result.metrics.append(dict(engine.metrics()))

@@ -16,7 +16,7 @@ from fedfuse.cli.demo import demo
 from fedfuse.cli.eval import eval_command
 from fedfuse.cli.export import export
 from fedfuse.cli.grams import grams
-from fedfuse.cli.merge import merge
+from fedfuse.cli.merge import merge_app
 from fedfuse.cli.models import models_app
 from fedfuse.cli.security import certs, keys, registry_add
 from fedfuse.cli.simulate import simulate
@@ -39,7 +39,7 @@ def main(
         raise typer.Exit()
 
 
-app.command("merge", help="Merge fine-tuned checkpoints into their base (mergekit-like, streaming).")(merge)
+app.add_typer(merge_app, name="merge")
 app.command("simulate", help="Run a federated simulation (Flower simulation engine) and write a report.")(simulate)
 app.command(
     "export", help="Export a run's global model as a Hugging Face folder, or a LoRA run's ΔW as a PEFT adapter."

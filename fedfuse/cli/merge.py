@@ -1,12 +1,19 @@
-"""``fedfuse merge``: merge finished checkpoints offline (like mergekit), or combine tier partials."""
+"""``fedfuse merge``: merge finished checkpoints offline (like mergekit), or combine tier partials.
+
+One subcommand per mode, each over its request (:mod:`fedfuse.offline.request`): ``models``, ``adapters``,
+``combine`` and ``recipe``. Each option's parameter is named as the request's field, so the options are the
+request's fields and an error naming a field prints as the flag (``density`` → ``--density``). Today's flag
+form (``fedfuse merge --base B -m M ...``, ``--combine``, ``--adapter``, ``--config``) stays: the group sends
+a command line starting with an option to :func:`merge`, which picks the mode from its flags.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -14,13 +21,25 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from typer.core import TyperGroup
 
-from fedfuse.algebra.sparsify import SPARSIFIER_KINDS
+from fedfuse.algebra import RESCALES, available_sparsifiers
 from fedfuse.offline import AdapterMergeResult, MergeInputError, MergeResult, combine_partials, merge_models
 from fedfuse.offline import Progress as ProgressCallback
 from fedfuse.offline import merge_adapters as merge_lora_adapters
-from fedfuse.offline.recipe import load_recipe, merge_recipe
-from fedfuse.strategies import available_strategies, parse_strategy_params
+from fedfuse.offline.recipe import load_recipe, recipe_request
+from fedfuse.offline.request import (
+    AdaptersRequest,
+    CombineRequest,
+    ModelsRequest,
+    RecipeRequest,
+    RequestError,
+    field_help,
+    parse_request,
+)
+
+FLAG_FORM = "flags"
+"""The hidden subcommand of today's flag form (``fedfuse merge --base ...``)."""
 
 
 def _report(result: MergeResult | AdapterMergeResult, console: Console) -> None:
@@ -59,293 +78,109 @@ def _progress_bar(enabled: bool) -> Iterator[ProgressCallback | None]:
         yield advance
 
 
-def _check_combine_flags(given: dict[str, bool]) -> None:
-    clashing = [flag for flag, used in given.items() if used]
-    if clashing:
-        raise MergeInputError(
-            f"{', '.join(clashing)} cannot be used with --combine: the merge settings come from the partial files"
-        )
-
-
-def _check_config_flags(given: dict[str, bool]) -> None:
-    clashing = [flag for flag, used in given.items() if used]
-    if clashing:
-        raise MergeInputError(f"{', '.join(clashing)} cannot be used with --config: the recipe sets the merge")
-
-
 def _error(console: Console, message: str) -> None:
     console.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
 
 
-def merge(
-    base: Annotated[
-        Path | None, typer.Option("--base", help="Base model: a .safetensors file or an HF model folder.")
-    ] = None,
-    model: Annotated[
-        list[Path] | None, typer.Option("--model", "-m", help="A fine-tuned model to merge (repeat per model).")
-    ] = None,
-    method: Annotated[
-        str | None, typer.Option("--method", help=f"Merge method: {', '.join(available_strategies())}.")
-    ] = None,
-    density: Annotated[
-        float | None,
-        typer.Option(
-            "--density", help="Kept fraction for the sparsifier (DARE keeps each entry with this probability)."
-        ),
-    ] = None,
-    weight: Annotated[
-        list[float] | None,
-        typer.Option("--weight", "-w", help="Weight of each model, once per --model (default 1)."),
-    ] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Scale λ of the merged task vector.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="DARE seed (per model and tensor).")] = 0,
-    sparsifier: Annotated[
-        str | None,
-        typer.Option(
-            "--sparsifier",
-            click_type=click.Choice(list(SPARSIFIER_KINDS)),
-            help="Override the method's sparsifier (ties: trim, dare_*: dare, breadcrumbs*, della*, others: none).",
-        ),
-    ] = None,
-    gamma: Annotated[
-        float | None, typer.Option("--gamma", help="Breadcrumbs: fraction of largest-|τ| outliers dropped (0.01).")
-    ] = None,
-    epsilon: Annotated[
-        float | None, typer.Option("--epsilon", help="DELLA: keep probabilities span density ± epsilon (0.15).")
-    ] = None,
-    rescale: Annotated[
-        str | None,
-        typer.Option(
-            "--rescale",
-            click_type=click.Choice(["inverse", "l1", "none"]),
-            help="Rescale kept entries: inverse (1/p, dare/della default), l1 (mergekit) or none.",
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="Where to accumulate: cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[
-        str,
-        typer.Option("--dtype", click_type=click.Choice(["float32", "float64"]), help="Accumulation precision."),
-    ] = "float32",
-    vote: Annotated[
-        str | None,
-        typer.Option(
-            "--vote", click_type=click.Choice(["mass", "count"]), help="TIES sign election (ties, dare_ties)."
-        ),
-    ] = None,
-    param: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--param", "-p", help="A declared parameter of the method, NAME=VALUE (repeat), e.g. --param eps=1e-8."
-        ),
-    ] = None,
-    fisher: Annotated[
-        list[Path] | None,
-        typer.Option("--fisher", help="Fisher-diagonal safetensors file, once per --model (fisher method)."),
-    ] = None,
-    gram: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--gram", help="Gram-matrix safetensors file, once per --model (regmean; made by `fedfuse grams`)."
-        ),
-    ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output model folder.")] = None,
-    max_shard_size: Annotated[
-        str, typer.Option("--max-shard-size", help="Shard the output past this size: 5GB, 500MB, 2GiB or bytes.")
-    ] = "5GB",
-    partial_out: Annotated[
-        Path | None,
-        typer.Option("--partial-out", help="Write this group's partial state (for --combine) instead of a model."),
-    ] = None,
-    combine: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--combine",
-            help="A partial-state file to fold in (--partial-out or a gateway's; repeat); replaces --model.",
-        ),
-    ] = None,
-    adapter: Annotated[
-        list[Path] | None,
-        typer.Option("--adapter", help="A PEFT LoRA adapter folder to merge in ΔW space (repeat); replaces --model."),
-    ] = None,
-    out_adapter: Annotated[
-        bool, typer.Option("--out-adapter", help="With --adapter: write a PEFT LoRA adapter (needs --rank) to --out.")
-    ] = False,
-    rank: Annotated[
-        int | None, typer.Option("--rank", help="Rank of the --out-adapter factors (truncated SVD of each ΔW).")
-    ] = None,
-    first_model_index: Annotated[
-        int,
-        typer.Option(
-            "--first-model-index", help="Index of the first --model in DARE seeds (for groups of a tiered merge)."
-        ),
-    ] = 0,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace a non-empty --out or an existing --partial-out.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
-    allow_non_finite: Annotated[
-        bool,
-        typer.Option(
-            "--allow-non-finite", help="Merge NaN/Inf input values as they are (default: refuse, naming them)."
-        ),
-    ] = False,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", help="A mergekit recipe (YAML) to run instead of --base/--model/--method; needs --out."
-        ),
-    ] = None,
-) -> None:
-    """Merge fine-tuned checkpoints of BASE into one model, tensor by tensor (memory: one tensor).
+# ---------------------------------------------------------------- options: one per request field, help from it
 
-    Example: fedfuse merge --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
-    (or a mergekit recipe: fedfuse merge --config recipe.yml --out OUT)
-    """
+Base = Annotated[Path | None, typer.Option("--base", help=field_help("base"))]
+Models = Annotated[list[Path] | None, typer.Option("--model", "-m", help="A fine-tuned model to merge (repeat).")]
+Adapters = Annotated[list[Path] | None, typer.Option("--adapter", help=field_help("adapters"))]
+Method = Annotated[str | None, typer.Option("--method", help=field_help("method"))]
+Density = Annotated[float | None, typer.Option("--density", help=field_help("density"))]
+Weights = Annotated[list[float] | None, typer.Option("--weight", "-w", help=field_help("weights"))]
+Lam = Annotated[float, typer.Option("--lambda", help=field_help("lam"))]
+Seed = Annotated[int, typer.Option("--seed", help=field_help("seed"))]
+Sparsifier = Annotated[
+    str | None,
+    typer.Option(
+        "--sparsifier",
+        click_type=click.Choice(available_sparsifiers()),
+        help=field_help("sparsifier"),
+    ),
+]
+Gamma = Annotated[float | None, typer.Option("--gamma", help=field_help("gamma"))]
+Epsilon = Annotated[float | None, typer.Option("--epsilon", help=field_help("epsilon"))]
+Rescale = Annotated[
+    str | None,
+    typer.Option(
+        "--rescale",
+        click_type=click.Choice(list(RESCALES)),
+        help=field_help("rescale"),
+    ),
+]
+Device = Annotated[str, typer.Option("--device", help=field_help("device"))]
+Dtype = Annotated[
+    str, typer.Option("--dtype", click_type=click.Choice(["float32", "float64"]), help=field_help("dtype"))
+]
+Vote = Annotated[
+    str | None, typer.Option("--vote", click_type=click.Choice(["mass", "count"]), help=field_help("vote"))
+]
+Params = Annotated[list[str] | None, typer.Option("--param", "-p", help=field_help("params") + " Repeat.")]
+Fishers = Annotated[list[Path] | None, typer.Option("--fisher", help=field_help("fishers"))]
+Grams = Annotated[list[Path] | None, typer.Option("--gram", help=field_help("grams"))]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help=field_help("out"))]
+MaxShardSize = Annotated[str, typer.Option("--max-shard-size", help=field_help("max_shard_size"))]
+PartialOut = Annotated[Path | None, typer.Option("--partial-out", help=field_help("partial_out"))]
+OutAdapter = Annotated[bool, typer.Option("--out-adapter", help=field_help("out_adapter"))]
+Rank = Annotated[int | None, typer.Option("--rank", help=field_help("rank"))]
+FirstModelIndex = Annotated[int, typer.Option("--first-model-index", help=field_help("first_model_index"))]
+Force = Annotated[bool, typer.Option("--force", help=field_help("force"))]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+AllowNonFinite = Annotated[bool, typer.Option("--allow-non-finite", help=field_help("allow_non_finite"))]
+
+
+# ---------------------------------------------------------------- running a request
+
+
+def _given(ctx: click.Context) -> dict[str, Any]:
+    """The options given a value other than their default (the request's fields; ``quiet`` is the CLI's)."""
+    given: dict[str, Any] = {}
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.name == "quiet" or value is None or value is False or value in ((), []) or value == param.default:
+            continue
+        given[str(param.name)] = value
+    return given
+
+
+def _flags(ctx: click.Context) -> dict[str, str]:
+    """Each field's name on this command line: its long flag, or an argument's metavar."""
+    names: dict[str, str] = {}
+    for param in ctx.command.params:
+        longs = [opt for opt in param.opts if opt.startswith("--")]
+        names[str(param.name)] = longs[0] if isinstance(param, click.Option) and longs else param.human_readable_name
+    return names
+
+
+def _execute(request: Any, progress: ProgressCallback | None, errors: Console, quiet: bool) -> Any:
+    """Run a request with the library function of its mode."""
+    if isinstance(request, RecipeRequest):
+        recipe = load_recipe(request.config)
+        for note in () if quiet else recipe.notes:
+            errors.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
+        return merge_models(recipe_request(recipe, request), progress=progress)
+    if isinstance(request, CombineRequest):
+        return combine_partials(request, progress=progress)
+    if isinstance(request, AdaptersRequest):
+        return merge_lora_adapters(request, progress=progress)
+    assert isinstance(request, ModelsRequest)
+    return merge_models(request, progress=progress)
+
+
+def _run(ctx: click.Context, mode: str | Callable[[Mapping[str, Any]], str]) -> None:
+    """Build the mode's request from the options given, run it; one red line and exit 2 for bad input."""
+    quiet = bool(ctx.params.get("quiet"))
     errors = Console(stderr=True)
-    result: MergeResult | AdapterMergeResult
     try:
+        given = _given(ctx)
+        request = parse_request({"mode": mode if isinstance(mode, str) else mode(given), **given})
         with _progress_bar(not quiet and sys.stderr.isatty()) as progress:
-            if config is not None:
-                _check_config_flags(
-                    {
-                        "--base": base is not None,
-                        "--model": bool(model),
-                        "--method": method is not None,
-                        "--weight": bool(weight),
-                        "--density": density is not None,
-                        "--sparsifier": sparsifier is not None,
-                        "--gamma": gamma is not None,
-                        "--epsilon": epsilon is not None,
-                        "--rescale": rescale is not None,
-                        "--vote": vote is not None,
-                        "--param": bool(param),
-                        "--fisher": bool(fisher),
-                        "--gram": bool(gram),
-                        "--dtype": dtype != "float32",
-                        "--lambda": lam != 1.0,
-                        "--partial-out": partial_out is not None,
-                        "--combine": bool(combine),
-                        "--first-model-index": first_model_index != 0,
-                        "--adapter": bool(adapter),
-                        "--out-adapter": out_adapter,
-                        "--rank": rank is not None,
-                    }
-                )
-                if out is None:
-                    raise MergeInputError("give an output folder (--out) for the recipe's merge")
-                recipe = load_recipe(config)
-                for note in () if quiet else recipe.notes:
-                    errors.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
-                result = merge_recipe(
-                    recipe,
-                    out=out,
-                    seed=seed,
-                    device=device,
-                    max_shard_size=max_shard_size,
-                    force=force,
-                    progress=progress,
-                    allow_non_finite=allow_non_finite,
-                )
-            elif base is None:
-                raise MergeInputError("give the base model (--base), or a mergekit recipe (--config)")
-            elif combine:
-                _check_combine_flags(
-                    {
-                        "--model": bool(model),
-                        "--method": method is not None,
-                        "--weight": bool(weight),
-                        "--density": density is not None,
-                        "--sparsifier": sparsifier is not None,
-                        "--gamma": gamma is not None,
-                        "--epsilon": epsilon is not None,
-                        "--rescale": rescale is not None,
-                        "--vote": vote is not None,
-                        "--param": bool(param),
-                        "--fisher": bool(fisher),
-                        "--gram": bool(gram),
-                        "--dtype": dtype != "float32",
-                        "--lambda": lam != 1.0,
-                        "--seed": seed != 0,
-                        "--first-model-index": first_model_index != 0,
-                        "--adapter": bool(adapter),
-                        "--out-adapter": out_adapter,
-                        "--rank": rank is not None,
-                    }
-                )
-                result = combine_partials(
-                    combine,
-                    base=base,
-                    out=out,
-                    partial_out=partial_out,
-                    device=device,
-                    max_shard_size=max_shard_size,
-                    force=force,
-                    progress=progress,
-                )
-            elif adapter or out_adapter or rank is not None:
-                try:
-                    params = parse_strategy_params(param or [])
-                except ValueError as exc:
-                    raise MergeInputError(f"--param: {exc}") from None
-                if model or fisher or gram:
-                    given = "--adapter" if adapter else "--out-adapter" if out_adapter else "--rank"
-                    mixed = "--model" if model else "--fisher" if fisher else "--gram"
-                    raise MergeInputError(
-                        f"{given} cannot be mixed with {mixed}: merge either fine-tuned models or LoRA adapters"
-                    )
-                result = merge_lora_adapters(
-                    base,
-                    adapter or [],
-                    method=method or "",
-                    weights=weight,
-                    density=density,
-                    sparsifier=sparsifier,
-                    sparsifier_options={"gamma": gamma, "epsilon": epsilon, "rescale": rescale},
-                    lam=lam,
-                    seed=seed,
-                    device=device,
-                    dtype=dtype,
-                    vote=vote,
-                    params=params,
-                    out=out,
-                    out_adapter=out_adapter,
-                    rank=rank,
-                    max_shard_size=max_shard_size,
-                    partial_out=partial_out,
-                    force=force,
-                    progress=progress,
-                    first_model_index=first_model_index,
-                    allow_non_finite=allow_non_finite,
-                )
-            else:
-                try:
-                    params = parse_strategy_params(param or [])
-                except ValueError as exc:
-                    raise MergeInputError(f"--param: {exc}") from None
-                result = merge_models(
-                    base,
-                    model or [],
-                    method=method or "",
-                    weights=weight,
-                    density=density,
-                    sparsifier=sparsifier,
-                    sparsifier_options={"gamma": gamma, "epsilon": epsilon, "rescale": rescale},
-                    lam=lam,
-                    seed=seed,
-                    device=device,
-                    dtype=dtype,
-                    vote=vote,
-                    params=params,
-                    fishers=fisher,
-                    grams=gram,
-                    out=out,
-                    max_shard_size=max_shard_size,
-                    partial_out=partial_out,
-                    force=force,
-                    progress=progress,
-                    first_model_index=first_model_index,
-                    allow_non_finite=allow_non_finite,
-                )
+            result = _execute(request, progress, errors, quiet)
+    except RequestError as exc:
+        _error(errors, exc.render(_flags(ctx)))
+        raise typer.Exit(code=2) from None
     except MergeInputError as exc:
         _error(errors, str(exc))
         raise typer.Exit(code=2) from None
@@ -358,3 +193,190 @@ def merge(
         raise typer.Exit(code=1) from None
     if not quiet:
         _report(result, Console())
+
+
+# ---------------------------------------------------------------- the subcommands
+
+
+class _MergeGroup(TyperGroup):
+    """``fedfuse merge``'s subcommands; a command line starting with an option is today's flag form."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in self.get_help_option_names(ctx):
+            args = [FLAG_FORM, *args]
+        return super().parse_args(ctx, args)
+
+
+merge_app = typer.Typer(
+    cls=_MergeGroup,
+    no_args_is_help=True,
+    help="Merge fine-tuned models, LoRA adapters, partial states or a mergekit recipe into their base, offline "
+    "and tensor by tensor (memory: one tensor). Today's flag form (fedfuse merge --base B -m M1 -m M2 --method "
+    "ties --density 0.2 --out OUT; --combine, --adapter, --config) still works.",
+)
+
+
+@merge_app.command("models")
+def merge_models_command(
+    ctx: typer.Context,
+    base: Base = None,
+    models: Models = None,
+    method: Method = None,
+    density: Density = None,
+    weights: Weights = None,
+    lam: Lam = 1.0,
+    seed: Seed = 0,
+    sparsifier: Sparsifier = None,
+    gamma: Gamma = None,
+    epsilon: Epsilon = None,
+    rescale: Rescale = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    vote: Vote = None,
+    params: Params = None,
+    fishers: Fishers = None,
+    grams: Grams = None,
+    out: Out = None,
+    max_shard_size: MaxShardSize = "5GB",
+    partial_out: PartialOut = None,
+    first_model_index: FirstModelIndex = 0,
+    force: Force = False,
+    quiet: Quiet = False,
+    allow_non_finite: AllowNonFinite = False,
+) -> None:
+    """Merge fine-tuned checkpoints of BASE into one model (or a group's partial state), tensor by tensor.
+
+    Example: fedfuse merge models --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
+    """
+    _run(ctx, "models")
+
+
+@merge_app.command("adapters")
+def merge_adapters_command(
+    ctx: typer.Context,
+    base: Base = None,
+    adapters: Adapters = None,
+    method: Method = None,
+    density: Density = None,
+    weights: Weights = None,
+    lam: Lam = 1.0,
+    seed: Seed = 0,
+    sparsifier: Sparsifier = None,
+    gamma: Gamma = None,
+    epsilon: Epsilon = None,
+    rescale: Rescale = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    vote: Vote = None,
+    params: Params = None,
+    out: Out = None,
+    out_adapter: OutAdapter = False,
+    rank: Rank = None,
+    max_shard_size: MaxShardSize = "5GB",
+    first_model_index: FirstModelIndex = 0,
+    force: Force = False,
+    quiet: Quiet = False,
+    allow_non_finite: AllowNonFinite = False,
+) -> None:
+    """Merge PEFT LoRA adapters of BASE exactly in ΔW space, into the full model or (--out-adapter) an adapter.
+
+    Example: fedfuse merge adapters --base BASE --adapter A1 --adapter A2 --method ties --density 0.2
+    --out-adapter --rank 16 --out OUT
+    """
+    _run(ctx, "adapters")
+
+
+@merge_app.command("combine")
+def combine_command(
+    ctx: typer.Context,
+    partials: Annotated[list[Path] | None, typer.Argument(help=field_help("partials"), show_default=False)] = None,
+    base: Base = None,
+    out: Out = None,
+    partial_out: PartialOut = None,
+    device: Device = "cpu",
+    max_shard_size: MaxShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fold partial states (merge models --partial-out files, or gateways' payloads) into the model or a partial.
+
+    Example: fedfuse merge combine a.partial b.partial --base BASE --out OUT
+    """
+    _run(ctx, "combine")
+
+
+@merge_app.command("recipe")
+def recipe_command(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help=field_help("config"), show_default=False)],
+    out: Out = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    max_shard_size: MaxShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
+    allow_non_finite: AllowNonFinite = False,
+) -> None:
+    """Run a mergekit recipe (YAML) with mergekit's defaults for its method, tensor by tensor.
+
+    Example: fedfuse merge recipe recipe.yml --out OUT
+    """
+    _run(ctx, "recipe")
+
+
+def _flag_form_mode(given: Mapping[str, Any]) -> str:
+    """The mode today's flags select: --config, else --combine, else --adapter/--out-adapter/--rank, else models."""
+    if "config" in given:
+        return "recipe"
+    if "base" not in given:
+        raise RequestError("give the base model ({base}), or a mergekit recipe ({config})")
+    if "partials" in given:
+        return "combine"
+    return "adapters" if {"adapters", "out_adapter", "rank"} & set(given) else "models"
+
+
+@merge_app.command(FLAG_FORM, hidden=True)
+def merge(
+    ctx: typer.Context,
+    base: Base = None,
+    models: Models = None,
+    method: Method = None,
+    density: Density = None,
+    weights: Weights = None,
+    lam: Lam = 1.0,
+    seed: Seed = 0,
+    sparsifier: Sparsifier = None,
+    gamma: Gamma = None,
+    epsilon: Epsilon = None,
+    rescale: Rescale = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    vote: Vote = None,
+    params: Params = None,
+    fishers: Fishers = None,
+    grams: Grams = None,
+    out: Out = None,
+    max_shard_size: MaxShardSize = "5GB",
+    partial_out: PartialOut = None,
+    partials: Annotated[
+        list[Path] | None, typer.Option("--combine", help="A partial-state file to fold in (repeat); replaces --model.")
+    ] = None,
+    adapters: Adapters = None,
+    out_adapter: OutAdapter = False,
+    rank: Rank = None,
+    first_model_index: FirstModelIndex = 0,
+    force: Force = False,
+    quiet: Quiet = False,
+    allow_non_finite: AllowNonFinite = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="A mergekit recipe (YAML) to run instead of --base/--model.")
+    ] = None,
+) -> None:
+    """Merge fine-tuned checkpoints of BASE into one model, tensor by tensor (memory: one tensor).
+
+    Today's flag form of the subcommands: --combine is `merge combine`, --adapter `merge adapters`,
+    --config `merge recipe`, anything else `merge models`.
+    Example: fedfuse merge --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
+    (or a mergekit recipe: fedfuse merge --config recipe.yml --out OUT)
+    """
+    _run(ctx, _flag_form_mode)

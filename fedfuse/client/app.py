@@ -14,24 +14,44 @@ fingerprint, node, payload hash) and the signature travels next to it.
 Error-feedback residuals live in ``Context.state`` between rounds of a run and, keyed by the run key
 the server sends, under the node's ``state-dir`` (see :mod:`fedfuse.client.residuals`), so they
 survive a resume.
+
+The app is a training handler plus the mods any Flower app can add
+(:mod:`fedfuse.client.mods`): ``signing_mod`` (the node config's key) and the uplink
+(``task_vector_mod``'s options from the run config), so the uplink is written once. Simulation-only
+devices (attackers, :mod:`fedfuse.client.attacks`) are added by ``fedfuse simulate`` and the benches.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.gateway import run_gateway_round
-from fedfuse.client.local_round import Shard, evaluate_locally, run_local_round
-from fedfuse.client.residuals import ResidualFiles, keep_feedback, restore_feedback
-from fedfuse.messages import ARRAYS_RECORD, RESIDUAL_RECORD, EvaluateReply, NodeName, RoundInstruction, TrainReply
-from fedfuse.security import UpdateSignature, load_signing_key, sign_update
+from fedfuse.client.local_round import (
+    DatasetLoader,
+    Shard,
+    client_datasets,
+    evaluate_locally,
+    train_locally,
+    uplink_of,
+)
+from fedfuse.client.mods import signing_mod, trained_content, uplink_mod
+from fedfuse.client.residuals import ResidualSlot
+from fedfuse.messages import (
+    ARRAYS_RECORD,
+    RESIDUAL_RECORD,
+    TIMING_RECORD,
+    EvaluateReply,
+    NodeName,
+    RoundInstruction,
+    TrainReply,
+)
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import NodeData
 
@@ -67,43 +87,9 @@ def shard_of(context: Context, settings: RunSettings | None = None) -> Shard:
     return Shard(partition_id, num_partitions, name, node_data=node_data, sender=sender, lora_rank=lora_rank)
 
 
-def _residual_files(context: Context, instruction: RoundInstruction, shard: Shard, record: str) -> ResidualFiles | None:
-    """Where the node keeps this store's residuals on disk for the run (None when the server names no run key)."""
-    return ResidualFiles.of(context, instruction.run_key, shard.node_name, record) if instruction.run_key else None
-
-
-def _error_feedback(
-    settings: RunSettings, context: Context, record: str, instruction: RoundInstruction, shard: Shard
-) -> ErrorFeedback | None:
-    """The residual store under ``record`` left by the previous round (None when the run uses no feedback)."""
-    if not settings.uses_error_feedback:
-        return None
-    files = _residual_files(context, instruction, shard, record)
-    spec = settings.compression.sparsifier_spec
-    return restore_feedback(context, record, spec, round_number=instruction.server_round, files=files)
-
-
-def _keep_residual(
-    context: Context, record: str, feedback: ErrorFeedback | None, instruction: RoundInstruction, shard: Shard
-) -> None:
-    if feedback is not None:
-        files = _residual_files(context, instruction, shard, record)
-        keep_feedback(context, record, feedback, round_number=instruction.server_round, files=files)
-
-
-def _signature(context: Context, shard: Shard, instruction: RoundInstruction, payload: bytes) -> UpdateSignature | None:
-    """The signature of ``payload`` when the node has a signing key, else None."""
-    key_path = str(context.node_config.get("signing-key", "") or "")
-    if not key_path:
-        return None
-    return sign_update(
-        load_signing_key(key_path),
-        institution=shard.node_name,
-        run_id=instruction.run_id,
-        round_number=instruction.server_round,
-        base_fingerprint=instruction.base_fingerprint,
-        payload=payload,
-    )
+def run_settings(context: Context, overrides: Mapping[str, Any]) -> RunSettings:
+    """The run's settings: its run config with ``overrides`` on top."""
+    return RunSettings.from_run_config(context.run_config, **overrides)
 
 
 def _gateway_reply(
@@ -116,8 +102,18 @@ def _gateway_reply(
     members: int,
 ) -> TrainReply:
     """A gateway's reply: its members trained and merged into one partial state (each with its own residual)."""
-    records = [f"{RESIDUAL_RECORD}.member-{member}" for member in range(members)]
-    feedback = [_error_feedback(settings, context, record, instruction, shard) for record in records]
+    slots = [
+        ResidualSlot.for_round(
+            context,
+            f"{RESIDUAL_RECORD}.member-{member}",
+            round_number=instruction.server_round,
+            run_key=instruction.run_key,
+            node=shard.node_name,
+        )
+        for member in range(members)
+    ]
+    spec = settings.compression.sparsifier_spec
+    feedback = [slot.restore(context, spec) if settings.uses_error_feedback else None for slot in slots]
     result = run_gateway_round(
         settings,
         changed,
@@ -128,19 +124,22 @@ def _gateway_reply(
         tier=tier,
         error_feedback=feedback,
     )
-    for record, store in zip(records, feedback, strict=False):
-        _keep_residual(context, record, store, instruction, shard)
-    return TrainReply("partial", result.payload, _signature(context, shard, instruction, result.payload))
+    for slot, store in zip(slots, feedback, strict=False):
+        if store is not None:
+            slot.keep(context, store)
+    return TrainReply("partial", result.payload)
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose settings are the run config with ``overrides`` on top (``fedfuse simulate`` uses them)."""
-    app = ClientApp()
+def train_handler(overrides: Mapping[str, Any] | None = None, *, datasets: DatasetLoader = client_datasets):
+    """fedfuse's training handler: train on the node's share, reply with the update for the uplink mod.
+
+    ``datasets`` loads the shard's data (a simulation may wrap it). A gateway node replies with its
+    members' merged partial state instead, which the uplink mod passes on to be signed.
+    """
     extra = dict(overrides or {})
 
-    @app.train()
     def train(msg: Message, context: Context) -> Message:
-        settings = RunSettings.from_run_config(context.run_config, **extra)
+        settings = run_settings(context, extra)
         instruction = RoundInstruction.from_message(msg)
         changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
         shard = shard_of(context, settings)
@@ -148,22 +147,71 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         members = int(context.node_config.get("gateway-members", 0) or 0)
         if members:
             return _gateway_reply(settings, context, changed, instruction, shard, tier, members).reply_to(msg)
-        started = time.perf_counter()
-        feedback = _error_feedback(settings, context, RESIDUAL_RECORD, instruction, shard)
-        result = run_local_round(
-            settings,
-            changed,
-            round_number=instruction.server_round,
-            run_id=instruction.run_id,
-            shard=shard,
-            error_feedback=feedback,
-            tier=tier,
+        trained = train_locally(
+            settings, changed, round_number=instruction.server_round, shard=shard, datasets=datasets
         )
-        _keep_residual(context, RESIDUAL_RECORD, feedback, instruction, shard)
-        signing = time.perf_counter()
-        signature = _signature(context, shard, instruction, result.payload)
-        timing = {**result.phases, "sign": time.perf_counter() - signing, "total": time.perf_counter() - started}
-        return TrainReply("update", result.payload, signature, timing).reply_to(msg)
+        content = trained_content(
+            trained.update,
+            node=shard.header_node,
+            institution=shard.node_name,
+            base_fingerprint=trained.base_fingerprint,
+            tier=tier,
+            timing=trained.phases.as_dict(),
+        )
+        return Message(content=content, reply_to=msg)
+
+    return train
+
+
+def _timed(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The outermost mod of fedfuse's app: the train handler's ``total`` seconds in the reply's timing."""
+    started = time.perf_counter()
+    reply = call_next(msg, context)
+    timing = reply.content.metric_records.get(TIMING_RECORD) if not reply.has_error() else None
+    if timing is not None:
+        timing.setdefault("sign", 0.0)
+        timing["total"] = time.perf_counter() - started
+    return reply
+
+
+def _honest_only(overrides: Mapping[str, Any]) -> Mod:
+    """Refuses a run config that asks for simulated attackers: this app has none (they are simulation devices)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN and run_settings(context, overrides).attack.attack != "none":
+            raise ValueError(
+                "attack is simulation-only: run it with fedfuse simulate or fedfuse bench robust "
+                "(or clientapp = fedfuse.client.attacks:app)"
+            )
+        return call_next(msg, context)
+
+    return mod
+
+
+def client_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
+    """The mods of fedfuse's train handler: timing, signing (node config ``signing-key``), the run's uplink."""
+    extra = dict(overrides or {})
+    uplink = uplink_mod(lambda context: uplink_of(run_settings(context, extra)), resumable=True)
+    signing = signing_mod(None, lambda context: shard_of(context).node_name)
+    return [_timed, signing, uplink]
+
+
+def make_client_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    simulated: Sequence[Mod] = (),
+    datasets: DatasetLoader = client_datasets,
+) -> ClientApp:
+    """A ClientApp whose settings are the run config with ``overrides`` on top (``fedfuse simulate`` uses them).
+
+    ``simulated`` mods sit between the uplink and the training handler, and ``datasets`` loads each
+    shard's data: simulation-only devices (:func:`fedfuse.client.attacks.attacker_client_app`) use them.
+    """
+    app = ClientApp()
+    extra = dict(overrides or {})
+
+    devices = list(simulated) or [_honest_only(extra)]
+    app.train(mods=[*client_mods(extra), *devices])(train_handler(extra, datasets=datasets))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -173,7 +221,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        settings = RunSettings.from_run_config(context.run_config, **extra)
+        settings = run_settings(context, extra)
         changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
         shard = shard_of(context)
         result, source = evaluate_locally(settings, changed, shard)

@@ -16,7 +16,6 @@ import torch
 
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.local_round import Shard, finite_metrics, round_model, run_local_round
-from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.settings import RunSettings
 from fedfuse.training.models import lora_scale, update_shapes
 from fedfuse.wire import UpdateHeader, fingerprint
@@ -46,7 +45,7 @@ def run_gateway_round(
 
     ``error_feedback`` holds one residual store per member (None entries: no feedback for that member).
     """
-    if not settings.merge.spec.mergeable:
+    if not settings.merge.spec.capabilities.mergeable:
         raise ValueError(
             f"gateway {shard.node_name}: strategy {settings.merge.strategy!r} is not a monoid, "
             "so its members' updates cannot be forwarded as one partial state; run them as plain clients"
@@ -58,9 +57,8 @@ def run_gateway_round(
         raise ValueError(f"a gateway with {members} members needs {members} error-feedback stores, got {len(feedback)}")
     _, round_state, _ = round_model(settings, changed)
     base_fingerprint = fingerprint(round_state)
-    engine = RoundEngine.for_run(
-        settings,
-        UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings)),
+    engine = settings.round_engine(
+        settings.update_space(update_shapes(settings), lora_scale(settings)),
         round_number=round_number,
         run_id=run_id,
         base_fingerprint=base_fingerprint,

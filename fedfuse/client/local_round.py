@@ -13,19 +13,17 @@ sends its factors at rank r (:func:`to_run_rank`), so every node's payload has t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn, derive_seed, factor_names, lora_modules
+from fedfuse.algebra import UpdateTensor, derive_seed, factor_names, lora_modules
 from fedfuse.algebra.lora import pad_factors
-from fedfuse.algebra.noise import add_gaussian_noise
-from fedfuse.algebra.robust import clip_factor, scale_update, update_norm
-from fedfuse.client.attacks import MODEL_ATTACKS, attacked_tensors, flipped_labels, reported_examples
-from fedfuse.client.error_feedback import ErrorFeedback, shrink_update
+from fedfuse.client.error_feedback import ErrorFeedback
+from fedfuse.client.uplink import LocalDP, TrainedUpdate, UpdateFacts, UpdateKind, Uplink, encode_uplink, locally_noised
 from fedfuse.data.files import DataSource
-from fedfuse.rounds.privacy import noise_generator
 from fedfuse.settings import RunSettings
 from fedfuse.timing import Phases
 from fedfuse.training.client_data import ClientDatasets, NodeData, load_client_datasets
@@ -44,8 +42,9 @@ from fedfuse.training.models import (
     load_global_state,
     lora_update,
 )
-from fedfuse.training.trainers import TrainingRound, as_result, resolve_trainer
-from fedfuse.wire import UpdateHeader, encode_update, fingerprint
+from fedfuse.training.trainers import TrainerSettings, TrainingRound, as_result, resolve_trainer
+from fedfuse.wire import fingerprint
+from fedfuse.wire.header import MetricValue
 
 
 @dataclass(frozen=True)
@@ -153,24 +152,30 @@ def _training_model(
     return model
 
 
-def _attacked(
-    settings: RunSettings, attacker: bool, tensors: dict[str, torch.Tensor], seed: int
-) -> dict[str, torch.Tensor]:
-    """The task vector (or LoRA factors) a simulated attacker sends instead; honest clients' unchanged."""
-    if not attacker or settings.attack.attack not in MODEL_ATTACKS:
-        return tensors
-    return attacked_tensors(tensors, settings.attack, torch.Generator().manual_seed(seed + 2))
-
-
 def locally_private(
     tensors: dict[str, UpdateTensor], settings: RunSettings, round_number: int, node: str
 ) -> dict[str, UpdateTensor]:
-    """Local DP: the update clipped to C, then N(0, σ²C²) on every entry it carries (DARE: its round mask)."""
+    """Local DP as the run configures it (see :func:`fedfuse.client.uplink.locally_noised`)."""
+    return locally_noised(tensors, local_dp(settings), round_number, node)
+
+
+def local_dp(settings: RunSettings) -> LocalDP:
+    """The run's local-DP mechanism (C, σ and the test-only noise seed)."""
     privacy = settings.privacy
-    clipped = scale_update(tensors, clip_factor(update_norm(tensors), privacy.dp_clip_norm))
-    generator = noise_generator(settings, round_number, f"local|{node}")
-    std = privacy.dp_noise_multiplier * privacy.dp_clip_norm
-    return {name: add_gaussian_noise(clipped[name], std, generator) for name in sorted(clipped)}
+    return LocalDP(privacy.dp_clip_norm, privacy.dp_noise_multiplier, privacy.dp_noise_seed)
+
+
+def uplink_of(settings: RunSettings) -> Uplink:
+    """How the run's nodes shrink and encode their updates (``task_vector_mod``'s options from the run config)."""
+    compression = settings.compression
+    return Uplink(
+        sparsifier=compression.sparsifier_spec,
+        wire_dtype=compression.wire_dtype,
+        error_feedback=settings.uses_error_feedback,
+        seed=settings.run.seed,
+        seed_scope=compression.seed_scope,
+        local_dp=local_dp(settings) if settings.privacy.dp == "local" else None,
+    )
 
 
 def node_settings(settings: RunSettings, shard: Shard) -> RunSettings:
@@ -202,6 +207,77 @@ def to_run_rank(factors: Mapping[str, torch.Tensor], settings: RunSettings, rank
     return out
 
 
+DatasetLoader = Callable[[RunSettings, Shard, Any], ClientDatasets]
+"""Loads a shard's datasets (``client_datasets``; a simulation may wrap it, e.g. a label-flipping attacker)."""
+
+
+@dataclass(frozen=True)
+class TrainedRound:
+    """A local round's training products: the update the uplink sends and what the client reports."""
+
+    update: TrainedUpdate
+    base_fingerprint: str
+    train_loss: float
+    source: DataSource
+    train_seconds: float
+    phases: Phases
+
+    def facts(self, *, run_id: str, round_number: int, shard: Shard, tier: str = "") -> UpdateFacts:
+        """The header facts of this round's update sent by ``shard``."""
+        return UpdateFacts(run_id, round_number, self.base_fingerprint, shard.header_node, shard.node_name, tier)
+
+
+def trainer_settings(settings: RunSettings) -> TrainerSettings:
+    """What a trainer receives of the run: its training section, the task and the model."""
+    return TrainerSettings(settings.training, settings.source.task, settings.source.model)
+
+
+def train_locally(
+    settings: RunSettings,
+    changed: dict[str, torch.Tensor],
+    *,
+    round_number: int,
+    shard: Shard,
+    datasets: DatasetLoader = client_datasets,
+) -> TrainedRound:
+    """Train from the round's weights; return the update (τ or LoRA factors, Fisher, Grams) and the report.
+
+    ``changed`` holds the parameters the server broadcast: those that differ from the base model. The
+    update's header metrics are the client's report: train loss and seconds, the trainer's metrics,
+    and which data it used.
+    """
+    torch.set_num_threads(settings.training.client_threads)
+    phases = Phases()
+    with phases("build"):
+        model, round_state, tokenizer = round_model(settings, changed)
+        round_state = {name: tensor.clone() for name, tensor in round_state.items()}
+    with phases("data"):
+        data = datasets(settings, shard, tokenizer)
+    with phases("build"):
+        device = client_device(settings)
+        model = _training_model(node_settings(settings, shard), model, round_number, device)
+    training = settings.training
+    steps = steps_for(len(data.train), training.batch_size, training.local_steps, training.local_epochs)
+    seed = derive_seed(settings.run.seed, round_number, shard.node_name, "train")
+    trainer = resolve_trainer(training.trainer, settings.source.task)
+    context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
+    with phases("train"):
+        result = as_result(trainer(model, data, trainer_settings(settings), context))
+    train_seconds = phases.seconds["train"]
+    with phases("encode"):
+        tensors, kind = _trained_tensors(settings, model, round_state, device, shard)
+    fisher = _fisher(settings, model, data, seed, phases) if kind == "task-vector" else None
+    grams = _grams(settings, model, data, tensors, seed, phases)
+    metrics: dict[str, MetricValue] = {
+        **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
+        "data-rows": data.source.rows,
+        "data-sha256": data.source.sha256,
+        "institution": shard.node_name,
+    }
+    update = TrainedUpdate(tensors, len(data.train), kind, metrics, fisher, grams)
+    return TrainedRound(update, fingerprint(round_state), result.loss, data.source, train_seconds, phases)
+
+
 def run_local_round(
     settings: RunSettings,
     changed: dict[str, torch.Tensor],
@@ -214,104 +290,97 @@ def run_local_round(
 ) -> LocalResult:
     """Train from the round's weights and return the encoded update (see the module docstring).
 
-    ``changed`` holds the parameters the server broadcast: those that differ from the base model.
-    The update's header (signed with it) names the node and its ``tier`` and carries the client's
-    report: examples, train loss and seconds, the trainer's metrics, and which data it used.
+    The Flower-free round (a gateway's members, the benches): :func:`train_locally`, then the one
+    uplink :func:`~fedfuse.client.uplink.encode_uplink` with ``error_feedback`` as the residual store.
+    The update's header (signed with it) names the node and its ``tier``.
     """
-    torch.set_num_threads(settings.training.client_threads)
-    phases = Phases()
-    with phases("build"):
-        model, round_state, tokenizer = round_model(settings, changed)
-        round_state = {name: tensor.clone() for name, tensor in round_state.items()}
-    with phases("data"):
-        data = client_datasets(settings, shard, tokenizer)
-        attacker = settings.attack.attacks(shard.partition_id)
-        if attacker and settings.attack.attack == "label_flip":
-            data = flipped_labels(data)
-    with phases("build"):
-        device = client_device(settings)
-        model = _training_model(node_settings(settings, shard), model, round_number, device)
-    steps = steps_for(
-        len(data.train), settings.training.batch_size, settings.training.local_steps, settings.training.local_epochs
+    trained = train_locally(settings, changed, round_number=round_number, shard=shard)
+    return encode_round(
+        settings,
+        trained,
+        run_id=run_id,
+        round_number=round_number,
+        shard=shard,
+        error_feedback=error_feedback,
+        tier=tier,
     )
-    seed = derive_seed(settings.run.seed, round_number, shard.node_name, "train")
-    trainer = resolve_trainer(settings.training.trainer, settings.source.task)
-    context = TrainingRound(round_number, shard.node_name, seed, steps, device, autocast_dtype(settings, device))
-    with phases("train"):
-        result = as_result(trainer(model, data, settings, context))
-    train_seconds = phases.seconds["train"]
-    with phases("encode"):
-        tensors, sparsifier = _update_tensors(
-            settings, model, round_state, device, attacker, seed, shard, round_number, error_feedback
-        )
-    fisher = None
-    if settings.training.mode != "lora" and settings.fisher_batch_count:
-        with phases("fisher"):
-            fisher = fisher_diagonal(
-                model,
-                data.train,
-                num_batches=settings.fisher_batch_count,
-                batch_size=settings.training.batch_size,
-                seed=seed + 1,
-            )
-            fisher = {name: value.cpu() for name, value in fisher.items()}
-    grams = None
-    if settings.gram_batch_count:
-        with phases("gram"):
-            grams = gram_matrices(
-                model,
-                data.train,
-                gram_targets(model, tensors),
-                num_batches=settings.gram_batch_count,
-                batch_size=settings.training.batch_size,
-                seed=seed + 2,
-            )
-    with phases("encode"):
-        header = UpdateHeader(
-            run_id=run_id,
-            round=round_number,
-            base_fingerprint=fingerprint(round_state),
-            node_id=shard.header_node,
-            num_examples=reported_examples(len(data.train), settings.attack) if attacker else len(data.train),
-            sparsifier=sparsifier,
-            metrics={
-                **finite_metrics({"train-loss": result.loss, "train-seconds": train_seconds, **result.metrics}),
-                "data-rows": data.source.rows,
-                "data-sha256": data.source.sha256,
-                "institution": shard.node_name,
-            },
-            tier=tier,
-        )
-        payload = encode_update(
-            tensors, header=header, value_dtype=settings.compression.wire_dtype, fisher=fisher, grams=grams
-        )
-    return LocalResult(payload, len(data.train), result.loss, data.source, train_seconds, phases.as_dict())
 
 
-def _update_tensors(
+def encode_round(
+    settings: RunSettings,
+    trained: TrainedRound,
+    *,
+    run_id: str,
+    round_number: int,
+    shard: Shard,
+    error_feedback: ErrorFeedback | None = None,
+    tier: str = "",
+) -> LocalResult:
+    """A trained round through the uplink: its payload and the client's report."""
+    facts = trained.facts(run_id=run_id, round_number=round_number, shard=shard, tier=tier)
+    with trained.phases("encode"):
+        payload = encode_uplink(trained.update, facts, uplink_of(settings), error_feedback)
+    update = trained.update
+    return LocalResult(
+        payload,
+        update.num_examples,
+        trained.train_loss,
+        trained.source,
+        trained.train_seconds,
+        trained.phases.as_dict(),
+    )
+
+
+def _fisher(
+    settings: RunSettings, model: torch.nn.Module, data: ClientDatasets, seed: int, phases: Phases
+) -> dict[str, torch.Tensor] | None:
+    """The diagonal Fisher of the trained model on the local data, when the run asks for it (full mode)."""
+    if not settings.fisher_batch_count:
+        return None
+    with phases("fisher"):
+        fisher = fisher_diagonal(
+            model,
+            data.train,
+            num_batches=settings.fisher_batch_count,
+            batch_size=settings.training.batch_size,
+            seed=seed + 1,
+        )
+        return {name: value.cpu() for name, value in fisher.items()}
+
+
+def _grams(
+    settings: RunSettings,
+    model: torch.nn.Module,
+    data: ClientDatasets,
+    tensors: Mapping[str, torch.Tensor],
+    seed: int,
+    phases: Phases,
+) -> dict[str, torch.Tensor] | None:
+    """The input Gram matrices of the update's linear layers, when the run asks for them (RegMean)."""
+    if not settings.gram_batch_count:
+        return None
+    with phases("gram"):
+        return gram_matrices(
+            model,
+            data.train,
+            gram_targets(model, tensors),
+            num_batches=settings.gram_batch_count,
+            batch_size=settings.training.batch_size,
+            seed=seed + 2,
+        )
+
+
+def _trained_tensors(
     settings: RunSettings,
     model: torch.nn.Module,
     round_state: dict[str, torch.Tensor],
     device: torch.device,
-    attacker: bool,
-    seed: int,
     shard: Shard,
-    round_number: int,
-    error_feedback: ErrorFeedback | None,
-) -> tuple[dict[str, UpdateTensor], Sparsifier]:
-    """What the client sends and how it was shrunk: LoRA factors as they are, or the shrunk task vector."""
+) -> tuple[dict[str, torch.Tensor], UpdateKind]:
+    """What training produced for the uplink: LoRA factors at the run's rank, or the task vector τ."""
     if settings.training.mode == "lora":
-        factors = {
-            name: t.cpu() for name, t in lora_update(model, {n: t.to(device) for n, t in round_state.items()}).items()
-        }
-        factors = to_run_rank(factors, settings, node_settings(settings, shard).training.lora_rank)
-        return dict(_attacked(settings, attacker, factors, seed)), Sparsifier()
+        on_device = {n: t.to(device) for n, t in round_state.items()}
+        factors = {name: t.cpu() for name, t in lora_update(model, on_device).items()}
+        return to_run_rank(factors, settings, node_settings(settings, shard).training.lora_rank), "factors"
     current = dict(model.named_parameters())
-    tau = {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}
-    tau = _attacked(settings, attacker, tau, seed)
-    sparsifier = settings.compression.sparsifier_spec
-    seed_for = dare_seed_fn(settings.run.seed, round_number, shard.node_name, settings.compression.seed_scope)
-    tensors = shrink_update(tau, sparsifier, seed_for, error_feedback)
-    if settings.privacy.dp == "local":
-        tensors = locally_private(tensors, settings, round_number, shard.node_name)
-    return tensors, sparsifier
+    return {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}, "task-vector"

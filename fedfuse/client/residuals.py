@@ -110,3 +110,30 @@ def keep_feedback(
         context.state.config_records[_round_tag(record)] = ConfigRecord({"round": round_number})
         if files is not None:
             files.save(round_number, residual)
+
+
+@dataclass(frozen=True)
+class ResidualSlot:
+    """Where one residual store of a node lives for a round: its ``Context.state`` record and, keyed by run, its files.
+
+    Without ``round_number`` the stored residual counts whatever round left it (``task_vector_mod``'s
+    default); with it only the previous round's does, and ``files`` (given a run key) keep it on disk.
+    """
+
+    record: str
+    round_number: int | None = None
+    files: ResidualFiles | None = None
+
+    @classmethod
+    def for_round(cls, context: Context, record: str, *, round_number: int, run_key: str, node: str) -> ResidualSlot:
+        """The store ``record`` of ``node`` for ``round_number``, on disk when the server names a ``run_key``."""
+        files = ResidualFiles.of(context, run_key, node, record) if run_key else None
+        return cls(record, round_number, files)
+
+    def restore(self, context: Context, sparsifier: Sparsifier) -> ErrorFeedback:
+        """The residual store left by the previous round (empty when there is none)."""
+        return restore_feedback(context, self.record, sparsifier, round_number=self.round_number, files=self.files)
+
+    def keep(self, context: Context, feedback: ErrorFeedback) -> None:
+        """Keep ``feedback``'s residual for the node's next round."""
+        keep_feedback(context, self.record, feedback, round_number=self.round_number, files=self.files)

@@ -11,6 +11,10 @@ or a gateway's payload saved to a file — into the model a flat merge gives.
 
 PEFT LoRA adapters: :func:`merge_adapters` merges them exactly in ΔW space (:mod:`.adapters`).
 
+Each mode's options are one validated request (:mod:`.request`: :class:`ModelsRequest`,
+:class:`AdaptersRequest`, :class:`CombineRequest`, :class:`RecipeRequest`); the functions take one,
+or its fields as keywords.
+
 >>> from fedfuse.offline import merge_models, combine_partials
 >>> # merge_models("base", ["ft-a", "ft-b"], method="ties", density=0.2, out="merged")
 """
@@ -19,13 +23,19 @@ from fedfuse.offline.adapter_merge import AdapterMergeResult, merge_adapters
 from fedfuse.offline.api import combine_partials, merge_models
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress
+from fedfuse.offline.request import AdaptersRequest, CombineRequest, ModelsRequest, RecipeRequest, RequestError
 from fedfuse.offline.sinks import MergeResult
 
 __all__ = [
     "AdapterMergeResult",
+    "AdaptersRequest",
+    "CombineRequest",
     "MergeInputError",
     "MergeResult",
+    "ModelsRequest",
     "Progress",
+    "RecipeRequest",
+    "RequestError",
     "combine_partials",
     "merge_adapters",
     "merge_models",

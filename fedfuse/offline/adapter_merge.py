@@ -1,4 +1,4 @@
-"""``fedfuse merge --adapter``: merge PEFT LoRA adapters exactly in ΔW space, into a model or an adapter.
+"""``fedfuse merge adapters``: merge PEFT LoRA adapters exactly in ΔW space, into a model or an adapter.
 
 Each adapter's ΔWₖ per target module (:mod:`fedfuse.offline.adapters`) goes through the same plan,
 per-tensor loop and strategy as a model merge, so every registered method and sparsifier applies.
@@ -33,12 +33,12 @@ from fedfuse.offline.adapters import (
     AdapterSource,
     LoraModule,
 )
-from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress, execute
 from fedfuse.offline.plan import Output, PathLike, plan_merge
+from fedfuse.offline.request import AdaptersRequest, as_request
 from fedfuse.offline.sinks import MergeResult, ModelSink
 from fedfuse.offline.sources import base_layout, open_input
-from fedfuse.strategies import MergeState, MergeStrategy, method_spec
+from fedfuse.strategies import MergeState, MergeStrategy
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class AdapterSink:
     def write(self, name: str, base_tensor: torch.Tensor, state: MergeState | None) -> None:
         if state is None:
             return
-        merged = state.finalize(base={name: base_tensor} if self._strategy.needs_base else None)
+        merged = state.finalize(base={name: base_tensor} if self._strategy.capabilities.needs_base else None)
         module: LoraModule | None = self._source.lora_weights.get(name)
         if module is None:
             theta = apply_task_vector({name: base_tensor.to(self._strategy.device)}, merged)[name]
@@ -150,90 +150,23 @@ def _target_modules(modules: list[str], layout: Mapping[str, TensorInfo]) -> lis
     return sorted(leaves) if picked == set(modules) else modules
 
 
-def _check_adapter_options(
-    adapters: Sequence[PathLike],
-    method: str | None,
-    weights: Sequence[float] | None,
-    out_adapter: bool,
-    rank: int | None,
-    partial_out: PathLike | None,
-) -> None:
-    if not adapters:
-        raise MergeInputError("give at least one PEFT LoRA adapter folder to merge (--adapter)")
-    if weights and len(weights) != len(adapters):
-        raise MergeInputError(
-            f"got {len(weights)} weight(s) for {len(adapters)} adapter(s): give one --weight per --adapter, or none"
-        )
-    if partial_out is not None:
-        raise MergeInputError("--partial-out is not supported with --adapter: merge into --out")
-    if out_adapter and rank is None:
-        raise MergeInputError("--out-adapter needs --rank (the rank of the merged adapter's factors)")
-    if rank is not None and not out_adapter:
-        raise MergeInputError("--rank applies only with --out-adapter (the merged full model needs no rank)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise MergeInputError(f"--rank must be an integer >= 1, got {rank!r}")
-    if method:
-        try:
-            spec = method_spec(method)
-        except (KeyError, ValueError):
-            return  # the plan names the available methods
-        if spec.needs_fisher:
-            raise MergeInputError(f"method {method!r} needs Fisher diagonals, which LoRA adapters do not carry")
-        if spec.needs_gram:
-            raise MergeInputError(
-                f"method {method!r} needs Gram matrices of each model's inputs: merge the models with --model and "
-                "--gram (fedfuse grams computes them), not adapters"
-            )
-
-
 def merge_adapters(
-    base: PathLike,
-    adapters: Sequence[PathLike],
+    base: AdaptersRequest | PathLike,
+    adapters: Sequence[PathLike] = (),
+    /,
     *,
-    method: str,
-    weights: Sequence[float] | None = None,
-    density: float | None = None,
-    sparsifier: str | None = None,
-    sparsifier_options: Mapping[str, Any] | None = None,
-    lam: float = 1.0,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    vote: str | None = None,
-    params: Mapping[str, Any] | None = None,
-    out: PathLike | None = None,
-    out_adapter: bool = False,
-    rank: int | None = None,
-    max_shard_size: str | int = "5GB",
-    partial_out: PathLike | None = None,
-    force: bool = False,
     progress: Progress | None = None,
-    first_model_index: int = 0,
-    allow_non_finite: bool = False,
+    **fields: Any,
 ) -> MergeResult | AdapterMergeResult:
     """Merge PEFT LoRA adapters of ``base`` in ΔW space into a model folder, or (``out_adapter``) an adapter.
 
-    Parameters
-    ----------
-    base : path
-        The base checkpoint every adapter was trained on (a ``.safetensors`` file or an HF model folder).
-    adapters : list of path
-        PEFT LoRA adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``); ranks,
-        alphas, ``use_rslora`` and target modules may differ between them.
-    method, weights, density, sparsifier, sparsifier_options, lam, seed, device, dtype, vote, params
-        As for :func:`fedfuse.offline.merge_models` (one weight per adapter; DARE seeds per adapter
-        index as per model index). Methods needing Fisher diagonals are refused.
-    out : path
-        The output folder: the merged model (as :func:`~fedfuse.offline.merge_models` writes it) or
-        the merged adapter.
-    out_adapter : bool
-        Write a PEFT LoRA adapter of rank ``rank`` instead of the full model.
-    rank : int, optional
-        The merged adapter's rank (required with, and only with, ``out_adapter``).
-    max_shard_size, force, progress, first_model_index, allow_non_finite
-        As for :func:`~fedfuse.offline.merge_models`.
-    partial_out : path, optional
-        Not supported for adapters (refused).
+    ``merge_adapters(request)`` runs an :class:`~fedfuse.offline.request.AdaptersRequest`;
+    ``merge_adapters(base, adapters, method="ties", density=0.2, out="merged")`` builds one from its
+    fields (the method fields as for :func:`fedfuse.offline.merge_models`, one weight per adapter, DARE
+    seeds per adapter index; ``out_adapter`` with ``rank`` writes an adapter). Adapters are PEFT LoRA
+    folders (``adapter_config.json`` + ``adapter_model.safetensors``); ranks, alphas, ``use_rslora`` and
+    target modules may differ between them. Methods needing Fisher diagonals or Gram matrices, and
+    ``partial_out``, are refused.
 
     Returns
     -------
@@ -246,34 +179,15 @@ def merge_adapters(
         For any bad input (missing ``adapter_config.json``, DoRA, shapes that do not fit the base, …),
         before anything is written.
     """
-    _check_adapter_options(adapters, method, weights, out_adapter, rank, partial_out)
-    plan = plan_merge(
-        base,
-        adapters,
-        method=method,
-        params=params,
-        lam=lam,
-        vote=vote,
-        weights=weights,
-        density=density,
-        sparsifier=sparsifier,
-        sparsifier_options=sparsifier_options,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        out=out,
-        max_shard_size=max_shard_size,
-        force=force,
-        first_model_index=first_model_index,
-        allow_non_finite=allow_non_finite,
-    )
+    request = as_request(AdaptersRequest, base, "base", {"adapters": adapters, **fields} if adapters else fields)
+    plan = plan_merge(request)
     with ExitStack() as stack:
         base_ckpt = open_input(stack, "base", plan.base)
         layout = base_layout(base_ckpt)
         source = AdapterSource(stack, plan, base_ckpt, layout)
-        if out_adapter:
-            assert rank is not None
-            sink = AdapterSink(plan.output, plan.strategy, source, rank)
+        if request.out_adapter:
+            assert request.rank is not None
+            sink = AdapterSink(plan.output, plan.strategy, source, request.rank)
             changed = {name: info for name, info in layout.items() if source.covers(name)}
             execute(base_ckpt, changed, source, sink, progress or None)
             return sink.save(layout, plan.base)

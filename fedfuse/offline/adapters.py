@@ -34,6 +34,7 @@ from fedfuse.algebra import Sparsifier, dare_seed_fn, lora_delta, sparsify_updat
 from fedfuse.checkpoints import CheckpointReader, TensorInfo
 from fedfuse.offline.errors import MergeInputError, input_errors
 from fedfuse.offline.plan import MergePlan
+from fedfuse.offline.request import RequestError
 from fedfuse.strategies import MergeState
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -279,9 +280,9 @@ class AdapterSource:
         for i, adapter in enumerate(self.adapters):
             delta = adapter.delta(name, base_tensor)
             if not self._allow_non_finite and not bool(torch.isfinite(delta).all()):
-                raise MergeInputError(
+                raise RequestError(
                     f"adapter {i + 1} ({adapter.path}): the change to {name!r} has NaN or infinite values; "
-                    "nothing was written (--allow-non-finite merges them as they are)"
+                    "nothing was written ({allow_non_finite} merges them as they are)"
                 )
             update = sparsify_update({name: delta.to(compute)}, self._sparsifier, self._seed_fns[i])
             del delta

@@ -12,12 +12,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fedfuse.algebra import Sparsifier
-from fedfuse.algebra.sparsify import SPARSIFIER_KINDS
+from fedfuse.algebra.sparsifiers import declaring, registered_sparsifiers, sparsifier_spec
 from fedfuse.checkpoints import check_target, parse_size
 from fedfuse.offline.errors import MergeInputError, input_errors
+from fedfuse.offline.request import AdaptersRequest, CombineRequest, ModelsRequest, RequestError
 from fedfuse.strategies import MergeStrategy, available_strategies, build_strategy, method_spec
 
 PathLike = str | Path
@@ -95,11 +96,11 @@ def plan_output(
 ) -> Output:
     """Exactly one of a model folder (``out``) and a partial-state file (``partial_out``)."""
     if out is not None and partial_out is not None:
-        raise MergeInputError(
-            "give either an output folder (--out) or a partial-statistics file (--partial-out), not both"
+        raise RequestError(
+            "give either an output folder ({out}) or a partial-statistics file ({partial_out}), not both"
         )
     if out is None and partial_out is None:
-        raise MergeInputError("give an output folder (--out) or a partial-statistics file (--partial-out)")
+        raise RequestError("give an output folder ({out}) or a partial-statistics file ({partial_out})")
     with input_errors():
         size = parse_size(max_shard_size)
         if partial_out is not None:
@@ -118,13 +119,13 @@ def check_not_an_input(target: Path, inputs: Sequence[PathLike]) -> None:
 
 
 def strategy_params(lam: float, vote: str | None, params: Mapping[str, object] | None) -> dict[str, object]:
-    """The strategy's parameters from ``--lambda``, ``--vote`` and ``--param`` (each named once)."""
+    """The strategy's parameters from ``lam``, ``vote`` and ``params`` (each named once)."""
     merged: dict[str, object] = dict(params or {})
     if "lam" in merged and lam != 1.0:
-        raise MergeInputError("λ is given twice (--lambda and --param lam=…): give it once")
+        raise RequestError("λ is given twice ({lam} and {params} lam=…): give it once")
     if vote is not None:
         if "vote" in merged:
-            raise MergeInputError("vote is given twice (--vote and --param vote=…): give it once")
+            raise RequestError("vote is given twice ({vote} and {params} vote=…): give it once")
         merged["vote"] = vote
     merged.setdefault("lam", lam)
     return merged
@@ -139,45 +140,38 @@ def plan_strategy(method: str | None, params: Mapping[str, object], *, device: s
 
 
 def plan_sparsifier(
-    method: str,
-    kind: str | None,
-    density: float | None,
-    *,
-    gamma: float | None = None,
-    epsilon: float | None = None,
-    rescale: str | None = None,
+    method: str, kind: str | None, density: float | None, *, rescale: str | None = None, **params: object
 ) -> Sparsifier:
     """The sparsifier asked for, or the method's declared default; a density exactly when one is used.
 
-    ``gamma`` (breadcrumbs), ``epsilon`` (della) and ``rescale`` are refused where they mean nothing.
+    ``params`` are the sparsifier's declared parameters (``gamma`` for breadcrumbs, ``epsilon`` for
+    della, a plug-in's own; ``None`` = not given): they and ``rescale`` are refused where they mean nothing.
     """
     kind = kind or method_spec(method).default_sparsifier
-    extras = {"--gamma": (gamma, "breadcrumbs"), "--epsilon": (epsilon, "della")}
-    for flag, (value, owner) in extras.items():
-        if value is not None and kind != owner:
-            raise MergeInputError(f"{flag} applies to the {owner} sparsifier, but this merge uses {kind!r}")
-    if kind == "none":
+    given = {name: value for name, value in params.items() if value is not None}
+    with input_errors():
+        spec = sparsifier_spec(kind)
+        for name in given:
+            if not spec.declares(name) and declaring(name):
+                owners = " / ".join(declaring(name))
+                raise MergeInputError(f"--{name} applies to the {owners} sparsifier, but this merge uses {kind!r}")
+            spec.param(name)  # names the declared ones
+    if spec.dense:
         if density is not None and density != 1.0:
+            others = "|".join(other.name for other in registered_sparsifiers() if not other.dense)
             raise MergeInputError(
                 f"density {density} was given but method {method!r} uses no sparsifier "
-                f"(choose one with --sparsifier {'|'.join(SPARSIFIER_KINDS[1:])})"
+                f"(choose one with --sparsifier {others})"
             )
         if rescale is not None:
             raise MergeInputError(f"--rescale was given but method {method!r} uses no sparsifier")
-        return Sparsifier("none")
-    if kind not in SPARSIFIER_KINDS:
-        raise MergeInputError(f"unknown sparsifier {kind!r}: choose {', '.join(SPARSIFIER_KINDS)}")
+        return Sparsifier.of(kind)
     if density is None:
         raise MergeInputError(
             f"method {method!r} sparsifies with {kind!r}: give --density (the kept fraction, e.g. 0.2)"
         )
-    options: dict[str, Any] = {"rescale": rescale or "auto"}
-    if gamma is not None:
-        options["gamma"] = gamma
-    if epsilon is not None:
-        options["epsilon"] = epsilon
     with input_errors():
-        return Sparsifier(kind, density, **options)  # type: ignore[arg-type]
+        return Sparsifier.of(kind, density, rescale=rescale or "auto", params=given)
 
 
 def plan_weights(weights: Sequence[float] | None, count: int, *, negative: bool = False) -> tuple[float, ...]:
@@ -185,8 +179,8 @@ def plan_weights(weights: Sequence[float] | None, count: int, *, negative: bool 
     if weights is None or len(weights) == 0:
         return (1.0,) * count
     if len(weights) != count:
-        raise MergeInputError(
-            f"got {len(weights)} weight(s) for {count} model(s): give one --weight per --model, or none"
+        raise RequestError(
+            f"got {len(weights)} weight(s) for {count} model(s): give one {{weights}} per {{models}}, or none"
         )
     checked = tuple(float(w) for w in weights)
     for i, w in enumerate(checked):
@@ -200,101 +194,77 @@ def plan_weights(weights: Sequence[float] | None, count: int, *, negative: bool 
 
 
 def check_mergeable(method: str, option: str) -> None:
-    """Partial states exist only for methods whose state is a monoid (declared ``mergeable``)."""
-    if not method_spec(method).mergeable:
-        raise MergeInputError(
+    """Partial states exist only for methods whose state is a monoid (declared ``mergeable``).
+
+    ``option`` names what needs a partial state (a field reference such as ``"{partial_out}"``).
+    """
+    if not method_spec(method).capabilities.mergeable:
+        raise RequestError(
             f"method {method!r} is not mergeable (its state is not a sum of statistics): {option} needs one"
         )
 
 
-def plan_merge(
-    base: PathLike,
-    models: Sequence[PathLike],
-    *,
-    method: str | None,
-    params: Mapping[str, Any] | None = None,
-    lam: float = 1.0,
-    vote: str | None = None,
-    weights: Sequence[float] | None = None,
-    density: float | None = None,
-    sparsifier: str | None = None,
-    sparsifier_options: Mapping[str, Any] | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    fishers: Sequence[PathLike] | None = None,
-    out: PathLike | None = None,
-    partial_out: PathLike | None = None,
-    max_shard_size: str | int = "5GB",
-    force: bool = False,
-    first_model_index: int = 0,
-    allow_non_finite: bool = False,
-    tensor_settings: TensorSettingsFn | None = None,
-    grams: Sequence[PathLike] | None = None,
-) -> MergePlan:
-    """Check every option of :func:`fedfuse.offline.merge_models`; raises :class:`MergeInputError`."""
-    strategy = plan_strategy(method, strategy_params(lam, vote, params), device=device, dtype=dtype)
-    assert method is not None
-    chosen = plan_sparsifier(method, sparsifier, density, **(sparsifier_options or {}))
-    if not models:
-        raise MergeInputError("give at least one model to merge (--model)")
-    checked_weights = plan_weights(weights, len(models), negative=strategy.negative_weights)
-    fisher_paths = tuple(Path(p) for p in fishers or ())
-    needs_fisher = method_spec(method).needs_fisher
-    if needs_fisher and not fisher_paths:
-        raise MergeInputError(f"method {method!r} needs a Fisher diagonal file per model (--fisher)")
-    if fisher_paths and not needs_fisher:
-        raise MergeInputError(f"--fisher was given but method {method!r} does not use Fisher diagonals")
-    if fisher_paths and len(fisher_paths) != len(models):
-        raise MergeInputError(f"got {len(fisher_paths)} Fisher file(s) for {len(models)} model(s): give one per model")
-    gram_paths = tuple(Path(p) for p in grams or ())
-    needs_gram = method_spec(method).needs_gram
-    if needs_gram and not gram_paths:
-        raise MergeInputError(
+def _side_files(method: str, count: int, fishers: tuple[Path, ...], grams: tuple[Path, ...]) -> None:
+    """One Fisher file per model exactly when the method needs Fisher diagonals; the same for Gram matrices."""
+    spec = method_spec(method)
+    if spec.capabilities.needs_fisher and not fishers:
+        raise RequestError(f"method {method!r} needs a Fisher diagonal file per model ({{fishers}})")
+    if fishers and not spec.capabilities.needs_fisher:
+        raise RequestError(f"{{fishers}} was given but method {method!r} does not use Fisher diagonals")
+    if fishers and len(fishers) != count:
+        raise RequestError(f"got {len(fishers)} Fisher file(s) for {count} model(s): give one per model")
+    if spec.capabilities.needs_gram and not grams:
+        raise RequestError(
             f"method {method!r} needs a Gram-matrix file per model "
-            "(--gram; `fedfuse grams MODEL --data FILE` makes one)"
+            "({grams}; `fedfuse grams MODEL --data FILE` makes one)"
         )
-    if gram_paths and not needs_gram:
-        raise MergeInputError(f"--gram was given but method {method!r} does not use Gram matrices")
-    if gram_paths and len(gram_paths) != len(models):
-        raise MergeInputError(f"got {len(gram_paths)} Gram file(s) for {len(models)} model(s): give one per model")
-    if seed < 0 or first_model_index < 0:
-        raise MergeInputError(f"--seed and --first-model-index must be >= 0, got {seed} and {first_model_index}")
-    output = plan_output(out, partial_out, force=force, max_shard_size=max_shard_size)
+    if grams and not spec.capabilities.needs_gram:
+        raise RequestError(f"{{grams}} was given but method {method!r} does not use Gram matrices")
+    if grams and len(grams) != count:
+        raise RequestError(f"got {len(grams)} Gram file(s) for {count} model(s): give one per model")
+
+
+def plan_merge(request: ModelsRequest | AdaptersRequest) -> MergePlan:
+    """Check every option of a model (or adapter) merge against the others; raises :class:`MergeInputError`."""
+    r = request
+    strategy = plan_strategy(r.method, strategy_params(r.lam, r.vote, r.params), device=r.device, dtype=r.dtype)
+    method = r.method
+    options = {"gamma": r.gamma, "epsilon": r.epsilon, **r.sparsifier_params}
+    chosen = plan_sparsifier(method, r.sparsifier, r.density, rescale=r.rescale, **options)
+    if not r.inputs:
+        raise RequestError("give at least one model to merge ({models})")
+    checked_weights = plan_weights(r.weights, len(r.inputs), negative=strategy.capabilities.negative_weights)
+    fishers, grams = (r.fishers, r.grams) if isinstance(r, ModelsRequest) else ((), ())
+    _side_files(method, len(r.inputs), fishers, grams)
+    if r.seed < 0 or r.first_model_index < 0:
+        raise RequestError(f"{{seed}} and {{first_model_index}} must be >= 0, got {r.seed} and {r.first_model_index}")
+    output = plan_output(r.out, r.partial_out, force=r.force, max_shard_size=r.max_shard_size)
+    tensor_settings = r.tensor_settings if isinstance(r, ModelsRequest) else None
     if output.kind == "partial":
-        check_mergeable(method, "--partial-out")
+        check_mergeable(method, "{partial_out}")
         if tensor_settings is not None:
             raise MergeInputError("per-tensor settings (a recipe's) cannot be written as partial statistics")
-    check_not_an_input(output.target, [base, *models, *fisher_paths, *gram_paths])
+    check_not_an_input(output.target, [r.base, *r.inputs, *fishers, *grams])
     return MergePlan(
-        base=Path(base),
-        models=tuple(Path(p) for p in models),
+        base=r.base,
+        models=r.inputs,
         weights=checked_weights,
-        fishers=fisher_paths,
+        fishers=fishers,
         strategy=strategy,
         sparsifier=chosen,
-        seed=seed,
-        first_model_index=first_model_index,
+        seed=r.seed,
+        first_model_index=r.first_model_index,
         output=output,
-        allow_non_finite=allow_non_finite,
-        grams=gram_paths,
+        allow_non_finite=r.allow_non_finite,
+        grams=grams,
         tensor_settings=tensor_settings,
     )
 
 
-def plan_combine(
-    partials: Sequence[PathLike],
-    *,
-    base: PathLike,
-    out: PathLike | None = None,
-    partial_out: PathLike | None = None,
-    device: str = "cpu",
-    max_shard_size: str | int = "5GB",
-    force: bool = False,
-) -> CombinePlan:
-    """Check every option of :func:`fedfuse.offline.combine_partials` (the strategy comes from the files)."""
-    if not partials:
-        raise MergeInputError("give at least one partial-statistics file (--combine)")
-    output = plan_output(out, partial_out, force=force, max_shard_size=max_shard_size)
-    check_not_an_input(output.target, [base, *partials])
-    return CombinePlan(Path(base), tuple(Path(p) for p in partials), device, output)
+def plan_combine(request: CombineRequest) -> CombinePlan:
+    """Check every option of a fold of partial states (the strategy comes from the files)."""
+    if not request.partials:
+        raise RequestError("give at least one partial-statistics file ({partials})")
+    output = plan_output(request.out, request.partial_out, force=request.force, max_shard_size=request.max_shard_size)
+    check_not_an_input(output.target, [request.base, *request.partials])
+    return CombinePlan(request.base, request.partials, request.device, output)

@@ -1,11 +1,13 @@
-"""mergekit recipes: ``fedfuse merge --config recipe.yml`` reads mergekit's YAML and merges the same numbers.
+"""mergekit recipes: ``fedfuse merge recipe recipe.yml`` reads mergekit's YAML and merges the same numbers.
 
 mergekit's method names map to fedfuse methods *with mergekit's defaults* (:data:`METHODS`: e.g.
 ``dare_ties`` does not normalize and l1-rescales). A parameter is a number, a list interpolated over
 the layers (layer i of n at t = i/(n − 1), other tensors at t = 0, as mergekit) or a list of
 ``{filter, value}`` (the first filter that is a substring of the tensor's name). Every tensor's
-values are checked before anything is written, then :func:`fedfuse.offline.merge_models` runs,
-one tensor at a time. Keys fedfuse does not do (``slices``, ``modules``, …) are refused by name.
+values are checked before anything is written; the recipe then runs as the
+:class:`~fedfuse.offline.request.ModelsRequest` it describes (:func:`recipe_request`) through
+:func:`fedfuse.offline.merge_models`, one tensor at a time. Keys fedfuse does not do (``slices``,
+``modules``, …) are refused by name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fedfuse.offline.api import OUT_DTYPES, merge_models
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress
 from fedfuse.offline.plan import PathLike, TensorSettings, plan_sparsifier, plan_strategy
+from fedfuse.offline.request import ModelsRequest, RecipeRequest, as_request
 from fedfuse.offline.sinks import MergeResult
 from fedfuse.strategies import MergeStrategy
 
@@ -216,7 +219,7 @@ def load_recipe(path: PathLike) -> Recipe:
         return _parse(path, doc)
 
 
-def _parse(path: Path, doc: Any) -> Recipe:
+def _check_top_keys(doc: Any) -> None:
     if not isinstance(doc, dict):
         raise MergeInputError("a recipe is a mapping with merge_method, base_model and models")
     for key in doc:
@@ -224,16 +227,14 @@ def _parse(path: Path, doc: Any) -> Recipe:
             raise MergeInputError(f"`{key}`: {REFUSED_KEYS[key]}")
         if key not in TOP_KEYS:
             raise MergeInputError(f"unknown key `{key}` (fedfuse reads: {', '.join(TOP_KEYS)})")
-    method = doc.get("merge_method")
-    if method not in METHODS:
-        raise MergeInputError(f"merge_method {method!r} is not supported: choose {', '.join(METHODS)}")
-    row, notes = METHODS[method], []
+    if doc.get("merge_method") not in METHODS:
+        raise MergeInputError(f"merge_method {doc.get('merge_method')!r} is not supported: choose {', '.join(METHODS)}")
     if doc.get("tokenizer_source") not in (None, "base"):
         raise MergeInputError(f"tokenizer_source {doc['tokenizer_source']!r} is not supported (only `base`)")
-    entries = doc.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise MergeInputError("`models` must be a non-empty list of `- model: PATH` entries")
-    base = _path("base_model", doc["base_model"]) if doc.get("base_model") is not None else None
+
+
+def _parse_models(entries: list[Any], method: str, base: Path | None) -> tuple[list[Path], list[dict[str, Any]]]:
+    """The merged models and their own parameters (the base itself, listed, is the reference: skipped)."""
     models, model_params = [], []
     for i, entry in enumerate(entries):
         where = f"models[{i}]"
@@ -246,11 +247,13 @@ def _parse(path: Path, doc: Any) -> Recipe:
         params = _mapping(f"{where}.parameters", entry.get("parameters"))
         if base is not None and method != "linear" and model == base:
             continue  # the base is the reference, not a merged model (mergekit ignores its parameters)
-        _check_parameters(f"{where}.parameters", params, row, method, top=False)
+        _check_parameters(f"{where}.parameters", params, METHODS[method], method, top=False)
         models.append(model)
         model_params.append(params)
-    parameters = _mapping("parameters", doc.get("parameters"))
-    _check_parameters("parameters", parameters, row, method, top=True)
+    return models, model_params
+
+
+def _check_counts(method: str, base: Path | None, models: list[Path]) -> None:
     if base is None and method != "linear":
         raise MergeInputError(f"base_model is required by {method}")
     if base is not None and method == "linear" and base not in models:
@@ -259,6 +262,31 @@ def _parse(path: Path, doc: Any) -> Recipe:
     low, high, words = counts.get(method, (1, None, "at least one model"))
     if len(models) < low or (high is not None and len(models) > high):
         raise MergeInputError(f"{method} needs {words} besides base_model, got {len(models)}")
+
+
+def _out_dtype(doc: dict[str, Any], notes: list[str]) -> str | None:
+    """``out_dtype``, else ``dtype`` (fedfuse computes in float32 and rounds the output once)."""
+    out_dtype = _dtype("out_dtype", doc["out_dtype"]) if doc.get("out_dtype") is not None else None
+    if doc.get("dtype") is not None:
+        dtype = _dtype("dtype", doc["dtype"])
+        out_dtype = out_dtype or dtype
+        if dtype in ("float16", "bfloat16"):
+            notes.append(f"dtype {dtype}: fedfuse computes in float32 and rounds the output to {dtype} once")
+    return out_dtype
+
+
+def _parse(path: Path, doc: Any) -> Recipe:
+    _check_top_keys(doc)
+    method = doc["merge_method"]
+    row, notes = METHODS[method], []
+    entries = doc.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise MergeInputError("`models` must be a non-empty list of `- model: PATH` entries")
+    base = _path("base_model", doc["base_model"]) if doc.get("base_model") is not None else None
+    models, model_params = _parse_models(entries, method, base)
+    parameters = _mapping("parameters", doc.get("parameters"))
+    _check_parameters("parameters", parameters, row, method, top=True)
+    _check_counts(method, base, models)
     for name, default in row.shared.items():
         if default is REQUIRED and name not in parameters:
             raise MergeInputError(f"parameters.{name} is required by {method}")
@@ -266,12 +294,7 @@ def _parse(path: Path, doc: Any) -> Recipe:
         notes.append("int8_mask only changes mergekit's mask dtype, not the result: ignored")
     if parameters.get("rescale") and row.sparsifier == "none":
         notes.append(f"rescale has no effect in {method} (it does not sparsify): ignored")
-    out_dtype = _dtype("out_dtype", doc["out_dtype"]) if doc.get("out_dtype") is not None else None
-    if doc.get("dtype") is not None:
-        dtype = _dtype("dtype", doc["dtype"])
-        out_dtype = out_dtype or dtype
-        if dtype in ("float16", "bfloat16"):
-            notes.append(f"dtype {dtype}: fedfuse computes in float32 and rounds the output to {dtype} once")
+    out_dtype = _out_dtype(doc, notes)
     base = base or models[0]  # linear: any reference works, Σ wθ / Σ w does not depend on it
     return Recipe(path, method, row, base, tuple(models), tuple(model_params), parameters, out_dtype, tuple(notes))
 
@@ -331,7 +354,7 @@ def resolve_settings(recipe: Recipe, names: Sequence[str], *, device: str, dtype
                 rescale = "l1" if shared["rescale"] else "none"  # mergekit's `rescale: true` is an l1 rescale
                 kept.append(plan_sparsifier(row.method, row.sparsifier, density, **extra, rescale=rescale))
         for i, weight in enumerate(weights):  # all 0 is allowed: mergekit then keeps the base tensor
-            if weight < 0 and not strategy.negative_weights:
+            if weight < 0 and not strategy.capabilities.negative_weights:
                 raise MergeInputError(f"models[{i}].parameters.weight must be >= 0 in {row.method}, got {weight}")
         if row.method == "linear" and shared["normalize"] and abs(sum(weights)) < 1e-8:
             raise MergeInputError(f"tensor {tensor!r}: linear with normalize needs weights that do not sum to 0")
@@ -339,62 +362,66 @@ def resolve_settings(recipe: Recipe, names: Sequence[str], *, device: str, dtype
     return out
 
 
-def merge_recipe(
-    recipe: Recipe | PathLike,
-    *,
-    out: PathLike,
-    seed: int = 0,
-    device: str = "cpu",
-    max_shard_size: str | int = "5GB",
-    force: bool = False,
-    progress: Progress | None = None,
-    allow_non_finite: bool = False,
-) -> MergeResult:
-    """Run a mergekit recipe into the model folder ``out``, tensor by tensor (what ``fedfuse merge --config`` does).
+def recipe_request(recipe: Recipe, request: RecipeRequest) -> ModelsRequest:
+    """The recipe as the model merge it describes: each tensor's values resolved and checked (reads the base's header).
 
-    Parameters
-    ----------
-    recipe : Recipe or path
-        A :func:`load_recipe` result, or the recipe's YAML file (model paths relative to the working directory).
-    out : path
-        The output model folder (replaced only with ``force``).
-    seed : int
-        Draws the DARE and DELLA masks: model i's tensor ``name`` uses ``derive_seed(seed, 0, i, name)``
-        (mergekit draws from torch's global generator, so the two agree in distribution, not entry by entry).
-    device, max_shard_size, force, progress, allow_non_finite
-        As in :func:`fedfuse.offline.merge_models`.
-
-    Raises
-    ------
-    MergeInputError
-        For any bad key or value, naming it, before anything is written.
+    The request's own strategy is the first tensor's; ``tensor_settings`` gives each tensor its own
+    (what :func:`resolve_settings` found), and ``out_dtype`` the recipe's output dtype.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
     with _at("base_model"), open_checkpoint(recipe.base) as base:
         names = [name for name in base.names if base.info(name).is_floating_point]
     if not names:
         raise MergeInputError(f"base_model {recipe.base} holds no floating-point tensors")
     dtype = "float64" if recipe.out_dtype == "float64" else "float32"
     with _at(str(recipe.path)):
-        settings = resolve_settings(recipe, names, device=device, dtype=dtype)
-    return merge_models(  # the plan's own strategy is the first tensor's; each tensor has its own settings
-        recipe.base,
-        recipe.models,
+        settings = resolve_settings(recipe, names, device=request.device, dtype=dtype)
+    first = _shared(recipe, names[0], layer_positions(names)[names[0]])
+    return ModelsRequest(
+        base=recipe.base,
+        models=recipe.models,
         method=recipe.row.method,
-        params=_strategy_params(recipe.row.method, _shared(recipe, names[0], layer_positions(names)[names[0]])),
+        params=_strategy_params(recipe.row.method, first),
         sparsifier="none",
-        seed=seed,
-        device=device,
+        seed=request.seed,
         dtype=dtype,
-        out=out,
-        max_shard_size=max_shard_size,
-        force=force,
-        progress=progress,
-        allow_non_finite=allow_non_finite,
         tensor_settings=settings.get,
         out_dtype=recipe.out_dtype,
+        **request.output_fields(),
     )
 
 
-__all__ = ["METHODS", "MethodRow", "Recipe", "evaluate_setting", "layer_positions", "load_recipe", "merge_recipe"]
+def merge_recipe(
+    recipe: Recipe | RecipeRequest | PathLike, /, *, progress: Progress | None = None, **fields: Any
+) -> MergeResult:
+    """Run a mergekit recipe into the model folder ``out``, tensor by tensor (``fedfuse merge recipe``).
+
+    ``merge_recipe(request)`` runs a :class:`~fedfuse.offline.request.RecipeRequest`;
+    ``merge_recipe(recipe, out="merged", seed=0)`` builds one, ``recipe`` being a :func:`load_recipe`
+    result or the recipe's YAML file (model paths relative to the working directory). ``seed`` draws the
+    DARE and DELLA masks: model i's tensor ``name`` uses ``derive_seed(seed, 0, i, name)`` (mergekit draws
+    from torch's global generator, so the two agree in distribution, not entry by entry). The recipe
+    runs as the :class:`~fedfuse.offline.request.ModelsRequest` :func:`recipe_request` makes of it.
+
+    Raises
+    ------
+    MergeInputError
+        For any bad key or value, naming it, before anything is written.
+    """
+    if isinstance(recipe, RecipeRequest):
+        request, loaded = as_request(RecipeRequest, recipe, "config", fields), load_recipe(recipe.config)
+    else:
+        loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        request = as_request(RecipeRequest, loaded.path, "config", fields)
+    return merge_models(recipe_request(loaded, request), progress=progress)
+
+
+__all__ = [
+    "METHODS",
+    "MethodRow",
+    "Recipe",
+    "evaluate_setting",
+    "layer_positions",
+    "load_recipe",
+    "merge_recipe",
+    "recipe_request",
+]

@@ -125,7 +125,7 @@ class ModelSink(_AtomicSink):
             self._writer.write(name, base_tensor.to(self._dtype_of(base_tensor.dtype)))
             return
         strategy = state.strategy  # a recipe may give this tensor its own strategy
-        merged = state.finalize(base={name: base_tensor} if strategy.needs_base else None)
+        merged = state.finalize(base={name: base_tensor} if strategy.capabilities.needs_base else None)
         work = {name: base_tensor.to(strategy.device)}
         theta = apply_task_vector(work, merged, dtype=self._dtype_of(base_tensor.dtype))[name]
         self._writer.write(name, theta.cpu())

@@ -19,6 +19,7 @@ from fedfuse.algebra import dare_seed_fn, sparsify_update, task_vector
 from fedfuse.checkpoints import CheckpointReader, TensorInfo, open_checkpoint
 from fedfuse.offline.errors import MergeInputError, input_errors
 from fedfuse.offline.plan import MergePlan, check_mergeable
+from fedfuse.offline.request import RequestError
 from fedfuse.strategies import MergeState, MergeStrategy, build_strategy, method_spec
 from fedfuse.strategies.base import STAT_SEPARATOR
 from fedfuse.wire import Expectation, UpdateRejected, fingerprint
@@ -157,9 +158,9 @@ class ModelSource:
 
     def _finite(self, tensor: torch.Tensor, name: str, which: str) -> torch.Tensor:
         if not self._allow_non_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise MergeInputError(
+            raise RequestError(
                 f"{which} ({self._paths.get(which, which)}): tensor {name!r} has NaN or infinite values; "
-                "nothing was written (--allow-non-finite merges them as they are)"
+                "nothing was written ({allow_non_finite} merges them as they are)"
             )
         return tensor
 
@@ -205,8 +206,8 @@ def _open_partial(stack: ExitStack, role: str, path: Path) -> PartialFile:
             return stack.enter_context(open_partial(path))
         except UpdateRejected as exc:
             if exc.reason in ("malformed_header", "unsupported_version", "wrong_dtype"):
-                raise MergeInputError(
-                    f"{path} is not a fedfuse partial-statistics file (made with --partial-out, or a gateway's "
+                raise RequestError(
+                    f"{path} is not a fedfuse partial-statistics file (made with {{partial_out}}, or a gateway's "
                     f"encode_partial payload): {exc.detail}"
                 ) from exc
             raise MergeInputError(f"{path}: {exc.detail} ({exc.reason})") from exc
@@ -250,7 +251,7 @@ class PartialSource:
                     f"partials were made with different strategy parameters: {first.path} vs {other.path} "
                     f"({_describe_difference(first.identity, other.identity)})"
                 )
-        check_mergeable(str(first.identity["strategy"]), "--combine")
+        check_mergeable(str(first.identity["strategy"]), "{partials}")
         self.strategy = strategy_of(first.identity, device=device, where=first.path)
         floating = {name: info.shape for name, info in layout.items() if info.is_floating_point}
         expect = Expectation(floating, allow_missing=True)

@@ -26,7 +26,6 @@ from fedfuse.rejections import Rejected, Rejection, counts_by_reason
 from fedfuse.rounds.bounds import UpdateBounds
 from fedfuse.rounds.privacy import CentralPrivacy
 from fedfuse.rounds.space import UpdateSpace
-from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.strategies import MergeState, MergeStrategy
 from fedfuse.wire import (
     Expectation,
@@ -127,7 +126,7 @@ class RoundEngine:
         self.run_id = run_id
         self.base_fingerprint = base_fingerprint
         self.bounds = UpdateBounds(float(clip_norm), int(max_num_examples), weighting)
-        gram, stats = strategy.needs_gram, len(strategy.statistics)
+        gram, stats = strategy.capabilities.needs_gram, len(strategy.statistics)
         update_cap = max_update_bytes(space.wire_shapes, gram=gram) if max_bytes == "auto" else max_bytes
         partial_cap = max_partial_bytes(space.merge_shapes, stats, gram=gram) if max_bytes == "auto" else max_bytes
         wire_sparsifier = space.wire_sparsifier if check_sparsifier else None
@@ -140,46 +139,6 @@ class RoundEngine:
         self.rejections: list[Rejection] = []
         self.bytes_received = 0
         self.signatures_verified = 0
-
-    @classmethod
-    def for_run(
-        cls,
-        settings: RunSettings,
-        space: UpdateSpace,
-        *,
-        round_number: int,
-        run_id: str,
-        base_fingerprint: str,
-        check_signature: SignatureCheck | None = None,
-        bind_senders: bool = True,
-        expected_updates: int | None = None,
-        gateway: bool = False,
-    ) -> RoundEngine:
-        """The engine a run uses for one round (server or tier gateway): strategy, weighting, bounds, clipping.
-
-        Payloads are capped in size (``max-update-bytes``, or the largest the expected tensors can
-        need), must say the run's sparsifier, and (``bind_senders``) unsigned ones must name the
-        node that sent them. A gateway clips its members' updates the same way, so tiers stay exact.
-        In central DP the server's engine (``expected_updates`` = the clients sampled) noises the merge;
-        a ``gateway`` only clips (the server adds the noise once, to the whole round).
-        """
-        strategy = build_merge_strategy(settings)
-        central = settings.privacy.dp == "central" and not gateway
-        return cls(
-            strategy,
-            space,
-            round_number=round_number,
-            run_id=run_id,
-            base_fingerprint=base_fingerprint,
-            weighting=settings.merge.weighting,
-            check_signature=check_signature,
-            max_bytes=settings.run.max_update_bytes or "auto",
-            clip_norm=settings.server_clip_norm,
-            max_num_examples=settings.merge.max_num_examples,
-            check_sparsifier=True,
-            bind_senders=bind_senders,
-            privacy=CentralPrivacy(settings, strategy, round_number, expected_updates) if central else None,
-        )
 
     @property
     def tiers(self) -> dict[str, list[str]]:
@@ -250,7 +209,7 @@ class RoundEngine:
         weight = self.bounds.weight(header.num_examples)
         if weight <= 0:
             return self.reject(node, "zero_weight", f"node {node} reported {header.num_examples} examples")
-        if self.strategy.needs_gram and not update.grams:
+        if self.strategy.capabilities.needs_gram and not update.grams:
             return self.reject(node, "incompatible_update", f"node {node}: {self.strategy.name!r} needs Gram matrices")
         try:
             tensors, fisher = self.space.merge_input(update)
@@ -283,7 +242,7 @@ class RoundEngine:
         if refused is not None:
             return refused
         problem = _space_mismatch(self.space.merge_shapes, tensors)
-        if self.strategy.needs_gram:
+        if self.strategy.capabilities.needs_gram:
             problem = f"strategy {self.strategy.name!r} needs Gram matrices, which a plain task vector lacks"
         if problem:
             return self.reject(node, "incompatible_update", f"node {node}: {problem}")
@@ -311,7 +270,7 @@ class RoundEngine:
         return None
 
     def _fold_partial(self, payload: bytes, signer: str | None, sender: str | None) -> Rejection | None:
-        if not self.strategy.mergeable:
+        if not self.strategy.capabilities.mergeable:
             return self.reject(
                 None,
                 "incompatible_update",

@@ -18,20 +18,36 @@ from opacus.accountants import RDPAccountant
 
 from fedfuse.algebra import dare_indices, derive_seed
 from fedfuse.algebra.noise import add_gaussian_noise
-from fedfuse.settings import RunSettings
+from fedfuse.rounds.space import UpdateSpace
 from fedfuse.strategies import FedAvg, MergeStrategy, TaskArithmetic
 
 
-def central_noise_std(settings: RunSettings, strategy: MergeStrategy, expected_updates: int) -> float:
-    """Standard deviation of the central-DP noise on each merged entry (0 when the run is not central DP).
+@dataclass(frozen=True)
+class CentralDP:
+    """Central DP's mechanism: clip every update to ``clip_norm`` = C, add N(0, σ²C²) to the clipped sum.
+
+    ``noise_seed`` < 0 draws the noise from the operating system's randomness (as DP needs); a test may fix it.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    noise_seed: int = -1
+
+    def __post_init__(self) -> None:
+        if not (self.clip_norm > 0 and self.noise_multiplier >= 0):
+            raise ValueError(
+                f"central DP needs clip norm > 0 and noise multiplier >= 0; got {self.clip_norm}, "
+                f"{self.noise_multiplier}"
+            )
+
+
+def central_noise_std(dp: CentralDP, strategy: MergeStrategy, expected_updates: int) -> float:
+    """Standard deviation of the central-DP noise on each merged entry.
 
     The Gaussian mechanism adds N(0, σ²C²) to the sum of clipped updates; FedAvg divides that sum by
     the number of sampled clients (Flower's convention), task arithmetic keeps it; λ scales both.
     """
-    privacy = settings.privacy
-    if privacy.dp != "central":
-        return 0.0
-    std = privacy.dp_noise_multiplier * privacy.dp_clip_norm * strategy.lam
+    std = dp.noise_multiplier * dp.clip_norm * strategy.lam
     if isinstance(strategy, FedAvg):
         return std / max(1, expected_updates)
     if isinstance(strategy, TaskArithmetic):
@@ -39,20 +55,19 @@ def central_noise_std(settings: RunSettings, strategy: MergeStrategy, expected_u
     raise ValueError(f"strategy {strategy.name!r} cannot run with differential privacy")
 
 
-def noise_generator(settings: RunSettings, round_number: int, scope: str) -> torch.Generator:
-    """The noise's generator: seeded from the OS (as DP needs) unless ``dp-noise-seed`` fixes it for a test."""
-    seed = settings.privacy.dp_noise_seed
+def noise_generator(seed: int, round_number: int, scope: str) -> torch.Generator:
+    """The noise's generator: seeded from the OS (as DP needs) unless ``seed`` >= 0 fixes it for a test."""
     if seed < 0:
         return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     return torch.Generator().manual_seed(derive_seed(seed, round_number, scope, "dp-noise"))
 
 
-def public_support(settings: RunSettings, round_number: int, name: str, numel: int) -> torch.Tensor | None:
+def public_support(space: UpdateSpace, round_number: int, name: str, numel: int) -> torch.Tensor | None:
     """The entries a DP merge may change: the round's DARE mask (public: it comes from the run seed), or all."""
-    sparsifier = settings.compression.sparsifier_spec
+    sparsifier = space.sparsifier
     if sparsifier.kind != "dare":
         return None
-    return dare_indices(numel, sparsifier.density, derive_seed(settings.run.seed, round_number, None, name))
+    return dare_indices(numel, sparsifier.density, derive_seed(space.seed, round_number, None, name))
 
 
 SupportFn = Callable[[str, int], torch.Tensor | None]
@@ -113,15 +128,16 @@ class CentralPrivacy:
     number of accepted updates is used.
     """
 
-    settings: RunSettings
+    dp: CentralDP
     strategy: MergeStrategy
+    space: UpdateSpace
     round_number: int
     expected_updates: int | None = None
 
     def apply(self, merged: Mapping[str, torch.Tensor], accepted: int) -> dict[str, torch.Tensor]:
         """``merged`` with the round's noise on each tensor's public support."""
-        std = central_noise_std(self.settings, self.strategy, self.expected_updates or accepted)
-        generator = noise_generator(self.settings, self.round_number, "central")
+        std = central_noise_std(self.dp, self.strategy, self.expected_updates or accepted)
+        generator = noise_generator(self.dp.noise_seed, self.round_number, "central")
         return noised(
-            merged, std, generator, lambda name, numel: public_support(self.settings, self.round_number, name, numel)
+            merged, std, generator, lambda name, numel: public_support(self.space, self.round_number, name, numel)
         )

@@ -19,7 +19,6 @@ import torch
 from fedfuse.algebra import UpdateTensor, apply_task_vector, to_dense
 from fedfuse.algebra.server_optim import ServerOptimizerRule, server_step
 from fedfuse.rounds.engine import RoundEngine
-from fedfuse.settings import RunSettings
 
 MOMENT_SEPARATOR = "::"
 """State tensors are named ``<parameter>::m`` and ``<parameter>::v``."""
@@ -41,28 +40,26 @@ class ServerOptimizer:
         self.steps = 0
         """Rounds stepped so far (t + 1 after step t)."""
 
-    @classmethod
-    def for_run(cls, settings: RunSettings) -> ServerOptimizer:
-        """The optimizer ``server-optimizer`` and its ``server-*`` settings name."""
-        return cls(settings.merge.server_rule)
-
     @property
     def enabled(self) -> bool:
         """Whether the merged task vector goes through an optimizer (not ``none``)."""
         return self.rule is not None
 
-    def step(self, delta: Mapping[str, UpdateTensor]) -> dict[str, torch.Tensor]:
+    def step(self, delta: Mapping[str, UpdateTensor], server_round: int | None = None) -> dict[str, torch.Tensor]:
         """The change to add to the round's weights for the merged task vector ``delta``; updates m, v, steps.
+
+        ``server_round`` (default: the steps taken + 1) matters only to a rule with bias correction.
 
         A tensor the optimizer knows but ``delta`` lacks steps with Δ = 0 (its momentum still moves it).
         """
         if self.rule is None:
             return {name: to_dense(t) for name, t in delta.items()}
         change: dict[str, torch.Tensor] = {}
+        rounds = self.steps + 1 if server_round is None else server_round
         for name in list(delta) + [name for name in self.m if name not in delta]:
             given = delta.get(name)
             dense = torch.zeros_like(self.m[name]) if given is None else to_dense(given)
-            change[name], self.m[name], v_t = server_step(dense, self.m.get(name), self.v.get(name), self.rule)
+            change[name], self.m[name], v_t = server_step(dense, self.m.get(name), self.v.get(name), self.rule, rounds)
             if v_t is not None:
                 self.v[name] = v_t
         self.steps += 1
@@ -74,7 +71,7 @@ class ServerOptimizer:
             return engine.finalize(round_weights)
         if not engine.contributions:
             return None
-        return apply_task_vector(dict(round_weights), self.step(engine.merged_task_vector()))
+        return apply_task_vector(dict(round_weights), self.step(engine.merged_task_vector(), engine.round_number))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """m and v as ``<parameter>::m`` / ``<parameter>::v`` tensors (what the checkpoint stores)."""

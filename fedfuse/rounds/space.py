@@ -26,7 +26,6 @@ from fedfuse.algebra import (
     sparsify_update,
     to_dense,
 )
-from fedfuse.settings import RunSettings
 from fedfuse.wire import DecodedUpdate
 
 SpaceKind = Literal["full", "lora-exact", "lora-factors"]
@@ -68,22 +67,6 @@ class UpdateSpace:
     def full(cls, shapes: Mapping[str, tuple[int, ...]]) -> UpdateSpace:
         """Updates merged as sent (full fine-tuning, or any plain task vectors)."""
         return cls("full", shapes)
-
-    @classmethod
-    def for_run(cls, settings: RunSettings, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> UpdateSpace:
-        """The space a run's settings describe (mode, LoRA aggregation, sparsifier, seeds)."""
-        if settings.training.mode == "full":
-            kind: SpaceKind = "full"
-        else:
-            kind = "lora-exact" if settings.merge.lora_aggregation == "exact" else "lora-factors"
-        return cls(
-            kind,
-            wire_shapes,
-            scale,
-            settings.compression.sparsifier_spec,
-            settings.run.seed,
-            settings.compression.seed_scope,
-        )
 
     @property
     def merge_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.rounds import PrivacyAccountant, UpdateSpace
+from fedfuse.rounds import PrivacyAccountant
 from fedfuse.security import Registry
 from fedfuse.server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
@@ -149,99 +149,126 @@ def _accountant(settings: RunSettings, history: dict[str, Any]) -> PrivacyAccoun
     return PrivacyAccountant(privacy.dp_noise_multiplier, privacy.dp_delta, [tuple(e) for e in previous])
 
 
-def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
-    """The whole federated run; returns the history written to ``report.json``."""
-    started = time.perf_counter()
+class RunRecorder:
+    """What the ServerApp does between rounds: evaluate on the server, account privacy, checkpoint, report.
+
+    Holds the run's history (written to ``report.json``); the strategy calls :meth:`on_round` after each
+    round and :meth:`on_initial` after the clients' evaluation of the initial model.
+    """
+
+    def __init__(self, settings: RunSettings, history: dict[str, Any], strategy: FedFuseStrategy) -> None:
+        self.settings = settings
+        self.history = history
+        self.strategy = strategy
+        self.run_dir = Path(settings.run.output_dir)
+        self.display = RoundDisplay(settings.run.num_server_rounds)
+        self.evaluator = ServerEvaluator(settings) if has_server_evaluation(settings) else None
+        self.accountant = _accountant(settings, history)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Server-side evaluation of the round's weights on the held-out split (round 0: the initial model)."""
+        assert self.evaluator is not None
+        metrics = self.evaluator(arrays)
+        if server_round == 0:
+            self.history["initial"] = _evaluation_record(metrics)
+            self.display.initial(self.history["initial"])
+        return metrics
+
+    def on_initial(self, event: dict[str, Any]) -> None:
+        """The clients' evaluation of the initial model (runs without server-side evaluation)."""
+        self.history["initial"] = _initial_client_record(event)
+        self.display.initial(self.history["initial"])
+
+    def on_round(self, event: dict[str, Any]) -> None:
+        """Record a finished round, account its privacy, checkpoint it atomically and print its line."""
+        reporting = time.perf_counter()
+        record = _round_record(event)
+        if self.accountant is not None:
+            rate = self.strategy.train_sample_rate if self.settings.privacy.dp == "central" else 1.0
+            record["dp_epsilon"] = self.accountant.step(rate)
+            self.history["privacy"]["accountant_history"] = [list(entry) for entry in self.accountant.history]
+        self.history["rounds"].append(record)
+        self.history["wall_seconds"] = self.history.get("wall_seconds", 0.0) + record["seconds"]
+        checkpointing = time.perf_counter()
+        self._checkpoint(record["round"], dict(event["arrays"].to_torch_state_dict()))
+        record["phases"]["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
+        self.display.round(record)
+        record["phases"]["report"] = round(time.perf_counter() - reporting - record["phases"]["checkpoint"], 4)
+
+    def _checkpoint(self, round_number: int, state: dict[str, Any]) -> None:
+        optimizer = self.strategy.optimizer
+        self.history["server_optimizer"] = optimizer.describe()
+        self.history["checkpoint"] = str(
+            save_checkpoint(
+                self.run_dir,
+                round_number,
+                state,
+                self.history,
+                self.history["settings"],
+                keep=self.settings.run.keep_checkpoints,
+                optimizer=optimizer.state_tensors() if optimizer.enabled else None,
+                optimizer_steps=optimizer.steps,
+            )
+        )
+
+
+def _start(settings: RunSettings, context: Context) -> tuple[RunSettings, dict, dict[str, Any], int, Checkpoint | None]:
+    """The run's settings (labels resolved), starting weights, history and first round (from ``resume``)."""
     if settings.source.task == "classify" and not settings.source.labels:
         settings = settings.replace(labels=",".join(run_label_names(settings)))
-    run_dir = Path(settings.run.output_dir)
-    model, _ = base_model(settings)
     checkpoint = resumed_checkpoint(settings) if settings.run.resume else None
     if checkpoint is not None:
         weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
     else:
-        weights, first_round = global_state(model), 1
-        history = {"settings": settings.to_run_config(), "initial": None, "rounds": []}
+        weights, history, first_round = {}, {"settings": None, "initial": None, "rounds": []}, 1
     history["settings"] = settings.to_run_config()
     history.setdefault("run_key", str(context.run_id))
-    space = UpdateSpace.for_run(settings, update_shapes(settings), lora_scale(settings))
-    evaluator = ServerEvaluator(settings) if has_server_evaluation(settings) else None
-    display = RoundDisplay(settings.run.num_server_rounds)
-    base = global_state(model)
+    return settings, weights, history, first_round, checkpoint
+
+
+def _strategy(settings: RunSettings, context: Context, history: dict[str, Any], base: dict) -> FedFuseStrategy:
+    """fedfuse's strategy for this run: its update space, signer registry and run key."""
+    space = settings.update_space(update_shapes(settings), lora_scale(settings))
     registry = Registry.load(settings.run.signer_registry) if settings.run.signer_registry else None
-    strategy = FedFuseStrategy(
-        settings,
-        space,
-        str(context.run_id),
-        base,
-        on_reply=display.reply,
-        registry=registry,
-        run_key=history["run_key"],
-    )
+    return FedFuseStrategy(settings, space, str(context.run_id), base, registry=registry, run_key=history["run_key"])
+
+
+def _resume_optimizer(strategy: FedFuseStrategy, checkpoint: Checkpoint | None) -> None:
+    """Continue the server optimizer's moments from the checkpoint (a resumed run steps as an uninterrupted one)."""
     optimizer = strategy.optimizer
     if checkpoint is not None and checkpoint.optimizer is not None and optimizer.enabled:
         try:
             optimizer.load_state(checkpoint.optimizer, checkpoint.optimizer_steps)
         except ValueError as exc:
             raise CheckpointError(f"cannot resume: {exc}") from None
-    history["server_optimizer"] = optimizer.describe()
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        assert evaluator is not None
-        metrics = evaluator(arrays)
-        if server_round == 0:
-            history["initial"] = _evaluation_record(metrics)
-            display.initial(history["initial"])
-        return metrics
 
-    accountant = _accountant(settings, history)
-
-    def on_round(event: dict[str, Any]) -> None:
-        reporting = time.perf_counter()
-        record = _round_record(event)
-        if accountant is not None:
-            rate = strategy.train_sample_rate if settings.privacy.dp == "central" else 1.0
-            record["dp_epsilon"] = accountant.step(rate)
-            history["privacy"]["accountant_history"] = [list(entry) for entry in accountant.history]
-        history["rounds"].append(record)
-        history["wall_seconds"] = history.get("wall_seconds", 0.0) + record["seconds"]
-        checkpointing = time.perf_counter()
-        state = event["arrays"].to_torch_state_dict()
-        history["server_optimizer"] = optimizer.describe()
-        history["checkpoint"] = str(
-            save_checkpoint(
-                run_dir,
-                record["round"],
-                dict(state),
-                history,
-                history["settings"],
-                keep=settings.run.keep_checkpoints,
-                optimizer=optimizer.state_tensors() if optimizer.enabled else None,
-                optimizer_steps=optimizer.steps,
-            )
-        )
-        record["phases"]["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
-        display.round(record)
-        record["phases"]["report"] = round(time.perf_counter() - reporting - record["phases"]["checkpoint"], 4)
-
-    def on_initial(event: dict[str, Any]) -> None:
-        history["initial"] = _initial_client_record(event)
-        display.initial(history["initial"])
-
-    with display:
+def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
+    """The whole federated run; returns the history written to ``report.json``."""
+    started = time.perf_counter()
+    settings, weights, history, first_round, checkpoint = _start(settings, context)
+    model, _ = base_model(settings)
+    base = global_state(model)
+    weights = weights or global_state(model)
+    strategy = _strategy(settings, context, history, base)
+    _resume_optimizer(strategy, checkpoint)
+    history["server_optimizer"] = strategy.optimizer.describe()
+    recorder = RunRecorder(settings, history, strategy)
+    strategy.on_reply = recorder.display.reply
+    with recorder.display:
         strategy.start(
             grid,
             ArrayRecord(weights),
             num_rounds=settings.run.num_server_rounds,
             timeout=settings.run.timeout,
-            evaluate_fn=evaluate if evaluator is not None else None,
+            evaluate_fn=recorder.evaluate if recorder.evaluator is not None else None,
             first_round=first_round,
-            on_round=on_round,
-            on_initial=on_initial,
+            on_round=recorder.on_round,
+            on_initial=recorder.on_initial,
         )
     history["run_seconds"] = round(time.perf_counter() - started, 3)
-    write_report(history, run_dir)
-    display.summary(history, run_dir)
+    write_report(history, recorder.run_dir)
+    recorder.display.summary(history, recorder.run_dir)
     return history
 
 

@@ -1,27 +1,30 @@
-"""``FedMerge``: any fedfuse merge method as a drop-in for Flower's ``FedAvg`` in an existing Flower app.
+"""``FedMerge``: any fedfuse merge method as a drop-in for Flower's ``FedAvg``, and fedfuse's one server path.
 
 A ServerApp that runs ``FedAvg(...).start(grid=..., initial_arrays=..., ...)`` switches to
 ``FedMerge("ties", density=0.2, ...)`` with the same options, the same ``start`` and the same
 ``Result``. Replies may be Flower's standard ones — the trained weights in an ArrayRecord and
 ``num-examples`` in a MetricRecord — or fedfuse update payloads (made on the client by
 :func:`fedfuse.client.mods.task_vector_mod`). Each reply is folded into the round's
-:class:`~fedfuse.rounds.RoundEngine` as it arrives, never kept in a list: a standard reply becomes
-τ = weights − round weights here, shrunk by the strategy's sparsifier; a payload is decoded and
-folded as the fedfuse server does. Bad replies are rejected with fedfuse's reasons and the round goes
-on. Sampling, configuration, federated evaluation and metric aggregation are Flower's ``FedAvg``.
+:class:`~fedfuse.rounds.RoundEngine` as it arrives, never kept in a list, under one
+:class:`~fedfuse.rounds.RoundPolicy` (size cap, sparsifier check, bounds, clipping, central DP, server
+optimizer): a standard reply becomes τ = weights − round weights, shrunk by the strategy's sparsifier;
+a payload is decoded and folded as is. Bad replies are rejected with fedfuse's reasons and the round
+goes on. fedfuse's own ServerApp strategy (:class:`~fedfuse.server.strategy.FedFuseStrategy`) is this
+class plus seeded sampling, its broadcast and its reports: ``start`` below is the only round loop.
+
+Used the way Flower's strategies are used, ``aggregate_train(server_round, replies)`` works without
+``configure_train``: the round's weights come from ``arrays=``, ``current_arrays`` (as Flower's
+FedAvgM and FedOpt keep them) or the last ``configure_train``; methods whose result does not depend on
+them (averages at λ = 1: FedAvg, median, trimmed mean, Krum, ...) merge the replied weights directly.
 """
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -34,17 +37,18 @@ from fedfuse.messages import (
     instruction_destinations,
     record_tensors,
     reply_error_reason,
-    reply_node,
+    short_reason,
 )
 from fedfuse.rejections import Rejected, Rejection
-from fedfuse.rounds import WEIGHTINGS, RoundEngine, UpdateSpace
+from fedfuse.rounds import DEFAULT_MAX_NUM_EXAMPLES, CentralDP, RoundEngine, RoundPolicy, UpdateSpace
 from fedfuse.security import Registry
-from fedfuse.server.streaming import stream_replies
+from fedfuse.server.flower_names import merge_arguments
+from fedfuse.server.round_loop import EvaluateFn, LoopConfig, RoundCallback, run_rounds
+from fedfuse.server.round_state import RoundReference, merge_dtype, reply_sender
 from fedfuse.strategies import MergeStrategy, build_strategy
-from fedfuse.wire import fingerprint
+from fedfuse.timing import Phases
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 class FedMerge(FedAvg):
@@ -53,14 +57,18 @@ class FedMerge(FedAvg):
     Parameters
     ----------
     strategy : str or MergeStrategy
-        A fedfuse strategy name (built-in, preset or plug-in, see ``fedfuse strategies``) or an
-        instance. ``**params`` are its declared parameters (``FedMerge("ties", vote="count")``).
+        A fedfuse strategy name (built-in, preset or plug-in, see ``fedfuse strategies``), a Flower
+        strategy name fedfuse has (``fedmedian``, ``fedtrimmedavg``, ``multikrum``, ``fedavgm``,
+        ``fedadam``, ``fedyogi``) or an instance. ``**params`` are its declared parameters
+        (``FedMerge("ties", vote="count")``) or Flower's names for them (``beta``,
+        ``num_malicious_nodes``, ``num_nodes_to_select``, ``server_learning_rate``, ``eta``, ``beta_1``, ...).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
     weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         As Flower's ``FedAvg``.
-    sparsifier : {"trim", "dare", "none"}, optional
+    sparsifier : str, optional
         How the server shrinks the task vectors it forms from standard replies; default: the
-        strategy's own (TIES trims, DARE presets drop, FedAvg keeps everything).
+        strategy's own (TIES trims, DARE presets drop, FedAvg keeps everything). When given, fedfuse
+        payloads must say they were shrunk the same way.
     density : float
         The kept fraction for that sparsifier (default 0.1, as ``fedfuse simulate``).
     seed, seed_scope
@@ -74,7 +82,22 @@ class FedMerge(FedAvg):
         institution are folded (standard replies, which carry no signature, are then refused).
     device : str
         Where the merge state lives (``"cuda"`` on a GPU server).
+    clip_norm, max_num_examples, max_update_bytes
+        The round policy's bounds, as the run-config keys of the same names.
+    server_optimizer, server_lr, server_momentum, server_beta2, server_tau
+        A server optimizer on the merged task vector (``fedavgm``, ``fedadam``, ``fedyogi``).
+    dp, dp_clip_norm, dp_noise_multiplier, dp_noise_seed
+        ``dp="central"``: clip every update to ``dp_clip_norm`` and add Gaussian noise to the merge.
+    policy : RoundPolicy, optional
+        The whole round policy at once (then the bound, optimizer and DP arguments must stay unset).
     """
+
+    evaluates_initial_model_on_clients: ClassVar[bool] = False
+    """Without server-side evaluation, ask the clients to evaluate the initial model (round 0)."""
+    logs_progress: ClassVar[bool] = True
+    """Log rounds and the final result through Flower's logger, as Flower's strategies do."""
+    accepts_standard_replies: ClassVar[bool] = True
+    """Fold Flower's standard replies (trained weights) too, not only fedfuse payloads."""
 
     def __init__(
         self,
@@ -98,6 +121,15 @@ class FedMerge(FedAvg):
         weighting: str = "num_examples",
         registry: Registry | None = None,
         device: str = "cpu",
+        clip_norm: float = 0.0,
+        max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+        max_update_bytes: int = 0,
+        server_optimizer: str = "none",
+        dp: str = "none",
+        dp_clip_norm: float = 1.0,
+        dp_noise_multiplier: float = 1.0,
+        dp_noise_seed: int = -1,
+        policy: RoundPolicy | None = None,
         **params: Any,
     ) -> None:
         super().__init__(
@@ -112,33 +144,104 @@ class FedMerge(FedAvg):
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
+        self._build_merge(strategy, server_optimizer, params, device)
+        kind = self.merge.default_sparsifier if sparsifier is None else sparsifier
+        self.sparsifier = Sparsifier.of(kind, density, seed_scope=seed_scope)
+        self.seed = seed
+        self.fisher_key = fisher_key
+        self.registry = registry
+        if policy is None:
+            central = _central_dp(dp, dp_clip_norm, dp_noise_multiplier, dp_noise_seed)
+            policy = RoundPolicy(
+                weighting=weighting,
+                max_update_bytes=max_update_bytes,
+                clip_norm=central.clip_norm if central is not None and not clip_norm else clip_norm,
+                max_num_examples=max_num_examples,
+                check_sparsifier=sparsifier is not None,
+                central_dp=central,
+                server_optimizer=self._rule,
+            )
+        self.policy = policy
+        self.optimizer = policy.optimizer()
+        self._init_round_state()
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        *,
+        first_round: int = 1,
+        on_round: RoundCallback | None = None,
+        on_initial: RoundCallback | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start``, except that training replies are folded as they arrive.
+
+        ``timeout`` defaults to the round policy's deadline. ``first_round`` > 1 continues a resumed run;
+        ``on_round`` receives each finished round's record (metrics, timings, the new weights as
+        ``"arrays"``) before the next starts; ``on_initial`` the clients' evaluation of the initial model.
+        """
+        self.log_progress("Starting %s strategy:", type(self).__name__)
+        self.summary()
+        self._deadline = self.policy.timeout if timeout is None else float(timeout)
+        loop = LoopConfig(
+            grid,
+            self._deadline,
+            train_config or ConfigRecord(),
+            evaluate_config or ConfigRecord(),
+            evaluate_fn,
+            on_round,
+            on_initial,
+        )
+        return run_rounds(self, loop, initial_arrays, first_round, num_rounds)
+
+    def log_progress(self, message: str, *args: object) -> None:
+        """Log at INFO through Flower's logger, unless the app shows progress its own way."""
+        if self.logs_progress:
+            log(INFO, message, *args)
+
+    def _build_merge(
+        self, strategy: str | MergeStrategy, server_optimizer: str, params: dict[str, Any], device: str
+    ) -> None:
+        """The merge method (and the server optimizer a Flower strategy name or argument names)."""
         if isinstance(strategy, MergeStrategy):
-            if params:
-                raise ValueError(f"pass parameters to the strategy instance, not to FedMerge: {', '.join(params)}")
-            self.merge = strategy
+            arguments = merge_arguments(strategy.name, server_optimizer, params)
+            if arguments.params:
+                raise ValueError(
+                    f"pass parameters to the strategy instance, not to FedMerge: {', '.join(arguments.params)}"
+                )
+            self.merge, self._method_args = strategy, None
         else:
-            self.merge = build_strategy(strategy, params, device=device)
-        if self.merge.needs_gram:
+            arguments = merge_arguments(strategy, server_optimizer, params)
+            self.merge = build_strategy(arguments.method, arguments.params, device=device)
+            self._method_args = (arguments.method, arguments.params, device)
+        self._rule = arguments.optimizer
+        if self.merge.capabilities.needs_gram and self.accepts_standard_replies:
             raise ValueError(
                 f"strategy {self.merge.name!r} needs Gram matrices with every update, which Flower replies do not "
                 "carry: run it with fedfuse's own ClientApp (fedfuse simulate, flwr run .)"
             )
-        kind = self.merge.default_sparsifier if sparsifier is None else sparsifier
-        self.sparsifier = Sparsifier(kind, 1.0 if kind == "none" else density, seed_scope=seed_scope)  # type: ignore[arg-type]
-        self.seed = seed
-        self.fisher_key = fisher_key
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
-        self.weighting = weighting
-        self.registry = registry
+
+    def _init_round_state(self) -> None:
+        """What a round remembers between ``configure_train`` and ``aggregate_train``."""
+        self.current_arrays: ArrayRecord | None = None
         self.last_rejections: list[Rejection] = []
-        self._round_arrays = ArrayRecord()
+        self.last_clients: dict[str, dict[str, Any]] = {}
+        self.last_phases = Phases()
+        self.last_client_phases: dict[str, float] = {}
+        self._reference: RoundReference | None = None
         self._run_id = ""
         self._instructions: list[Message] = []
+        self._names: dict[int, str] = {}
+        self._deadline = 0.0
 
     def summary(self) -> None:
-        """Log the merge method and its sparsifier, then FedAvg's sampling and record keys."""
-        log(INFO, "\t├──> Merge: %s %s", self.merge.name, self.merge.params())
+        """Log the merge method, its sparsifier and the round policy, then FedAvg's sampling and record keys."""
+        log(INFO, "\t├──> Merge: %s %s, server %s", self.merge.name, self.merge.params(), self.optimizer.describe())
         log(INFO, "\t│\t└──Sparsifier (standard replies): %s d=%s", self.sparsifier.kind, self.sparsifier.density)
         super().summary()
 
@@ -146,165 +249,209 @@ class FedMerge(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling and messages; the round's weights are kept to form task vectors against."""
-        self._round_arrays = arrays
+        self.current_arrays = arrays
         self._run_id = str(grid.run.run_id)
         self._instructions = list(super().configure_train(server_round, arrays, config, grid))
         return self._instructions
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], *, arrays: ArrayRecord | None = None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fold each reply into the round engine as it comes; the merged weights and aggregated metrics."""
-        round_state = record_tensors(self._round_arrays)
-        base = fingerprint(round_state)
-        run_id = self._run_id
+        """Fold each reply into the round engine as it comes; the merged weights and aggregated metrics.
+
+        The round's weights are ``arrays``, else ``current_arrays``; without either, only a method whose
+        result does not depend on them merges (the replied weights directly), others raise ``ValueError``.
+        """
+        replies = iter(replies)
+        reference, replies = self._round_reference(arrays, replies)
+        engine = self._round_engine(server_round, reference)
+        self.last_clients, self.last_phases, self.last_client_phases = {}, Phases(), {}
+        accepted_metrics = self._fold_all(engine, replies, reference, server_round)
+        return self._finish_round(server_round, engine, reference, accepted_metrics)
+
+    def _round_reference(
+        self, arrays: ArrayRecord | None, replies: Iterator[Message]
+    ) -> tuple[RoundReference, Iterator[Message]]:
+        """The weights task vectors are formed against, and the replies (one peeked at when there are none)."""
+        given = arrays if arrays is not None else self.current_arrays
+        if given is not None:
+            cached = self._reference
+            if cached is None or cached.record is not given:
+                cached = self._reference = RoundReference.of(given)
+            return cached, replies
+        if not self._reference_free():
+            raise ValueError(
+                f"strategy {self.merge.name!r} with this sparsifier, bounds and server optimizer needs the round's "
+                "weights: call configure_train, set current_arrays or pass arrays= to aggregate_train"
+            )
+        return RoundReference.zeros_like_first(replies, self.arrayrecord_key, self.fisher_key)
+
+    def _reference_free(self) -> bool:
+        """Whether this merge may take the replied weights for task vectors (the round's weights being unknown)."""
+        return self.merge.reference_free and self.sparsifier.kind == "none" and not self.policy.uses_reference
+
+    def _round_engine(self, server_round: int, reference: RoundReference) -> RoundEngine:
+        """The round's engine under the policy; task vectors must be made against ``reference``."""
+        fingerprint = None if reference.implicit else reference.fingerprint
         check = None
         if self.registry is not None:
-            check = self.registry.round_check(run_id=run_id, round_number=server_round, base_fingerprint=base)
-        engine = RoundEngine(
-            self.merge,
-            UpdateSpace(
-                "full",
-                {name: tuple(t.shape) for name, t in round_state.items()},
-                sparsifier=self.sparsifier,
-                seed=self.seed,
-                seed_scope=self.sparsifier.seed_scope,
-            ),
+            check = self.registry.round_check(
+                run_id=self._run_id, round_number=server_round, base_fingerprint=reference.fingerprint
+            )
+        return self.policy.engine(
+            self._merge_for(merge_dtype(reference.tensors)),
+            self._space(reference),
             round_number=server_round,
-            run_id=run_id or None,
-            base_fingerprint=base,
-            weighting=self.weighting,
+            run_id=self._run_id or None,
+            base_fingerprint=fingerprint,
             check_signature=check,
-            bind_senders=True,
+            expected_updates=len(self._instructions) or None,
         )
-        float_round = {name: t.to(torch.float32) for name, t in round_state.items()}
-        accepted_metrics: list[RecordDict] = []
-        destinations = instruction_destinations(self._instructions)
-        for reply in replies:
-            sender = str(reply_node(reply, destinations))
-            rejection = self._fold(engine, reply, sender, float_round)
-            if rejection is None:
-                accepted_metrics.append(RecordDict({"metrics": _metric_record(reply.content)}))
-            else:
-                log(
-                    WARNING,
-                    "round %s: rejected a reply from %s (%s): %s",
-                    server_round,
-                    sender,
-                    rejection.reason,
-                    rejection.message,
-                )
-        self.last_rejections = list(engine.rejections)
-        counts = MetricRecord(engine.metrics())
-        if not engine.contributions:
-            log(WARNING, "round %s: no reply accepted; the global model stays as it was", server_round)
-            return None, counts
-        merged = engine.merged_task_vector()
-        arrays = ArrayRecord(
-            {name: Array(_as_original(float_round[name] + merged[name], round_state[name])) for name in round_state}
-        )
-        metrics = self.train_metrics_aggr_fn(accepted_metrics, self.weighted_by_key) if accepted_metrics else None
-        return arrays, MetricRecord({**dict(counts), **dict(metrics or {})})
 
-    def _fold(
-        self, engine: RoundEngine, reply: Message, sender: str, round_state: Mapping[str, torch.Tensor]
-    ) -> Rejection | None:
+    def _space(self, reference: RoundReference) -> UpdateSpace:
+        """Full weights of the reference's names and shapes, shrunk on the server by ``sparsifier``."""
+        shapes = {name: tuple(t.shape) for name, t in reference.tensors.items()}
+        return UpdateSpace(
+            "full", shapes, sparsifier=self.sparsifier, seed=self.seed, seed_scope=self.sparsifier.seed_scope
+        )
+
+    def _merge_for(self, dtype: str) -> MergeStrategy:
+        """The merge method accumulating in ``dtype`` (float64 arrays are merged in float64)."""
+        if self._method_args is None or dtype == self.merge.dtype_name:
+            return self.merge
+        method, params, device = self._method_args
+        return build_strategy(method, params, device=device, dtype=dtype)
+
+    def _fold_all(
+        self, engine: RoundEngine, replies: Iterator[Message], reference: RoundReference, server_round: int
+    ) -> list[RecordDict]:
+        """Offer every reply; the MetricRecords of accepted standard replies (Flower aggregates them)."""
+        destinations = instruction_destinations(self._instructions)
+        accepted: list[RecordDict] = []
+        replied: set[str] = set()
+        for index, reply in enumerate(replies):
+            self._on_reply(index + 1)
+            sender = reply_sender(reply, destinations, index)
+            replied.add(sender)
+            with self.last_phases("decode_fold"):
+                rejection = self._fold(engine, reply, sender, reference)
+            if rejection is None:
+                metrics = _metric_record(reply)
+                if isinstance(metrics.get(self.weighted_by_key), (int, float)):
+                    accepted.append(RecordDict({"metrics": metrics}))
+                continue
+            log(WARNING, "round %s: rejected a reply from %s (%s): %s", server_round,
+                rejection.node or sender, rejection.reason, rejection.message)  # fmt: skip
+        self._reject_missing(engine, replied)
+        return accepted
+
+    def _on_reply(self, received: int) -> None:
+        """Called as each reply arrives (fedfuse's ServerApp shows progress)."""
+
+    def _label(self, sender: str) -> str:
+        """How a refusal decided before a payload's header is read names the node (its name, when known)."""
+        return self._names.get(int(sender), sender) if sender.isdigit() else sender
+
+    def _reject_missing(self, engine: RoundEngine, replied: set[str]) -> None:
+        """Record every sampled node that did not reply before the round's deadline."""
+        for message in self._instructions:
+            node = int(message.metadata.dst_node_id)
+            if str(node) not in replied:
+                deadline = f"{self._deadline:g} s" if self._deadline else "its deadline"
+                engine.reject(
+                    self._label(str(node)), "timed_out", f"no reply within the round's deadline of {deadline}"
+                )
+
+    def _fold(self, engine: RoundEngine, reply: Message, sender: str, reference: RoundReference) -> Rejection | None:
         """Offer one reply: a fedfuse payload as is, standard weights as their task vector."""
         if reply.has_error():
-            return engine.reject(
-                sender, reply_error_reason(reply), reply.error.reason or "the client reported an error"
-            )
+            return engine.reject(self._label(sender), reply_error_reason(reply), short_reason(reply.error.reason))
         content = reply.content
-        if any(record in content.array_records for record in PAYLOAD_RECORDS.values()):
-            try:
-                parsed = TrainReply.from_content(content)
-            except Rejected as exc:
-                return engine.reject(sender, exc.reason, str(exc))
-            return engine.offer(parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature)
+        payload = any(record in content.array_records for record in PAYLOAD_RECORDS.values())
+        if self.accepts_standard_replies and not payload:
+            return self._fold_weights(engine, content, sender, reference)
+        return self._fold_payload(engine, content, sender, reference)
+
+    def _fold_payload(
+        self, engine: RoundEngine, content: RecordDict, sender: str, reference: RoundReference
+    ) -> Rejection | None:
+        """Offer a fedfuse update or partial state (it needs the round's weights it was made against)."""
+        if reference.implicit:
+            return engine.reject(sender, "incompatible_update",
+                                 "a fedfuse update is a task vector: it needs the round's weights "
+                                 "(configure_train, current_arrays or arrays=)")  # fmt: skip
+        try:
+            parsed = TrainReply.from_content(content)
+        except Rejected as exc:
+            return engine.reject(self._label(sender), exc.reason, str(exc))
+        self._count_client_phases(parsed.timing)
+        return engine.offer(parsed.payload, kind=parsed.kind, sender=sender, signature=parsed.signature)
+
+    def _fold_weights(
+        self, engine: RoundEngine, content: RecordDict, sender: str, reference: RoundReference
+    ) -> Rejection | None:
+        """Offer a standard reply's trained weights as τ = weights − the round's weights."""
         if self.registry is not None:
             return engine.reject(sender, "unsigned", "a standard reply carries no signature (this run requires one)")
         weights = array_record(content.array_records, self.arrayrecord_key, ignore=[self.fisher_key])
         if weights is None:
             return engine.reject(sender, "no_payload", f"reply has no {self.arrayrecord_key!r} ArrayRecord")
-        metrics = _metric_record(content)
+        metrics = next(iter(content.metric_records.values()), MetricRecord())
         weight = metrics.get(self.weighted_by_key)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             return engine.reject(
                 sender, "bad_num_examples", f"reply's MetricRecord has no number {self.weighted_by_key!r}"
             )
         try:
-            trained = {name: t.to(torch.float32) for name, t in record_tensors(weights).items()}
+            tau = reference.task_vector(record_tensors(weights))
             fisher_record = content.array_records.get(self.fisher_key)
-            fisher = None
-            if fisher_record is not None:
-                fisher = {name: t.to(torch.float32) for name, t in record_tensors(fisher_record).items()}
+            fisher = None if fisher_record is None else reference.in_merge_dtype(record_tensors(fisher_record))
         except (TypeError, ValueError, RuntimeError) as exc:
             return engine.reject(sender, "incompatible_update", f"arrays cannot be read as tensors: {exc}")
-        tau = {  # only same-shaped arrays are differenced; the engine refuses other names and shapes
-            name: t - round_state[name] if name in round_state and t.shape == round_state[name].shape else t
-            for name, t in trained.items()
-        }
         scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
         nbytes = sum(len(array.data) for record in content.array_records.values() for array in record.values())
         return engine.offer_task_vector(
             tau, node=sender, num_examples=float(weight), fisher=fisher, metrics=scalars, nbytes=nbytes
         )
 
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: EvaluateFn | None = None,
-    ) -> Result:
-        """Flower's ``Strategy.start``, except that training replies are folded as they arrive."""
-        log(INFO, "Starting %s strategy:", type(self).__name__)
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        started = time.time()
-        if evaluate_fn:
-            initial = evaluate_fn(0, initial_arrays)
-            if initial is not None:
-                result.evaluate_metrics_serverapp[0] = initial
-        arrays = initial_arrays
-        for server_round in range(1, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            messages = self.configure_train(server_round, arrays, train_config, grid)
-            new_arrays, train_metrics = self.aggregate_train(
-                server_round, stream_replies(grid, messages, timeout=timeout)
-            )
-            if new_arrays is not None:
-                arrays = result.arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            evaluate_messages = self.configure_evaluate(server_round, arrays, evaluate_config, grid)
-            client_eval = self.aggregate_evaluate(
-                server_round, grid.send_and_receive(messages=evaluate_messages, timeout=timeout)
-            )
-            if client_eval is not None:
-                result.evaluate_metrics_clientapp[server_round] = client_eval
-            if evaluate_fn:
-                server_eval = evaluate_fn(server_round, arrays)
-                if server_eval is not None:
-                    result.evaluate_metrics_serverapp[server_round] = server_eval
-        log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.rstrip("\n"))
-        return result
+    def _count_client_phases(self, timing: Mapping[str, float]) -> None:
+        """Add one reply's phase seconds to the round's sums (replies without timings are not counted)."""
+        if not timing:
+            return
+        sums = self.last_client_phases
+        for name, seconds in timing.items():
+            sums[name] = sums.get(name, 0.0) + seconds
+        sums["replies"] = sums.get("replies", 0.0) + 1
+
+    def _finish_round(
+        self, server_round: int, engine: RoundEngine, reference: RoundReference, accepted_metrics: list[RecordDict]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the merge (through the server optimizer) and aggregate the accepted replies' metrics."""
+        self.last_rejections = list(engine.rejections)
+        self._record_clients(engine)
+        counts = MetricRecord(engine.metrics())
+        with self.last_phases("finalize"):
+            new_state = self.optimizer.apply(engine, reference.tensors)
+        if new_state is None:
+            log(WARNING, "round %s: no reply accepted; the global model stays as it was", server_round)
+            return None, counts
+        arrays = reference.to_record(new_state)
+        if not reference.implicit:
+            self.current_arrays = arrays
+        metrics = self.train_metrics_aggr_fn(accepted_metrics, self.weighted_by_key) if accepted_metrics else None
+        return arrays, MetricRecord({**dict(counts), **dict(metrics or {})})
+
+    def _record_clients(self, engine: RoundEngine) -> None:
+        """What each accepted contribution reported (the report's per-client table); fedfuse's app adds evaluation."""
 
 
-def _metric_record(content: RecordDict) -> MetricRecord:
+def _central_dp(dp: str, clip_norm: float, noise_multiplier: float, noise_seed: int) -> CentralDP | None:
+    """Central DP's mechanism for ``dp="central"``; None for ``"none"``."""
+    if dp not in ("none", "central"):
+        raise ValueError(f"dp must be 'none' or 'central' (local DP is the clients' own); got {dp!r}")
+    return None if dp == "none" else CentralDP(clip_norm, noise_multiplier, noise_seed)
+
+
+def _metric_record(reply: Message) -> MetricRecord:
     """The reply's MetricRecord (Flower's convention: the first, and only, one), or an empty one."""
-    return next(iter(content.metric_records.values()), MetricRecord())
-
-
-def _as_original(merged: torch.Tensor, original: torch.Tensor) -> np.ndarray:
-    """The merged fp32 weights in the array's own dtype (integer arrays such as counters rounded)."""
-    if not original.is_floating_point():
-        merged = merged.round()
-    return merged.to(original.dtype).numpy()
+    return next(iter(reply.content.metric_records.values()), MetricRecord())

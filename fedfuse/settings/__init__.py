@@ -8,7 +8,7 @@ its section: ``settings.source`` (model and data), ``settings.training`` (local 
 """
 
 from fedfuse.settings.attack import ATTACKS, AttackSettings
-from fedfuse.settings.compression import SPARSIFIERS, WIRE_DTYPES, CompressionSettings
+from fedfuse.settings.compression import WIRE_DTYPES, CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError
 from fedfuse.settings.merge import DEVICES, LORA_AGGREGATIONS, WEIGHTINGS, MergeSettings, build_merge_strategy
 from fedfuse.settings.privacy import DP_MODES, DP_STRATEGIES, PrivacySettings
@@ -40,7 +40,6 @@ __all__ = [
     "PRECISIONS",
     "QUANTIZATIONS",
     "SECTIONS",
-    "SPARSIFIERS",
     "TASKS",
     "WEIGHTINGS",
     "WIRE_DTYPES",

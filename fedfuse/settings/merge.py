@@ -12,6 +12,7 @@ from fedfuse.algebra.server_optim import (
     SERVER_OPTIMIZERS,
     ServerOptimizerRule,
 )
+from fedfuse.rounds import DEFAULT_MAX_NUM_EXAMPLES, WEIGHTINGS
 from fedfuse.settings.fields import SettingsError, check_choice, key, setting
 from fedfuse.strategies import (
     MergeStrategy,
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from fedfuse.settings.run_settings import RunSettings
 
 LORA_AGGREGATIONS = ("exact", "factors")
-WEIGHTINGS = ("num_examples", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -62,7 +62,8 @@ class MergeSettings:
     device: str = setting("auto", "where the server's merge state lives (`auto`: CUDA when present)")
     clip_norm: float = setting(0.0, "clip every update to this L2 norm before merging, any strategy (0 = off)")
     max_num_examples: int = setting(
-        1_000_000, "an update reporting more examples weighs as this many (counted as `capped`; 0 = no cap)"
+        DEFAULT_MAX_NUM_EXAMPLES,
+        "an update reporting more examples weighs as this many (counted as `capped`; 0 = no cap)",
     )
     server_optimizer: str = setting(
         "none",
@@ -94,7 +95,7 @@ class MergeSettings:
             if isinstance(exc, SettingsError):
                 raise
             raise SettingsError(f"strategy-params: {exc}") from None
-        if not type(strategy).federated or strategy.needs_base:
+        if not strategy.capabilities.federated or strategy.capabilities.needs_base:
             raise SettingsError(
                 f"strategy {self.strategy!r} with these parameters merges offline only (fedfuse merge): it needs "
                 "the base model's own weights, not only the institutions' task vectors"

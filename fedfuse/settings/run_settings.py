@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedfuse.rounds import CentralDP, RoundEngine, RoundPolicy, UpdateSpace
 from fedfuse.settings.attack import AttackSettings
 from fedfuse.settings.compression import CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError, coerce, key, section_fields
-from fedfuse.settings.merge import MergeSettings
+from fedfuse.settings.merge import MergeSettings, build_merge_strategy
 from fedfuse.settings.privacy import DP_STRATEGIES, PrivacySettings
 from fedfuse.settings.run import RunControl
 from fedfuse.settings.source import SourceSettings
@@ -74,13 +75,17 @@ class RunSettings:
     attack: AttackSettings = field(default_factory=AttackSettings)
 
     def __post_init__(self) -> None:
-        needs_fisher = self.merge.spec.needs_fisher
+        needs_fisher = self.merge.spec.capabilities.needs_fisher
         name = self.merge.strategy
         if needs_fisher and self.fisher_batch_count == 0:
             raise SettingsError(f"strategy {name!r} needs fisher-batches >= 1 (or 'auto')")
-        if self.merge.spec.needs_gram and self.gram_batch_count == 0:
+        if self.merge.spec.capabilities.needs_gram and self.gram_batch_count == 0:
             raise SettingsError(f"strategy {name!r} needs gram-batches >= 1 (or 'auto')")
-        if self.merge.spec.needs_gram and self.training.mode == "lora" and self.merge.lora_aggregation != "exact":
+        if (
+            self.merge.spec.capabilities.needs_gram
+            and self.training.mode == "lora"
+            and self.merge.lora_aggregation != "exact"
+        ):
             raise SettingsError(
                 f"strategy {name!r} with LoRA needs lora-aggregation exact: a Gram matrix weights a module's ΔW, "
                 "not its factors"
@@ -136,6 +141,38 @@ class RunSettings:
         """The norm the server (and a gateway) clips each update to: C in central DP, else ``clip-norm``."""
         return self.privacy.dp_clip_norm if self.privacy.dp == "central" else self.merge.clip_norm
 
+    @property
+    def round_policy(self) -> RoundPolicy:
+        """What every round of this run enforces: size cap, sparsifier check, bounds, clipping, DP, optimizer."""
+        p = self.privacy
+        central = CentralDP(p.dp_clip_norm, p.dp_noise_multiplier, p.dp_noise_seed) if p.dp == "central" else None
+        return RoundPolicy(
+            weighting=self.merge.weighting,
+            max_update_bytes=self.run.max_update_bytes,
+            clip_norm=self.server_clip_norm,
+            max_num_examples=self.merge.max_num_examples,
+            central_dp=central,
+            server_optimizer=self.merge.server_rule,
+            timeout=self.run.timeout,
+        )
+
+    def update_space(self, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> UpdateSpace:
+        """The space this run merges in (mode, LoRA aggregation, sparsifier, seeds) for these wire tensors."""
+        if self.training.mode == "full":
+            kind = "full"
+        else:
+            kind = "lora-exact" if self.merge.lora_aggregation == "exact" else "lora-factors"
+        c = self.compression
+        return UpdateSpace(kind, wire_shapes, scale, c.sparsifier_spec, self.run.seed, c.seed_scope)  # type: ignore[arg-type]
+
+    def round_engine(self, space: UpdateSpace, *, bind_senders: bool = True, **round_facts: Any) -> RoundEngine:
+        """A round engine with this run's strategy and policy (``round_facts``: see ``RoundPolicy.engine``).
+
+        ``bind_senders=False`` for payloads made in-process (a gateway's members, benchmarks): no transport peer.
+        """
+        policy = dataclasses.replace(self.round_policy, bind_senders=bind_senders)
+        return policy.engine(build_merge_strategy(self), space, **round_facts)
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> RunSettings:
         """Defaults, then ``run_config`` (dashed keys), then ``overrides`` (dashed or underscored keys)."""
@@ -173,14 +210,14 @@ class RunSettings:
     def fisher_batch_count(self) -> int:
         """Batches for the Fisher diagonal ("auto": 4 when the strategy declares it needs Fisher, else none)."""
         if self.training.fisher_batches == "auto":
-            return AUTO_FISHER_BATCHES if self.merge.spec.needs_fisher else 0
+            return AUTO_FISHER_BATCHES if self.merge.spec.capabilities.needs_fisher else 0
         return int(self.training.fisher_batches)
 
     @property
     def gram_batch_count(self) -> int:
         """Batches for the Gram matrices ("auto": 4 when the strategy declares it needs them, else none)."""
         if self.training.gram_batches == "auto":
-            return AUTO_GRAM_BATCHES if self.merge.spec.needs_gram else 0
+            return AUTO_GRAM_BATCHES if self.merge.spec.capabilities.needs_gram else 0
         return int(self.training.gram_batches)
 
     @property

@@ -82,9 +82,10 @@ def method_table() -> str:
         )
         preset = f"`{spec.preset_of}`" if spec.preset_of else ""
         lines.append(
-            f"| `{name}` | {params} | {'yes' if spec.needs_fisher else 'no'} | {'yes' if spec.needs_gram else 'no'} "
+            f"| `{name}` | {params} | {'yes' if spec.capabilities.needs_fisher else 'no'} "
+            f"| {'yes' if spec.capabilities.needs_gram else 'no'} "
             f"| `{spec.default_sparsifier}` "
-            f"| {'yes' if spec.mergeable else 'no (spilled to disk)'} | {preset} |"
+            f"| {'yes' if spec.capabilities.mergeable else 'no (spilled to disk)'} | {preset} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,10 @@
 """Merge strategies: one small class per method, a monoid of sufficient statistics or (robust methods) spilled.
 
-Each method declares its parameters, whether it needs Fisher, its default sparsifier and whether its
-state is mergeable; presets such as ``dare_ties`` are data rows (see :mod:`fedfuse.strategies.presets`).
+Every method satisfies :class:`MergeStrategy` (identity, one :class:`Capabilities` record, ``new_state``)
+through one of two small bases: :class:`StatisticsStrategy` (a monoid of summed statistics) or
+:class:`SpilledStrategy` (robust methods that keep every update on disk). Each declares its parameters,
+capabilities and default sparsifier; presets such as ``dare_ties`` are data rows
+(see :mod:`fedfuse.strategies.presets`).
 
 >>> from fedfuse.strategies import build_strategy, method_spec
 >>> [p.name for p in method_spec("ties").params]
@@ -10,7 +13,16 @@ state is mergeable; presets such as ``dare_ties`` are data rows (see :mod:`fedfu
 >>> state = ties.new_state()          # add(update, weight, fisher) → combine → finalize
 """
 
-from fedfuse.strategies.base import FinalizeContext, MergeState, MergeStrategy, add_at, resolve_device
+from fedfuse.strategies.base import (
+    Capabilities,
+    FinalizeContext,
+    MergeState,
+    MergeStrategy,
+    StatisticsState,
+    StatisticsStrategy,
+    add_at,
+    resolve_device,
+)
 from fedfuse.strategies.fedavg import FedAvg
 from fedfuse.strategies.fisher import FisherMerge
 from fedfuse.strategies.krum import Krum
@@ -64,6 +76,7 @@ __all__ = [
     "BUILT_IN_STRATEGIES",
     "COMMON_PARAMS",
     "ENTRY_POINT_GROUP",
+    "Capabilities",
     "Contribution",
     "FedAvg",
     "FinalizeContext",
@@ -82,6 +95,8 @@ __all__ = [
     "Slerp",
     "SpilledState",
     "SpilledStrategy",
+    "StatisticsState",
+    "StatisticsStrategy",
     "TaskArithmetic",
     "Ties",
     "TrimmedMean",

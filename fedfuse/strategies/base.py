@@ -1,37 +1,34 @@
-"""The merge-strategy contract: a commutative monoid of per-parameter sufficient statistics.
+"""The statistics base: a merge method as a commutative monoid of per-parameter sufficient statistics.
 
-A strategy names its element-wise statistics, says how one update's kept entries add into them
-(``accumulate``) and how the summed statistics become the merged task vector (``finalize_tensor``).
-Everything else — dense vs sparse updates, devices, dtypes, combining partial states, λ — lives
-here once, so a custom strategy is one short class. ``combine`` is an element-wise sum for every
-strategy; that is what makes streaming, tiers and GPU placement exact and memory-flat.
+A statistics method names its element-wise statistics, says how one update's kept entries add into
+them (``accumulate``) and how the summed statistics become the merged task vector
+(``finalize_tensor``). Everything else — dense vs sparse updates, devices, dtypes, combining partial
+states, λ — lives in :class:`MergeState` once, so a custom method is one short class. ``combine`` is an
+element-wise sum for every such method; that is what makes streaming, tiers and GPU placement exact
+and memory-flat.
 """
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from abc import abstractmethod
+from typing import Any
 
 import torch
 
-from fedfuse.strategies.params import Param
-from fedfuse.strategies.state import STAT_SEPARATOR, FinalizeContext, MergeState
+from fedfuse.strategies.contract import _STATISTICS_BASE, Capabilities, MergeStrategy, resolve_device
+from fedfuse.strategies.state import STAT_SEPARATOR, FinalizeContext, MergeState, StatisticsState
 
-__all__ = ["STAT_SEPARATOR", "FinalizeContext", "MergeState", "MergeStrategy", "add_at", "resolve_device"]
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` means CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')")
-    return resolved
+__all__ = [
+    "STAT_SEPARATOR",
+    "Capabilities",
+    "FinalizeContext",
+    "MergeState",
+    "MergeStrategy",
+    "StatisticsState",
+    "StatisticsStrategy",
+    "add_at",
+    "resolve_device",
+]
 
 
 def add_at(stat: torch.Tensor, contribution: torch.Tensor, index: torch.Tensor | None, alpha: float = 1.0) -> None:
@@ -45,52 +42,13 @@ def add_at(stat: torch.Tensor, contribution: torch.Tensor, index: torch.Tensor |
         stat.scatter_add_(0, index, contribution if alpha == 1.0 else contribution * alpha)
 
 
-class MergeStrategy(ABC):
-    """Base class of every merge method.
+class StatisticsStrategy(MergeStrategy):
+    """Base of the monoid methods: ``statistics`` plus :meth:`accumulate` and :meth:`finalize_tensor`.
 
-    Parameters
-    ----------
-    lam : float
-        Scale λ applied to the merged task vector at :meth:`finalize` (default 1.0).
-    device : str
-        Where the statistics live: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-    dtype : str
-        Accumulation precision, ``"float32"`` (default) or ``"float64"``. Inputs in bf16/fp16 are
-        always accumulated at this precision.
-
-    Subclasses set ``statistics`` (element-wise statistic names) and implement
-    :meth:`accumulate` and :meth:`finalize_tensor`. Extra constructor parameters are declared in
-    ``parameters`` (so run configs and command lines can set them) and returned by :meth:`params`
-    (so partial states from different processes can be checked for compatibility).
+    Optional hooks: the ``_parameter`` forms (row-wise methods, methods needing the base) and
+    :meth:`statistic_shapes` / :meth:`~MergeStrategy.parameter_shape` (statistics that are not
+    element-wise, as RegMean's). ``capabilities`` and ``parameters`` are declared as on every method.
     """
-
-    name: str = ""
-    statistics: tuple[str, ...] = ()
-    parameters: ClassVar[tuple[Param, ...]] = ()
-    """The method's own declared parameters (``lam`` is common to all; see :class:`Param`)."""
-    needs_fisher: ClassVar[bool] = False
-    """Every update must carry a Fisher diagonal (read by the settings, the server and ``fedfuse merge``)."""
-    default_sparsifier: str = "none"
-    mergeable: ClassVar[bool] = True
-    """The state is a monoid (``combine`` sums statistics): tiers, gateways and partial states are exact."""
-    federated: ClassVar[bool] = True
-    """The method can merge a federated round (False: offline ``fedfuse merge`` only, e.g. SLERP)."""
-    negative_weights: ClassVar[bool] = False
-    """Update weights may be negative (task negation); otherwise a negative weight is refused."""
-    needs_base: bool = False
-    """``finalize`` needs the base tensors (the merged model is not base + a function of the task vectors)."""
-    needs_gram: ClassVar[bool] = False
-    """Updates carry Gram matrices XᵀX of their linear layers' inputs (RegMean); others ignore any given."""
-
-    def __init__(self, *, lam: float = 1.0, device: str = "cpu", dtype: str = "float32") -> None:
-        if not math.isfinite(lam):
-            raise ValueError(f"lam must be finite, got {lam}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.lam = float(lam)
-        self.dtype_name = dtype
-        self.dtype = _DTYPES[dtype]
-        self.device = resolve_device(device)
 
     @abstractmethod
     def accumulate(
@@ -107,9 +65,21 @@ class MergeStrategy(ABC):
         Fisher diagonal on the same entries, or None. Use :func:`add_at` to write.
         """
 
-    @abstractmethod
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        defines_finalize = (
+            cls.finalize_tensor is not StatisticsStrategy.finalize_tensor
+            or cls.finalize_parameter is not StatisticsStrategy.finalize_parameter
+        )
+        if not getattr(cls.accumulate, "__isabstractmethod__", False) and not defines_finalize:
+            raise TypeError(f"strategy class {cls.__qualname__} must define finalize_tensor (or finalize_parameter)")
+
     def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
-        """The merged task vector of one tensor (flat, before λ) from its summed statistics."""
+        """The merged task vector of one tensor (flat, before λ) from its summed statistics.
+
+        Every class defines this or :meth:`finalize_parameter` (checked when the class is created).
+        """
+        raise NotImplementedError  # unreachable: only called by the finalize_parameter this class keeps
 
     def accumulate_parameter(
         self,
@@ -135,40 +105,13 @@ class MergeStrategy(ABC):
         """
         return {stat: torch.Size(shape) for stat in self.statistics}
 
-    def parameter_shape(self, name: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-        """The parameter's shape from its statistics' shapes (read back from a file or the wire).
-
-        Raises ``ValueError`` when the statistics are not exactly this method's, of consistent shapes.
-        """
-        missing = sorted(set(self.statistics) - set(shapes))
-        unknown = sorted(set(shapes) - set(self.statistics))
-        if missing or unknown:
-            raise ValueError(f"parameter {name!r}: statistics {sorted(shapes)}, expected {list(self.statistics)}")
-        distinct = {tuple(shape) for shape in shapes.values()}
-        if len(distinct) != 1:
-            raise ValueError(f"parameter {name!r} has statistics of different shapes")
-        return next(iter(distinct))
-
     def finalize_parameter(self, stats: dict[str, torch.Tensor], context: FinalizeContext) -> torch.Tensor:
         """:meth:`finalize_tensor` knowing the shape, the update count and (``needs_base``) the base tensor."""
         return self.finalize_tensor(stats, context.total_weight)
 
-    def params(self) -> dict[str, Any]:
-        """The parameters that change the merge's meaning (serialized with partial states)."""
-        return {"lam": self.lam, "dtype": self.dtype_name}
-
-    def identity(self) -> dict[str, Any]:
-        """Name plus parameters: two states combine only when their identities are equal."""
-        return {"strategy": self.name, **self.params()}
-
-    def new_state(self) -> MergeState:
+    def new_state(self) -> StatisticsState:
         """An empty state (the monoid's identity element)."""
-        return MergeState(self)
+        return StatisticsState(self)
 
-    def combine(self, a: MergeState, b: MergeState) -> MergeState:
-        """Fold state ``b`` into state ``a`` (element-wise sums) and return ``a``."""
-        return a.combine(b)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args}, device={str(self.device)!r})"
+_STATISTICS_BASE.append(StatisticsStrategy)

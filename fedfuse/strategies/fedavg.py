@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from fedfuse.strategies.base import MergeStrategy, add_at
+from fedfuse.strategies.base import Capabilities, StatisticsStrategy, add_at
 
 
-class FedAvg(MergeStrategy):
+class FedAvg(StatisticsStrategy):
     """Weighted average Σ wₖτₖ / Σ wₖ (McMahan et al.).
 
     Statistics: S = Σ wₖτₖ per entry; the total weight W = Σ wₖ is kept by the state. An entry a
     sparse update dropped counts as τ = 0 with the update's full weight.
     """
+
+    capabilities = Capabilities(averages=True)
 
     name = "fedavg"
     statistics = ("S",)

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fedfuse.strategies.base import MergeStrategy, add_at
+from fedfuse.strategies.base import Capabilities, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 
-class FisherMerge(MergeStrategy):
+class FisherMerge(StatisticsStrategy):
     """Σ wₖFₖτₖ / max(Σ wₖFₖ, ε) per entry (Matena & Raffel).
 
     Parameters
@@ -24,7 +24,7 @@ class FisherMerge(MergeStrategy):
 
     name = "fisher"
     statistics = ("S", "Z")
-    needs_fisher = True
+    capabilities = Capabilities(needs_fisher=True, averages=True)
     parameters = (Param("eps", float, 1e-12, help="floor of the Fisher-weight denominator (> 0)"),)
 
     def __init__(self, *, eps: float = 1e-12, **common: Any) -> None:

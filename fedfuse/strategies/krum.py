@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fedfuse.algebra.robust import krum_selection
+from fedfuse.strategies.contract import Capabilities
 from fedfuse.strategies.params import Param
 from fedfuse.strategies.spilled import SpilledStrategy
 
@@ -25,6 +26,8 @@ class Krum(SpilledStrategy):
     Distances are taken over whole updates (every tensor), from a Gram matrix summed chunk by chunk
     over the spilled updates; the kept updates are then averaged entry by entry, unweighted.
     """
+
+    capabilities = Capabilities(mergeable=False, averages=True)
 
     name = "krum"
     uses_distances = True

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fedfuse.strategies.base import FinalizeContext, MergeStrategy, add_at
+from fedfuse.strategies.base import Capabilities, FinalizeContext, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 
-class Linear(MergeStrategy):
+class Linear(StatisticsStrategy):
     """Σ wₖθₖ / Σ wₖ (``normalize``, Wortsman et al.'s model soup) or Σ wₖθₖ, as mergekit ``linear``.
 
     Parameters
@@ -26,13 +26,13 @@ class Linear(MergeStrategy):
 
     name = "linear"
     statistics = ("S",)
-    negative_weights = True
+    capabilities = Capabilities(negative_weights=True, averages=True)  # at the default normalize=True
     parameters = (Param("normalize", bool, True, help="divide by the sum of the weights (mergekit `normalize`)"),)
 
     def __init__(self, *, normalize: bool = True, **common: Any) -> None:
         super().__init__(**common)
         self.normalize = bool(normalize)
-        self.needs_base = not self.normalize
+        self.with_capabilities(averages=self.normalize, needs_base=not self.normalize)
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "normalize": self.normalize}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedfuse.algebra.robust import coordinate_median
+from fedfuse.strategies.contract import Capabilities
 from fedfuse.strategies.spilled import SpilledStrategy
 
 
@@ -15,6 +16,8 @@ class Median(SpilledStrategy):
     Not a monoid: updates are spilled to disk and merged chunk by chunk (see :mod:`.spilled`).
     A sparse update counts its dropped entries as zeros.
     """
+
+    capabilities = Capabilities(mergeable=False, averages=True)
 
     name = "median"
 

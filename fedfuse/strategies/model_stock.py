@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fedfuse.strategies.base import FinalizeContext, MergeStrategy, add_at
+from fedfuse.strategies.base import FinalizeContext, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 
@@ -18,7 +18,7 @@ def row_length(shape: torch.Size, filter_wise: bool) -> int:
     return shape[-1]
 
 
-class ModelStock(MergeStrategy):
+class ModelStock(StatisticsStrategy):
     """Model Stock (Jang et al., 2024), computed as mergekit ``model_stock``: τ = t·Σwₖτₖ/Σwₖ.
 
     t = K·c / (1 + (K − 1)·c), with c the mean cosine between pairs of task vectors: over each

@@ -26,7 +26,7 @@ def register_strategy(name: str) -> Callable[[S], S]:
     """Class decorator that makes a strategy available to :func:`build_strategy` under ``name``.
 
     The class declares its parameters in ``parameters`` (a tuple of :class:`Param`; without it only
-    the common ``lam``), and sets ``needs_fisher``, ``default_sparsifier`` and ``mergeable`` as needed.
+    the common ``lam``), its ``capabilities`` record and ``default_sparsifier`` as needed.
     """
 
     def decorate(cls: S) -> S:

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 
 from fedfuse.algebra.regmean import reduce_gram, regmean_solve
-from fedfuse.strategies.base import FinalizeContext, MergeStrategy, add_at
+from fedfuse.strategies.base import Capabilities, FinalizeContext, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 SCALAR = torch.Size([1])
 """The shape of ``G`` for a parameter without Gram matrices: one summed weight."""
 
 
-class RegMean(MergeStrategy):
+class RegMean(StatisticsStrategy):
     """RegMean (Jin et al., 2023): τ = (Σ wₖ·τₖ·G̃ₖ)(Σ wₖ·G̃ₖ)⁻¹ per linear weight, a weighted mean elsewhere.
 
     Each update carries, for its 2-D (linear) weights, the Gram matrix Gₖ = XₖᵀXₖ of the inputs that
@@ -36,7 +36,7 @@ class RegMean(MergeStrategy):
 
     name = "regmean"
     statistics = ("M", "G")
-    needs_gram = True
+    capabilities = Capabilities(needs_gram=True)
     parameters = (
         Param("alpha", float, 0.9, help="off-diagonal scale of each Gram matrix, in [0, 1] (1: plain RegMean)"),
     )

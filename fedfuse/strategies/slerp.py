@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from fedfuse.strategies.base import FinalizeContext, MergeStrategy, add_at
+from fedfuse.strategies.base import Capabilities, FinalizeContext, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 COLINEAR_DOT = 0.9995
@@ -32,7 +32,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return (math.sin(theta - theta * t) / sin_theta) * v0 + (math.sin(theta * t) / sin_theta) * v1
 
 
-class Slerp(MergeStrategy):
+class Slerp(StatisticsStrategy):
     """SLERP between the base θ₀ and exactly one fine-tuned model θ₁ = θ₀ + τ (mergekit ``slerp``).
 
     Parameters
@@ -46,9 +46,7 @@ class Slerp(MergeStrategy):
 
     name = "slerp"
     statistics = ("S",)
-    mergeable: ClassVar[bool] = False
-    federated: ClassVar[bool] = False
-    needs_base = True
+    capabilities = Capabilities(mergeable=False, federated=False, needs_base=True)
     parameters = (Param("t", float, 0.5, help="interpolation from the base (0) to the other model (1)"),)
 
     def __init__(self, *, t: float = 0.5, **common: Any) -> None:
@@ -62,9 +60,6 @@ class Slerp(MergeStrategy):
 
     def accumulate(self, stats, values, weight, fisher, index) -> None:
         add_at(stats["S"], values, index)
-
-    def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
-        raise TypeError("slerp needs the base tensor: MergeState calls finalize_parameter")
 
     def finalize_parameter(self, stats: dict[str, torch.Tensor], context: FinalizeContext) -> torch.Tensor:
         if context.num_updates != 1:

@@ -1,7 +1,7 @@
 """The method table: one ``MethodSpec`` per merge method, presets as data rows (as in mergekit).
 
-A method is a strategy class with its declarations (``parameters``, ``needs_fisher``,
-``default_sparsifier``, ``mergeable``). A preset such as ``dare_ties`` is not a subclass: it is a row
+A method is a strategy class with its declarations (``parameters``, ``capabilities``,
+``default_sparsifier``). A preset such as ``dare_ties`` is not a subclass: it is a row
 naming a base method, the sparsifier it defaults to and any parameter values it fixes.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from fedfuse.strategies.base import MergeStrategy
+from fedfuse.strategies.contract import Capabilities, MergeStrategy
 from fedfuse.strategies.params import COMMON_PARAMS, Param
 
 
@@ -53,14 +53,11 @@ class MethodSpec:
         The class that runs it (a preset's base class).
     params : tuple[Param, ...]
         Its settable parameters, ``lam`` first.
-    needs_fisher : bool
-        Every update must carry a Fisher diagonal (clients compute one; LoRA mode cannot).
+    capabilities : Capabilities
+        The class's record at its default parameters (``needs_fisher``, ``needs_gram``, ``mergeable``, …);
+        an instance whose parameters change it carries its own (``strategy.capabilities``).
     default_sparsifier : str
-        ``none``, ``trim`` or ``dare``.
-    mergeable : bool
-        Its state is a monoid: partial states of tiers, gateways and ``--partial-out`` combine exactly.
-    needs_gram : bool
-        Every update carries the Gram matrices XᵀX of its linear layers' inputs (RegMean).
+        ``none``, ``trim``, ``dare``, … (a preset's own).
     preset_of : str or None
         The base method when this is a preset.
     fixed : Mapping[str, object]
@@ -70,10 +67,8 @@ class MethodSpec:
     name: str
     strategy: type[MergeStrategy]
     params: tuple[Param, ...]
-    needs_fisher: bool
+    capabilities: Capabilities
     default_sparsifier: str
-    mergeable: bool
-    needs_gram: bool = False
     preset_of: str | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
@@ -85,10 +80,8 @@ class MethodSpec:
             name=name,
             strategy=strategy,
             params=_merged(COMMON_PARAMS, own, name),
-            needs_fisher=bool(strategy.needs_fisher),
+            capabilities=_capabilities(name, strategy),
             default_sparsifier=str(strategy.default_sparsifier),
-            mergeable=bool(getattr(strategy, "mergeable", True)),
-            needs_gram=bool(getattr(strategy, "needs_gram", False)),
         )
 
     def with_preset(self, preset: Preset) -> MethodSpec:
@@ -101,10 +94,8 @@ class MethodSpec:
             name=preset.name,
             strategy=self.strategy,
             params=tuple(p for p in self.params if p.name not in fixed),
-            needs_fisher=self.needs_fisher,
+            capabilities=self.capabilities,
             default_sparsifier=preset.default_sparsifier,
-            mergeable=self.mergeable,
-            needs_gram=self.needs_gram,
             preset_of=self.name,
             fixed=MappingProxyType(fixed),
         )
@@ -148,6 +139,13 @@ class MethodSpec:
     def defaults(self) -> dict[str, Any]:
         """Every settable parameter at its default."""
         return {p.name: p.default for p in self.params}
+
+
+def _capabilities(name: str, strategy: type[MergeStrategy]) -> Capabilities:
+    declared = getattr(strategy, "capabilities", None)
+    if not isinstance(declared, Capabilities):
+        raise TypeError(f"strategy {name!r}: capabilities must be fedfuse.strategies.Capabilities, got {declared!r}")
+    return declared
 
 
 def _merged(common: tuple[Param, ...], own: tuple[Param, ...], name: str) -> tuple[Param, ...]:

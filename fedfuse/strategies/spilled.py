@@ -22,7 +22,8 @@ import torch
 
 from fedfuse.algebra import Update, to_dense
 from fedfuse.algebra.robust import pairwise_sq_distances
-from fedfuse.strategies.base import MergeState, MergeStrategy
+from fedfuse.strategies.contract import Capabilities, MergeStrategy
+from fedfuse.strategies.state import MergeState
 
 CHUNK_BYTES = 8 * 2**20
 """Bytes of the K-row buffer read per step of a spilled merge (the sort needs about twice that)."""
@@ -31,29 +32,26 @@ CHUNK_BYTES = 8 * 2**20
 class SpilledStrategy(MergeStrategy):
     """Base of the non-monoid methods: ``merge_rows`` turns a chunk of K update rows into merged entries.
 
-    A method that needs whole-update distances (Krum) sets ``uses_distances`` and implements
+    A method that needs whole-update distances (Krum) sets ``uses_distances`` and overrides
     :meth:`coefficients`; its rows are then mixed by the returned coefficients.
     """
 
-    mergeable: ClassVar[bool] = False
+    capabilities = Capabilities(mergeable=False)
     uses_distances: ClassVar[bool] = False
 
     def new_state(self) -> SpilledState:
         return SpilledState(self)
 
-    def accumulate(self, stats, values, weight, fisher, index) -> None:
-        raise TypeError(f"strategy {self.name!r} keeps whole updates (SpilledState), not summed statistics")
-
-    def finalize_tensor(self, stats: dict[str, torch.Tensor], total_weight: float) -> torch.Tensor:
-        raise TypeError(f"strategy {self.name!r} keeps whole updates (SpilledState), not summed statistics")
-
     @abstractmethod
     def merge_rows(self, rows: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
-        """The merged entries of one chunk from its K rows (``selection``: :meth:`coefficients`'s coefficients)."""
+        """The merged entries of one chunk from its K rows (``selection``: :meth:`coefficients`'s result)."""
 
-    def coefficients(self, sq_distances: torch.Tensor) -> torch.Tensor:
-        """Mixing coefficients of the K updates from their pairwise squared distances (``uses_distances``)."""
-        raise TypeError(f"strategy {self.name!r} does not use distances between updates")
+    def coefficients(self, sq_distances: torch.Tensor) -> torch.Tensor | None:
+        """Mixing coefficients of the K updates from their pairwise squared distances (``uses_distances``).
+
+        None (the default): the rows are merged by :meth:`merge_rows` alone.
+        """
+        return None
 
 
 class _RowFile:
@@ -92,7 +90,10 @@ class _RowFile:
 
 
 class SpilledState(MergeState):
-    """Every update of a non-monoid strategy, one row each on disk, merged chunk by chunk at the end."""
+    """Every update of a non-monoid method, one row each on disk, merged chunk by chunk at the end.
+
+    It adds and finalizes like any state; combining and serializing are refused (``ValueError``).
+    """
 
     strategy: SpilledStrategy
 
@@ -208,6 +209,9 @@ class SpilledState(MergeState):
             self._rows = None
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        raise ValueError(self._not_a_monoid("it has no partial state"))
+
+    def _load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(self._not_a_monoid("it has no partial state"))
 
     def metadata(self) -> dict[str, str]:

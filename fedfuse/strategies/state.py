@@ -1,14 +1,18 @@
-"""A merge state: the summed sufficient statistics of the updates a strategy has folded so far.
+"""Merge states: what a method has folded so far.
 
-:class:`MergeState` is where updates are checked (all-or-nothing), accumulated, combined with other
+:class:`MergeState` is the contract every state satisfies (add, combine, finalize, serialize — the last
+two refused by a state that is not a monoid). :class:`StatisticsState` is the monoid one: the summed
+sufficient statistics, where updates are checked (all-or-nothing), accumulated, combined with other
 states (tiers, gateways, files), finalized and serialized; :class:`FinalizeContext` is what a method
-may read beyond its statistics when it finalizes one parameter.
+may read beyond its statistics when it finalizes one parameter. The spilled (robust) state is
+:class:`fedfuse.strategies.spilled.SpilledState`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +23,8 @@ from fedfuse.algebra.regmean import check_gram
 from fedfuse.algebra.sparse import SparseTensor, Update, fisher_on_support
 
 if TYPE_CHECKING:
-    from fedfuse.strategies.base import MergeStrategy
+    from fedfuse.strategies.base import StatisticsStrategy
+    from fedfuse.strategies.contract import MergeStrategy
 
 STAT_SEPARATOR = "::"
 """Joins a parameter name and a statistic name in serialized states (``"layer.weight::S"``)."""
@@ -56,25 +61,89 @@ class FinalizeContext:
     """The statistics are freed right after (``finalize(release=True)``): a method may reuse their memory."""
 
 
-class MergeState:
-    """Summed sufficient statistics of the updates added so far (one strategy, one device).
-
-    Memory is the strategy's statistics for each parameter, whatever the number of updates.
-    """
+class MergeState(ABC):
+    """The state of one merge (one method, one device): updates folded so far, their total weight and count."""
 
     def __init__(self, strategy: MergeStrategy) -> None:
         self.strategy = strategy
         self.shapes: dict[str, torch.Size] = {}
-        self.stat_shapes: dict[str, dict[str, torch.Size]] = {}
-        self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.total_weight = 0.0
         self.num_updates = 0
         self.released = False
+
+    @abstractmethod
+    def add(
+        self,
+        update: Update,
+        weight: float = 1.0,
+        fisher: Mapping[str, Any] | None = None,
+        gram: Mapping[str, torch.Tensor] | None = None,
+    ) -> MergeState:
+        """Fold one update with ``weight`` (and the Fisher diagonal / Grams the method reads)."""
+
+    @abstractmethod
+    def combine(self, other: MergeState) -> MergeState:
+        """Fold ``other`` into this state (``ValueError`` when the method is not a monoid)."""
+
+    @abstractmethod
+    def finalize(
+        self, *, release: bool = False, base: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The merged task vector λ·merge(τ₁…τ_K), one tensor per parameter."""
+
+    @abstractmethod
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The state as ``{"param::stat": tensor}`` (``ValueError`` when the method is not a monoid)."""
+
+    @abstractmethod
+    def metadata(self) -> dict[str, str]:
+        """String metadata that, with :meth:`to_tensors`, fully describes this state."""
+
+    @abstractmethod
+    def _load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Fill an empty state from :meth:`to_tensors`'s output (``ValueError`` when not a monoid)."""
 
     def _check_shape(self, name: str, shape: torch.Size) -> None:
         known = self.shapes.get(name)
         if known is not None and known != shape:
             raise ValueError(f"tensor {name!r}: shape {tuple(shape)} but earlier updates had {tuple(known)}")
+
+    def _check_not_released(self) -> None:
+        if self.released:
+            raise ValueError("this merge state was spent by finalize(release=True); start a new one")
+
+    @classmethod
+    def from_tensors(
+        cls, strategy: MergeStrategy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    ) -> MergeState:
+        """Rebuild a state written by :meth:`to_tensors`/:meth:`metadata`, checking it fits ``strategy``."""
+        try:
+            identity = json.loads(metadata["fedfuse_state"])
+            total_weight = float(metadata["total_weight"])
+            num_updates = int(metadata["num_updates"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"not a fedfuse partial state (bad metadata: {exc})") from exc
+        if identity != strategy.identity():
+            raise ValueError(f"partial state was made by {identity}, not by {strategy.identity()}")
+        state = strategy.new_state()
+        state._load(tensors)
+        state.total_weight = total_weight
+        state.num_updates = num_updates
+        return state
+
+
+class StatisticsState(MergeState):
+    """Summed sufficient statistics of the updates added so far (a statistics method's monoid state).
+
+    Memory is the method's statistics for each parameter, whatever the number of updates.
+    """
+
+    strategy: StatisticsStrategy
+
+    def __init__(self, strategy: StatisticsStrategy) -> None:
+        super().__init__(strategy)
+        self.stat_shapes: dict[str, dict[str, torch.Size]] = {}
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def _check_statistics(self, name: str, shapes: Mapping[str, torch.Size]) -> None:
         known = self.stat_shapes.get(name)
@@ -115,15 +184,15 @@ class MergeState:
         self._check_not_released()
         weight = float(weight)
         s = self.strategy
-        if not math.isfinite(weight) or (weight < 0 and not s.negative_weights):
+        if not math.isfinite(weight) or (weight < 0 and not s.capabilities.negative_weights):
             raise ValueError(f"update weight must be finite and >= 0, got {weight}")
-        if s.needs_fisher and fisher is None:
+        if s.capabilities.needs_fisher and fisher is None:
             raise ValueError(f"strategy {s.name!r} needs a Fisher diagonal with every update")
         if fisher is not None:
             unknown = sorted(set(fisher) - set(update))
             if unknown:
                 raise ValueError(f"Fisher diagonal names tensors the update lacks: {', '.join(unknown[:5])}")
-        grams = dict(gram or {}) if s.needs_gram else {}
+        grams = dict(gram or {}) if s.capabilities.needs_gram else {}
         for name, given_gram in grams.items():
             check_gram(name, given_gram, update.get(name))
         for name, tensor in update.items():
@@ -133,7 +202,7 @@ class MergeState:
             fisher_tensor = None if fisher is None else fisher.get(name)
             if fisher_tensor is not None:
                 _check_fisher(name, fisher_tensor, tensor)
-            elif s.needs_fisher:
+            elif s.capabilities.needs_fisher:
                 raise ValueError(f"tensor {name!r}: strategy {s.name!r} needs its Fisher diagonal")
             self._check_statistics(name, s.statistic_shapes(torch.Size(tensor.shape), name in grams))
         for name, tensor in update.items():
@@ -160,7 +229,7 @@ class MergeState:
         """
         self._check_not_released()
         other._check_not_released()
-        if self.strategy.identity() != other.strategy.identity():
+        if self.strategy.identity() != other.strategy.identity() or not isinstance(other, StatisticsState):
             raise ValueError(
                 "cannot combine states of different strategies: "
                 f"{self.strategy.identity()} vs {other.strategy.identity()}"
@@ -190,14 +259,14 @@ class MergeState:
         if self.num_updates == 0:
             raise ValueError("no updates were added to this merge state")
         strategy = self.strategy
-        if strategy.needs_base and (base is None or not set(self.stats) <= set(base)):
+        if strategy.capabilities.needs_base and (base is None or not set(self.stats) <= set(base)):
             raise ValueError(f"strategy {strategy.name!r} needs the base tensors to finalize (an offline merge)")
         lam = strategy.lam
         out = {}
         for name in list(self.stats):
             base_flat = (
                 None
-                if not strategy.needs_base or base is None
+                if not strategy.capabilities.needs_base or base is None
                 else base[name].reshape(-1).to(device=strategy.device, dtype=strategy.dtype)
             )
             context = FinalizeContext(self.shapes[name], self.total_weight, self.num_updates, base_flat, release)
@@ -209,10 +278,6 @@ class MergeState:
                 del self.stats[name]
         self.released = release
         return out
-
-    def _check_not_released(self) -> None:
-        if self.released:
-            raise ValueError("this merge state was spent by finalize(release=True); start a new one")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The statistics as ``{"param::stat": tensor}`` in parameter shape (for files and the wire).
@@ -234,20 +299,8 @@ class MergeState:
             "num_updates": str(self.num_updates),
         }
 
-    @classmethod
-    def from_tensors(
-        cls, strategy: MergeStrategy, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-    ) -> MergeState:
-        """Rebuild a state written by :meth:`to_tensors`/:meth:`metadata`, checking it fits ``strategy``."""
-        try:
-            identity = json.loads(metadata["fedfuse_state"])
-            total_weight = float(metadata["total_weight"])
-            num_updates = int(metadata["num_updates"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"not a fedfuse partial state (bad metadata: {exc})") from exc
-        if identity != strategy.identity():
-            raise ValueError(f"partial state was made by {identity}, not by {strategy.identity()}")
-        state = cls(strategy)
+    def _load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        strategy = self.strategy
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             name, sep, stat = key.rpartition(STAT_SEPARATOR)
@@ -263,9 +316,6 @@ class MergeState:
                 shape = strategy.parameter_shape(name, shapes)
             except ValueError as exc:
                 raise ValueError(f"partial state: {exc}") from exc
-            target = state._stats_for(name, torch.Size(shape), shapes)
+            target = self._stats_for(name, torch.Size(shape), shapes)
             for stat, tensor in stats.items():
                 target[stat].copy_(tensor.reshape(-1))
-        state.total_weight = total_weight
-        state.num_updates = num_updates
-        return state

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fedfuse.strategies.base import MergeStrategy, add_at
+from fedfuse.strategies.base import Capabilities, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 
-class TaskArithmetic(MergeStrategy):
+class TaskArithmetic(StatisticsStrategy):
     """λ·Σ wₖτₖ (Ilharco et al.), as PEFT ``merge_utils.task_arithmetic`` and mergekit ``task_arithmetic``.
 
     Parameters
@@ -23,12 +23,13 @@ class TaskArithmetic(MergeStrategy):
 
     name = "task_arithmetic"
     statistics = ("S",)
-    negative_weights = True
+    capabilities = Capabilities(negative_weights=True)
     parameters = (Param("normalize", bool, False, help="divide by the sum of the weights (mergekit `normalize`)"),)
 
     def __init__(self, *, normalize: bool = False, **common: Any) -> None:
         super().__init__(**common)
         self.normalize = bool(normalize)
+        self.with_capabilities(averages=self.normalize)
 
     def params(self) -> dict[str, Any]:
         # `normalize` appears only when set, so states written before it existed still combine.

@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 import torch
 
-from fedfuse.strategies.base import FinalizeContext, MergeStrategy, add_at
+from fedfuse.strategies.base import FinalizeContext, StatisticsStrategy, add_at
 from fedfuse.strategies.params import Param
 
 VOTES = ("mass", "count")
 """TIES sign-election rules."""
 
 
-class Ties(MergeStrategy):
+class Ties(StatisticsStrategy):
     """TIES-Merging (Yadav et al.): trim (client side), elect sign, disjoint mean, × λ.
 
     Parameters

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fedfuse.algebra.robust import trim_per_side, trimmed_mean
+from fedfuse.strategies.contract import Capabilities
 from fedfuse.strategies.params import Param
 from fedfuse.strategies.spilled import SpilledStrategy
 
@@ -22,6 +23,8 @@ class TrimmedMean(SpilledStrategy):
 
     Not a monoid: updates are spilled to disk and merged chunk by chunk (see :mod:`.spilled`).
     """
+
+    capabilities = Capabilities(mergeable=False, averages=True)
 
     name = "trimmed_mean"
     parameters = (Param("trim", float, 0.25, (), "fraction β dropped at each end of every entry, in [0, 0.5)"),)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fedfuse.algebra import Sparsifier
+from fedfuse.algebra import Param, Sparsifier, sparsifier_spec
 from fedfuse.wire.errors import UpdateRejected
 from fedfuse.wire.values import VALUE_DTYPES
 
@@ -195,21 +195,31 @@ def header_document(
 
 
 def sparsifier_json(sparsifier: Sparsifier) -> dict[str, Any]:
-    """A sparsifier as JSON: kind, density and scopes, plus gamma, epsilon and rescale where they apply."""
+    """A sparsifier as JSON: kind, density and scopes, plus its declared parameters and a non-auto rescale."""
     document: dict[str, Any] = {
         "kind": sparsifier.kind,
         "density": sparsifier.density,
         "scope": sparsifier.scope,
         "seed_scope": sparsifier.seed_scope,
     }
-    document.update({key: getattr(sparsifier, key) for key in _SPARSIFIER_EXTRAS.get(sparsifier.kind, ())})
+    document.update(sparsifier.params)
     if sparsifier.rescale != "auto":
         document["rescale"] = sparsifier.rescale
     return document
 
 
-_SPARSIFIER_EXTRAS = {"breadcrumbs": ("gamma",), "della": ("epsilon",)}
-"""The sparsifier fields only some kinds carry on the wire (the others keep their defaults)."""
+def _sparsifier_extras(kind: object) -> tuple[Param, ...]:
+    """The declared parameters of sparsifier ``kind``, which its header carries by name (none if unknown)."""
+    try:
+        return sparsifier_spec(kind).parameters if isinstance(kind, str) else ()
+    except ValueError:
+        return ()
+
+
+def _param_ok(param: Param, value: Any) -> bool:
+    if param.type in (int, float):
+        return _finite_number(value) and (param.type is float or _is_int(value))
+    return isinstance(value, param.type)
 
 
 def _malformed(message: str) -> UpdateRejected:
@@ -262,16 +272,20 @@ def _parse_entry(name: str, obj: Any) -> TensorEntry:
 
 def _parse_sparsifier(obj: Any) -> Sparsifier:
     kind = obj.get("kind") if isinstance(obj, dict) else None
-    extras = _SPARSIFIER_EXTRAS.get(kind, ()) if isinstance(kind, str) else ()
+    extras = _sparsifier_extras(kind)
+    names = [param.name for param in extras]
     optional = {"rescale"} & set(obj) if isinstance(obj, dict) else set()
-    obj = _exact_keys(obj, {"kind", "density", "scope", "seed_scope", *extras, *optional}, "sparsifier")
-    if not all(_finite_number(obj[k]) for k in ("density", *extras)):
-        raise _malformed(f"sparsifier {', '.join(('density', *extras))} must be numbers")
+    obj = _exact_keys(obj, {"kind", "density", "scope", "seed_scope", *names, *optional}, "sparsifier")
+    if not _finite_number(obj["density"]) or not all(_param_ok(param, obj[param.name]) for param in extras):
+        raise _malformed(f"sparsifier {', '.join(('density', *names))} must be numbers (or their declared types)")
     if not all(isinstance(obj[k], str) for k in ("kind", "scope", "seed_scope", *optional)):
         raise _malformed("sparsifier kind, scope, seed_scope and rescale must be strings")
-    options: dict[str, Any] = {key: float(obj[key]) for key in extras} | {key: obj[key] for key in optional}
+    options: dict[str, Any] = {key: obj[key] for key in optional}
     try:
-        return Sparsifier(obj["kind"], float(obj["density"]), obj["scope"], obj["seed_scope"], **options)
+        params = {name: obj[name] for name in names}
+        return Sparsifier(
+            obj["kind"], float(obj["density"]), obj["scope"], obj["seed_scope"], options=params, **options
+        )
     except ValueError as exc:
         raise _malformed(f"sparsifier: {exc}") from exc
 

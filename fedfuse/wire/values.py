@@ -12,16 +12,12 @@ import torch
 
 from fedfuse.wire.errors import UpdateRejected
 
-VALUE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-"""Value dtypes the wire format knows. Updates use the first three; float64 is for partial states."""
-
 UPDATE_VALUE_DTYPES = ("float32", "float16", "bfloat16")
-"""Value dtypes :func:`fedfuse.wire.encode_update` accepts."""
+"""Value dtypes :func:`fedfuse.wire.encode_update` accepts: the one declaration (the ``wire-dtype`` setting,
+``task_vector_mod`` and the docs read it)."""
+
+VALUE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (*UPDATE_VALUE_DTYPES, "float64")}
+"""Value dtypes the wire format knows: the update dtypes, and float64 for partial states."""
 
 if sys.byteorder != "little":
     raise ImportError("fedfuse.wire assumes a little-endian machine (as safetensors blobs are)")

@@ -2,6 +2,7 @@
 
 from fedfuse.training.trainers.protocol import (
     Trainer,
+    TrainerSettings,
     TrainingRound,
     TrainResult,
     as_result,
@@ -18,6 +19,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerNotFound",
+    "TrainerSettings",
     "TrainingRound",
     "as_result",
     "available_trainers",

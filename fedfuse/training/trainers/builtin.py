@@ -13,15 +13,14 @@ import tempfile
 import torch
 from torch.utils.data import Dataset
 
-from fedfuse.settings import RunSettings
 from fedfuse.training.client_data import ClientDatasets
 from fedfuse.training.data import Tokenized
 from fedfuse.training.loop import train
-from fedfuse.training.trainers.protocol import TrainingRound, TrainResult
+from fedfuse.training.trainers.protocol import TrainerSettings, TrainingRound, TrainResult
 
 
 def loop_trainer(
-    model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound
+    model: torch.nn.Module, data: ClientDatasets, settings: TrainerSettings, round: TrainingRound
 ) -> TrainResult:
     """fedfuse's seeded AdamW loop (classification and LM)."""
     loss = train(
@@ -62,7 +61,7 @@ def trim_padding(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 def sft_trainer(
-    model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound
+    model: torch.nn.Module, data: ClientDatasets, settings: TrainerSettings, round: TrainingRound
 ) -> TrainResult:
     """``transformers.Trainer`` on the chat examples (loss on assistant tokens only), constant AdamW lr."""
     from transformers import Trainer, TrainingArguments

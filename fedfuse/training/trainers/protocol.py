@@ -1,10 +1,13 @@
 """The local-training protocol: what fedfuse hands a trainer, and what a trainer gives back.
 
 A trainer is any callable ``trainer(model, data, settings, round) -> TrainResult | float | None``
-that trains ``model`` **in place**. The model arrives as the round's model: LoRA adapters already
-attached (only their parameters, and a classification head, require grad) or full weights, on
-``round.device``. fedfuse does everything after training itself — the task vector, sparsification,
-error feedback, the Fisher diagonal, encoding and signing — so a trainer never sees the wire.
+that trains ``model`` **in place**. ``settings`` is a :class:`TrainerSettings`: the run's training
+section (``settings.training``: batch size, learning rate, precision, …) plus the task and model
+names — not the whole run configuration, so a trainer depends on what training means and nothing
+else. The model arrives as the round's model: LoRA adapters already attached (only their
+parameters, and a classification head, require grad) or full weights, on ``round.device``.
+fedfuse does everything after training itself — the task vector, sparsification, error feedback,
+the Fisher diagonal, encoding and signing — so a trainer never sees the wire.
 """
 
 from __future__ import annotations
@@ -15,8 +18,22 @@ from typing import Any, Protocol
 
 import torch
 
-from fedfuse.settings import RunSettings
+from fedfuse.settings import TrainingSettings
 from fedfuse.training.client_data import ClientDatasets
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What a trainer receives of the run's settings.
+
+    ``training`` is the run's training section (:class:`fedfuse.settings.TrainingSettings`:
+    ``batch_size``, ``lr``, ``local_steps``, ``gradient_checkpointing``, …); ``task`` is the run's
+    task (``topics``, ``classify``, ``lm``, ``sft``) and ``model`` the base model it fine-tunes.
+    """
+
+    training: TrainingSettings
+    task: str
+    model: str
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,7 @@ class Trainer(Protocol):
     """Train ``model`` in place on ``data.train`` (or ``data.train_rows``); return the loss."""
 
     def __call__(
-        self, model: torch.nn.Module, data: ClientDatasets, settings: RunSettings, round: TrainingRound
+        self, model: torch.nn.Module, data: ClientDatasets, settings: TrainerSettings, round: TrainingRound
     ) -> TrainResult | float | None: ...
 
 

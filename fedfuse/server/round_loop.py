@@ -1,0 +1,148 @@
+"""The one round loop: Flower's ``Strategy.start``, except that training replies are folded as they arrive.
+
+``FedMerge.start`` (and so fedfuse's own ServerApp strategy, its subclass) runs rounds here: configure
+and push the round's training messages, hand the replies one by one to ``aggregate_train`` (a generator
+over the grid, pulled in push order so a repeated or resumed run sums in the same order), then federated
+and server-side evaluation. Each finished round is described to ``on_round`` (weights, metrics, timings,
+rejections) before the next starts: fedfuse's ServerApp checkpoints and reports there.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from fedfuse.server.streaming import stream_replies
+from fedfuse.timing import Phases
+
+if TYPE_CHECKING:
+    from fedfuse.server.fedmerge import FedMerge
+
+RoundCallback = Callable[[dict[str, Any]], None]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class LoopConfig:
+    """What ``start`` was called with, for every round of the loop."""
+
+    grid: Grid
+    timeout: float
+    train_config: ConfigRecord = field(default_factory=ConfigRecord)
+    evaluate_config: ConfigRecord = field(default_factory=ConfigRecord)
+    evaluate_fn: EvaluateFn | None = None
+    on_round: RoundCallback | None = None
+    on_initial: RoundCallback | None = None
+
+
+def run_rounds(
+    strategy: FedMerge, loop: LoopConfig, initial_arrays: ArrayRecord, first_round: int, num_rounds: int
+) -> Result:
+    """Rounds ``first_round``..``num_rounds`` (round 0's evaluation first when starting afresh)."""
+    started = time.time()
+    result = Result()
+    arrays = initial_arrays
+    if first_round == 1:
+        evaluate_initial(strategy, loop, arrays, result)
+    for server_round in range(first_round, num_rounds + 1):
+        strategy.log_progress("[ROUND %s/%s]", server_round, num_rounds)
+        arrays = run_round(strategy, loop, server_round, arrays, result)
+    strategy.log_progress("Strategy execution finished in %.2fs", time.time() - started)
+    for line in io.StringIO(str(result)):
+        strategy.log_progress("\t%s", line.rstrip("\n"))
+    return result
+
+
+def evaluate_initial(strategy: FedMerge, loop: LoopConfig, arrays: ArrayRecord, result: Result) -> None:
+    """Round 0: the server evaluates the initial model; without server evaluation, the clients may."""
+    initial = loop.evaluate_fn(0, arrays) if loop.evaluate_fn else None
+    if initial is not None:
+        result.evaluate_metrics_serverapp[0] = initial
+        return
+    if not strategy.evaluates_initial_model_on_clients:
+        return
+    messages = list(strategy.configure_evaluate(0, arrays, loop.evaluate_config, loop.grid))
+    if not messages:
+        return
+    strategy.last_clients = {}
+    metrics = strategy.aggregate_evaluate(0, stream_replies(loop.grid, messages, timeout=loop.timeout))
+    if metrics is not None:
+        result.evaluate_metrics_clientapp[0] = metrics
+    if loop.on_initial:
+        loop.on_initial({"client_eval": dict(metrics or {}), "clients": dict(sorted(strategy.last_clients.items()))})
+
+
+def run_round(
+    strategy: FedMerge, loop: LoopConfig, server_round: int, arrays: ArrayRecord, result: Result
+) -> ArrayRecord:
+    """One round: train (replies folded as they arrive), evaluate; returns the round's new weights."""
+    started = time.perf_counter()
+    phases = Phases()
+    with phases("broadcast"):
+        messages = list(strategy.configure_train(server_round, arrays, loop.train_config, loop.grid))
+        downlink = sum(
+            len(a.data) for m in messages for record in m.content.array_records.values() for a in record.values()
+        )
+    replies = stream_replies(loop.grid, messages, timeout=loop.timeout, ordered=True)
+    del messages
+    with phases("wait"):
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    for name, seconds in strategy.last_phases.seconds.items():  # decode+fold and finalize happened while waiting
+        phases.add(name, seconds)
+        phases.add("wait", -seconds)
+    if new_arrays is not None:
+        arrays = result.arrays = new_arrays
+    if train_metrics is not None:
+        result.train_metrics_clientapp[server_round] = train_metrics
+    with phases("client_eval"):
+        client_eval = _evaluate_clients(strategy, loop, server_round, arrays, result)
+    with phases("evaluation"):
+        server_eval = loop.evaluate_fn(server_round, arrays) if loop.evaluate_fn else None
+    if server_eval is not None:
+        result.evaluate_metrics_serverapp[server_round] = server_eval
+    if loop.on_round:
+        loop.on_round(
+            {
+                "round": server_round,
+                "arrays": arrays,
+                "train": dict(train_metrics or {}),
+                "client_eval": dict(client_eval or {}),
+                "server_eval": dict(server_eval or {}),
+                "rejections": [rejection.as_record() for rejection in strategy.last_rejections],
+                "clients": {node: dict(record) for node, record in sorted(strategy.last_clients.items())},
+                "downlink_bytes": downlink,
+                "seconds": time.perf_counter() - started,
+                "phases": phases.as_dict(),
+                "client_phases": {name: round(value, 4) for name, value in strategy.last_client_phases.items()},
+            }
+        )
+    return arrays
+
+
+def _evaluate_clients(
+    strategy: FedMerge, loop: LoopConfig, server_round: int, arrays: ArrayRecord, result: Result
+) -> MetricRecord | None:
+    """Federated evaluation of the round's new weights (None when no node evaluates)."""
+    messages: Iterable[Message] = list(
+        strategy.configure_evaluate(server_round, arrays, loop.evaluate_config, loop.grid)
+    )
+    if not messages:
+        return None
+    client_eval = strategy.aggregate_evaluate(server_round, stream_replies(loop.grid, messages, timeout=loop.timeout))
+    if client_eval is not None:
+        result.evaluate_metrics_clientapp[server_round] = client_eval
+    return client_eval
+
+
+def log_info(message: str, *args: object) -> None:
+    """Flower's log at INFO (what Flower's own strategies print while they run)."""
+    log(INFO, message, *args)
