@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import strategies as st
 
 from fedfuse.algebra import SparseTensor, dare_drop, ties_trim, to_dense
-from fedfuse.strategies import Contribution, MergeState, MergeStrategy, ModelStock, Ties, get_strategy
+from fedfuse.strategies import MergeState, MergeStrategy, ModelStock, Ties, TreeLeaf, get_strategy
 from fedfuse.strategies.model_stock import row_length
 
 
@@ -73,7 +73,7 @@ shapes_st = st.dictionaries(
 
 
 @st.composite
-def contributions(draw: st.DrawFn, min_size: int = 1, max_size: int = 5, dyadic: bool = False) -> list[Contribution]:
+def contributions(draw: st.DrawFn, min_size: int = 1, max_size: int = 5, dyadic: bool = False) -> list[TreeLeaf]:
     """Updates of one model with weights and Fisher diagonals; each tensor dense, trimmed or DARE-dropped.
 
     ``dyadic`` keeps values, weights, Fisher entries and DARE rescales on a power-of-two grid so
@@ -103,11 +103,11 @@ def contributions(draw: st.DrawFn, min_size: int = 1, max_size: int = 5, dyadic:
                 if dyadic
                 else torch.rand(shape, generator=fisher_gen) + 0.05
             )
-        out.append(Contribution(update, draw(weights_st), fisher))
+        out.append(TreeLeaf(update, draw(weights_st), fisher))
     return out
 
 
-def dense_equivalent(c: Contribution) -> Contribution:
+def dense_equivalent(c: TreeLeaf) -> TreeLeaf:
     """The same contribution with every tensor dense; Fisher mass only on the entries the update kept.
 
     A sparse update's dropped entries mean "τ = 0" for the sums, and "no information" for Fisher.
@@ -116,16 +116,16 @@ def dense_equivalent(c: Contribution) -> Contribution:
     for name, tensor in c.update.items():
         update[name] = to_dense(tensor)
         fisher[name] = c.fisher[name] * _support(tensor) if c.fisher is not None else None
-    return Contribution(update, c.weight, fisher if c.fisher is not None else None)
+    return TreeLeaf(update, c.weight, fisher if c.fisher is not None else None)
 
 
-def absolute(c: Contribution) -> Contribution:
+def absolute(c: TreeLeaf) -> TreeLeaf:
     """The same contribution with |τ|: its statistics bound the rounding error of any summation order."""
     update = {
         name: SparseTensor(t.indices, t.values.abs(), t.shape) if isinstance(t, SparseTensor) else t.abs()
         for name, t in c.update.items()
     }
-    return Contribution(update, c.weight, c.fisher)
+    return TreeLeaf(update, c.weight, c.fisher)
 
 
 def _support(tensor: torch.Tensor | SparseTensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ def _support(tensor: torch.Tensor | SparseTensor) -> torch.Tensor:
     return torch.ones(tensor.shape)
 
 
-def fold(strategy: MergeStrategy, items: Sequence[Contribution]) -> MergeState:
+def fold(strategy: MergeStrategy, items: Sequence[TreeLeaf]) -> MergeState:
     """A state with ``items`` added in order."""
     state = strategy.new_state()
     for c in items:
@@ -148,7 +148,7 @@ ABS_STAT = {"N": "P", "Wn": "Wp"}
 """For each statistic, the one of the |τ| state that bounds its magnitude (others: itself)."""
 
 
-def stat_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[str, dict[str, torch.Tensor]]:
+def stat_scales(strategy: MergeStrategy, items: Sequence[TreeLeaf]) -> dict[str, dict[str, torch.Tensor]]:
     """Per statistic, Σ of the absolute values of its terms (fp64): the scale of its rounding error."""
     abs_state = fold(_as_fp64(strategy), [absolute(c) for c in items])
     return {
@@ -157,7 +157,7 @@ def stat_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[
     }
 
 
-def output_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dict[str, torch.Tensor]:
+def output_scales(strategy: MergeStrategy, items: Sequence[TreeLeaf]) -> dict[str, torch.Tensor]:
     """Per entry, the magnitude against which a merged value's rounding error is measured (fp64)."""
     if isinstance(strategy, Ties):
         exact = fold(_as_fp64(strategy), items).finalize()
@@ -168,7 +168,7 @@ def output_scales(strategy: MergeStrategy, items: Sequence[Contribution]) -> dic
     return {name: t.abs() for name, t in abs_out.items()}
 
 
-def _model_stock_scales(strategy: ModelStock, items: Sequence[Contribution]) -> dict[str, torch.Tensor]:
+def _model_stock_scales(strategy: ModelStock, items: Sequence[TreeLeaf]) -> dict[str, torch.Tensor]:
     """|mean|·(|t| + |dt/dc|·(‖U‖² + ΣQ)/(K(K − 1))): the ratio t amplifies the rounding of the angle c."""
     mean_abs = fold(get_strategy("fedavg", dtype="float64"), [absolute(c) for c in items]).finalize()
     state = fold(_as_fp64(strategy), items)
@@ -192,7 +192,7 @@ def _model_stock_scales(strategy: ModelStock, items: Sequence[Contribution]) -> 
 
 
 def ties_vote_is_close(
-    strategy: MergeStrategy, items: Sequence[Contribution], rel: float = 1e-5
+    strategy: MergeStrategy, items: Sequence[TreeLeaf], rel: float = 1e-5
 ) -> dict[str, torch.Tensor]:
     """Entries whose TIES mass vote |P+N| is within ``rel``·(P−N) of 0 (all False for other votes)."""
     state = fold(_as_fp64(strategy), items)

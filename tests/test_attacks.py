@@ -9,8 +9,8 @@ from fedfuse.algebra import to_dense
 from fedfuse.client.attacks import attacked_tensors, flipped_labels, reported_examples, simulated_local_round
 from fedfuse.client.local_round import Shard
 from fedfuse.settings import AttackSettings, RunSettings, SettingsError
-from fedfuse.training.client_data import ClientDatasets
-from fedfuse.training.data import Tokenized
+from fedfuse.training.client_datasets import ClientDatasets
+from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.wire import MAX_NUM_EXAMPLES, Expectation, decode_update
 
 TINY = {"mode": "full", "local-steps": 2, "batch-size": 4, "max-length": 16, "client-eval-examples": 4}
@@ -90,7 +90,7 @@ def test_an_attacking_client_sends_s_times_its_honest_task_vector(attack) -> Non
 
 
 def _decode(payload: bytes) -> dict[str, torch.Tensor]:
-    from fedfuse.training.models import update_shapes
+    from fedfuse.training.run_model import update_shapes
 
     shapes = update_shapes(RunSettings.from_run_config({}, **TINY))
     return {name: to_dense(t) for name, t in decode_update(payload, expect=Expectation(shapes=shapes)).tensors.items()}

@@ -7,7 +7,7 @@ import torch
 from own_data_helpers import tiny_chat_llama
 from transformers import LlamaForCausalLM
 
-from fedfuse.server.checkpoint import load_checkpoint
+from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.simulation import simulate
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedfuse.server.run_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def weights(value: float) -> dict[str, torch.Tensor]:

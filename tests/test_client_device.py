@@ -12,13 +12,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedfuse.settings import RunSettings, SettingsError
-from fedfuse.training.data import Tokenized
 from fedfuse.training.device import (
     autocast_dtype,
     client_device,
     enable_gradient_checkpointing,
     quantize_4bit,
 )
+from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.training.loop import train
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from federation import INSTITUTIONS, ROOT, TINY, Federation, sha256
 
-from fedfuse.server.checkpoint import load_checkpoint
+from fedfuse.server.run_checkpoint import load_checkpoint
 
 pytestmark = [
     pytest.mark.slow,

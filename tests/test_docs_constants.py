@@ -50,9 +50,9 @@ from fedfuse.strategies.regmean import RegMean
 from fedfuse.strategies.spilled import CHUNK_BYTES
 from fedfuse.strategies.trimmed_mean import TrimmedMean
 from fedfuse.timing import CLIENT_PHASES, SERVER_PHASES
-from fedfuse.training.client_data import CACHED_CLIENT_DATASETS
-from fedfuse.training.data import MIN_CLIENT_EXAMPLES
-from fedfuse.training.models import HEAD_PREFIXES
+from fedfuse.training.client_datasets import CACHED_CLIENT_DATASETS
+from fedfuse.training.federated_dataset import MIN_CLIENT_EXAMPLES
+from fedfuse.training.run_model import HEAD_PREFIXES
 from fedfuse.training.trainers import registry as trainer_registry
 from fedfuse.wire.header import ENCODINGS, FORMAT_VERSION, MAX_NUM_EXAMPLES
 from fedfuse.wire.values import UPDATE_VALUE_DTYPES

@@ -324,7 +324,7 @@ def test_the_client_app_sends_through_the_mods_what_the_local_round_sends_and_ke
 
 def _decoded(payload: bytes, settings) -> tuple:
     """A payload's header (train-seconds left out: it is measured) and its tensors as lists."""
-    from fedfuse.training.models import update_shapes
+    from fedfuse.training.run_model import update_shapes
     from fedfuse.wire import Expectation, decode_update
 
     update = decode_update(payload, expect=Expectation(shapes=update_shapes(settings)))

@@ -29,9 +29,9 @@ from typer.testing import CliRunner
 from fedfuse.cli.main import app
 from fedfuse.data import LABEL_NAMES
 from fedfuse.export import ExportError, export_adapter, export_model
-from fedfuse.server.checkpoint import save_checkpoint
+from fedfuse.server.run_checkpoint import save_checkpoint
 from fedfuse.settings import RunSettings
-from fedfuse.training.models import base_model, global_state, load_global_state
+from fedfuse.training.run_model import base_model, global_state, load_global_state
 
 WORDS = ["the", "server", "sends", "mail", "thread", "lock", "widget", "window", "archive", "file"]
 DELTA_RANK = 3

@@ -25,7 +25,7 @@ from tiny_runs import TINY_RUN
 from fedfuse.client.app import make_client_app
 from fedfuse.messages import EvaluateReply, TrainReply
 from fedfuse.rejections import Rejected
-from fedfuse.server.checkpoint import load_checkpoint
+from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate

@@ -105,7 +105,7 @@ def test_node_rank_is_bounded_by_the_run_rank_and_kept_by_gateway_members() -> N
 
 
 def test_real_clients_at_ranks_2_and_4_are_both_accepted_by_the_server_engine() -> None:
-    from fedfuse.training.models import lora_scale, update_shapes
+    from fedfuse.training.run_model import lora_scale, update_shapes
 
     settings = RunSettings.from_run_config(
         {}, **{"local-steps": 1, "batch-size": 4, "max-length": 16, "lora-rank": 4, "client-eval-examples": 4}

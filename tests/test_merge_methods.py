@@ -27,7 +27,7 @@ from fedfuse.cli.main import app
 from fedfuse.offline import MergeInputError, merge_models
 from fedfuse.settings.fields import SettingsError
 from fedfuse.settings.merge import MergeSettings
-from fedfuse.strategies import Contribution, build_strategy, method_spec, reduce_tree
+from fedfuse.strategies import TreeLeaf, build_strategy, method_spec, reduce_tree
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update
 
 
@@ -203,7 +203,7 @@ def test_model_stock_equals_mergekit_including_rows_a_model_left_unchanged(filte
 def test_model_stock_of_one_update_is_that_update_and_a_tier_tree_equals_flat() -> None:
     tau = {"w": randn(3, 4)}
     torch.testing.assert_close(fold("model_stock", [tau], [2.0]).finalize()["w"], tau["w"])
-    items = [Contribution({"w": randn(3, 4, seed=k)}, 1.0 + k) for k in range(5)]
+    items = [TreeLeaf({"w": randn(3, 4, seed=k)}, 1.0 + k) for k in range(5)]
     strategy = build_strategy("model_stock", {"filter_wise": True})
     tree = reduce_tree(strategy, [[items[0], items[1]], [[items[2]], items[3], items[4]]]).finalize()["w"]
     flat = fold("model_stock", [c.update for c in items], [c.weight for c in items], filter_wise=True).finalize()
@@ -298,7 +298,7 @@ def test_an_offline_slerp_interpolates_the_base_and_one_model(tmp_path, checkpoi
 
 def test_options_of_another_sparsifier_are_refused_in_one_line(checkpoints, tmp_path: Path) -> None:
     base = checkpoints["root"] / "base.safetensors"
-    with pytest.raises(MergeInputError, match="--epsilon applies to the della sparsifier"):
+    with pytest.raises(MergeInputError, match="epsilon applies to the della sparsifier"):
         merge_models(
             base,
             checkpoints["paths"],

@@ -355,8 +355,8 @@ def test_fisher_files_are_required_and_checked(tmp_path: Path, inputs) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "ties"}, r"'ties' sparsifies with 'trim': give --density"),
-        ({"method": "dare_linear"}, r"'dare_linear' sparsifies with 'dare': give --density"),
+        ({"method": "ties"}, r"'ties' sparsifies with 'trim': give density"),
+        ({"method": "dare_linear"}, r"'dare_linear' sparsifies with 'dare': give density"),
         ({"method": "fedavg", "density": 0.3}, r"density 0.3 was given but method 'fedavg' uses no sparsifier"),
         ({"method": "fedavg", "sparsifier": "magic", "density": 0.3}, "unknown sparsifier 'magic'"),
         ({"method": "dare_ties", "density": 0.0}, "DARE needs density > 0"),

@@ -15,7 +15,7 @@ from own_data_helpers import chat_rows, sentiment_rows, tiny_chat_llama, write_j
 from fedfuse.data.files import DataError, file_sha256, read_table
 from fedfuse.models import load_tokenizer
 from fedfuse.settings import RunSettings, SettingsError
-from fedfuse.training.client_data import (
+from fedfuse.training.client_datasets import (
     NodeData,
     load_client_datasets,
     preflight,
@@ -196,12 +196,12 @@ def test_a_share_is_tokenized_once_per_process_until_its_file_changes(tmp_path, 
 
 
 def test_the_built_in_task_is_not_loaded_when_a_node_has_its_own_file(tmp_path, minilm_tokenizer, monkeypatch):
-    from fedfuse.training import client_data
+    from fedfuse.training import client_datasets
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the built-in task was loaded")
 
-    monkeypatch.setattr(client_data, "data_for", forbidden)
+    monkeypatch.setattr(client_datasets, "data_for", forbidden)
     path = write_jsonl(tmp_path / "site.jsonl", sentiment_rows(10))
     settings = RunSettings.from_run_config(task="classify", labels="negative,positive")
     data = load_client_datasets(settings, minilm_tokenizer, partition_id=0, num_partitions=2, node=NodeData(str(path)))

@@ -18,7 +18,7 @@ from fedfuse.cli.main import app
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.residuals import ResidualFiles, keep_feedback, restore_feedback
 from fedfuse.messages import short_reason
-from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedfuse.server.run_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 WEIGHTS = {"w": torch.arange(6.0).reshape(2, 3)}
 

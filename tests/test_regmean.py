@@ -19,7 +19,7 @@ from fedfuse.cli.main import app
 from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.strategies import MergeState, build_strategy
-from fedfuse.training.data import Tokenized
+from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.training.gram import gram_matrices
 from fedfuse.wire import (
     Expectation,

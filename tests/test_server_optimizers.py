@@ -24,11 +24,11 @@ from fedfuse.algebra.server_optim import ServerOptimizerRule, server_step
 from fedfuse.messages import TrainReply
 from fedfuse.rounds import RoundEngine, ServerOptimizer, UpdateSpace
 from fedfuse.server.app import run_server
-from fedfuse.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedfuse.server.run_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.strategies import get_strategy
-from fedfuse.training.models import lora_scale, update_shapes
+from fedfuse.training.run_model import lora_scale, update_shapes
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint
 
 SHAPES = {"layer.weight": (5, 4), "layer.bias": (4,)}

@@ -19,10 +19,10 @@ from fedfuse.algebra import to_dense
 from fedfuse.client.app import make_client_app
 from fedfuse.data import LABEL_NAMES
 from fedfuse.messages import RESIDUAL_RECORD, TrainReply
-from fedfuse.server.checkpoint import load_checkpoint
+from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate
-from fedfuse.training.models import base_model, global_state
+from fedfuse.training.run_model import base_model, global_state
 from fedfuse.wire import REASONS, Expectation, decode_update
 
 pytestmark = pytest.mark.slow

@@ -173,12 +173,12 @@ def test_the_shorthand_keys_and_sparsifier_params_agree_or_are_refused() -> None
 def test_the_offline_plan_reads_the_plugin_declarations(floor_plugin) -> None:
     assert plan_sparsifier("ties", "floor", 0.5, floor=0.25) == Sparsifier("floor", 0.5, options={"floor": 0.25})
     with pytest.raises(
-        MergeInputError, match="--gamma applies to the breadcrumbs sparsifier, but this merge uses 'floor'"
+        MergeInputError, match="gamma applies to the breadcrumbs sparsifier, but this merge uses 'floor'"
     ):
         plan_sparsifier("ties", "floor", 0.5, gamma=0.1)
-    with pytest.raises(MergeInputError, match="--floor applies to the floor sparsifier, but this merge uses 'trim'"):
+    with pytest.raises(MergeInputError, match="'floor' applies to the floor sparsifier, but this merge uses 'trim'"):
         plan_sparsifier("ties", None, 0.5, floor=0.1)
-    with pytest.raises(MergeInputError, match="'floor': give --density"):
+    with pytest.raises(MergeInputError, match="'floor': give density"):
         plan_sparsifier("ties", "floor", None)
 
 

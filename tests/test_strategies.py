@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 
 from fedfuse.algebra import SparseTensor, ties_trim
-from fedfuse.strategies import Contribution, MergeState, get_strategy
+from fedfuse.strategies import MergeState, TreeLeaf, get_strategy
 
 REL = 1e-6
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -268,8 +268,8 @@ def test_a_ties_tie_elects_plus(vote) -> None:
 def test_an_update_with_weight_zero_changes_nothing(config) -> None:
     """(A count vote and model stock's angle count updates, not weights: they are left out.)"""
     strategy = make_strategy(config)
-    base = [Contribution({"w": torch.tensor([1.0, -2.0, 0.5])}, 1.0, {"w": torch.ones(3)})]
-    extra = Contribution({"w": torch.tensor([-9.0, 9.0, 9.0])}, 0.0, {"w": torch.ones(3)})
+    base = [TreeLeaf({"w": torch.tensor([1.0, -2.0, 0.5])}, 1.0, {"w": torch.ones(3)})]
+    extra = TreeLeaf({"w": torch.tensor([-9.0, 9.0, 9.0])}, 0.0, {"w": torch.ones(3)})
     assert torch.equal(fold(strategy, [*base, extra]).finalize()["w"], fold(strategy, base).finalize()["w"])
 
 
@@ -282,7 +282,7 @@ def test_doubling_every_weight_doubles_the_statistics_exactly(config, items) -> 
     The count vote C and model stock's unit-vector sums U, Q count updates, not weights.
     """
     strategy = make_strategy(config)
-    doubled = [Contribution(c.update, 2 * c.weight, c.fisher) for c in items]
+    doubled = [TreeLeaf(c.update, 2 * c.weight, c.fisher) for c in items]
     one, two = fold(strategy, items), fold(strategy, doubled)
     for name in one.stats:
         for stat in one.stats[name]:

@@ -21,7 +21,7 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedfuse.strategies import Contribution, MergeState, get_strategy, reduce_tree
+from fedfuse.strategies import MergeState, TreeLeaf, get_strategy, reduce_tree
 
 REL = 1e-6
 configs = pytest.mark.parametrize("config", STRATEGY_CONFIGS, ids=CONFIG_IDS)
@@ -37,7 +37,7 @@ def trees(draw: st.DrawFn, dyadic: bool = False):
     items = draw(contributions(min_size=1, max_size=8, dyadic=dyadic))
     depth = draw(st.integers(1, 4))
 
-    def build(group: list[Contribution], level: int):
+    def build(group: list[TreeLeaf], level: int):
         if level == depth or len(group) == 1:
             form = draw(st.sampled_from(["contributions", "state", "restored"]))
             if form == "contributions" or level == 0:
@@ -58,7 +58,7 @@ def materialize(strategy, node):
         if form == "restored":
             state = MergeState.from_tensors(strategy, state.to_tensors(), state.metadata())
         return state
-    return [materialize(strategy, child) if not isinstance(child, Contribution) else child for child in node]
+    return [materialize(strategy, child) if not isinstance(child, TreeLeaf) else child for child in node]
 
 
 @configs
@@ -113,8 +113,8 @@ def test_on_a_dyadic_grid_tree_and_flat_results_are_bit_identical(config, drawn)
 
 def test_a_contribution_leaf_and_a_nested_list_reduce_like_adds() -> None:
     strategy = get_strategy("ties")
-    a = Contribution({"w": torch.tensor([1.0, -3.0])}, 2.0)
-    b = Contribution({"w": torch.tensor([-1.0, 1.0])}, 1.0)
+    a = TreeLeaf({"w": torch.tensor([1.0, -3.0])}, 2.0)
+    b = TreeLeaf({"w": torch.tensor([-1.0, 1.0])}, 1.0)
     tree = reduce_tree(strategy, [[a], [[b]]])
     assert torch.equal(tree.finalize()["w"], fold(strategy, [a, b]).finalize()["w"])
     assert reduce_tree(strategy, a).num_updates == 1
@@ -122,9 +122,9 @@ def test_a_contribution_leaf_and_a_nested_list_reduce_like_adds() -> None:
 
 def test_reducing_a_partial_state_leaf_does_not_modify_it() -> None:
     strategy = get_strategy("fedavg")
-    partial = fold(strategy, [Contribution({"w": torch.ones(2)})])
+    partial = fold(strategy, [TreeLeaf({"w": torch.ones(2)})])
     before = partial.stats["w"]["S"].clone()
-    reduce_tree(strategy, [partial, Contribution({"w": torch.ones(2)})])
+    reduce_tree(strategy, [partial, TreeLeaf({"w": torch.ones(2)})])
     assert torch.equal(partial.stats["w"]["S"], before) and partial.num_updates == 1
 
 

@@ -164,7 +164,7 @@ def test_a_gateway_keeps_each_members_error_feedback(tmp_path):
 
 
 def _partial_expectation(settings):
-    from fedfuse.training.models import lora_scale, update_shapes
+    from fedfuse.training.run_model import lora_scale, update_shapes
     from fedfuse.wire import Expectation
 
     return Expectation(settings.update_space(update_shapes(settings), lora_scale(settings)).merge_shapes)

@@ -39,7 +39,7 @@ from fedfuse.data import skills as skill_data
 from fedfuse.export.run import open_run
 from fedfuse.simulation import simulate
 from fedfuse.strategies import method_spec
-from fedfuse.training.models import base_model
+from fedfuse.training.run_model import base_model
 
 FEDERATED_METHODS = ("task_arithmetic", "ties", "regmean")
 """Methods the ``--federated`` variant runs through the fedfuse server (when among ``--methods``), on seed 0."""

@@ -30,9 +30,9 @@ from fedfuse.client.local_round import Shard, run_local_round
 from fedfuse.data import skills as skill_data
 from fedfuse.settings import RunSettings
 from fedfuse.strategies import available_strategies, build_strategy, method_spec
-from fedfuse.training.client_data import NodeData, load_client_datasets
+from fedfuse.training.client_datasets import NodeData, load_client_datasets
 from fedfuse.training.gram import gram_matrices, gram_targets
-from fedfuse.training.models import lora_scale, update_shapes
+from fedfuse.training.run_model import lora_scale, update_shapes
 from fedfuse.wire import Expectation, decode_update
 
 CANDIDATE_METHODS: tuple[str, ...] = (

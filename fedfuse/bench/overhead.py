@@ -48,7 +48,7 @@ from fedfuse.server.evaluation import ServerEvaluator
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.simulation import simulate
 from fedfuse.training.loop import steps_for, train
-from fedfuse.training.models import base_model, global_state, load_global_state
+from fedfuse.training.run_model import base_model, global_state, load_global_state
 
 TARGET_RATIO = 1.15
 

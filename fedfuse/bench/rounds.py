@@ -20,7 +20,7 @@ from fedfuse.client.attacks import simulated_local_round
 from fedfuse.client.local_round import Shard
 from fedfuse.server.evaluation import ServerEvaluator
 from fedfuse.settings import RunSettings
-from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
+from fedfuse.training.run_model import base_model, global_state, lora_scale, update_shapes
 from fedfuse.wire import fingerprint
 
 RUN_ID = "fedfuse-bench"

@@ -9,12 +9,12 @@ import typer
 from fedfuse.data.files import DataError
 from fedfuse.security import KeyFileError, Registry
 from fedfuse.server.app import resume_state
-from fedfuse.server.checkpoint import CheckpointError
+from fedfuse.server.run_checkpoint import CheckpointError
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError, RayClusterError
 from fedfuse.simulation import simulate as run_simulation
 from fedfuse.strategies import format_strategy_params, parse_strategy_params
-from fedfuse.training.client_data import preflight
+from fedfuse.training.client_datasets import preflight
 
 
 def parse_run_config(text: str) -> dict[str, str]:

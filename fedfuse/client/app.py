@@ -4,7 +4,7 @@ Node config (``--node-config`` of a SuperNode; set by Flower in simulation): ``p
 ``num-partitions`` pick the local share; ``institution`` (optional) names the node in updates and
 seeds (default ``partition-<id>``); ``tier`` (optional) groups nodes for tiered merging;
 ``data`` / ``eval-data`` (optional) are the institution's own training and validation files (JSONL,
-CSV, Parquet or a save_to_disk folder; see ``fedfuse.training.client_data``);
+CSV, Parquet or a save_to_disk folder; see ``fedfuse.training.client_datasets``);
 ``lora-rank`` (optional, at most the run's ``lora-rank``) is the node's own LoRA rank (its factors
 travel padded to the run's rank, see ``fedfuse.client.local_round.to_run_rank``);
 ``gateway-members`` (optional, >= 2) makes the node a tier gateway that trains that many members on
@@ -53,7 +53,7 @@ from fedfuse.messages import (
     TrainReply,
 )
 from fedfuse.settings import RunSettings
-from fedfuse.training.client_data import NodeData
+from fedfuse.training.client_datasets import NodeData
 
 CAUSAL_TASKS = ("lm", "sft")
 

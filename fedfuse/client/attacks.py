@@ -32,7 +32,7 @@ from fedfuse.client.uplink import TrainedUpdate
 from fedfuse.messages import RoundInstruction, record_tensors
 from fedfuse.settings import RunSettings
 from fedfuse.settings.attack import AttackSettings
-from fedfuse.training.client_data import ClientDatasets
+from fedfuse.training.client_datasets import ClientDatasets
 from fedfuse.wire import MAX_NUM_EXAMPLES
 
 MODEL_ATTACKS = ("sign_flip", "noise", "scale")

@@ -17,7 +17,7 @@ import torch
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.local_round import Shard, finite_metrics, round_model, run_local_round
 from fedfuse.settings import RunSettings
-from fedfuse.training.models import lora_scale, update_shapes
+from fedfuse.training.run_model import lora_scale, update_shapes
 from fedfuse.wire import UpdateHeader, fingerprint
 
 

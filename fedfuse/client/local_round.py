@@ -26,7 +26,7 @@ from fedfuse.client.uplink import LocalDP, TrainedUpdate, UpdateFacts, UpdateKin
 from fedfuse.data.files import DataSource
 from fedfuse.settings import RunSettings
 from fedfuse.timing import Phases
-from fedfuse.training.client_data import ClientDatasets, NodeData, load_client_datasets
+from fedfuse.training.client_datasets import ClientDatasets, NodeData, load_client_datasets
 from fedfuse.training.device import (
     autocast_dtype,
     client_device,
@@ -35,7 +35,7 @@ from fedfuse.training.device import (
 )
 from fedfuse.training.gram import gram_matrices, gram_targets
 from fedfuse.training.loop import Evaluation, evaluate, fisher_diagonal, steps_for
-from fedfuse.training.models import (
+from fedfuse.training.run_model import (
     attach_lora,
     base_model,
     global_state,

@@ -20,7 +20,7 @@ from fedfuse.algebra import Sparsifier, UpdateTensor, dare_seed_fn
 from fedfuse.algebra.noise import add_gaussian_noise
 from fedfuse.algebra.robust import clip_factor, scale_update, update_norm
 from fedfuse.client.error_feedback import ErrorFeedback, shrink_update
-from fedfuse.rounds.privacy import noise_generator
+from fedfuse.rounds.dp import noise_generator
 from fedfuse.wire import UPDATE_VALUE_DTYPES, UpdateHeader, encode_update
 from fedfuse.wire.header import MetricValue
 

@@ -33,7 +33,7 @@ from fedfuse.export.run import (
 )
 from fedfuse.models.loading import resolve_model_source
 from fedfuse.settings import SettingsError
-from fedfuse.training.models import (
+from fedfuse.training.run_model import (
     HEAD_PREFIXES,
     PEFT_PREFIX,
     head_names,

@@ -16,7 +16,7 @@ from fedfuse.export.run import (
     run_base_model,
     write_provenance,
 )
-from fedfuse.training.models import load_global_state
+from fedfuse.training.run_model import load_global_state
 from fedfuse.wire import fingerprint
 
 if TYPE_CHECKING:

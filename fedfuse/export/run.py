@@ -17,14 +17,14 @@ import torch
 from fedfuse.checkpoints import CheckpointWriteError as OutputError
 from fedfuse.checkpoints import check_target
 from fedfuse.models.loading import ModelLoadError
-from fedfuse.server.checkpoint import (
+from fedfuse.server.run_checkpoint import (
     Checkpoint,
     CheckpointError,
     find_state,
     load_checkpoint,
 )
 from fedfuse.settings import RunSettings, SettingsError
-from fedfuse.training.models import CAUSAL_TASKS, base_model
+from fedfuse.training.run_model import CAUSAL_TASKS, base_model
 
 PROVENANCE_FILE = "fedfuse_export.json"
 """A small file in every export naming the run, round and checkpoint fingerprint it came from."""
@@ -104,7 +104,7 @@ def run_base_model(run: RunRound) -> tuple[torch.nn.Module, Any]:
 
 def label_names(run: RunRound, num_labels: int) -> tuple[str, ...]:
     """The run's class names in label order (``labels`` run config, built-in topics, or the data)."""
-    from fedfuse.training.client_data import run_label_names
+    from fedfuse.training.client_datasets import run_label_names
 
     try:
         names = tuple(run_label_names(run.settings))

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from fedfuse.checkpoints import atomic_output
 from fedfuse.settings import RunSettings
-from fedfuse.training.client_data import NodeData, load_client_datasets
+from fedfuse.training.client_datasets import NodeData, load_client_datasets
 from fedfuse.training.gram import gram_matrices, gram_targets
-from fedfuse.training.models import base_model
+from fedfuse.training.run_model import base_model
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from fedfuse.algebra import Sparsifier
 from fedfuse.algebra.sparsifiers import declaring, registered_sparsifiers, sparsifier_spec
 from fedfuse.checkpoints import check_target, parse_size
 from fedfuse.offline.errors import MergeInputError, input_errors
-from fedfuse.offline.request import AdaptersRequest, CombineRequest, ModelsRequest, RequestError
+from fedfuse.offline.request import AdaptersRequest, CombineRequest, ModelsRequest, RequestError, request_fields
 from fedfuse.strategies import MergeStrategy, available_strategies, build_strategy, method_spec
 
 PathLike = str | Path
@@ -154,24 +154,29 @@ def plan_sparsifier(
         for name in given:
             if not spec.declares(name) and declaring(name):
                 owners = " / ".join(declaring(name))
-                raise MergeInputError(f"--{name} applies to the {owners} sparsifier, but this merge uses {kind!r}")
+                raise RequestError(f"{_field(name)} applies to the {owners} sparsifier, but this merge uses {kind!r}")
             spec.param(name)  # names the declared ones
     if spec.dense:
         if density is not None and density != 1.0:
             others = "|".join(other.name for other in registered_sparsifiers() if not other.dense)
-            raise MergeInputError(
-                f"density {density} was given but method {method!r} uses no sparsifier "
-                f"(choose one with --sparsifier {others})"
+            raise RequestError(
+                f"{{density}} {density} was given but method {method!r} uses no sparsifier "
+                f"(choose one with {{sparsifier}} {others})"
             )
         if rescale is not None:
-            raise MergeInputError(f"--rescale was given but method {method!r} uses no sparsifier")
+            raise RequestError(f"{{rescale}} was given but method {method!r} uses no sparsifier")
         return Sparsifier.of(kind)
     if density is None:
-        raise MergeInputError(
-            f"method {method!r} sparsifies with {kind!r}: give --density (the kept fraction, e.g. 0.2)"
+        raise RequestError(
+            f"method {method!r} sparsifies with {kind!r}: give {{density}} (the kept fraction, e.g. 0.2)"
         )
     with input_errors():
         return Sparsifier.of(kind, density, rescale=rescale or "auto", params=given)
+
+
+def _field(name: str) -> str:
+    """A request field as a reference its error renders (``{gamma}``: ``gamma``, or the CLI's ``--gamma``)."""
+    return f"{{{name}}}" if name in request_fields() else repr(name)
 
 
 def plan_weights(weights: Sequence[float] | None, count: int, *, negative: bool = False) -> tuple[float, ...]:

@@ -7,6 +7,7 @@
 Everything here takes a :class:`RoundPolicy`, never run settings (``RunSettings.round_policy`` builds one).
 """
 
+from fedfuse.rounds.dp import CentralDP, CentralPrivacy, PrivacyAccountant, central_noise_std
 from fedfuse.rounds.engine import (
     PAYLOAD_KINDS,
     WEIGHTINGS,
@@ -17,7 +18,6 @@ from fedfuse.rounds.engine import (
     Weighting,
 )
 from fedfuse.rounds.policy import DEFAULT_MAX_NUM_EXAMPLES, RoundPolicy
-from fedfuse.rounds.privacy import CentralDP, CentralPrivacy, PrivacyAccountant, central_noise_std
 from fedfuse.rounds.server_optimizer import ServerOptimizer
 from fedfuse.rounds.space import UpdateSpace
 

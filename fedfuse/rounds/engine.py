@@ -24,7 +24,7 @@ import torch
 from fedfuse.algebra import apply_task_vector, name_mismatch
 from fedfuse.rejections import Rejected, Rejection, counts_by_reason
 from fedfuse.rounds.bounds import UpdateBounds
-from fedfuse.rounds.privacy import CentralPrivacy
+from fedfuse.rounds.dp import CentralPrivacy
 from fedfuse.rounds.space import UpdateSpace
 from fedfuse.strategies import MergeState, MergeStrategy
 from fedfuse.wire import (

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 
 from fedfuse.algebra.server_optim import ServerOptimizerRule
+from fedfuse.rounds.dp import CentralDP, CentralPrivacy
 from fedfuse.rounds.engine import WEIGHTINGS, RoundEngine, SignatureCheck
-from fedfuse.rounds.privacy import CentralDP, CentralPrivacy
 from fedfuse.rounds.server_optimizer import ServerOptimizer
 from fedfuse.rounds.space import UpdateSpace
 from fedfuse.strategies import MergeStrategy

@@ -18,14 +18,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.rounds import PrivacyAccountant
 from fedfuse.security import Registry
-from fedfuse.server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.display import RoundDisplay
 from fedfuse.server.evaluation import ServerEvaluator, has_server_evaluation
+from fedfuse.server.history import EvaluationRecord, RoundRecord, RunHistory
 from fedfuse.server.report import write_report
+from fedfuse.server.round_loop import InitialEvaluation, RoundOutcome
+from fedfuse.server.run_checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
-from fedfuse.training.client_data import run_label_names
-from fedfuse.training.models import base_model, global_state, lora_scale, update_shapes
+from fedfuse.training.client_datasets import run_label_names
+from fedfuse.training.run_model import base_model, global_state, lora_scale, update_shapes
 
 RESUME_MUST_MATCH = (
     "dp",
@@ -46,47 +48,6 @@ RESUME_MUST_MATCH = (
 """Settings a resumed run must share with the checkpoint (others, such as rounds, may change)."""
 RESUME_DEFAULTS = {"server-optimizer": "none"}
 """What a checkpoint written before a key existed had (``server-optimizer`` must match too)."""
-
-
-def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries ``<prefix><name>`` of a metric record, by name (per-domain accuracy, rejections per reason)."""
-    return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
-
-
-def _round_record(event: Mapping[str, Any]) -> dict[str, Any]:
-    train, server, client = event["train"], event["server_eval"], event["client_eval"]
-    return {
-        "round": event["round"],
-        "accuracy": server.get("accuracy"),
-        "loss": server.get("loss"),
-        "accuracy_per_domain": _prefixed(server, "accuracy.") or None,
-        "train_loss": train.get("train-loss"),
-        "client_accuracy": client.get("accuracy"),
-        "client_loss": client.get("loss"),
-        "client_perplexity": client.get("perplexity"),
-        "clients": event.get("clients") or {},
-        "uplink_bytes": int(train.get("uplink-bytes", 0)),
-        "downlink_bytes": int(event["downlink_bytes"]),
-        "accepted": int(train.get("accepted", 0)),
-        "signatures_verified": int(train.get("signatures-verified", 0)),
-        "rejected": int(train.get("rejected", 0)),
-        "rejections": {reason: int(n) for reason, n in _prefixed(train, "rejected.").items()},
-        "rejection_messages": [f"{r['node'] or '?'}: {r['message']}" for r in event["rejections"]],
-        "seconds": round(float(event["seconds"]), 3),
-        "phases": dict(event.get("phases") or {}),
-        "client_phases": dict(event.get("client_phases") or {}),
-        "finished_at": time.time(),
-    }
-
-
-def _evaluation_record(metrics: MetricRecord | None) -> dict[str, Any] | None:
-    if metrics is None:
-        return None
-    return {
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
-        "accuracy_per_domain": _prefixed(metrics, "accuracy."),
-    }
 
 
 def resume_state(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
@@ -119,26 +80,13 @@ def resumed_checkpoint(settings: RunSettings) -> Checkpoint:
     return checkpoint
 
 
-def _initial_client_record(event: Mapping[str, Any]) -> dict[str, Any]:
-    client = event["client_eval"]
-    return {
-        "accuracy": None,
-        "loss": None,
-        "accuracy_per_domain": None,
-        "client_accuracy": client.get("accuracy"),
-        "client_loss": client.get("loss"),
-        "client_perplexity": client.get("perplexity"),
-        "clients": event["clients"],
-    }
-
-
-def _accountant(settings: RunSettings, history: dict[str, Any]) -> PrivacyAccountant | None:
+def _accountant(settings: RunSettings, history: RunHistory) -> PrivacyAccountant | None:
     """The run's privacy accountant (None without DP), continuing the checkpoint's when resuming."""
     privacy = settings.privacy
     if not privacy.enabled:
         return None
-    previous = history.get("privacy", {}).get("accountant_history", [])
-    history["privacy"] = {
+    previous = (history.privacy or {}).get("accountant_history", [])
+    history.privacy = {
         "dp": privacy.dp,
         "clip_norm": privacy.dp_clip_norm,
         "noise_multiplier": privacy.dp_noise_multiplier,
@@ -156,7 +104,7 @@ class RunRecorder:
     round and :meth:`on_initial` after the clients' evaluation of the initial model.
     """
 
-    def __init__(self, settings: RunSettings, history: dict[str, Any], strategy: FedFuseStrategy) -> None:
+    def __init__(self, settings: RunSettings, history: RunHistory, strategy: FedFuseStrategy) -> None:
         self.settings = settings
         self.history = history
         self.strategy = strategy
@@ -170,41 +118,40 @@ class RunRecorder:
         assert self.evaluator is not None
         metrics = self.evaluator(arrays)
         if server_round == 0:
-            self.history["initial"] = _evaluation_record(metrics)
-            self.display.initial(self.history["initial"])
+            self.history.initial = EvaluationRecord.of_server(metrics)
+            self.display.initial(self.history.to_json()["initial"])
         return metrics
 
-    def on_initial(self, event: dict[str, Any]) -> None:
+    def on_initial(self, evaluation: InitialEvaluation) -> None:
         """The clients' evaluation of the initial model (runs without server-side evaluation)."""
-        self.history["initial"] = _initial_client_record(event)
-        self.display.initial(self.history["initial"])
+        self.history.initial = EvaluationRecord.of_clients(evaluation)
+        self.display.initial(self.history.to_json()["initial"])
 
-    def on_round(self, event: dict[str, Any]) -> None:
+    def on_round(self, outcome: RoundOutcome) -> None:
         """Record a finished round, account its privacy, checkpoint it atomically and print its line."""
         reporting = time.perf_counter()
-        record = _round_record(event)
-        if self.accountant is not None:
+        record = RoundRecord.of(outcome)
+        if self.accountant is not None and self.history.privacy is not None:
             rate = self.strategy.train_sample_rate if self.settings.privacy.dp == "central" else 1.0
-            record["dp_epsilon"] = self.accountant.step(rate)
-            self.history["privacy"]["accountant_history"] = [list(entry) for entry in self.accountant.history]
-        self.history["rounds"].append(record)
-        self.history["wall_seconds"] = self.history.get("wall_seconds", 0.0) + record["seconds"]
+            record.dp_epsilon = self.accountant.step(rate)
+            self.history.privacy["accountant_history"] = [list(entry) for entry in self.accountant.history]
+        self.history.add_round(record)
         checkpointing = time.perf_counter()
-        self._checkpoint(record["round"], dict(event["arrays"].to_torch_state_dict()))
-        record["phases"]["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
-        self.display.round(record)
-        record["phases"]["report"] = round(time.perf_counter() - reporting - record["phases"]["checkpoint"], 4)
+        self._checkpoint(record.round, dict(outcome.arrays.to_torch_state_dict()))
+        record.phases["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
+        self.display.round(self.history.to_json()["rounds"][-1])
+        record.phases["report"] = round(time.perf_counter() - reporting - record.phases["checkpoint"], 4)
 
     def _checkpoint(self, round_number: int, state: dict[str, Any]) -> None:
         optimizer = self.strategy.optimizer
-        self.history["server_optimizer"] = optimizer.describe()
-        self.history["checkpoint"] = str(
+        self.history.server_optimizer = optimizer.describe()
+        self.history.checkpoint = str(
             save_checkpoint(
                 self.run_dir,
                 round_number,
                 state,
-                self.history,
-                self.history["settings"],
+                self.history.to_json(),
+                self.history.settings,
                 keep=self.settings.run.keep_checkpoints,
                 optimizer=optimizer.state_tensors() if optimizer.enabled else None,
                 optimizer_steps=optimizer.steps,
@@ -212,25 +159,27 @@ class RunRecorder:
         )
 
 
-def _start(settings: RunSettings, context: Context) -> tuple[RunSettings, dict, dict[str, Any], int, Checkpoint | None]:
+def _start(settings: RunSettings, context: Context) -> tuple[RunSettings, dict, RunHistory, int, Checkpoint | None]:
     """The run's settings (labels resolved), starting weights, history and first round (from ``resume``)."""
     if settings.source.task == "classify" and not settings.source.labels:
         settings = settings.replace(labels=",".join(run_label_names(settings)))
     checkpoint = resumed_checkpoint(settings) if settings.run.resume else None
     if checkpoint is not None:
-        weights, history, first_round = checkpoint.weights, checkpoint.history, checkpoint.round + 1
+        history = RunHistory.from_json(checkpoint.history)
+        history.run_key = history.run_key or str(context.run_id)
+        weights, first_round = checkpoint.weights, checkpoint.round + 1
     else:
-        weights, history, first_round = {}, {"settings": None, "initial": None, "rounds": []}, 1
-    history["settings"] = settings.to_run_config()
-    history.setdefault("run_key", str(context.run_id))
+        history = RunHistory(settings.to_run_config(), str(context.run_id))
+        weights, first_round = {}, 1
+    history.settings = settings.to_run_config()
     return settings, weights, history, first_round, checkpoint
 
 
-def _strategy(settings: RunSettings, context: Context, history: dict[str, Any], base: dict) -> FedFuseStrategy:
+def _strategy(settings: RunSettings, context: Context, history: RunHistory, base: dict) -> FedFuseStrategy:
     """fedfuse's strategy for this run: its update space, signer registry and run key."""
     space = settings.update_space(update_shapes(settings), lora_scale(settings))
     registry = Registry.load(settings.run.signer_registry) if settings.run.signer_registry else None
-    return FedFuseStrategy(settings, space, str(context.run_id), base, registry=registry, run_key=history["run_key"])
+    return FedFuseStrategy(settings, space, str(context.run_id), base, registry=registry, run_key=history.run_key)
 
 
 def _resume_optimizer(strategy: FedFuseStrategy, checkpoint: Checkpoint | None) -> None:
@@ -252,7 +201,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
     weights = weights or global_state(model)
     strategy = _strategy(settings, context, history, base)
     _resume_optimizer(strategy, checkpoint)
-    history["server_optimizer"] = strategy.optimizer.describe()
+    history.server_optimizer = strategy.optimizer.describe()
     recorder = RunRecorder(settings, history, strategy)
     strategy.on_reply = recorder.display.reply
     with recorder.display:
@@ -266,10 +215,11 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
             on_round=recorder.on_round,
             on_initial=recorder.on_initial,
         )
-    history["run_seconds"] = round(time.perf_counter() - started, 3)
-    write_report(history, recorder.run_dir)
-    recorder.display.summary(history, recorder.run_dir)
-    return history
+    history.run_seconds = round(time.perf_counter() - started, 3)
+    document = history.to_json()
+    write_report(document, recorder.run_dir)
+    recorder.display.summary(document, recorder.run_dir)
+    return document
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

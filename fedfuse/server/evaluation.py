@@ -10,10 +10,10 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedfuse.settings import RunSettings
-from fedfuse.training.client_data import FILE_DOMAIN, server_eval_tokens
-from fedfuse.training.data import capped, data_for, tokenize
+from fedfuse.training.client_datasets import FILE_DOMAIN, server_eval_tokens
+from fedfuse.training.federated_dataset import capped, data_for, tokenize
 from fedfuse.training.loop import evaluate
-from fedfuse.training.models import base_model, load_global_state
+from fedfuse.training.run_model import base_model, load_global_state
 
 
 def has_server_evaluation(settings: RunSettings) -> bool:

@@ -43,7 +43,7 @@ from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import DEFAULT_MAX_NUM_EXAMPLES, CentralDP, RoundEngine, RoundPolicy, UpdateSpace
 from fedfuse.security import Registry
 from fedfuse.server.flower_names import merge_arguments
-from fedfuse.server.round_loop import EvaluateFn, LoopConfig, RoundCallback, run_rounds
+from fedfuse.server.round_loop import EvaluateFn, InitialCallback, LoopConfig, RoundCallback, run_rounds
 from fedfuse.server.round_state import RoundReference, merge_dtype, reply_sender
 from fedfuse.strategies import MergeStrategy, build_strategy
 from fedfuse.timing import Phases
@@ -177,7 +177,7 @@ class FedMerge(FedAvg):
         *,
         first_round: int = 1,
         on_round: RoundCallback | None = None,
-        on_initial: RoundCallback | None = None,
+        on_initial: InitialCallback | None = None,
     ) -> Result:
         """Flower's ``Strategy.start``, except that training replies are folded as they arrive.
 

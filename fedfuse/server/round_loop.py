@@ -21,14 +21,45 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
+from fedfuse.rejections import Rejection
 from fedfuse.server.streaming import stream_replies
 from fedfuse.timing import Phases
 
 if TYPE_CHECKING:
     from fedfuse.server.fedmerge import FedMerge
 
-RoundCallback = Callable[[dict[str, Any]], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one finished round hands ``on_round``: its new weights, metrics, refusals and timings."""
+
+    round: int
+    arrays: ArrayRecord
+    train: dict[str, Any]
+    """The round's train metrics: the engine's counts (``accepted``, ``rejected.<reason>``, ...) and the replies'."""
+    client_eval: dict[str, Any]
+    server_eval: dict[str, Any]
+    rejections: list[Rejection]
+    clients: dict[str, dict[str, Any]]
+    """What each client reported (training and evaluation), by its name."""
+    downlink_bytes: int
+    seconds: float
+    phases: dict[str, float]
+    client_phases: dict[str, float]
+
+
+@dataclass(frozen=True)
+class InitialEvaluation:
+    """The clients' evaluation of the initial model (round 0, when the server has no test set)."""
+
+    client_eval: dict[str, Any]
+    clients: dict[str, dict[str, Any]]
+
+
+RoundCallback = Callable[[RoundOutcome], None]
+InitialCallback = Callable[[InitialEvaluation], None]
 
 
 @dataclass
@@ -41,7 +72,7 @@ class LoopConfig:
     evaluate_config: ConfigRecord = field(default_factory=ConfigRecord)
     evaluate_fn: EvaluateFn | None = None
     on_round: RoundCallback | None = None
-    on_initial: RoundCallback | None = None
+    on_initial: InitialCallback | None = None
 
 
 def run_rounds(
@@ -78,7 +109,7 @@ def evaluate_initial(strategy: FedMerge, loop: LoopConfig, arrays: ArrayRecord, 
     if metrics is not None:
         result.evaluate_metrics_clientapp[0] = metrics
     if loop.on_initial:
-        loop.on_initial({"client_eval": dict(metrics or {}), "clients": dict(sorted(strategy.last_clients.items()))})
+        loop.on_initial(InitialEvaluation(dict(metrics or {}), dict(sorted(strategy.last_clients.items()))))
 
 
 def run_round(
@@ -111,19 +142,19 @@ def run_round(
         result.evaluate_metrics_serverapp[server_round] = server_eval
     if loop.on_round:
         loop.on_round(
-            {
-                "round": server_round,
-                "arrays": arrays,
-                "train": dict(train_metrics or {}),
-                "client_eval": dict(client_eval or {}),
-                "server_eval": dict(server_eval or {}),
-                "rejections": [rejection.as_record() for rejection in strategy.last_rejections],
-                "clients": {node: dict(record) for node, record in sorted(strategy.last_clients.items())},
-                "downlink_bytes": downlink,
-                "seconds": time.perf_counter() - started,
-                "phases": phases.as_dict(),
-                "client_phases": {name: round(value, 4) for name, value in strategy.last_client_phases.items()},
-            }
+            RoundOutcome(
+                round=server_round,
+                arrays=arrays,
+                train=dict(train_metrics or {}),
+                client_eval=dict(client_eval or {}),
+                server_eval=dict(server_eval or {}),
+                rejections=list(strategy.last_rejections),
+                clients={node: dict(record) for node, record in sorted(strategy.last_clients.items())},
+                downlink_bytes=downlink,
+                seconds=time.perf_counter() - started,
+                phases=phases.as_dict(),
+                client_phases={name: round(value, 4) for name, value in strategy.last_client_phases.items()},
+            )
         )
     return arrays
 

@@ -46,7 +46,7 @@ from fedfuse.strategies.slerp import Slerp
 from fedfuse.strategies.spec import MethodSpec, Preset
 from fedfuse.strategies.spilled import SpilledState, SpilledStrategy
 from fedfuse.strategies.task_arithmetic import TaskArithmetic
-from fedfuse.strategies.tiers import Contribution, MergeTree, reduce_tree
+from fedfuse.strategies.tiers import MergeTree, TreeLeaf, reduce_tree
 from fedfuse.strategies.ties import Ties
 from fedfuse.strategies.trimmed_mean import TrimmedMean
 
@@ -77,7 +77,6 @@ __all__ = [
     "COMMON_PARAMS",
     "ENTRY_POINT_GROUP",
     "Capabilities",
-    "Contribution",
     "FedAvg",
     "FinalizeContext",
     "FisherMerge",
@@ -99,6 +98,7 @@ __all__ = [
     "StatisticsStrategy",
     "TaskArithmetic",
     "Ties",
+    "TreeLeaf",
     "TrimmedMean",
     "add_at",
     "available_strategies",

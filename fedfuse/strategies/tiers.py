@@ -17,7 +17,7 @@ from fedfuse.strategies.base import MergeState, MergeStrategy
 
 
 @dataclass(frozen=True)
-class Contribution:
+class TreeLeaf:
     """A leaf of a merge tree: one update with its weight and optional Fisher diagonal."""
 
     update: Update
@@ -25,13 +25,13 @@ class Contribution:
     fisher: Mapping[str, torch.Tensor] | None = None
 
 
-MergeTree = Contribution | MergeState | Sequence["MergeTree"]
-"""A leaf (:class:`Contribution` or an already-reduced partial :class:`MergeState`) or a list of subtrees."""
+MergeTree = TreeLeaf | MergeState | Sequence["MergeTree"]
+"""A leaf (:class:`TreeLeaf` or an already-reduced partial :class:`MergeState`) or a list of subtrees."""
 
 
 def reduce_tree(strategy: MergeStrategy, tree: MergeTree) -> MergeState:
     """The merge state of every leaf under ``tree``; a partial state leaf is folded as it is."""
-    if isinstance(tree, Contribution):
+    if isinstance(tree, TreeLeaf):
         return strategy.new_state().add(tree.update, tree.weight, tree.fisher)
     if isinstance(tree, MergeState):
         return strategy.new_state().combine(tree)

@@ -16,9 +16,9 @@ import torch
 
 from fedfuse.algebra import factor_names
 from fedfuse.algebra.regmean import gram_of
-from fedfuse.training.data import Tokenized
+from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.training.loop import batches, model_device, right_trimmed
-from fedfuse.training.models import PEFT_PREFIX, lora_layers
+from fedfuse.training.run_model import PEFT_PREFIX, lora_layers
 
 
 def gram_targets(model: torch.nn.Module, update_names: Collection[str]) -> dict[str, torch.nn.Module]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedfuse.training.data import Tokenized
+from fedfuse.training.federated_dataset import Tokenized
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -23,7 +23,7 @@ from fedfuse.data.files import (
     sft_columns,
 )
 from fedfuse.settings import RunSettings
-from fedfuse.training.data import Tokenized
+from fedfuse.training.federated_dataset import Tokenized
 
 IGNORE = -100
 

@@ -13,8 +13,8 @@ import tempfile
 import torch
 from torch.utils.data import Dataset
 
-from fedfuse.training.client_data import ClientDatasets
-from fedfuse.training.data import Tokenized
+from fedfuse.training.client_datasets import ClientDatasets
+from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.training.loop import train
 from fedfuse.training.trainers.protocol import TrainerSettings, TrainingRound, TrainResult
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from fedfuse.settings import TrainingSettings
-from fedfuse.training.client_data import ClientDatasets
+from fedfuse.training.client_datasets import ClientDatasets
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from fedfuse.data.files import (
 )
 from fedfuse.data.partitioners import one_file_per_client, partition_indices
 from fedfuse.settings import RunSettings
-from fedfuse.training.data import Tokenized, client_split, data_for, tokenize
+from fedfuse.training.federated_dataset import Tokenized, client_split, data_for, tokenize
 from fedfuse.training.tasks import tokenize_rows
 
 FILE_DOMAIN = ("all",)

@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from fedfuse.algebra import derive_seed, factor_names
 from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer
 from fedfuse.settings import AUTO_TARGET_MODULES, RunSettings, SettingsError
-from fedfuse.training.client_data import run_label_names
+from fedfuse.training.client_datasets import run_label_names
 
 HEAD_PREFIXES = ("classifier.", "score.")
 PEFT_PREFIX = "base_model.model."
