@@ -25,6 +25,10 @@ from fedfuse.strategies import get_strategy
 SHAPES = {"w": (4, 3), "b": (3,)}
 
 
+ONE_NODE = {"min_available_nodes": 1, "min_train_nodes": 1}
+"""Flower's FedAvg waits for two connected nodes by default; some rounds here have one."""
+
+
 class LoopbackGrid:
     """What ``configure_train`` asks of a grid: connected node ids and the run."""
 
@@ -90,7 +94,7 @@ def test_fedmerge_clips_every_update_and_caps_claimed_examples_as_a_fedfuse_run_
 
 def test_fedmerge_refuses_a_payload_over_its_size_cap_before_parsing_it(server_identity) -> None:
     round_weights = _weights(0)
-    strategy = FedMerge("fedavg", max_update_bytes=64)
+    strategy = FedMerge("fedavg", max_update_bytes=64, **ONE_NODE)
     (message,) = strategy.configure_train(1, ArrayRecord(round_weights), ConfigRecord(), LoopbackGrid([3]))
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
 
@@ -107,7 +111,7 @@ def test_fedmerge_checks_the_declared_sparsifier_of_fedfuse_payloads_when_it_is_
     round_weights = _weights(0)
     results = {}
     for declared in ("none", "trim"):
-        strategy = FedMerge("fedavg", sparsifier=declared, density=0.5)
+        strategy = FedMerge("fedavg", sparsifier=declared, density=0.5, **ONE_NODE)
         (message,) = strategy.configure_train(1, ArrayRecord(round_weights), ConfigRecord(), LoopbackGrid([3]))
         context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
 
@@ -123,7 +127,7 @@ def test_fedmerge_checks_the_declared_sparsifier_of_fedfuse_payloads_when_it_is_
 
 def test_fedmerge_steps_a_server_optimizer_on_the_merge_across_rounds(server_identity) -> None:
     round_weights = _weights(0)
-    strategy = FedMerge("fedavg", server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5)
+    strategy = FedMerge("fedavg", server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5, **ONE_NODE)
     plain = ServerOptimizer(ServerOptimizerRule("fedavgm", 1.0, momentum=0.5))
     weights = round_weights
     for server_round in (1, 2):
@@ -177,3 +181,24 @@ def test_a_round_policy_refuses_bad_values_in_one_line() -> None:
     assert gateway.privacy is None and server.privacy is not None, "a gateway clips; only the server adds noise"
     unbound = dataclasses.replace(policy, bind_senders=False)
     assert not unbound.engine(get_strategy("fedavg"), UpdateSpace.full(SHAPES)).bind_senders
+
+
+def test_the_benchmarks_rounds_step_the_runs_server_optimizer(monkeypatch) -> None:
+    """``fedfuse bench robust`` merges through the run's policy: its server optimizer steps every round."""
+    from tiny_runs import TINY_RUN
+
+    from fedfuse.bench.rounds import run_rounds
+
+    steps: list[str | None] = []
+    original = ServerOptimizer.apply
+
+    def spy(self: ServerOptimizer, engine, round_weights):
+        steps.append(None if self.rule is None else self.rule.name)
+        return original(self, engine, round_weights)
+
+    monkeypatch.setattr(ServerOptimizer, "apply", spy)
+    settings = RunSettings.from_run_config(
+        {**TINY_RUN, "mode": "full", "num-server-rounds": 2, "server-optimizer": "fedavgm"}
+    )
+    result = run_rounds(settings, clients=2)
+    assert steps == ["fedavgm", "fedavgm"] and [m["accepted"] for m in result.metrics] == [2, 2]
