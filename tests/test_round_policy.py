@@ -173,6 +173,8 @@ def test_a_round_policy_refuses_bad_values_in_one_line() -> None:
         RoundPolicy(weighting="examples")
     with pytest.raises(ValueError, match="clip_norm must be >= 0"):
         RoundPolicy(clip_norm=-1.0)
+    with pytest.raises(ValueError, match="pass clip_norm, server_optimizer inside policy=, not next to it"):
+        FedMerge("fedavg", policy=RoundPolicy(), clip_norm=1.0, server_optimizer="fedavgm")
     with pytest.raises(ValueError, match="central DP clips at its clip norm"):
         RoundPolicy(weighting="uniform", clip_norm=1.0, central_dp=CentralDP(2.0, 1.0))
     policy = RoundPolicy(weighting="uniform", clip_norm=2.0, central_dp=CentralDP(2.0, 1.0))
@@ -202,3 +204,10 @@ def test_the_benchmarks_rounds_step_the_runs_server_optimizer(monkeypatch) -> No
     )
     result = run_rounds(settings, clients=2)
     assert steps == ["fedavgm", "fedavgm"] and [m["accepted"] for m in result.metrics] == [2, 2]
+
+
+def test_fedmerge_takes_its_sparsifiers_declared_parameters_by_name() -> None:
+    strategy = FedMerge("ties", sparsifier="breadcrumbs", density=0.5, sparsifier_params={"gamma": 0.2})
+    assert strategy.sparsifier.kind == "breadcrumbs" and strategy.sparsifier.params["gamma"] == 0.2
+    with pytest.raises(ValueError, match="has no parameter 'floor'"):
+        FedMerge("ties", sparsifier="trim", sparsifier_params={"floor": 0.1})

@@ -202,6 +202,16 @@ def test_an_offline_merge_with_the_plugin_equals_the_in_memory_merge(floor_plugi
     assert not torch.allclose(merged, trimmed.finalize()["w"])  # the plug-in did something
     expected = base["w"] + merged
     assert torch.allclose(load_file(out / "model.safetensors")["w"], expected, atol=1e-6)
+    # its own parameter, given as the CLI's --sparsifier-param NAME=VALUE strings
+    low = tmp_path / "low"
+    merge_models(
+        tmp_path / "base.safetensors", paths, method="ties", sparsifier="floor", density=0.5,
+        sparsifier_params=["floor=0.1"], out=low,
+    )  # fmt: skip
+    state = build_strategy("ties").new_state()
+    for model in models:
+        state.add(sparsify_update({"w": model["w"] - base["w"]}, Sparsifier("floor", 0.5, options={"floor": 0.1})))
+    assert torch.allclose(load_file(low / "model.safetensors")["w"], base["w"] + state.finalize()["w"], atol=1e-6)
 
 
 def test_a_plugin_sparsifier_crosses_the_wire_with_its_parameters(floor_plugin) -> None:

@@ -118,6 +118,9 @@ Vote = Annotated[
     str | None, typer.Option("--vote", click_type=click.Choice(["mass", "count"]), help=field_help("vote"))
 ]
 Params = Annotated[list[str] | None, typer.Option("--param", "-p", help=field_help("params") + " Repeat.")]
+SparsifierParams = Annotated[
+    list[str] | None, typer.Option("--sparsifier-param", help=field_help("sparsifier_params") + " Repeat.")
+]
 Fishers = Annotated[list[Path] | None, typer.Option("--fisher", help=field_help("fishers"))]
 Grams = Annotated[list[Path] | None, typer.Option("--gram", help=field_help("grams"))]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help=field_help("out"))]
@@ -234,6 +237,7 @@ def merge_models_command(
     dtype: Dtype = "float32",
     vote: Vote = None,
     params: Params = None,
+    sparsifier_params: SparsifierParams = None,
     fishers: Fishers = None,
     grams: Grams = None,
     out: Out = None,
@@ -269,6 +273,7 @@ def merge_adapters_command(
     dtype: Dtype = "float32",
     vote: Vote = None,
     params: Params = None,
+    sparsifier_params: SparsifierParams = None,
     out: Out = None,
     out_adapter: OutAdapter = False,
     rank: Rank = None,
@@ -353,6 +358,7 @@ def merge(
     dtype: Dtype = "float32",
     vote: Vote = None,
     params: Params = None,
+    sparsifier_params: SparsifierParams = None,
     fishers: Fishers = None,
     grams: Grams = None,
     out: Out = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.strategies import available_strategies, method_spec, parse_strategy_params
@@ -153,7 +153,8 @@ class _Method(_OnBase):
         None, description="Rescale kept entries: inverse (1/p, dare/della default), l1 (mergekit) or none."
     )
     sparsifier_params: dict[str, Any] = Field(
-        default_factory=dict, description="Further declared parameters of the sparsifier (a plug-in's) by name."
+        default_factory=dict,
+        description="Further declared parameters of the sparsifier (a plug-in's) by name (NAME=VALUE).",
     )
     lam: float = Field(1.0, description="Scale λ of the merged task vector.")
     seed: Seed = 0
@@ -181,9 +182,9 @@ class _Method(_OnBase):
                 data["sparsifier_params"] = {**data.get("sparsifier_params", {}), name: value}
         return super()._normalize(data)
 
-    @field_validator("params", mode="before")
+    @field_validator("params", "sparsifier_params", mode="before")
     @classmethod
-    def _parse_params(cls, value: Any) -> Any:
+    def _parse_params(cls, value: Any, info: ValidationInfo) -> Any:
         """``NAME=VALUE`` strings (a CLI's) or a mapping of name to value."""
         if value is None:
             return {}
@@ -191,7 +192,7 @@ class _Method(_OnBase):
             try:
                 return parse_strategy_params(value)
             except ValueError as exc:
-                raise RequestError(f"{{params}}: {exc}") from None
+                raise RequestError(f"{{{info.field_name}}}: {exc}") from None
         return value
 
 

@@ -71,6 +71,8 @@ class FedMerge(FedAvg):
         payloads must say they were shrunk the same way.
     density : float
         The kept fraction for that sparsifier (default 0.1, as ``fedfuse simulate``).
+    sparsifier_params : mapping, optional
+        That sparsifier's other declared parameters (``{"gamma": 0.02}`` for breadcrumbs, a plug-in's own).
     seed, seed_scope
         Seed DARE masks per node and round (``seed_scope="round"``: one mask per round).
     fisher_key : str
@@ -115,6 +117,7 @@ class FedMerge(FedAvg):
         evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
         sparsifier: str | None = None,
         density: float = 0.1,
+        sparsifier_params: Mapping[str, object] | None = None,
         seed: int = 0,
         seed_scope: str = "node",
         fisher_key: str = "fisher",
@@ -146,11 +149,20 @@ class FedMerge(FedAvg):
         )
         self._build_merge(strategy, server_optimizer, params, device)
         kind = self.merge.default_sparsifier if sparsifier is None else sparsifier
-        self.sparsifier = Sparsifier.of(kind, density, seed_scope=seed_scope)
+        self.sparsifier = Sparsifier.of(kind, density, seed_scope=seed_scope, params=sparsifier_params)
         self.seed = seed
         self.fisher_key = fisher_key
         self.registry = registry
-        if policy is None:
+        if policy is not None:
+            _check_no_policy_arguments(
+                weighting=weighting != "num_examples",
+                clip_norm=clip_norm != 0.0,
+                max_num_examples=max_num_examples != DEFAULT_MAX_NUM_EXAMPLES,
+                max_update_bytes=max_update_bytes != 0,
+                server_optimizer=self._rule is not None,
+                dp=dp != "none",
+            )
+        else:
             central = _central_dp(dp, dp_clip_norm, dp_noise_multiplier, dp_noise_seed)
             policy = RoundPolicy(
                 weighting=weighting,
@@ -182,8 +194,9 @@ class FedMerge(FedAvg):
         """Flower's ``Strategy.start``, except that training replies are folded as they arrive.
 
         ``timeout`` defaults to the round policy's deadline. ``first_round`` > 1 continues a resumed run;
-        ``on_round`` receives each finished round's record (metrics, timings, the new weights as
-        ``"arrays"``) before the next starts; ``on_initial`` the clients' evaluation of the initial model.
+        ``on_round`` receives each finished round's :class:`~fedfuse.server.round_loop.RoundOutcome` (the new
+        weights, metrics, refusals, timings) before the next starts; ``on_initial`` the clients' evaluation of
+        the initial model.
         """
         self.log_progress("Starting %s strategy:", type(self).__name__)
         self.summary()
@@ -443,6 +456,13 @@ class FedMerge(FedAvg):
 
     def _record_clients(self, engine: RoundEngine) -> None:
         """What each accepted contribution reported (the report's per-client table); fedfuse's app adds evaluation."""
+
+
+def _check_no_policy_arguments(**given: bool) -> None:
+    """Refuse policy arguments next to a whole ``policy=`` (they would be silently ignored)."""
+    named = [name for name, was_given in given.items() if was_given]
+    if named:
+        raise ValueError(f"pass {', '.join(named)} inside policy=, not next to it")
 
 
 def _central_dp(dp: str, clip_norm: float, noise_multiplier: float, noise_seed: int) -> CentralDP | None:
