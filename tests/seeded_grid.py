@@ -6,6 +6,8 @@ reply the SuperLink's own error instead (a node that stopped sending heartbeats)
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from flwr.app import Message
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
@@ -59,3 +61,14 @@ class SeededGrid:
             tier=self.tiers.get(node, ""),
         )
         return TrainReply("update", encode_update(tau, header=header)).reply_to(message)
+
+
+class LoopbackGrid:
+    """The two things ``configure_train`` asks of a grid: connected node ids and the run."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+        self.run = SimpleNamespace(run_id=1)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)

@@ -6,8 +6,6 @@ engine; the others drive ``FedMerge`` and the mods with hand-built Flower messag
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import flower_apps
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
+from seeded_grid import LoopbackGrid
 
 from fedfuse.algebra import SparseTensor, to_dense
 from fedfuse.client.mods import FACTORS_RECORD, FISHER_RECORD, GRAM_RECORD
@@ -26,17 +25,6 @@ from fedfuse.strategies import get_strategy
 from fedfuse.wire import Expectation, decode_update, fingerprint
 
 SHAPES = {"w": (4, 3), "b": (3,)}
-
-
-class LoopbackGrid:
-    """The two things ``configure_train`` asks of a grid: connected node ids and the run."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-        self.run = SimpleNamespace(run_id=1)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:

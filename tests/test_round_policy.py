@@ -9,11 +9,11 @@ messages built by hand, as in ``tests/test_flower_interop.py``.
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from seeded_grid import LoopbackGrid
 
 from fedfuse.algebra.server_optim import ServerOptimizerRule
 from fedfuse.flower import FedMerge, task_vector_mod
@@ -27,17 +27,6 @@ SHAPES = {"w": (4, 3), "b": (3,)}
 
 ONE_NODE = {"min_available_nodes": 1, "min_train_nodes": 1}
 """Flower's FedAvg waits for two connected nodes by default; some rounds here have one."""
-
-
-class LoopbackGrid:
-    """What ``configure_train`` asks of a grid: connected node ids and the run."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-        self.run = SimpleNamespace(run_id=1)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def _weights(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
