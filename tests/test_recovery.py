@@ -39,7 +39,7 @@ def test_a_process_killed_while_writing_a_checkpoint_leaves_the_last_one_loadabl
     child = textwrap.dedent(
         f"""
         import os, signal, torch, safetensors.torch as st
-        from fedfuse.server import checkpoint
+        from fedfuse.server import run_checkpoint as checkpoint
         def half_then_die(tensors, path):
             with open(path, "wb") as handle:
                 handle.write(b"x" * 4096)
