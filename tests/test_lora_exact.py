@@ -16,6 +16,7 @@ from fedfuse.algebra import (
     naive_factor_average,
     svd_refactor,
 )
+from fedfuse.algebra.low_rank import LowRank
 from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.settings import RunSettings
 from fedfuse.strategies import get_strategy
@@ -130,3 +131,24 @@ def test_svd_refactor_recovers_a_low_rank_delta_and_reports_the_error_of_a_trunc
     truncated = svd_refactor(delta, 1)
     assert 0.0 < truncated.relative_error < 1.0
     assert truncated.lora_a.shape == (1, IN) and truncated.lora_b.shape == (OUT, 1)
+
+
+@pytest.mark.parametrize(("strategy", "folds"), [("fedavg", True), ("task_arithmetic", True), ("ties", False)])
+def test_linear_merges_fold_exact_lora_updates_as_factors_and_others_form_delta_w(strategy, folds):
+    """FedAvg and task arithmetic keep the round's ΔW as stacked factors (no product per update); TIES forms ΔW."""
+    settings = RunSettings.from_run_config(strategy=strategy, lora_rank=RANK, lora_alpha=SCALE * RANK)
+    a_name, b_name = factor_names(MODULE)
+    space = settings.update_space({a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
+    engines = [
+        RoundEngine(get_strategy(strategy), space, round_number=1, fold_factors=fold) for fold in (True, False)
+    ]
+    for k, seed in enumerate((20, 21)):
+        a, b = random_factors(seed)
+        for engine in engines:
+            assert engine.offer(_payload(f"node-{k}", a, b, 10 + k, "fp")) is None
+    assert engines[0].folds_factors is folds
+    factored = engines[0].merged_factored()[MODULE + ".weight"]
+    assert isinstance(factored, LowRank) is folds
+    dense = engines[1].merged_task_vector()[MODULE + ".weight"]
+    got = factored.dense() if isinstance(factored, LowRank) else factored
+    assert relative_error(got, dense) < 1e-6

@@ -16,6 +16,8 @@ from typing import cast
 
 import torch
 
+from fedfuse.algebra.low_rank import truncate
+
 LORA_A_SUFFIX = ".lora_A"
 LORA_B_SUFFIX = ".lora_B"
 
@@ -106,16 +108,6 @@ class Refactored:
 
 def svd_refactor(delta: torch.Tensor, rank: int) -> Refactored:
     """Best rank-``rank`` factors of ``delta`` (truncated SVD, singular values split evenly over B and A)."""
-    if delta.ndim != 2:
-        raise ValueError(f"can only refactor a matrix, got shape {tuple(delta.shape)}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    matrix = delta.float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    rank = min(rank, s.numel())
-    root = s[:rank].sqrt()
-    lora_b = u[:, :rank] * root
-    lora_a = root[:, None] * vh[:rank]
-    norm = torch.linalg.matrix_norm(matrix).item()
-    residual = torch.linalg.matrix_norm(matrix - lora_b @ lora_a).item()
-    return Refactored(lora_a, lora_b, rank, residual / norm if norm > 0 else 0.0)
+    truncation = truncate(delta, rank)
+    factors = truncation.factors
+    return Refactored(factors.a, factors.b, factors.rank, truncation.relative_error)

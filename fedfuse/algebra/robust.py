@@ -13,24 +13,30 @@ from dataclasses import replace
 
 import torch
 
-from fedfuse.algebra.sparse import SparseTensor, Update
+from fedfuse.algebra.low_rank import FactoredUpdate, LowRank, frobenius_norm
+from fedfuse.algebra.sparse import SparseTensor
 
 
-def update_norm(update: Update) -> float:
-    """The Euclidean norm of a whole update (all its tensors; a sparse tensor's kept values)."""
+def update_norm(update: FactoredUpdate) -> float:
+    """The Euclidean norm of a whole update (all its tensors; a sparse tensor's kept values; B·A from its factors)."""
     total = 0.0
     for tensor in update.values():
+        if isinstance(tensor, LowRank):
+            total += frobenius_norm(tensor) ** 2
+            continue
         values = tensor.values if isinstance(tensor, SparseTensor) else tensor
         total += float(values.double().square().sum())
     return math.sqrt(total)
 
 
-def scale_update(update: Update, factor: float) -> dict[str, torch.Tensor | SparseTensor]:
+def scale_update(update: FactoredUpdate, factor: float) -> dict[str, torch.Tensor | SparseTensor | LowRank]:
     """``factor`` × every tensor of ``update`` (sparse tensors keep their support and DARE seed)."""
-    scaled: dict[str, torch.Tensor | SparseTensor] = {}
+    scaled: dict[str, torch.Tensor | SparseTensor | LowRank] = {}
     for name, tensor in update.items():
         if isinstance(tensor, SparseTensor):
             scaled[name] = replace(tensor, values=tensor.values * factor)
+        elif isinstance(tensor, LowRank):
+            scaled[name] = tensor.scaled(factor)
         else:
             scaled[name] = tensor * factor
     return scaled

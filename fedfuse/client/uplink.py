@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -110,7 +110,8 @@ def locally_noised(
     tensors: Mapping[str, UpdateTensor], dp: LocalDP, round_number: int, node: str
 ) -> dict[str, UpdateTensor]:
     """Local DP: the update clipped to C, then N(0, σ²C²) on every entry it carries (DARE: its round mask)."""
-    clipped = scale_update(dict(tensors), clip_factor(update_norm(dict(tensors)), dp.clip_norm))
+    factor = clip_factor(update_norm(dict(tensors)), dp.clip_norm)
+    clipped = cast(dict[str, UpdateTensor], scale_update(dict(tensors), factor))  # no LowRank in, none out
     generator = noise_generator(dp.noise_seed, round_number, f"local|{node}")
     std = dp.noise_multiplier * dp.clip_norm
     return {name: add_gaussian_noise(clipped[name], std, generator) for name in sorted(clipped)}

@@ -12,7 +12,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from fedfuse.algebra import Update
+from fedfuse.algebra.low_rank import FactoredUpdate
 from fedfuse.algebra.robust import clip_factor, scale_update, update_norm
 
 
@@ -51,7 +51,7 @@ class UpdateBounds:
             return float(min(num_examples, self.max_num_examples))
         return float(num_examples)
 
-    def clip(self, tensors: Update) -> tuple[Update, float]:
+    def clip(self, tensors: FactoredUpdate) -> tuple[FactoredUpdate, float]:
         """``tensors`` scaled to at most ``clip_norm`` (unchanged when off or not needed), and their norm."""
         norm = update_norm(tensors)
         factor = 1.0 if self.clip_norm <= 0 else clip_factor(norm, self.clip_norm)

@@ -22,11 +22,13 @@ from typing import Literal
 import torch
 
 from fedfuse.algebra import apply_task_vector, name_mismatch
+from fedfuse.algebra.low_rank import LowRank
 from fedfuse.rejections import Rejected, Rejection, counts_by_reason
 from fedfuse.rounds.bounds import UpdateBounds
 from fedfuse.rounds.dp import CentralPrivacy
 from fedfuse.rounds.space import UpdateSpace
 from fedfuse.strategies import MergeState, MergeStrategy
+from fedfuse.strategies.factored import FactoredState
 from fedfuse.wire import (
     Expectation,
     UpdateHeader,
@@ -95,6 +97,9 @@ class RoundEngine:
     privacy : CentralPrivacy, optional
         Central differential privacy: Gaussian noise added to the merged task vector (with clipping
         at ``clip_norm`` = C, this is the Gaussian mechanism on the clipped sum).
+    fold_factors : bool
+        Fold exact LoRA updates as stacked factors when the strategy is linear and the space keeps
+        them whole (:attr:`UpdateSpace.has_factors`): O(r·(in + out)) per update instead of forming ΔW.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class RoundEngine:
         check_sparsifier: bool = False,
         bind_senders: bool = False,
         privacy: CentralPrivacy | None = None,
+        fold_factors: bool = True,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
@@ -134,7 +140,8 @@ class RoundEngine:
             space.wire_shapes, round_number, run_id, base_fingerprint, update_cap, sparsifier=wire_sparsifier
         )
         self.partial_expect = Expectation(space.merge_shapes, round_number, run_id, base_fingerprint, partial_cap)
-        self.state: MergeState = strategy.new_state()
+        self.folds_factors = fold_factors and space.has_factors and strategy.capabilities.linear and privacy is None
+        self.state: MergeState = FactoredState(strategy) if self.folds_factors else strategy.new_state()
         self.contributions: dict[str, Contribution] = {}
         self.rejections: list[Rejection] = []
         self.bytes_received = 0
@@ -212,9 +219,11 @@ class RoundEngine:
         if self.strategy.capabilities.needs_gram and not update.grams:
             return self.reject(node, "incompatible_update", f"node {node}: {self.strategy.name!r} needs Gram matrices")
         try:
-            tensors, fisher = self.space.merge_input(update)
+            tensors, fisher = (
+                self.space.merge_input(update, factored=True) if self.folds_factors else self.space.merge_input(update)
+            )
             clipped, norm = self.bounds.clip(tensors)
-            self.state.add(clipped, weight=weight, fisher=fisher, gram=self.space.merge_grams(update))
+            self.state.add(clipped, weight=weight, fisher=fisher, gram=self.space.merge_grams(update))  # type: ignore[arg-type]
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
         self.bounds.admitted(header.num_examples, norm)
@@ -262,7 +271,7 @@ class RoundEngine:
         sparse = self.space.server_sparsified(tensors, round_number=self.round_number or 0, node=node)
         try:
             clipped, norm = self.bounds.clip(sparse)
-            self.state.add(clipped, weight=weight, fisher=fisher)
+            self.state.add(clipped, weight=weight, fisher=fisher)  # type: ignore[arg-type]  # dense in, dense out
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
         self.bounds.admitted(num_examples, norm)
@@ -318,13 +327,21 @@ class RoundEngine:
 
         Ends the round: statistics are freed as results appear, so the peak stays at one state.
         """
+        return {name: to_dense_matrix(t) for name, t in self.merged_factored().items()}
+
+    def merged_factored(self) -> dict[str, torch.Tensor | LowRank]:
+        """The merged change with matrices folded as factors kept as :class:`LowRank` (ends the round)."""
         if not self.contributions:
             reasons = ", ".join(counts_by_reason(self.rejections)) or "no payloads"
             raise ValueError(f"no update was accepted this round ({reasons})")
+        if isinstance(self.state, FactoredState):
+            factored = self.state.finalize_factored(release=True)
+            return {name: t if isinstance(t, LowRank) else t.cpu() for name, t in factored.items()}
         merged = {name: tensor.cpu() for name, tensor in self.state.finalize(release=True).items()}
         if self.privacy is not None:
             merged = self.privacy.apply(merged, len(self.contributions))
-        return self.space.task_vector(merged)
+        out: dict[str, torch.Tensor | LowRank] = {**self.space.task_vector(merged)}
+        return out
 
     def finalize(self, round_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The next round's weights: ``round_weights`` plus the merged task vector; None if nothing was accepted."""
@@ -357,3 +374,8 @@ def _example_weighted(contributions: Iterable[Contribution], key: str) -> float 
             total += contribution.num_examples * float(value)
             weight += contribution.num_examples
     return total / weight if weight else None
+
+
+def to_dense_matrix(tensor: torch.Tensor | LowRank) -> torch.Tensor:
+    """A merged tensor as a dense one (a :class:`LowRank` matrix's product formed on the CPU)."""
+    return tensor.dense().cpu() if isinstance(tensor, LowRank) else tensor

@@ -26,6 +26,7 @@ from fedfuse.algebra import (
     sparsify_update,
     to_dense,
 )
+from fedfuse.algebra.low_rank import FactoredUpdate, LowRank
 from fedfuse.wire import DecodedUpdate
 
 SpaceKind = Literal["full", "lora-exact", "lora-factors"]
@@ -84,11 +85,21 @@ class UpdateSpace:
         """How clients shrink what they send: the run's sparsifier for full weights; LoRA factors go dense."""
         return self.sparsifier if self.kind == "full" else Sparsifier()
 
-    def merge_input(self, update: DecodedUpdate) -> tuple[Update, Update | None]:
-        """The (tensors, fisher) the strategy folds for one decoded update."""
+    @property
+    def has_factors(self) -> bool:
+        """Updates are exact LoRA ΔW = s·B·A merged as is (no server-side sparsifier): they can stay factored."""
+        return self.kind == "lora-exact" and self.sparsifier.kind == "none"
+
+    def merge_input(self, update: DecodedUpdate, *, factored: bool = False) -> tuple[FactoredUpdate, Update | None]:
+        """The (tensors, fisher) the strategy folds for one decoded update.
+
+        ``factored`` (with :attr:`has_factors`): each module's ΔW as :class:`LowRank` factors (s·B, A), not formed.
+        """
         if self.kind != "lora-exact":
             return update.tensors, update.fisher
         dense = {name: to_dense(tensor) for name, tensor in update.tensors.items()}
+        if factored and self.has_factors:
+            return factored_deltas(dense, self.scale), None
         deltas = factors_to_deltas(dense, self.scale)
         return self.server_sparsified(deltas, round_number=update.header.round, node=str(update.header.node_id)), None
 
@@ -112,3 +123,15 @@ class UpdateSpace:
         if self.kind == "lora-factors":
             return factors_to_deltas(dict(merged), self.scale)
         return dict(merged)
+
+
+def factored_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor | LowRank]:
+    """Every A/B pair as ΔW = (s·B)·A kept factored under ``"<module>.weight"``; other tensors pass through."""
+    out: dict[str, torch.Tensor | LowRank] = {}
+    paired: set[str] = set()
+    for module in lora_modules(list(tensors)):
+        a_name, b_name = factor_names(module)
+        paired.update((a_name, b_name))
+        out[module + ".weight"] = LowRank(tensors[b_name].float() * scale, tensors[a_name].float())
+    out.update({name: t for name, t in tensors.items() if name not in paired})
+    return out

@@ -60,6 +60,10 @@ class Capabilities:
     averages : bool
         The merge before λ is an average of the updates (coefficients summing to one, entry by entry), so
         it commutes with a shift of every input: see :attr:`MergeStrategy.reference_free`.
+    linear : bool
+        The merged task vector is c(W)·Σ wₖτₖ, a coefficient of the total weight W times the weighted sum
+        (FedAvg, task arithmetic, normalized linear): low-rank updates may be folded as stacked factors
+        (:class:`~fedfuse.strategies.factored.FactoredState`) and the merge stays low-rank.
     """
 
     needs_fisher: bool = False
@@ -69,6 +73,7 @@ class Capabilities:
     federated: bool = True
     negative_weights: bool = False
     averages: bool = False
+    linear: bool = False
 
 
 LEGACY_FLAGS = tuple(f.name for f in dataclasses.fields(Capabilities))
@@ -146,6 +151,16 @@ class MergeStrategy(ABC):
         app may then merge replies without telling the strategy the round's weights.
         """
         return self.capabilities.averages and self.lam == 1.0
+
+    def linear_coefficient(self, total_weight: float) -> float:
+        """c(W) of a ``linear`` method, λ included: the merged task vector is c(W)·Σ wₖτₖ."""
+        if not self.capabilities.linear:
+            raise ValueError(f"strategy {self.name!r} is not linear in its updates")
+        if not total_weight:
+            raise ValueError("a linear merge needs a nonzero total weight")
+        state = self.new_state()
+        state.add({"unit": torch.ones(1, dtype=self.dtype, device=self.device)}, weight=total_weight)
+        return float(state.finalize()["unit"][0]) / total_weight
 
     def params(self) -> dict[str, Any]:
         """The parameters that change the merge's meaning (serialized with partial states)."""

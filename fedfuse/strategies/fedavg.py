@@ -14,7 +14,7 @@ class FedAvg(StatisticsStrategy):
     sparse update dropped counts as τ = 0 with the update's full weight.
     """
 
-    capabilities = Capabilities(averages=True)
+    capabilities = Capabilities(averages=True, linear=True)
 
     name = "fedavg"
     statistics = ("S",)

@@ -26,13 +26,13 @@ class Linear(StatisticsStrategy):
 
     name = "linear"
     statistics = ("S",)
-    capabilities = Capabilities(negative_weights=True, averages=True)  # at the default normalize=True
+    capabilities = Capabilities(negative_weights=True, averages=True, linear=True)  # at the default normalize=True
     parameters = (Param("normalize", bool, True, help="divide by the sum of the weights (mergekit `normalize`)"),)
 
     def __init__(self, *, normalize: bool = True, **common: Any) -> None:
         super().__init__(**common)
         self.normalize = bool(normalize)
-        self.with_capabilities(averages=self.normalize, needs_base=not self.normalize)
+        self.with_capabilities(averages=self.normalize, needs_base=not self.normalize, linear=self.normalize)
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "normalize": self.normalize}

@@ -23,7 +23,7 @@ class TaskArithmetic(StatisticsStrategy):
 
     name = "task_arithmetic"
     statistics = ("S",)
-    capabilities = Capabilities(negative_weights=True)
+    capabilities = Capabilities(negative_weights=True, linear=True)
     parameters = (Param("normalize", bool, False, help="divide by the sum of the weights (mergekit `normalize`)"),)
 
     def __init__(self, *, normalize: bool = False, **common: Any) -> None:
