@@ -9,6 +9,8 @@ Built and parsed only here, by the server, the ClientApp and the tier gateway:
   diagnostics, :mod:`fedfuse.timing`). Node, tier, number of examples and client metrics live in the
   payload's header, which the signature covers;
 - :class:`EvaluateReply` — a client's local evaluation (example count and metrics) and which data it used;
+- the model sync (:func:`sync_records`, :func:`read_sync`) — what brings a node to the round's model
+  version: nothing, the broadcast deltas it lacks (dense or as factors), or the whole change;
 - :class:`NodeName` — a node's stable name (its institution or partition), asked once per node with a
   ``query`` message, so the server samples and folds nodes in an order that survives a resume
   (Flower's node ids are drawn at random by each simulation).
@@ -28,7 +30,9 @@ from flwr.app.typing import ConfigRecordValues
 from flwr.common.constant import ErrorCode
 
 from fedfuse.rejections import ROUND_REASONS, Rejected
+from fedfuse.rounds.broadcast import Delta
 from fedfuse.rounds.engine import PayloadKind
+from fedfuse.rounds.versions import Step, Sync, VersionMismatch
 from fedfuse.security import UpdateSignature
 from fedfuse.timing import reported_phases
 
@@ -39,6 +43,10 @@ METRICS_RECORD = "metrics"
 CONFIG_RECORD = "config"
 ARRAYS_RECORD = "arrays"
 RESIDUAL_RECORD = "fedfuse.residual"
+SYNC_RECORD = "fedfuse.sync"
+"""The arrays of a model sync (``state/<name>``, ``step<i>/<name>``, ``step<i>/<name>@B`` ...)."""
+SYNC_CONFIG_RECORD = "fedfuse.sync.config"
+"""The sync's versions (``version``, ``sources``, ``targets``), its kind and its bfloat16 arrays' keys."""
 SIGNATURE_RECORD = "fedfuse.signature"
 TIMING_RECORD = "fedfuse.timing"
 PAYLOAD_RECORDS: dict[PayloadKind, str] = {"update": UPDATE_RECORD, "partial": PARTIAL_RECORD}
@@ -55,6 +63,54 @@ def array_record(records: Mapping[str, ArrayRecord], key: str, *, ignore: Iterab
 def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord's arrays as writable torch tensors in their own dtypes, by name."""
     return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
+
+
+def _to_array(tensor: torch.Tensor) -> Array:
+    """A tensor as a Flower Array (bfloat16, which numpy lacks, travels as its int16 bits)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return Array(tensor.detach().cpu().contiguous().numpy())
+
+
+def sync_records(sync: Sync) -> tuple[ArrayRecord, ConfigRecord]:
+    """A model sync as one ArrayRecord and its ConfigRecord (versions, the bfloat16 arrays' keys)."""
+    arrays: dict[str, torch.Tensor] = {}
+    if sync.state is not None:
+        arrays = {f"state/{name}": tensor for name, tensor in sync.state.items()}
+    for index, step in enumerate(sync.steps):
+        arrays.update({f"step{index}/{name}": tensor for name, tensor in step.delta.arrays().items()})
+    config: dict[str, ConfigRecordValues] = {
+        "version": sync.version,
+        "kind": "state" if sync.state is not None else "steps",
+        "sources": [step.source for step in sync.steps],
+        "targets": [step.target for step in sync.steps],
+        "bfloat16": [key for key, tensor in arrays.items() if tensor.dtype == torch.bfloat16],
+    }
+    return ArrayRecord({key: _to_array(tensor) for key, tensor in arrays.items()}), ConfigRecord(config)
+
+
+def read_sync(content: RecordDict) -> Sync | None:
+    """The model sync a message carries, or None (a message from before versions, or a plain Flower one)."""
+    record = content.array_records.get(SYNC_RECORD)
+    config = content.config_records.get(SYNC_CONFIG_RECORD)
+    if record is None or config is None:
+        return None
+    bf16 = set(cast(list[str], config.get("bfloat16", [])))
+    arrays = {}
+    for key, array in record.items():
+        tensor = torch.from_numpy(array.numpy().copy())
+        arrays[key] = tensor.view(torch.bfloat16) if key in bf16 else tensor
+    version = str(config["version"])
+    if config.get("kind") == "state":
+        prefix = "state/"
+        return Sync(version, state={key.removeprefix(prefix): t for key, t in arrays.items()})
+    sources, targets = cast(list[str], config.get("sources", [])), cast(list[str], config.get("targets", []))
+    steps = []
+    for index, (source, target) in enumerate(zip(sources, targets, strict=True)):
+        prefix = f"step{index}/"
+        delta = Delta.from_arrays({k.removeprefix(prefix): t for k, t in arrays.items() if k.startswith(prefix)})
+        steps.append(Step(source, target, delta))
+    return Sync(version, tuple(steps))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -88,8 +144,10 @@ class ReplyRejected(Rejected):
 
 
 def reply_error_reason(message: Message) -> str:
-    """``node_unavailable`` for the SuperLink's error on a node that missed its heartbeats, else ``client_error``."""
-    return "node_unavailable" if message.error.code == ErrorCode.NODE_UNAVAILABLE else "client_error"
+    """``node_unavailable`` (the SuperLink answered for a lost node), ``version_mismatch`` or ``client_error``."""
+    if message.error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "node_unavailable"
+    return "version_mismatch" if VersionMismatch.reason + ":" in (message.error.reason or "") else "client_error"
 
 
 def instruction_destinations(instructions: Iterable[Message]) -> dict[str, int]:

@@ -63,6 +63,7 @@ ROUND_REASONS: dict[str, str] = {
     "incompatible_update": "the update does not fit the strategy or the update space (e.g. no Fisher diagonal)",
     "sender_mismatch": "an unsigned payload names another node than the transport peer that sent it",
     "timed_out": "the node sent no reply before the round's deadline (run config timeout); a late reply is dropped",
+    "version_mismatch": "the node holds another model version than the round's broadcast applies to (re-synced next)",
 }
 """Decided by the round engine (:mod:`fedfuse.rounds`) and the server around it."""
 

@@ -25,6 +25,7 @@ from tiny_runs import TINY_RUN
 from fedfuse.client.app import make_client_app
 from fedfuse.messages import EvaluateReply, TrainReply
 from fedfuse.rejections import Rejected
+from fedfuse.rounds import ModelChange
 from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
@@ -149,7 +150,7 @@ def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(s
     """
     settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
     base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
-    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", base)
+    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", ModelChange("v:0"))
     grid = SeededGrid(SHAPES)
     grid.unavailable = {12}
     messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))

@@ -139,9 +139,7 @@ def test_linear_merges_fold_exact_lora_updates_as_factors_and_others_form_delta_
     settings = RunSettings.from_run_config(strategy=strategy, lora_rank=RANK, lora_alpha=SCALE * RANK)
     a_name, b_name = factor_names(MODULE)
     space = settings.update_space({a_name: (RANK, IN), b_name: (OUT, RANK)}, scale=SCALE)
-    engines = [
-        RoundEngine(get_strategy(strategy), space, round_number=1, fold_factors=fold) for fold in (True, False)
-    ]
+    engines = [RoundEngine(get_strategy(strategy), space, round_number=1, fold_factors=fold) for fold in (True, False)]
     for k, seed in enumerate((20, 21)):
         a, b = random_factors(seed)
         for engine in engines:

@@ -17,7 +17,7 @@ from seeded_grid import LoopbackGrid
 
 from fedfuse.algebra.server_optim import ServerOptimizerRule
 from fedfuse.flower import FedMerge, task_vector_mod
-from fedfuse.rounds import CentralDP, RoundPolicy, ServerOptimizer, UpdateSpace
+from fedfuse.rounds import CentralDP, ModelChange, RoundPolicy, ServerOptimizer, UpdateSpace
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
 from fedfuse.strategies import get_strategy
@@ -148,8 +148,7 @@ def test_fedmerge_central_dp_noises_the_merge_as_the_round_engine_does(server_id
 
 def test_fedfuses_own_strategy_and_fedmerge_build_their_engines_from_the_runs_policy() -> None:
     settings = RunSettings.from_run_config(mode="full", strategy="fedavg", clip_norm=3.0, server_optimizer="fedadam")
-    base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
-    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, 1.0), "run", base)
+    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, 1.0), "run", ModelChange("v:0"))
     assert isinstance(strategy, FedMerge)
     assert strategy.policy == settings.round_policy
     assert strategy.optimizer.rule == settings.merge.server_rule

@@ -22,7 +22,7 @@ from seeded_grid import SeededGrid
 
 from fedfuse.algebra.server_optim import ServerOptimizerRule, server_step
 from fedfuse.messages import TrainReply
-from fedfuse.rounds import RoundEngine, ServerOptimizer, UpdateSpace
+from fedfuse.rounds import ModelChange, RoundEngine, ServerOptimizer, UpdateSpace
 from fedfuse.server.app import run_server
 from fedfuse.server.run_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
@@ -262,19 +262,19 @@ def test_full_mode_rounds_through_the_strategy_step_the_optimizer_and_tiers_stay
     base = {n: torch.zeros(s) for n, s in SHAPES.items()}
     results = []
     for tiers in ({}, {11: "region-a", 12: "region-b", 13: "region-a"}):
-        strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", base)
+        strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", ModelChange("v:0"))
         grid, arrays = SeededGrid(SHAPES, tiers=tiers), ArrayRecord(base)
         expected = ServerOptimizer(settings.merge.server_rule)
         for server_round in (1, 2):
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             replies = grid.pull_messages(grid.push_messages(messages))
             change = expected.step(round_engine_of(strategy, server_round, replies))
+            before = {n: strategy.model.tensors.get(n, base[n]).clone() for n in SHAPES}
             new_arrays, metrics = strategy.aggregate_train(server_round, iter(replies))
             assert new_arrays is not None and metrics["accepted"] == 3
-            got, before = new_arrays.to_torch_state_dict(), arrays.to_torch_state_dict()
+            got = strategy.model.tensors  # the run's change to the (zero) base: its weights
             for n in SHAPES:
-                assert torch.equal(got[n], before[n] + change[n]), n
-            arrays = new_arrays
+                torch.testing.assert_close(got[n], before[n] + change[n], rtol=0, atol=1e-7)
         assert strategy.optimizer.steps == 2
         results.append(arrays.to_torch_state_dict())
     for n in SHAPES:

@@ -11,6 +11,7 @@ from tiny_runs import TINY_RUN
 
 from fedfuse.client.app import make_client_app
 from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
+from fedfuse.rounds import ModelChange
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.simulation import simulate
@@ -75,10 +76,10 @@ def test_tiered_merge_equals_the_flat_merge(name, server_identity):
     for tiers in (["", "", "", ""], ["region-a", "region-b", "region-a", "region-c"]):
         space = settings.update_space(SHAPES, scale=1.0)
         base = {n: torch.zeros(s) for n, s in SHAPES.items()}
-        strategy = FedFuseStrategy(settings, space, "run", base)
-        arrays, metrics = strategy.aggregate_train(1, iter(_replies(strategy, tiers)))
+        strategy = FedFuseStrategy(settings, space, "run", ModelChange("v:0"))
+        _, metrics = strategy.aggregate_train(1, iter(_replies(strategy, tiers)))
         assert metrics["accepted"] == 4 and metrics["tiers"] == len(set(tiers))
-        results[len(set(tiers))] = arrays.to_torch_state_dict()
+        results[len(set(tiers))] = {n: base[n] + t for n, t in strategy.model.tensors.items()}
     flat, tiered = results[1], results[3]
     for key in SHAPES:
         torch.testing.assert_close(tiered[key], flat[key], rtol=1e-6, atol=1e-5)  # fp32 sums in another order

@@ -94,7 +94,8 @@ def _federated(
         },
         num_clients=len(skills),
     )
-    scorer.use(scorer.task_vector(open_run(folder).checkpoint.weights))
+    checkpoint = open_run(folder).checkpoint
+    scorer.use(checkpoint.weights if checkpoint.kind == "change" else scorer.task_vector(checkpoint.weights))
     return scorer.accuracies(skills, "test")
 
 

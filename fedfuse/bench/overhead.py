@@ -100,7 +100,7 @@ def plain_flower_server(settings: RunSettings, clients: int, round_ends: list[fl
         evaluator = ServerEvaluator(settings)
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            metrics = evaluator(arrays)
+            metrics = evaluator.of_weights(dict(arrays.to_torch_state_dict()))
             if server_round > 0:
                 round_ends.append(time.time())
             return metrics

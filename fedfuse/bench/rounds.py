@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord
 
 from fedfuse.client.attacks import simulated_local_round
 from fedfuse.client.local_round import Shard
@@ -60,7 +59,7 @@ def run_rounds(
             local = simulated_local_round(settings, changed, round_number=round_number, run_id=RUN_ID, shard=shard)
             engine.offer(local.payload)
         weights = optimizer.apply(engine, weights) or weights
-        accuracy = float(evaluator(ArrayRecord(weights))["accuracy"])  # type: ignore[arg-type]
+        accuracy = float(evaluator.of_weights(weights)["accuracy"])  # type: ignore[arg-type]
         result.accuracy.append(accuracy)
         result.metrics.append(dict(engine.metrics()))
         if on_round:

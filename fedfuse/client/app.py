@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from flwr.app import Context, Message, MessageType
@@ -42,9 +43,9 @@ from fedfuse.client.local_round import (
     uplink_of,
 )
 from fedfuse.client.mods import signing_mod, trained_content, uplink_mod
+from fedfuse.client.node_model import model_folder, round_weights, synced_change
 from fedfuse.client.residuals import ResidualSlot
 from fedfuse.messages import (
-    ARRAYS_RECORD,
     RESIDUAL_RECORD,
     TIMING_RECORD,
     EvaluateReply,
@@ -54,6 +55,7 @@ from fedfuse.messages import (
 )
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_datasets import NodeData
+from fedfuse.training.run_model import base_parameters
 
 CAUSAL_TASKS = ("lm", "sft")
 
@@ -123,6 +125,7 @@ def _gateway_reply(
         members=members,
         tier=tier,
         error_feedback=feedback,
+        model_version=instruction.base_fingerprint,
     )
     for slot, store in zip(slots, feedback, strict=False):
         if store is not None:
@@ -141,14 +144,21 @@ def train_handler(overrides: Mapping[str, Any] | None = None, *, datasets: Datas
     def train(msg: Message, context: Context) -> Message:
         settings = run_settings(context, extra)
         instruction = RoundInstruction.from_message(msg)
-        changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
         shard = shard_of(context, settings)
+        change = synced_change(msg.content, model_folder(context, instruction.run_key, shard.node_name))
+        instruction = replace(instruction, base_fingerprint=change.version)
+        changed = round_weights(base_parameters(settings), change)
         tier = str(context.node_config.get("tier", ""))
         members = int(context.node_config.get("gateway-members", 0) or 0)
         if members:
             return _gateway_reply(settings, context, changed, instruction, shard, tier, members).reply_to(msg)
         trained = train_locally(
-            settings, changed, round_number=instruction.server_round, shard=shard, datasets=datasets
+            settings,
+            changed,
+            round_number=instruction.server_round,
+            shard=shard,
+            datasets=datasets,
+            model_version=change.version,
         )
         content = trained_content(
             trained.update,
@@ -222,8 +232,10 @@ def make_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         settings = run_settings(context, extra)
-        changed = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
         shard = shard_of(context)
+        run_key = RoundInstruction.from_message(msg).run_key
+        change = synced_change(msg.content, model_folder(context, run_key, shard.node_name))
+        changed = round_weights(base_parameters(settings), change)
         result, source = evaluate_locally(settings, changed, shard)
         metrics = {"accuracy": result.accuracy, "loss": result.loss}
         if settings.source.task in CAUSAL_TASKS:

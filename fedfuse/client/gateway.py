@@ -40,6 +40,7 @@ def run_gateway_round(
     members: int,
     tier: str = "",
     error_feedback: Sequence[ErrorFeedback | None] | None = None,
+    model_version: str = "",
 ) -> GatewayResult:
     """Train ``members`` institutions on slices of this node's share and merge them into one partial state.
 
@@ -55,8 +56,11 @@ def run_gateway_round(
     feedback = list(error_feedback) if error_feedback is not None else [None] * members
     if len(feedback) != members:
         raise ValueError(f"a gateway with {members} members needs {members} error-feedback stores, got {len(feedback)}")
-    _, round_state, _ = round_model(settings, changed)
-    base_fingerprint = fingerprint(round_state)
+    if model_version:
+        base_fingerprint = model_version
+    else:
+        _, round_state, _ = round_model(settings, changed)
+        base_fingerprint = fingerprint(round_state)
     engine = settings.round_engine(
         settings.update_space(update_shapes(settings), lora_scale(settings)),
         round_number=round_number,
@@ -74,6 +78,7 @@ def run_gateway_round(
             run_id=run_id,
             shard=shard.member_shard(member, members),
             error_feedback=feedback[member],
+            model_version=base_fingerprint,
         )
         rejection = engine.offer(result.payload)
         if rejection is not None:

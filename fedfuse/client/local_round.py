@@ -239,12 +239,14 @@ def train_locally(
     round_number: int,
     shard: Shard,
     datasets: DatasetLoader = client_datasets,
+    model_version: str = "",
 ) -> TrainedRound:
     """Train from the round's weights; return the update (τ or LoRA factors, Fisher, Grams) and the report.
 
-    ``changed`` holds the parameters the server broadcast: those that differ from the base model. The
-    update's header metrics are the client's report: train loss and seconds, the trainer's metrics,
-    and which data it used.
+    ``changed`` holds the round's values of the parameters that differ from the base model. The update
+    names ``model_version`` as what it was trained from (default: the fingerprint of the round's weights).
+    Its header metrics are the client's report: train loss and seconds, the trainer's metrics, and which
+    data it used.
     """
     torch.set_num_threads(settings.training.client_threads)
     phases = Phases()
@@ -275,7 +277,8 @@ def train_locally(
         "institution": shard.node_name,
     }
     update = TrainedUpdate(tensors, len(data.train), kind, metrics, fisher, grams)
-    return TrainedRound(update, fingerprint(round_state), result.loss, data.source, train_seconds, phases)
+    version = model_version or fingerprint(round_state)
+    return TrainedRound(update, version, result.loss, data.source, train_seconds, phases)
 
 
 def run_local_round(
@@ -287,6 +290,7 @@ def run_local_round(
     shard: Shard,
     error_feedback: ErrorFeedback | None = None,
     tier: str = "",
+    model_version: str = "",
 ) -> LocalResult:
     """Train from the round's weights and return the encoded update (see the module docstring).
 
@@ -294,7 +298,7 @@ def run_local_round(
     uplink :func:`~fedfuse.client.uplink.encode_uplink` with ``error_feedback`` as the residual store.
     The update's header (signed with it) names the node and its ``tier``.
     """
-    trained = train_locally(settings, changed, round_number=round_number, shard=shard)
+    trained = train_locally(settings, changed, round_number=round_number, shard=shard, model_version=model_version)
     return encode_round(
         settings,
         trained,

@@ -98,7 +98,7 @@ def export_adapter(
     if adapter_config.modules_to_save:  # PEFT adds classifier/score again for SEQ_CLS
         adapter_config.modules_to_save = sorted(set(adapter_config.modules_to_save))
     modules = sorted(lora_layers(peft_model))
-    weights = run.checkpoint.weights
+    weights = run.checkpoint.absolute_weights(base)
     _check_changes(run, weights, base, modules, heads)
     deltas = {m: weights.get(m + ".weight", base[m + ".weight"]).float() - base[m + ".weight"].float() for m in modules}
     narrowest = min(modules, key=lambda m: min(deltas[m].shape))

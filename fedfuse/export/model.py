@@ -16,7 +16,7 @@ from fedfuse.export.run import (
     run_base_model,
     write_provenance,
 )
-from fedfuse.training.run_model import load_global_state
+from fedfuse.training.run_model import global_state, load_global_state
 from fedfuse.wire import fingerprint
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def export_model(
     out = check_output(out, force)
     model, tokenizer = run_base_model(run)
     try:
-        load_global_state(model, run.checkpoint.weights)
+        load_global_state(model, run.checkpoint.absolute_weights(global_state(model)))
     except ValueError as exc:
         raise ExportError(f"{run.state_path}: {exc}") from None
     pretrained = cast("PreTrainedModel", model)  # torch types module attributes as Tensor | Module

@@ -12,6 +12,7 @@ from fedfuse.models.loading import (
     load_causal_lm,
     load_classifier,
     load_tokenizer,
+    model_skeleton,
     resolve_model_source,
 )
 from fedfuse.models.smollm2 import (
@@ -36,6 +37,7 @@ __all__ = [
     "load_causal_lm",
     "load_classifier",
     "load_tokenizer",
+    "model_skeleton",
     "prepare_smollm2",
     "resolve_model_source",
     "smollm2_dir",

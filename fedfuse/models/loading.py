@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -236,13 +237,36 @@ def load_causal_lm(
     extra: dict[str, Any] = {}
     if dtype is not None:
         extra["dtype"] = dtype
-    if gguf_file is None and isinstance(source, Path) and not any((source / n).is_file() for n in WEIGHT_FILES):
-        candidates = _gguf_files(source)
-        if len(candidates) != 1:
-            raise ModelLoadError(
-                f"model folder {source} holds {len(candidates)} *.gguf files and no other weights: pass gguf_file"
-            )
-        gguf_file = candidates[0].name
+    gguf_file = gguf_file or _only_gguf(source)
     if gguf_file is not None:
         extra["gguf_file"] = gguf_file
     return _load(AutoModelForCausalLM, "causal LM", source, **extra)
+
+
+def _only_gguf(source: Path | str) -> str | None:
+    """The one ``*.gguf`` file of a folder that holds no Hugging Face weights (None when it has weights)."""
+    if not isinstance(source, Path) or any((source / n).is_file() for n in WEIGHT_FILES):
+        return None
+    candidates = _gguf_files(source)
+    if len(candidates) != 1:
+        raise ModelLoadError(
+            f"model folder {source} holds {len(candidates)} *.gguf files and no other weights: pass gguf_file"
+        )
+    return candidates[0].name
+
+
+def model_skeleton(name_or_path: str | Path, *, num_labels: int = 0) -> PreTrainedModel:
+    """The model's architecture without its weights (every tensor on the meta device): names and shapes only.
+
+    A causal LM, or with ``num_labels`` an encoder with a classification head: what a server that merges
+    updates needs to know of the model, at no memory.
+    """
+    source = resolve_model_source(name_or_path)
+    extra: dict[str, Any] = {"num_labels": num_labels} if num_labels else {}
+    gguf_file = _only_gguf(source)
+    if gguf_file is not None:
+        extra["gguf_file"] = gguf_file
+    config = _load(AutoConfig, "model config", source, **extra)
+    loader = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
+    with torch.device("meta"):
+        return loader.from_config(config)

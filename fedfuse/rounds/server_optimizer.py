@@ -3,7 +3,7 @@
 :class:`ServerOptimizer` turns each round's merged task vector Δₜ (the pseudo-gradient, whatever the
 strategy) into the change applied to the global model, with the update rules of
 :mod:`fedfuse.algebra.server_optim` (FedAvgM, FedAdam, FedYogi). ``server-optimizer = "none"`` calls
-:meth:`RoundEngine.finalize` unchanged, so such a run is bit for bit what it was without this class.
+:meth:`RoundEngine.merged_factored` unchanged, so such a run is bit for bit what it was without this class.
 Only the top server holds one: tier gateways forward partial states and never finalize. Its state goes
 into the round's checkpoint (:meth:`state_tensors`) and back (:meth:`load_state`), so a resumed run
 steps exactly as an uninterrupted one.
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedfuse.algebra import UpdateTensor, apply_task_vector, to_dense
+from fedfuse.algebra.low_rank import LowRank, densified
 from fedfuse.algebra.server_optim import ServerOptimizerRule, server_step
 from fedfuse.rounds.engine import RoundEngine
 
@@ -65,13 +66,22 @@ class ServerOptimizer:
         self.steps += 1
         return change
 
-    def apply(self, engine: RoundEngine, round_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The next round's weights from a finished round's engine; None if it accepted nothing (no step)."""
-        if self.rule is None:
-            return engine.finalize(round_weights)
+    def round_change(self, engine: RoundEngine) -> dict[str, torch.Tensor | LowRank] | None:
+        """The change a finished round makes to the weights (None if it accepted nothing: no step).
+
+        Without a rule it is the merged task vector, low-rank matrices still as factors; with one, the
+        rule's step on the (dense) merged task vector.
+        """
         if not engine.contributions:
             return None
-        return apply_task_vector(dict(round_weights), self.step(engine.merged_task_vector(), engine.round_number))
+        if self.rule is None:
+            return engine.merged_factored()
+        return dict(self.step(engine.merged_task_vector(), engine.round_number))
+
+    def apply(self, engine: RoundEngine, round_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The next round's weights from a finished round's engine; None if it accepted nothing (no step)."""
+        change = self.round_change(engine)
+        return None if change is None else apply_task_vector(dict(round_weights), densified(change))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """m and v as ``<parameter>::m`` / ``<parameter>::v`` tensors (what the checkpoint stores)."""

@@ -16,18 +16,19 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.rounds import PrivacyAccountant
+from fedfuse.rounds import ModelChange, PrivacyAccountant, base_version
 from fedfuse.security import Registry
 from fedfuse.server.display import RoundDisplay
 from fedfuse.server.evaluation import ServerEvaluator, has_server_evaluation
 from fedfuse.server.history import EvaluationRecord, RoundRecord, RunHistory
+from fedfuse.server.memory import resident_bytes, server_memory
 from fedfuse.server.report import write_report
 from fedfuse.server.round_loop import InitialEvaluation, RoundOutcome
 from fedfuse.server.run_checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_datasets import run_label_names
-from fedfuse.training.run_model import base_model, global_state, lora_scale, update_shapes
+from fedfuse.training.run_model import base_identity, fresh_base_model, global_state, lora_scale, update_shapes
 
 RESUME_MUST_MATCH = (
     "dp",
@@ -51,7 +52,7 @@ RESUME_DEFAULTS = {"server-optimizer": "none"}
 
 
 def resume_state(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
-    """The weights, history and next round of the checkpoint ``resume`` names (``CheckpointError`` if unfit)."""
+    """The stored weights (or change), history and next round of the checkpoint ``resume`` names."""
     checkpoint = resumed_checkpoint(settings)
     return checkpoint.weights, checkpoint.history, checkpoint.round + 1
 
@@ -112,11 +113,15 @@ class RunRecorder:
         self.display = RoundDisplay(settings.run.num_server_rounds)
         self.evaluator = ServerEvaluator(settings) if has_server_evaluation(settings) else None
         self.accountant = _accountant(settings, history)
+        self.rss_start = 0
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Server-side evaluation of the round's weights on the held-out split (round 0: the initial model)."""
+        """Server-side evaluation of the run's model on the held-out split (round 0: the initial model).
+
+        The model is base + the strategy's change (no weights travel through the round loop).
+        """
         assert self.evaluator is not None
-        metrics = self.evaluator(arrays)
+        metrics = self.evaluator(self.strategy.model.tensors)
         if server_round == 0:
             self.history.initial = EvaluationRecord.of_server(metrics)
             self.display.initial(self.history.to_json()["initial"])
@@ -137,49 +142,65 @@ class RunRecorder:
             self.history.privacy["accountant_history"] = [list(entry) for entry in self.accountant.history]
         self.history.add_round(record)
         checkpointing = time.perf_counter()
-        self._checkpoint(record.round, dict(outcome.arrays.to_torch_state_dict()))
+        self._checkpoint(record.round)
         record.phases["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
         self.display.round(self.history.to_json()["rounds"][-1])
         record.phases["report"] = round(time.perf_counter() - reporting - record.phases["checkpoint"], 4)
 
-    def _checkpoint(self, round_number: int, state: dict[str, Any]) -> None:
+    def _checkpoint(self, round_number: int) -> None:
         optimizer = self.strategy.optimizer
         self.history.server_optimizer = optimizer.describe()
+        self.history.server_memory = server_memory(self.rss_start)
+        model = self.strategy.model
         self.history.checkpoint = str(
             save_checkpoint(
                 self.run_dir,
                 round_number,
-                state,
+                model.tensors,
                 self.history.to_json(),
                 self.history.settings,
                 keep=self.settings.run.keep_checkpoints,
                 optimizer=optimizer.state_tensors() if optimizer.enabled else None,
                 optimizer_steps=optimizer.steps,
+                kind="change",
+                version=model.version,
             )
         )
 
 
-def _start(settings: RunSettings, context: Context) -> tuple[RunSettings, dict, RunHistory, int, Checkpoint | None]:
-    """The run's settings (labels resolved), starting weights, history and first round (from ``resume``)."""
+def _start(
+    settings: RunSettings, context: Context
+) -> tuple[RunSettings, ModelChange, RunHistory, int, Checkpoint | None]:
+    """The run's settings (labels resolved), its model change, history and first round (from ``resume``)."""
     if settings.source.task == "classify" and not settings.source.labels:
         settings = settings.replace(labels=",".join(run_label_names(settings)))
     checkpoint = resumed_checkpoint(settings) if settings.run.resume else None
     if checkpoint is not None:
         history = RunHistory.from_json(checkpoint.history)
         history.run_key = history.run_key or str(context.run_id)
-        weights, first_round = checkpoint.weights, checkpoint.round + 1
+        change, first_round = _resumed_change(settings, checkpoint), checkpoint.round + 1
     else:
         history = RunHistory(settings.to_run_config(), str(context.run_id))
-        weights, first_round = {}, 1
+        change, first_round = ModelChange(base_version(base_identity(settings))), 1
     history.settings = settings.to_run_config()
-    return settings, weights, history, first_round, checkpoint
+    return settings, change, history, first_round, checkpoint
 
 
-def _strategy(settings: RunSettings, context: Context, history: RunHistory, base: dict) -> FedFuseStrategy:
-    """fedfuse's strategy for this run: its update space, signer registry and run key."""
+def _resumed_change(settings: RunSettings, checkpoint: Checkpoint) -> ModelChange:
+    """The checkpoint's change and version (one written before model versions is turned into a change once)."""
+    if checkpoint.kind == "change" and checkpoint.version:
+        return ModelChange(checkpoint.version, dict(checkpoint.weights))
+    model, _ = fresh_base_model(settings)
+    change = checkpoint.change_from(global_state(model))
+    del model
+    return ModelChange(base_version({**base_identity(settings), "resumed-round": str(checkpoint.round)}), change)
+
+
+def _strategy(settings: RunSettings, context: Context, history: RunHistory, change: ModelChange) -> FedFuseStrategy:
+    """fedfuse's strategy for this run: its update space, signer registry, run key and model change."""
     space = settings.update_space(update_shapes(settings), lora_scale(settings))
     registry = Registry.load(settings.run.signer_registry) if settings.run.signer_registry else None
-    return FedFuseStrategy(settings, space, str(context.run_id), base, registry=registry, run_key=history.run_key)
+    return FedFuseStrategy(settings, space, str(context.run_id), change, registry=registry, run_key=history.run_key)
 
 
 def _resume_optimizer(strategy: FedFuseStrategy, checkpoint: Checkpoint | None) -> None:
@@ -193,21 +214,24 @@ def _resume_optimizer(strategy: FedFuseStrategy, checkpoint: Checkpoint | None) 
 
 
 def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str, Any]:
-    """The whole federated run; returns the history written to ``report.json``."""
+    """The whole federated run; returns the history written to ``report.json``.
+
+    The server never loads the base model's weights to merge (only their names and shapes); with
+    server-side evaluation its evaluator holds one copy.
+    """
     started = time.perf_counter()
-    settings, weights, history, first_round, checkpoint = _start(settings, context)
-    model, _ = base_model(settings)
-    base = global_state(model)
-    weights = weights or global_state(model)
-    strategy = _strategy(settings, context, history, base)
+    rss_start = resident_bytes()
+    settings, change, history, first_round, checkpoint = _start(settings, context)
+    strategy = _strategy(settings, context, history, change)
     _resume_optimizer(strategy, checkpoint)
     history.server_optimizer = strategy.optimizer.describe()
     recorder = RunRecorder(settings, history, strategy)
+    recorder.rss_start = rss_start
     strategy.on_reply = recorder.display.reply
     with recorder.display:
         strategy.start(
             grid,
-            ArrayRecord(weights),
+            ArrayRecord(),
             num_rounds=settings.run.num_server_rounds,
             timeout=settings.run.timeout,
             evaluate_fn=recorder.evaluate if recorder.evaluator is not None else None,
@@ -216,6 +240,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
             on_initial=recorder.on_initial,
         )
     history.run_seconds = round(time.perf_counter() - started, 3)
+    history.server_memory = server_memory(rss_start)
     document = history.to_json()
     write_report(document, recorder.run_dir)
     recorder.display.summary(document, recorder.run_dir)

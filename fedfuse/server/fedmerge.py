@@ -246,6 +246,8 @@ class FedMerge(FedAvg):
         self.last_clients: dict[str, dict[str, Any]] = {}
         self.last_phases = Phases()
         self.last_client_phases: dict[str, float] = {}
+        self.last_broadcast: dict[str, Any] = {}
+        """How the round's change was sent (fedfuse's own app: mode, bytes, relative error, version)."""
         self._reference: RoundReference | None = None
         self._run_id = ""
         self._instructions: list[Message] = []
@@ -444,15 +446,22 @@ class FedMerge(FedAvg):
         self._record_clients(engine)
         counts = MetricRecord(engine.metrics())
         with self.last_phases("finalize"):
-            new_state = self.optimizer.apply(engine, reference.tensors)
-        if new_state is None:
+            arrays = self._merged_arrays(engine, reference)
+        if arrays is None:
             log(WARNING, "round %s: no reply accepted; the global model stays as it was", server_round)
             return None, counts
+        metrics = self.train_metrics_aggr_fn(accepted_metrics, self.weighted_by_key) if accepted_metrics else None
+        return arrays, MetricRecord({**dict(counts), **dict(metrics or {})})
+
+    def _merged_arrays(self, engine: RoundEngine, reference: RoundReference) -> ArrayRecord | None:
+        """The round's new weights (through the server optimizer); None when it accepted nothing."""
+        new_state = self.optimizer.apply(engine, reference.tensors)
+        if new_state is None:
+            return None
         arrays = reference.to_record(new_state)
         if not reference.implicit:
             self.current_arrays = arrays
-        metrics = self.train_metrics_aggr_fn(accepted_metrics, self.weighted_by_key) if accepted_metrics else None
-        return arrays, MetricRecord({**dict(counts), **dict(metrics or {})})
+        return arrays
 
     def _record_clients(self, engine: RoundEngine) -> None:
         """What each accepted contribution reported (the report's per-client table); fedfuse's app adds evaluation."""

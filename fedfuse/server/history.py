@@ -78,6 +78,8 @@ class RoundRecord(EvaluationRecord):
     phases: dict[str, float] = field(default_factory=dict)
     client_phases: dict[str, float] = field(default_factory=dict)
     finished_at: float = 0.0
+    broadcast: dict[str, Any] = field(default_factory=dict)
+    """How the round's change went to the nodes: mode, delta and per-node bytes, relative error, version."""
     dp_epsilon: float | None = None
 
     @classmethod
@@ -105,6 +107,7 @@ class RoundRecord(EvaluationRecord):
             phases=dict(outcome.phases),
             client_phases=dict(outcome.client_phases),
             finished_at=time.time(),
+            broadcast=dict(outcome.broadcast),
         )
 
 
@@ -122,6 +125,8 @@ class RunHistory:
     checkpoint: str | None = None
     wall_seconds: float = 0.0
     run_seconds: float | None = None
+    server_memory: JSON = field(default_factory=dict)
+    """The ServerApp's resident memory: ``rss_start_bytes`` (before it loaded anything), ``rss_peak_bytes``."""
 
     def add_round(self, record: RoundRecord) -> None:
         """Append a finished round and add its seconds to the run's wall time."""

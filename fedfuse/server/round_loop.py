@@ -45,9 +45,12 @@ class RoundOutcome:
     clients: dict[str, dict[str, Any]]
     """What each client reported (training and evaluation), by its name."""
     downlink_bytes: int
+    """Bytes of the arrays sent to nodes this round: training and evaluation messages."""
     seconds: float
     phases: dict[str, float]
     client_phases: dict[str, float]
+    broadcast: dict[str, Any] = field(default_factory=dict)
+    """How the round's change is sent to nodes (fedfuse's own app; empty for FedMerge's dense weights)."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,7 @@ def run_round(
     phases = Phases()
     with phases("broadcast"):
         messages = list(strategy.configure_train(server_round, arrays, loop.train_config, loop.grid))
-        downlink = sum(
-            len(a.data) for m in messages for record in m.content.array_records.values() for a in record.values()
-        )
+        downlink = message_bytes(messages)
     replies = stream_replies(loop.grid, messages, timeout=loop.timeout, ordered=True)
     del messages
     with phases("wait"):
@@ -135,7 +136,8 @@ def run_round(
     if train_metrics is not None:
         result.train_metrics_clientapp[server_round] = train_metrics
     with phases("client_eval"):
-        client_eval = _evaluate_clients(strategy, loop, server_round, arrays, result)
+        client_eval, evaluate_downlink = _evaluate_clients(strategy, loop, server_round, arrays, result)
+    downlink += evaluate_downlink
     with phases("evaluation"):
         server_eval = loop.evaluate_fn(server_round, arrays) if loop.evaluate_fn else None
     if server_eval is not None:
@@ -154,6 +156,7 @@ def run_round(
                 seconds=time.perf_counter() - started,
                 phases=phases.as_dict(),
                 client_phases={name: round(value, 4) for name, value in strategy.last_client_phases.items()},
+                broadcast=dict(strategy.last_broadcast),
             )
         )
     return arrays
@@ -161,17 +164,21 @@ def run_round(
 
 def _evaluate_clients(
     strategy: FedMerge, loop: LoopConfig, server_round: int, arrays: ArrayRecord, result: Result
-) -> MetricRecord | None:
-    """Federated evaluation of the round's new weights (None when no node evaluates)."""
-    messages: Iterable[Message] = list(
-        strategy.configure_evaluate(server_round, arrays, loop.evaluate_config, loop.grid)
-    )
+) -> tuple[MetricRecord | None, int]:
+    """Federated evaluation of the round's new weights (None when no node evaluates), and the bytes it sent."""
+    messages = list(strategy.configure_evaluate(server_round, arrays, loop.evaluate_config, loop.grid))
     if not messages:
-        return None
+        return None, 0
+    sent = message_bytes(messages)
     client_eval = strategy.aggregate_evaluate(server_round, stream_replies(loop.grid, messages, timeout=loop.timeout))
     if client_eval is not None:
         result.evaluate_metrics_clientapp[server_round] = client_eval
-    return client_eval
+    return client_eval, sent
+
+
+def message_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of the arrays ``messages`` carry (what the round sends down)."""
+    return sum(len(a.data) for m in messages for record in m.content.array_records.values() for a in record.values())
 
 
 def log_info(message: str, *args: object) -> None:

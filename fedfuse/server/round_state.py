@@ -52,6 +52,11 @@ class RoundReference:
         return cls._from_state(state, fingerprint(state), record)
 
     @classmethod
+    def at_version(cls, version: str) -> RoundReference:
+        """A round whose updates are made against model ``version`` (the server holds the change, not weights)."""
+        return cls({}, {}, version)
+
+    @classmethod
     def _from_state(
         cls, state: dict[str, torch.Tensor], print_: str, record: ArrayRecord | None, implicit: bool = False
     ) -> RoundReference:

@@ -1,5 +1,8 @@
 """Round checkpoints: the global weights (safetensors) and the run's JSON state, written atomically.
 
+fedfuse's own runs store the run's *change* to the base model (``"weights_kind": "change"``, with its
+model ``"version"``): in LoRA runs only the adapted matrices and the head, never a copy of the base.
+
 Layout of ``<output-dir>/checkpoint/``: ``weights-round-NNNN.safetensors`` and ``state.json``, which
 names the weights file of the last finished round (``"weights"``, what resume reads) and every round
 still kept (``"kept"``: round → file, with ``"kept_fingerprints"``), so an export can pick one.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,8 @@ CHECKPOINT_DIR = "checkpoint"
 UNREADABLE = (OSError, ValueError, RuntimeError, SafetensorError)
 """What reading a missing, truncated or damaged safetensors file raises."""
 FORMAT = "fedfuse-checkpoint-1"
+WEIGHT_KINDS = ("weights", "change")
+"""What a checkpoint's weights file holds: the weights, or the run's change to the base model."""
 
 
 class CheckpointError(ValueError):
@@ -61,6 +66,27 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor] | None = None
     """The server optimizer's state after this round (None: the run has none, or an earlier round was read)."""
     optimizer_steps: int = 0
+    kind: str = "weights"
+    """``"change"``: ``weights`` is the run's change to the base model (fedfuse's own runs); ``"weights"``: the
+    weights themselves (FedMerge apps, checkpoints written before model versions)."""
+    version: str = ""
+    """The model version of a change (what a resumed run continues the version chain from)."""
+
+    def absolute_weights(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The round's weights of the parameters it changed: base + change, or the stored weights as they are."""
+        if self.kind != "change":
+            return self.weights
+        return {name: (base[name].float() + change).to(base[name].dtype) for name, change in self.weights.items()}
+
+    def change_from(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The run's change to ``base`` (a weights checkpoint: its entries that differ from the base, as float32)."""
+        if self.kind == "change":
+            return self.weights
+        return {
+            name: weight.float() - base[name].float()
+            for name, weight in self.weights.items()
+            if name in base and not torch.equal(weight, base[name])
+        }
 
 
 def _replace_atomically(target: Path, write: Callable[[Path], object]) -> None:
@@ -90,6 +116,9 @@ def save_checkpoint(
     keep: int = 1,
     optimizer: dict[str, torch.Tensor] | None = None,
     optimizer_steps: int = 0,
+    *,
+    kind: str = "weights",
+    version: str = "",
 ) -> Path:
     """Write round ``round_number``'s checkpoint under ``run_dir/checkpoint``; returns ``state.json``'s path.
 
@@ -100,7 +129,11 @@ def save_checkpoint(
         Kept rounds later than ``round_number`` (left by an earlier run in the same folder) are dropped.
     optimizer, optimizer_steps : dict of str to Tensor, int
         The server optimizer's state after this round and its step count (None: the run has none).
+    kind, version : str, str
+        ``"change"`` when ``weights`` is the run's change to the base model at model ``version``.
     """
+    if kind not in WEIGHT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(WEIGHT_KINDS)}, got {kind!r}")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError(f"keep must be an integer >= 0 (0 = every round), got {keep!r}")
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -133,6 +166,8 @@ def save_checkpoint(
         "kept_fingerprints": {str(r): fp for r, (_, fp) in sorted(kept.items())},
         "settings": settings,
         "history": history,
+        "weights_kind": kind,
+        "version": version,
         **({"optimizer": optimizer_entry} if optimizer_entry is not None else {}),
     }
     _replace_atomically(state_path, lambda path: path.write_text(json.dumps(document, indent=1, sort_keys=True)))
@@ -239,6 +274,17 @@ def load_checkpoint(path: str | Path, round_number: int | None = None) -> Checkp
         if fingerprint(optimizer) != optimizer_digest:
             raise CheckpointError(f"optimizer state {optimizer_path} does not match the fingerprint in {state_path}")
         steps = optimizer_steps
+    kind = document.get("weights_kind", "weights")
+    if kind not in WEIGHT_KINDS:
+        raise CheckpointError(f"damaged checkpoint {state_path}: weights_kind {kind!r} is not one of {WEIGHT_KINDS}")
     return Checkpoint(
-        round_number, weights, document["history"], document["settings"], tuple(sorted(kept)), optimizer, steps
+        round_number,
+        weights,
+        document["history"],
+        document["settings"],
+        tuple(sorted(kept)),
+        optimizer,
+        steps,
+        kind,
+        str(document.get("version", "")) if round_number == int(document["round"]) else "",
     )

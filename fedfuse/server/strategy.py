@@ -3,15 +3,22 @@
 ``FedFuseStrategy`` is :class:`~fedfuse.server.fedmerge.FedMerge` — the same streaming ``start``, the same
 round policy (built from the run settings), the same folding of replies as they arrive — with what a
 fedfuse run adds: nodes are asked their stable names once and sampled by a seeded draw in name order (so a
-resumed run samples and sums as an uninterrupted one), only the parameters that differ from the base
-model are broadcast, every message carries the run id, round and weights fingerprint, replies must be
-fedfuse payloads, and each client's training and evaluation figures are kept for the report.
+resumed run samples and sums as an uninterrupted one), every message carries the run id, round and
+model version, replies must be fedfuse payloads, and each client's training and evaluation figures are
+kept for the report.
+
+The strategy holds the run's *change* to the base model (:class:`~fedfuse.rounds.ModelChange`), never
+the base weights. Each round's merged change is sent in its smallest form (LoRA factors for a linear
+merge, dense or truncated SVD otherwise, :class:`~fedfuse.rounds.Broadcaster`) and applied in place;
+each node is sent what brings it to the round's version (:class:`~fedfuse.rounds.VersionLog`): nothing,
+the deltas it missed, or the whole change. No weights travel through the round loop: its ArrayRecord
+is empty and the ServerApp reads the change from :attr:`FedFuseStrategy.model`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -21,9 +28,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, EvaluateReply, NodeName, RoundInstruction
-from fedfuse.rejections import Rejected
-from fedfuse.rounds import Contribution, RoundEngine, UpdateSpace
+from fedfuse.messages import (
+    CONFIG_RECORD,
+    SYNC_CONFIG_RECORD,
+    SYNC_RECORD,
+    EvaluateReply,
+    NodeName,
+    RoundInstruction,
+    sync_records,
+)
+from fedfuse.rejections import Rejected, Rejection
+from fedfuse.rounds import Broadcaster, Contribution, ModelChange, RoundEngine, Sync, UpdateSpace, VersionLog
 from fedfuse.security import Registry
 from fedfuse.server.fedmerge import FedMerge
 from fedfuse.server.report_clients import train_record
@@ -31,6 +46,8 @@ from fedfuse.server.round_state import RoundReference
 from fedfuse.server.streaming import stream_replies, wait_for_nodes
 from fedfuse.settings import RunSettings, build_merge_strategy
 
+RESYNC_REASONS = ("version_mismatch", "client_error", "node_unavailable", "timed_out")
+"""Refusals after which the server no longer knows the node's model version: it is sent the whole change next."""
 EVALUATION_METRICS = ("accuracy", "loss", "perplexity")
 """What a client's evaluate reply reports, averaged by examples over clients."""
 IDENTIFY_TIMEOUT = 120.0
@@ -49,9 +66,9 @@ class FedFuseStrategy(FedMerge):
         How decoded updates become merge inputs (full weights, exact LoRA ΔW, or factors).
     run_id : str
         Run identifier every update must carry.
-    base_state : dict of str to Tensor
-        The base model's parameters, which every client already holds: only parameters that differ
-        from it are broadcast (for LoRA runs, the merged target modules and the head).
+    change : ModelChange
+        The run's change to the base model and its version (zero at the base version; a checkpoint's
+        when resuming).
     registry : Registry, optional
         Institutions' update-signing keys; when given, only updates signed for this run and round by
         a registered institution are folded (the others are rejected with the reason).
@@ -70,7 +87,7 @@ class FedFuseStrategy(FedMerge):
         settings: RunSettings,
         space: UpdateSpace,
         run_id: str,
-        base_state: dict[str, torch.Tensor],
+        change: ModelChange,
         on_reply: ReplyCallback | None = None,
         registry: Registry | None = None,
         run_key: str = "",
@@ -89,7 +106,10 @@ class FedFuseStrategy(FedMerge):
         self.sparsifier = space.sparsifier
         self.run_id = self._run_id = run_id
         self.run_key = run_key or run_id
-        self.base_state = base_state
+        self.versions = VersionLog(change)
+        self._downlink: dict[int, int] = {}
+        """Bytes of model sync sent to each node this round (training and evaluation messages)."""
+        self.broadcaster = Broadcaster(settings.compression.broadcast_policy)
         self.on_reply = on_reply
         self._expected = 0
         self._available = 0
@@ -123,24 +143,76 @@ class FedFuseStrategy(FedMerge):
                 self._names.setdefault(node, str(node))
         return self._names
 
+    @property
+    def model(self) -> ModelChange:
+        """The run's change to the base model and its version (what checkpoints and evaluation read)."""
+        return self.versions.change
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes and send each the round's changed weights, round number, run id and weights fingerprint."""
-        self.current_arrays = arrays
-        self._reference = reference = RoundReference.of(arrays)
+        """Sample nodes; send each what brings it to the round's model version, the round, run id and version."""
+        self._reference = RoundReference.at_version(self.versions.version)
         nodes = self._sample(grid, server_round, self.settings.run.fraction_train)
         self._expected = len(nodes)
         self.train_sample_rate = len(nodes) / max(1, self._available)
-        instruction = RoundInstruction(server_round, self.run_id, reference.fingerprint, self.run_key)
-        changed = self._broadcast(reference.original_tensors())
-        content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: instruction.to_config(config)})
-        self._instructions = [Message(content=content, dst_node_id=node, message_type="train") for node in nodes]
+        instruction = RoundInstruction(server_round, self.run_id, self.versions.version, self.run_key)
+        self._downlink = {}
+        self._instructions = self._messages(nodes, instruction.to_config(config), "train")
         return self._instructions
 
-    def _broadcast(self, state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-        """The parameters of ``state`` that differ from the base model (every node already has the base)."""
-        return ArrayRecord({name: t for name, t in state.items() if not torch.equal(t, self.base_state[name])})
+    def _messages(self, nodes: list[int], config: ConfigRecord, message_type: str) -> list[Message]:
+        """One message per node with the model sync it needs (the same records shared by nodes that need the same)."""
+        records: dict[tuple[str, ...], tuple[ArrayRecord, ConfigRecord]] = {}
+        messages = []
+        for node in nodes:
+            sync = self.versions.sync_for(node)
+            key = _sync_key(sync)
+            if key not in records:
+                records[key] = sync_records(sync)
+            self._downlink[node] = self._downlink.get(node, 0) + sync.nbytes
+            arrays, sync_config = records[key]
+            content = RecordDict({SYNC_RECORD: arrays, SYNC_CONFIG_RECORD: sync_config, CONFIG_RECORD: config})
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+        self.last_broadcast["bytes_per_node"] = max(self._downlink.values(), default=0)
+        return messages
+
+    def _round_reference(
+        self, arrays: ArrayRecord | None, replies: Iterator[Message]
+    ) -> tuple[RoundReference, Iterator[Message]]:
+        """Updates are made against the round's model version (the strategy holds the change, not weights)."""
+        if self._reference is None:
+            self._reference = RoundReference.at_version(self.versions.version)
+        return self._reference, replies
+
+    def _merged_arrays(self, engine: RoundEngine, reference: RoundReference) -> ArrayRecord | None:
+        """Send the round's change in its smallest form and apply exactly what is sent to the run's change."""
+        change = self.optimizer.round_change(engine)
+        if change is None:
+            return None
+        delta, error = self.broadcaster.delta(change)
+        step = self.versions.advance(delta)
+        self.last_broadcast = {
+            "mode": self.broadcaster.policy.mode,
+            "delta_bytes": delta.nbytes,
+            "factored": sum(1 for t in delta.tensors.values() if not isinstance(t, torch.Tensor)),
+            "relative_error": error,
+            "version": step.target,
+            "bytes_per_node": max(self._downlink.values(), default=0),
+        }
+        return ArrayRecord()
+
+    def _fold(self, engine: RoundEngine, reply: Message, sender: str, reference: RoundReference) -> Rejection | None:
+        rejection = super()._fold(engine, reply, sender, reference)
+        if rejection is not None and rejection.reason in RESYNC_REASONS and sender.isdigit():
+            self.versions.forget(int(sender))
+        return rejection
+
+    def _reject_missing(self, engine: RoundEngine, replied: set[str]) -> None:
+        for message in self._instructions:
+            if str(message.metadata.dst_node_id) not in replied:
+                self.versions.forget(int(message.metadata.dst_node_id))
+        super()._reject_missing(engine, replied)
 
     def _space(self, reference: RoundReference) -> UpdateSpace:
         return self.space
@@ -156,13 +228,12 @@ class FedFuseStrategy(FedMerge):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask a sample of nodes (``fraction-evaluate``) to evaluate the new weights on local data."""
+        """Ask a sample of nodes (``fraction-evaluate``) to evaluate the new model version on local data."""
         if self.settings.run.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, server_round, self.settings.run.fraction_evaluate)
-        changed = self._broadcast(dict(arrays.to_torch_state_dict()))
-        content = RecordDict({ARRAYS_RECORD: changed, CONFIG_RECORD: RoundInstruction(server_round).to_config(config)})
-        return [Message(content=content, dst_node_id=node, message_type="evaluate") for node in nodes]
+        instruction = RoundInstruction(server_round, self.run_id, self.versions.version, self.run_key)
+        return self._messages(nodes, instruction.to_config(config), "evaluate")
 
     def _display_name(self, contribution: Contribution) -> str:
         """The name a contribution has in the report: its institution (as it says), or its node id."""
@@ -181,6 +252,8 @@ class FedFuseStrategy(FedMerge):
         total = 0.0
         sums: dict[str, float] = {}
         for reply in replies:
+            if reply.has_error():
+                self.versions.forget(int(reply.metadata.src_node_id))
             try:
                 parsed = EvaluateReply.from_message(reply)
             except Rejected as exc:
@@ -211,3 +284,10 @@ class FedFuseStrategy(FedMerge):
             s.compression.density,
         )
         log(INFO, "\t└── fraction train/evaluate: %s / %s", s.run.fraction_train, s.run.fraction_evaluate)
+
+
+def _sync_key(sync: Sync) -> tuple[str, ...]:
+    """Syncs to the same version from the same starting point carry the same arrays."""
+    if sync.state is not None:
+        return ("state", sync.version)
+    return ("steps", sync.version, *(step.source for step in sync.steps))

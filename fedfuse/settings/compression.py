@@ -8,7 +8,8 @@ from fedfuse.algebra import Sparsifier, available_sparsifiers, sparsifier_spec
 from fedfuse.algebra.params import parse_params
 from fedfuse.algebra.sparsify import SCOPES as SPARSIFY_SCOPES
 from fedfuse.algebra.sparsify import SEED_SCOPES
-from fedfuse.settings.fields import SettingsError, check_choice, check_fraction, setting
+from fedfuse.rounds.broadcast import BROADCAST_DTYPES, BROADCAST_MODES, BroadcastPolicy
+from fedfuse.settings.fields import SettingsError, check_at_least, check_choice, check_fraction, setting
 from fedfuse.wire.values import UPDATE_VALUE_DTYPES as WIRE_DTYPES
 
 __all__ = ["SEED_SCOPES", "SPARSIFY_SCOPES", "WIRE_DTYPES", "CompressionSettings"]
@@ -38,6 +39,8 @@ class CompressionSettings:
         is unbiased on its own; never in LoRA mode — see ``RunSettings.uses_error_feedback``).
     wire_dtype : str
         Value dtype on the wire.
+    broadcast, broadcast_rank, broadcast_dtype : str, int, str
+        How the server sends each round's change to the nodes (:class:`fedfuse.rounds.BroadcastPolicy`).
     """
 
     sparsifier: str = setting(
@@ -61,12 +64,24 @@ class CompressionSettings:
         auto=bool,
     )
     wire_dtype: str = setting("float32", f"value dtype on the wire ({', '.join(f'`{d}`' for d in WIRE_DTYPES)})")
+    broadcast: str = setting(
+        "auto",
+        "how the server sends each round's change: `auto` (LoRA factors where the merge is low-rank, else dense), "
+        "`dense`, `factors` (refused unless the merge is low-rank) or `svd` (rank `broadcast-rank`, residual kept)",
+    )
+    broadcast_rank: int = setting(16, "rank R of `broadcast = svd`")
+    broadcast_dtype: str = setting(
+        "float32", f"dtype of the broadcast ({', '.join(f'`{d}`' for d in BROADCAST_DTYPES)}); the server sums in fp32"
+    )
 
     def __post_init__(self) -> None:
         check_choice(self, "sparsifier", tuple(available_sparsifiers()))
         check_choice(self, "sparsify_scope", SPARSIFY_SCOPES)
         check_choice(self, "seed_scope", SEED_SCOPES)
         check_choice(self, "wire_dtype", WIRE_DTYPES)
+        check_choice(self, "broadcast", BROADCAST_MODES)
+        check_choice(self, "broadcast_dtype", tuple(BROADCAST_DTYPES))
+        check_at_least(self, 1, "broadcast_rank")
         check_fraction(self, "density", low_open=True)
         check_fraction(self, "breadcrumbs_gamma")
         try:
@@ -109,6 +124,11 @@ class CompressionSettings:
             rescale=self.drop_rescale,
             params=self.sparsifier_arguments(),
         )
+
+    @property
+    def broadcast_policy(self) -> BroadcastPolicy:
+        """How the server sends each round's change to the nodes."""
+        return BroadcastPolicy(self.broadcast, self.broadcast_rank, self.broadcast_dtype)
 
 
 _DEFAULTS = {f.name: f.default for f in fields(CompressionSettings)}

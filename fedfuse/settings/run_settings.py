@@ -102,6 +102,24 @@ class RunSettings:
             raise SettingsError("error-feedback with round-scoped DARE seeds would drop the same entries every round")
         if self.privacy.enabled:
             self._check_privacy()
+        if c.broadcast == "factors" and not self.merges_low_rank:
+            raise SettingsError(
+                f"broadcast 'factors' needs a low-rank merge: mode lora with lora-aggregation exact, a linear strategy "
+                f"(fedavg, task_arithmetic, linear), sparsifier none, no server optimizer and no central DP; "
+                f"{name!r} gives a full-rank change: use broadcast auto, dense or svd"
+            )
+
+    @property
+    def merges_low_rank(self) -> bool:
+        """Whether every round's merged change of the adapted matrices is a product of stacked LoRA factors."""
+        return (
+            self.training.mode == "lora"
+            and self.merge.lora_aggregation == "exact"
+            and self.merge.spec.capabilities.linear
+            and self.compression.sparsifier == "none"
+            and self.merge.server_optimizer == "none"
+            and self.privacy.dp != "central"
+        )
 
     def _check_privacy(self) -> None:
         """A DP run's merge must be a linear function of the clipped updates, on a support that reveals no one."""

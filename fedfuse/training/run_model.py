@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fedfuse.algebra import derive_seed, factor_names
-from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer
+from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer, model_skeleton
 from fedfuse.settings import AUTO_TARGET_MODULES, RunSettings, SettingsError
 from fedfuse.training.client_datasets import run_label_names
 
@@ -52,6 +52,20 @@ def base_model(settings: RunSettings) -> tuple[torch.nn.Module, object]:
     fresh = copy.deepcopy(model)
     fresh.eval()
     return fresh, tokenizer
+
+
+def base_parameters(settings: RunSettings) -> dict[str, torch.Tensor]:
+    """The run's base parameters by name, read-only views of the process's cached base model (no copy)."""
+    model, _ = _base(settings.source.model, settings.source.task, settings.run.seed, run_label_names(settings))
+    return global_state(model)
+
+
+def fresh_base_model(settings: RunSettings) -> tuple[torch.nn.Module, object]:
+    """The run's base model loaded anew, not cached (a server that evaluates holds this one copy only)."""
+    loader = cast(functools._lru_cache_wrapper, _base).__wrapped__
+    model, tokenizer = loader(settings.source.model, settings.source.task, settings.run.seed, run_label_names(settings))
+    model.eval()
+    return model, tokenizer
 
 
 def global_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -147,9 +161,27 @@ def lora_update(peft_model: torch.nn.Module, round_state: dict[str, torch.Tensor
     return out
 
 
+def skeleton(settings: RunSettings) -> torch.nn.Module:
+    """The run's model without weights (meta tensors): names and shapes, what a merging server needs of it."""
+    if settings.source.task in CAUSAL_TASKS:
+        return model_skeleton(settings.source.model)
+    return model_skeleton(settings.source.model, num_labels=len(run_label_names(settings)))
+
+
+def base_identity(settings: RunSettings) -> dict[str, str]:
+    """What names the run's base model (the root of its model versions): model, task, labels, head seed."""
+    labels = "" if settings.source.task in CAUSAL_TASKS else ",".join(run_label_names(settings))
+    return {
+        "model": settings.source.model,
+        "task": settings.source.task,
+        "labels": labels,
+        "seed": str(settings.run.seed),
+    }
+
+
 def update_shapes(settings: RunSettings) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor a client of this run sends (what the server expects)."""
-    model, _ = base_model(settings)
+    """Name → shape of every tensor a client of this run sends (what the server expects), from the skeleton."""
+    model = skeleton(settings)
     if settings.training.mode == "full":
         return {name: tuple(p.shape) for name, p in model.named_parameters()}
     peft_model = attach_lora(model, settings, 0)
