@@ -4,19 +4,35 @@ Classification and LM keep the hand-written loop: its batches come from one gene
 (run seed, round, node), which the published benchmark figures and the resume test rely on. SFT uses
 the maintained ``transformers.Trainer`` (mixed precision, gradient checkpointing and device placement
 are its job); fedfuse hands it the tokenized conversations with labels only on assistant tokens.
+
+A short ``max-length`` can cut every assistant token out of a batch. Such a batch carries no loss
+(transformers gives NaN), so the SFT trainer counts it, takes no optimizer step for it, leaves it out
+of the reported mean loss (NaN when no batch had an assistant token, never 0.0), reports the count
+as metric ``empty-batches`` and warns once per round.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import tempfile
+import types
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
 
 import torch
+from flwr.common.logger import log
 from torch.utils.data import Dataset
 
 from fedfuse.training.client_datasets import ClientDatasets
 from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.training.loop import train
+from fedfuse.training.tasks import IGNORE
 from fedfuse.training.trainers.protocol import TrainerSettings, TrainingRound, TrainResult
+
+EMPTY_BATCHES = "empty-batches"
+"""The SFT trainer's metric: batches of the round without a single assistant token (skipped)."""
 
 
 def loop_trainer(
@@ -60,11 +76,102 @@ def trim_padding(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return {key: value[:, :width] for key, value in batch.items()}
 
 
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Tokens of a causal-LM batch that carry loss: labels other than -100 after the next-token shift."""
+    return int((labels[..., 1:] != IGNORE).sum())
+
+
+@dataclass
+class BatchTally:
+    """One round's batches: the loss of each batch with assistant tokens, and how many had none."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    empty: int = 0
+    skip_step: bool = False
+    """Set by an empty batch: the optimizer step that follows it does nothing."""
+
+    @property
+    def batches(self) -> int:
+        """All batches of the round, empty or not."""
+        return len(self.losses) + self.empty
+
+    def mean_loss(self) -> float:
+        """The mean loss of the batches with assistant tokens; NaN if there were none (not a 0.0 loss)."""
+        if not self.losses:
+            return math.nan
+        return float(torch.stack([loss.float().cpu() for loss in self.losses]).mean())
+
+
+def warn_empty_batches(tally: BatchTally, max_length: int, round: TrainingRound) -> None:
+    """Log once per round how many batches had no assistant token, and what to change."""
+    if tally.empty:
+        log(
+            WARNING,
+            "round %s, %s: %d of %d SFT batches held no assistant token (max-length %d cuts the answers off); "
+            "they were skipped and carry no loss; raise max-length",
+            round.round_number,
+            round.node,
+            tally.empty,
+            tally.batches,
+            max_length,
+        )
+
+
+def _zero_missing_grads(model: torch.nn.Module) -> None:
+    # A skipped batch still meets the clipping and (fp16) the grad scaler, which want gradients to look at.
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+
+
+@functools.cache
+def _skipping_trainer() -> type:
+    """``transformers.Trainer`` that skips batches without assistant tokens (see the module docstring)."""
+    from transformers import Trainer
+
+    class SkippingTrainer(Trainer):
+        """Counts each batch without assistant tokens in ``tally`` and skips it: no forward, no step."""
+
+        tally: BatchTally
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+            if supervised_tokens(inputs["labels"]) == 0:
+                self.tally.empty += 1
+                self.tally.skip_step = True
+                _zero_missing_grads(model)
+                return torch.zeros((), device=self.args.device)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.tally.losses.append(loss.detach())
+            return loss
+
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            optimizer = super().create_optimizer(model)
+            guarded = types.MethodType(_guarded_step(optimizer.step, self.tally), optimizer)
+            optimizer.step = guarded  # type: ignore[method-assign]
+            return optimizer
+
+    return SkippingTrainer
+
+
+def _guarded_step(step: Any, tally: BatchTally) -> Any:
+    # A bound method again (torch's LR scheduler wraps ``step.__func__``); skips the step after an empty batch.
+    def guarded(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if tally.skip_step:
+            tally.skip_step = False
+            return None
+        return step(*args, **kwargs)
+
+    return guarded
+
+
 def sft_trainer(
     model: torch.nn.Module, data: ClientDatasets, settings: TrainerSettings, round: TrainingRound
 ) -> TrainResult:
-    """``transformers.Trainer`` on the chat examples (loss on assistant tokens only), constant AdamW lr."""
-    from transformers import Trainer, TrainingArguments
+    """``transformers.Trainer`` on the chat examples (loss on assistant tokens only), constant AdamW lr.
+
+    The loss is the mean over batches with assistant tokens; batches without are counted and skipped.
+    """
+    from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -98,9 +205,11 @@ def sft_trainer(
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
         )
-        trainer = Trainer(
+        trainer = _skipping_trainer()(
             model=model, args=arguments, train_dataset=_TokenizedRows(data.train), data_collator=trim_padding
         )
-        output = trainer.train()
+        trainer.tally = tally = BatchTally()
+        trainer.train()
     model.eval()
-    return TrainResult(float(output.training_loss))
+    warn_empty_batches(tally, int(data.train.input_ids.shape[-1]), round)
+    return TrainResult(tally.mean_loss(), {EMPTY_BATCHES: float(tally.empty)})
