@@ -9,11 +9,18 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedfuse.messages import CONFIG_RECORD, NodeName, TrainReply
+from fedfuse.messages import CONFIG_RECORD, SYNC_CONFIG_RECORD, SYNC_RECORD, NodeName, TrainReply, sync_records
+from fedfuse.rounds import Sync
 from fedfuse.wire import UpdateHeader, encode_update
+
+
+def train_content(config, version: str = "v:base") -> RecordDict:
+    """A train message's content for a node at the run's base: the instruction and a sync to ``version``."""
+    arrays, sync_config = sync_records(Sync(version, state={}))
+    return RecordDict({SYNC_RECORD: arrays, SYNC_CONFIG_RECORD: sync_config, CONFIG_RECORD: config})
 
 
 class SeededGrid:

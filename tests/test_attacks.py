@@ -98,15 +98,16 @@ def _decode(payload: bytes) -> dict[str, torch.Tensor]:
 
 def test_attackers_are_a_simulation_device_the_production_client_app_refuses(server_identity, tmp_path) -> None:
     """The attacker ClientApp (mod + data wrapper) sends what the bench round sends; the plain app refuses."""
-    from flwr.app import ArrayRecord, Context, Message, RecordDict
+    from flwr.app import Context, Message, RecordDict
+    from seeded_grid import train_content
 
     from fedfuse.client.app import make_client_app
     from fedfuse.client.attacks import attacker_client_app
-    from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, RoundInstruction, TrainReply
+    from fedfuse.messages import RoundInstruction, TrainReply
 
     overrides = {**TINY, "attack": "scale", "attackers": "1", "attack-scale": 4.0}
     settings = RunSettings.from_run_config({}, **overrides)
-    content = RecordDict({ARRAYS_RECORD: ArrayRecord({}), CONFIG_RECORD: RoundInstruction(1, "r").to_config()})
+    content = train_content(RoundInstruction(1, "r").to_config())
     node_config = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path)}
     context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     reply = attacker_client_app(overrides)(Message(content, dst_node_id=7, message_type="train"), context)

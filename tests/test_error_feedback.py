@@ -276,13 +276,13 @@ UPLINK_RUN = {"mode": "full", "local-steps": 1, "batch-size": 4, "max-length": 1
 
 
 def _train_message(round_number: int, run_key: str):
-    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.app import Message
+    from seeded_grid import train_content
 
-    from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, RoundInstruction
+    from fedfuse.messages import RoundInstruction
 
     config = RoundInstruction(round_number, "run", "", run_key).to_config()
-    content = RecordDict({ARRAYS_RECORD: ArrayRecord({}), CONFIG_RECORD: config})
-    return Message(content, dst_node_id=7, message_type="train")
+    return Message(train_content(config), dst_node_id=7, message_type="train")
 
 
 def test_the_client_app_sends_through_the_mods_what_the_local_round_sends_and_keeps_residuals_by_run_key(
@@ -306,7 +306,13 @@ def test_the_client_app_sends_through_the_mods_what_the_local_round_sends_and_ke
     for round_number in (1, 2):
         reply = app(_train_message(round_number, "key"), context)
         expected = run_local_round(
-            settings, {}, round_number=round_number, run_id="run", shard=shard, error_feedback=feedback
+            settings,
+            {},
+            round_number=round_number,
+            run_id="run",
+            shard=shard,
+            error_feedback=feedback,
+            model_version="v:base",
         )
         sent, local = (
             _decoded(payload, settings)

@@ -215,14 +215,16 @@ def test_signing_mod_signs_the_update_and_fedmerge_folds_only_registered_signatu
 
 
 def test_fedfuses_own_client_app_signs_through_signing_mod_with_its_node_configs_key(server_identity, tmp_path):
+    from seeded_grid import train_content
+
     from fedfuse.client.app import make_client_app
-    from fedfuse.messages import ARRAYS_RECORD, CONFIG_RECORD, RoundInstruction
+    from fedfuse.messages import RoundInstruction
 
     keys = write_institution_keys(tmp_path, "partition-0")
     registry = Registry({"partition-0": keys["update_signing_public"].read_text()})
     run = {"mode": "full", "local-steps": 1, "batch-size": 4, "max-length": 16, "sparsifier": "dare", "density": 0.3}
     instruction = RoundInstruction(1, "run-7", "f" * 64, "")
-    content = RecordDict({ARRAYS_RECORD: ArrayRecord({}), CONFIG_RECORD: instruction.to_config()})
+    content = train_content(instruction.to_config(), version="f" * 64)
     node = {"partition-id": 0, "num-partitions": 2, "signing-key": str(keys["update_signing_private"])}
     context = Context(run_id=1, node_id=9, node_config=node, state=RecordDict(), run_config={})
     reply = TrainReply.from_content(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tiny_runs import TINY_RUN
 
 from fedfuse.algebra import to_dense
 from fedfuse.client.app import make_client_app
+from fedfuse.client.residuals import STATE_DIR_ENV
 from fedfuse.data import LABEL_NAMES
 from fedfuse.messages import RESIDUAL_RECORD, TrainReply
 from fedfuse.server.run_checkpoint import load_checkpoint
@@ -144,7 +147,9 @@ def _recording_client(overrides: dict, out: Path) -> ClientApp:
         if record["before"]:
             replay = copy.deepcopy(context)
             del replay.state.array_records[RESIDUAL_RECORD]
-            replay.node_config["state-dir"] = str(out / f"no-residuals-{partition}-{round_number}")
+            replay.node_config["state-dir"] = replay_dir = str(out / f"no-residuals-{partition}-{round_number}")
+            for model in Path(os.environ[STATE_DIR_ENV]).glob(f"*/partition-{partition}/model"):  # same model,
+                shutil.copytree(model, Path(replay_dir) / model.relative_to(os.environ[STATE_DIR_ENV]))  # no residual
         reply = honest(msg, context)
         record |= {"after": residual(context), "sent": TrainReply.from_content(reply.content).payload}
         if replay is not None:

@@ -9,6 +9,7 @@ residual, as it would as a plain client.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ def run_gateway_round(
         bind_senders=False,
         gateway=True,
     )
-    examples, loss = 0, 0.0
+    examples, loss, loss_examples = 0, 0.0, 0
     for member in range(members):
         result = run_local_round(
             settings,
@@ -84,8 +85,10 @@ def run_gateway_round(
         if rejection is not None:
             raise RuntimeError(f"gateway {shard.node_name}: member {member} update rejected: {rejection.message}")
         examples += result.num_examples
-        loss += result.train_loss * result.num_examples
-    train_loss = loss / max(examples, 1)
+        if math.isfinite(result.train_loss):  # a member whose batches held no supervised token reports none
+            loss += result.train_loss * result.num_examples
+            loss_examples += result.num_examples
+    train_loss = loss / loss_examples if loss_examples else math.nan
     header = UpdateHeader(
         run_id=run_id,
         round=round_number,

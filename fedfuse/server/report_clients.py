@@ -19,6 +19,7 @@ CLIENT_METRICS = {
     "train-seconds": "train_seconds",
     "data-rows": "data_rows",
     "data-sha256": "data_sha256",
+    "empty-batches": "empty_batches",
 }
 """Header metrics of an accepted update that go into the report's per-client record, by record name."""
 
