@@ -6,11 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from own_data_helpers import chat_rows, tiny_chat_llama, write_jsonl
 from tiny_runs import TINY_RUN
-from transformers import AutoModelForCausalLM
 
 from fedfuse.client.app import make_client_app
 from fedfuse.client.residuals import STATE_DIR_ENV
@@ -41,19 +41,15 @@ def test_the_factor_broadcast_is_exact_and_smaller_and_nodes_that_missed_rounds_
     """3 institutions, 2 sampled a round: the one left out is sent the deltas it missed next time."""
     runs = {}
     for broadcast in ("dense", "factors"):
-        rounds = {"num-server-rounds": 3, "fraction-train": 0.6, "keep-checkpoints": 0}
+        rounds = {"num-server-rounds": 3, "fraction-train": 0.6}
         runs[broadcast] = simulate(_chat_run(tmp_path, broadcast, broadcast=broadcast, **rounds), num_clients=3)
     for history in runs.values():
         assert [r["accepted"] for r in history["rounds"]] == [2, 2, 2]
         assert all(not r["rejections"] for r in history["rounds"]), [r["rejections"] for r in history["rounds"]]
-    first = [load_checkpoint(tmp_path / name, round_number=1).weights for name in ("dense", "factors")]
-    assert any(name.endswith("q_proj.weight") for name in first[1])
-    for name, tensor in first[0].items():  # the same round-1 merge, sent two ways: equal up to float rounding
-        assert float((first[1][name] - tensor).abs().max()) <= 1e-6 * float(tensor.abs().max()), name
-    base = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-chat-llama").named_parameters())
-    last = [load_checkpoint(tmp_path / name).absolute_weights(base) for name in ("dense", "factors")]
-    for name, tensor in last[0].items():  # two more rounds of AdamW from those weights: still within 1e-4
-        assert float((last[1][name] - tensor).abs().max()) <= 1e-4 * float(tensor.abs().max()), name
+    dense, factors = (load_checkpoint(tmp_path / name).weights for name in ("dense", "factors"))
+    assert set(dense) == set(factors) and any(name.endswith("q_proj.weight") for name in factors)
+    for name, tensor in dense.items():  # the same merges sent two ways land on the same bits, round after round
+        assert torch.equal(factors[name], tensor), name
     sent = {name: [r["broadcast"] for r in history["rounds"]] for name, history in runs.items()}
     assert all(b["mode"] == "factors" and b["factored"] > 0 for b in sent["factors"])
     assert all(f["delta_bytes"] < d["delta_bytes"] for f, d in zip(sent["factors"], sent["dense"], strict=True))

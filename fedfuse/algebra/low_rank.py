@@ -47,9 +47,12 @@ class LowRank:
         return self.b.numel() + self.a.numel()
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """B·A as a dense matrix in ``dtype`` (the product is taken in float32 or wider)."""
-        wide = torch.promote_types(dtype, torch.float32)
-        return (self.b.to(wide) @ self.a.to(wide)).to(dtype)
+        """B·A as a dense matrix in ``dtype``: the product taken in float64 and rounded once.
+
+        So the same factors give the same bits whatever the BLAS blocking or thread count, and a matrix sent
+        dense lands exactly as the same matrix sent as factors (:func:`fedfuse.rounds.apply_delta`).
+        """
+        return (self.b.to(torch.float64) @ self.a.to(torch.float64)).to(dtype)
 
     def scaled(self, factor: float) -> LowRank:
         """``factor``·B·A (B scaled, A shared)."""

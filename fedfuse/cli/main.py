@@ -6,6 +6,7 @@ import typer
 
 from fedfuse import __version__
 from fedfuse.bench.aggregate import aggregate
+from fedfuse.bench.llm_round import llm_round
 from fedfuse.bench.merge_quality import merge_quality
 from fedfuse.bench.overhead import overhead
 from fedfuse.bench.quality import quality
@@ -69,6 +70,7 @@ bench_app.command("overhead", help="fedfuse round time against a plain Flower Fe
 )
 bench_app.command("robust", help="Final accuracy of merge methods under simulated attacks, against clean runs.")(robust)
 bench_app.command("scale", help="Round time and the server's peak RSS against institutions and clients sampled.")(scale)
+bench_app.command("llm-round", help="Federated LoRA at LLM scale: dense, factor, SVD broadcast, FlowerTune.")(llm_round)
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
 

@@ -8,9 +8,11 @@ truncated SVD (``svd``) whose residual the server keeps and adds to the next rou
 error feedback, so nothing is lost, only delayed). ``broadcast-dtype`` rounds what is sent (bfloat16,
 float16); the server applies exactly what it sent, so it and every node hold the same model.
 
-Applying a change is one function, :func:`apply_delta`, on the server and on every node: products are
-formed in float64 and rounded once to float32, so a different BLAS blocking or thread count (other
-CPUs, a GPU) gives the same float32 bits except in rare ties (≤ 1 ulp, cleared by any dense re-sync).
+Applying a change is one function, :func:`apply_delta`, on the server and on every node: a factored
+matrix is formed in float64 and rounded once to float32 (:meth:`LowRank.dense`), then added as a dense
+one is, so the same round sent as factors or dense lands on the same bits, and a different BLAS blocking
+or thread count (other CPUs, a GPU) gives the same float32 bits except in rare ties (≤ 1 ulp, cleared by
+any dense re-sync).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Delta:
 
 
 def apply_delta(change: MutableMapping[str, torch.Tensor], delta: Delta) -> None:
-    """Add ``delta`` to ``change`` in place (float32; products in float64, rounded once): the one way a change lands.
+    """Add ``delta`` to ``change`` in place (float32 sums; factors formed in float64): the one way a change lands.
 
     A name ``change`` lacks starts from zero; a shape that does not fit is an error (nothing is changed).
     """
@@ -122,7 +124,7 @@ def apply_delta(change: MutableMapping[str, torch.Tensor], delta: Delta) -> None
                 f"broadcast changes {name!r} of shape {tuple(tensor.shape)}, the model's is {tuple(known.shape)}"
             )
     for name, tensor in delta.tensors.items():
-        wide = tensor.dense(torch.float64) if isinstance(tensor, LowRank) else tensor.to(torch.float64)
+        wide = (tensor.dense() if isinstance(tensor, LowRank) else tensor).to(torch.float64)
         known = change.get(name)
         if known is None:
             change[name] = wide.to(torch.float32)

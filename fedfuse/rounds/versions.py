@@ -6,7 +6,7 @@ by :func:`~fedfuse.rounds.broadcast.apply_delta`. Each broadcast names the versi
 the version it makes, ``next = H(previous, the delta's arrays)``, so two holders at the same version
 applied the same deltas in the same order, and an update names the version it was trained from.
 
-The server keeps the deltas while they weigh less than the whole change (:class:`VersionLog`) and
+The server keeps the deltas while together they weigh less than the whole change (:class:`VersionLog`) and
 the version it last sent each node: a node that missed rounds gets the deltas it lacks, or the whole
 change when that is cheaper; a node whose version the server does not know (new, restarted, refused)
 gets the whole change. A node that holds another version than a delta applies to refuses it
@@ -132,8 +132,8 @@ class VersionLog:
         """Apply a round's delta to the change, remember the step (while the steps weigh less than the change)."""
         step = self.change.advance(delta)
         self.steps.append(step)
-        budget = self.change.nbytes
-        while self.steps and sum(s.delta.nbytes for s in self.steps) > budget:
+        budget = self.change.nbytes  # steps that weigh as much as the whole change are never worth sending
+        while self.steps and sum(s.delta.nbytes for s in self.steps) >= budget:
             self.steps.pop(0)
         return step
 
