@@ -84,14 +84,16 @@ def test_a_linear_merge_of_factored_updates_equals_the_dense_merge(method, param
     torch.testing.assert_close(merged["head"], expected["head"])
 
 
-def test_factors_switch_to_the_dense_statistics_once_they_would_be_larger():
+def test_factors_that_would_outgrow_the_matrix_are_flushed_into_the_dense_statistic_as_one_product():
     strategy = get_strategy("fedavg")
     factored, dense = FactoredState(strategy), strategy.new_state()
-    for k in range(5):  # 5 × rank 2 × (8 + 8) = 160 > 8 × 8 = 64: dense from the third update on
+    for k in range(7):  # rank 2 × (8 + 8) = 32 < 8 × 8 = 64: one update's factors fit, two do not
         matrix = _factors(k, 8, 8, 2)
         factored.add({"w": matrix}, weight=1.0 + k)
         dense.add({"w": matrix.dense()}, weight=1.0 + k)
-    assert factored.factored_names == []
+        held = sum(term.numel for term in factored.terms.get("w", []))
+        assert held < 64, "the buffer never holds more entries than the matrix"
+    assert "w" in factored.dense.shapes, "earlier updates were flushed into S"
     merged = factored.finalize_factored()
     assert isinstance(merged["w"], torch.Tensor)
     torch.testing.assert_close(merged["w"], dense.finalize()["w"], rtol=1e-5, atol=1e-5)

@@ -3,11 +3,16 @@
 For a ``linear`` method (FedAvg, task arithmetic, normalized linear) the merged task vector is
 c(W)·Σ wₖτₖ. When τₖ of a matrix arrives as factors Bₖ·Aₖ (exact LoRA ΔWₖ), the sum is exactly the
 product of the stacked factors [w₁B₁ … w_KB_K]·[A₁; …; A_K] (:func:`fedfuse.algebra.low_rank.stack`), so
-folding costs O(r·(in + out)) per update and the result stays low-rank. Once the stacked factors would
-hold more entries than the matrix, the matrix switches to the method's dense statistics (formed once)
-and later updates of it are folded densely. Everything else of an update goes to the dense state as
+folding costs O(r·(in + out)) per update and the result stays low-rank while the stacked factors hold fewer
+entries than the matrix. Everything else of an update goes to the dense state as
 usual. As a partial state (tiers, files) it is the method's own dense statistics: exact, and combinable
 with any other state of the method.
+
+Past that size (more than ~in/(2r) updates of a square matrix) the factors are a buffer: when the next update
+would not fit, the buffered Σ wₖBₖAₖ is added to the dense statistic as *one* product (a GEMM of inner
+dimension up to in·out/(in + out)) and buffering starts afresh. The arithmetic is the same as forming
+each ΔWₖ, but one pass over the out × in statistic serves ~in/(2r) updates instead of one: the fold is
+compute-bound instead of memory-bound.
 """
 
 from __future__ import annotations
@@ -64,40 +69,35 @@ class FactoredState(MergeState):
             if name in self.dense.shapes and name not in self.terms and self.dense.shapes[name] != matrix.shape:
                 raise ValueError(f"tensor {name!r}: shape {tuple(matrix.shape)} but earlier updates had another")
         plain: Update = {name: t for name, t in update.items() if not isinstance(t, LowRank)}
-        densified = {name: m.dense() for name, m in low_rank.items() if self._is_dense(name, m)}
+        densified = {name: m.dense() for name, m in low_rank.items() if not factors_are_smaller(m.shape, m.rank)}
         self.dense.add({**plain, **densified}, weight=weight, fisher=fisher, gram=gram)
         for name, matrix in low_rank.items():
-            if name not in densified:
-                self._append(name, matrix.scaled(weight).to(self.strategy.dtype))
+            if name in densified:
+                continue
+            if self._held_rank(name) and not factors_are_smaller(matrix.shape, self._held_rank(name) + matrix.rank):
+                self._densify(name)  # one product for the buffered updates, then buffer afresh
+            self._append(name, matrix.scaled(weight).to(self.strategy.dtype))
         self.total_weight, self.num_updates = self.dense.total_weight, self.dense.num_updates
         return self
 
-    def _is_dense(self, name: str, matrix: LowRank) -> bool:
-        """Whether ``name`` is (or has just become) a dense statistic."""
-        if name in self.terms:
-            held = sum(term.rank for term in self.terms[name])
-            if factors_are_smaller(matrix.shape, held + matrix.rank):
-                return False
-            self._densify(name)
-            return True
-        if name in self.dense.shapes:
-            return True
-        self.shapes[name] = matrix.shape
-        return not factors_are_smaller(matrix.shape, matrix.rank)
+    def _held_rank(self, name: str) -> int:
+        """The rank of the factors buffered for ``name`` (0: none)."""
+        return sum(term.rank for term in self.terms.get(name, ()))
 
     def _append(self, name: str, weighted: LowRank) -> None:
         self.shapes[name] = weighted.shape
         self.terms.setdefault(name, []).append(weighted)
 
     def _densify(self, name: str) -> None:
-        """Move a matrix's factors into the dense statistics (Σ wₖBₖAₖ formed once), as a zero-weight fold."""
+        """Move a matrix's buffered factors into the dense statistics: Σ wₖBₖAₖ as one product, a zero-weight fold."""
         self._add_dense_sum(name, stack(self.terms.pop(name)))
 
     def _add_dense_sum(self, name: str, summed: LowRank) -> None:
         """Add an already weighted Σ wₖτₖ of one matrix to the dense statistics (accumulated at weight 1)."""
         strategy = self.strategy
         assert isinstance(strategy, StatisticsStrategy)  # checked in __init__: the dense state is a StatisticsState
-        values = summed.dense(strategy.dtype).reshape(-1).to(strategy.device)
+        product = summed.b.to(strategy.dtype) @ summed.a.to(strategy.dtype)  # one GEMM for many updates
+        values = product.reshape(-1).to(strategy.device)
         stats = self.dense._stats_for(name, summed.shape)
         strategy.accumulate_parameter(stats, values, 1.0, None, None, summed.shape, None)
 
@@ -136,6 +136,8 @@ class FactoredState(MergeState):
         if self.num_updates == 0:
             raise ValueError("no updates were added to this merge state")
         coefficient = self.strategy.linear_coefficient(self.total_weight)
+        for name in [name for name in self.terms if name in self.dense.shapes]:
+            self._densify(name)  # part of it is dense already: the result is dense
         out: dict[str, torch.Tensor | LowRank] = dict(self.dense.finalize(release=release))
         for name in list(self.terms):
             out[name] = stack(self.terms[name]).scaled(coefficient)
