@@ -98,7 +98,7 @@ def read_sync(content: RecordDict) -> Sync | None:
     bf16 = set(cast(list[str], config.get("bfloat16", [])))
     arrays = {}
     for key, array in record.items():
-        tensor = torch.from_numpy(array.numpy().copy())
+        tensor = torch.from_numpy(array.numpy())  # np.load gives a fresh, writable array: no second copy
         arrays[key] = tensor.view(torch.bfloat16) if key in bf16 else tensor
     version = str(config["version"])
     if config.get("kind") == "state":
