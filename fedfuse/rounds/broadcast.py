@@ -144,16 +144,15 @@ class Broadcaster:
         """The delta to send for ``merged`` and its relative error ‖merged + residual − sent‖ / ‖merged + residual‖."""
         sent: dict[str, DeltaTensor] = {}
         wanted_sq = error_sq = 0.0
-        for name, tensor in merged.items():
+        for name, tensor in merged.items():  # one matrix at a time: temporaries stay one matrix large
             target = self._with_residual(name, tensor)
-            sent[name] = form = self._form(target)
+            sent[name], lost = self._form(target)
             wanted_sq += _norm_sq(target)
-            error = _difference(target, form)
-            if error is None:
+            if lost is None:
                 continue
-            error_sq += float(error.double().square().sum())
+            error_sq += float(torch.linalg.vector_norm(lost)) ** 2
             if self.policy.mode == "svd":
-                self.residual[name] = error
+                self.residual[name] = lost
         relative = math.sqrt(error_sq / wanted_sq) if wanted_sq > 0 else 0.0
         return Delta(sent), relative
 
@@ -163,38 +162,25 @@ class Broadcaster:
         if kept is None:
             return tensor
         dense = tensor.dense() if isinstance(tensor, LowRank) else tensor.float()
-        return dense + kept
+        return dense.add_(kept) if dense is not tensor else dense + kept
 
-    def _form(self, target: DeltaTensor) -> DeltaTensor:
-        """How one change travels under the policy, in the broadcast dtype."""
+    def _form(self, target: DeltaTensor) -> tuple[DeltaTensor, torch.Tensor | None]:
+        """How one change travels (in the broadcast dtype), and what that leaves out (None: nothing)."""
         dtype, mode = self.policy.torch_dtype, self.policy.mode
-        if isinstance(target, LowRank):
-            if mode == "dense" or (mode == "svd" and target.rank > self.policy.rank):
-                target = target.dense()
-            else:
-                return target.to(dtype)
-        if mode == "svd" and target.ndim == 2 and factors_are_smaller(target.shape, self.policy.rank):
-            return truncate(target, self.policy.rank).factors.to(dtype)
-        return target.to(dtype)
+        if isinstance(target, LowRank) and (
+            mode in ("auto", "factors") or (mode == "svd" and target.rank <= self.policy.rank)
+        ):
+            sent = target.to(dtype)
+            return sent, None if dtype == target.b.dtype else target.dense() - sent.dense()
+        dense = target.dense() if isinstance(target, LowRank) else target
+        if mode == "svd" and dense.ndim == 2 and factors_are_smaller(dense.shape, self.policy.rank):
+            truncation = truncate(dense, self.policy.rank)
+            factors = truncation.factors.to(dtype)
+            lost = truncation.residual if dtype == torch.float32 else dense.float() - factors.dense()
+            return factors, lost
+        sent_dense = dense.to(dtype)
+        return sent_dense, None if sent_dense.dtype == dense.dtype else dense.float() - sent_dense.float()
 
 
 def _norm_sq(tensor: DeltaTensor) -> float:
-    return frobenius_norm(tensor) ** 2 if isinstance(tensor, LowRank) else float(tensor.double().square().sum())
-
-
-def _difference(target: DeltaTensor, sent: DeltaTensor) -> torch.Tensor | None:
-    """target − what ``sent`` applies (float32), or None when they are the same arrays (nothing lost)."""
-    if _same(target, sent):
-        return None
-    wanted = target.dense(torch.float64) if isinstance(target, LowRank) else target.double()
-    applied = sent.dense(torch.float64) if isinstance(sent, LowRank) else sent.double()
-    return (wanted - applied).float()
-
-
-def _same(target: DeltaTensor, sent: DeltaTensor) -> bool:
-    """Whether ``sent`` is ``target`` unchanged (same form, dtype and values)."""
-    if isinstance(target, LowRank) and isinstance(sent, LowRank):
-        return sent.b.dtype == target.b.dtype and torch.equal(sent.b, target.b) and torch.equal(sent.a, target.a)
-    if isinstance(target, torch.Tensor) and isinstance(sent, torch.Tensor):
-        return sent.dtype == target.dtype and torch.equal(sent, target)
-    return False
+    return frobenius_norm(tensor) ** 2 if isinstance(tensor, LowRank) else float(torch.linalg.vector_norm(tensor)) ** 2
