@@ -88,8 +88,8 @@ def stack(terms: Sequence[LowRank]) -> LowRank:
 
 def frobenius_norm(matrix: LowRank) -> float:
     """‖B·A‖_F from the factors: √Σ (BᵀB ⊙ AAᵀ), O(R²·(in + out)) instead of forming B·A."""
-    b, a = matrix.b.double(), matrix.a.double()
-    squared = float(((b.T @ b) * (a @ a.T)).sum())
+    b, a = matrix.b.float(), matrix.a.float()  # the R × R Grams in float32, their product summed in float64
+    squared = float(((b.T @ b).double() * (a @ a.T).double()).sum())
     return math.sqrt(max(squared, 0.0))
 
 

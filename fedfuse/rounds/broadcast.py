@@ -143,10 +143,13 @@ class Broadcaster:
     def delta(self, merged: Mapping[str, DeltaTensor]) -> tuple[Delta, float]:
         """The delta to send for ``merged`` and its relative error ‖merged + residual − sent‖ / ‖merged + residual‖."""
         sent: dict[str, DeltaTensor] = {}
+        lossy = self.policy.mode == "svd" or self.policy.torch_dtype != torch.float32
         wanted_sq = error_sq = 0.0
         for name, tensor in merged.items():  # one matrix at a time: temporaries stay one matrix large
             target = self._with_residual(name, tensor)
             sent[name], lost = self._form(target)
+            if not lossy:  # nothing is lost, so no norm is needed (a high-rank one costs O(R²·(in + out)))
+                continue
             wanted_sq += _norm_sq(target)
             if lost is None:
                 continue

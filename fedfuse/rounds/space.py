@@ -126,12 +126,16 @@ class UpdateSpace:
 
 
 def factored_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor | LowRank]:
-    """Every A/B pair as ΔW = (s·B)·A kept factored under ``"<module>.weight"``; other tensors pass through."""
+    """Every A/B pair as ΔW = (s·B)·A kept factored under ``"<module>.weight"``; other tensors pass through.
+
+    B is scaled in place: the tensors are a decoded update's own (:meth:`UpdateSpace.merge_input`).
+    """
     out: dict[str, torch.Tensor | LowRank] = {}
     paired: set[str] = set()
     for module in lora_modules(list(tensors)):
         a_name, b_name = factor_names(module)
         paired.update((a_name, b_name))
-        out[module + ".weight"] = LowRank(tensors[b_name].float() * scale, tensors[a_name].float())
+        b = tensors[b_name].float().mul_(scale)  # a decoded update's own tensor: scaled in place, not copied
+        out[module + ".weight"] = LowRank(b, tensors[a_name].float())
     out.update({name: t for name, t in tensors.items() if name not in paired})
     return out
