@@ -11,12 +11,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedfuse.checkpoints import CheckpointWriteError
-from fedfuse.data.files import DataError
-from fedfuse.models.loading import ModelLoadError
-from fedfuse.offline.grams import compute_grams
-from fedfuse.settings import SettingsError
-
 
 def grams(
     model: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub id, or smollm2.")],
@@ -41,6 +35,12 @@ def grams(
     Example: ``fedfuse grams tuned/clinic --data clinic.jsonl --out clinic-grams.safetensors``, then
     ``fedfuse merge --method regmean --base B --model tuned/clinic --gram clinic-grams.safetensors …``.
     """
+    from fedfuse.checkpoints import CheckpointWriteError
+    from fedfuse.data.files import DataError
+    from fedfuse.models.loading import ModelLoadError
+    from fedfuse.offline.grams import compute_grams
+    from fedfuse.settings import SettingsError
+
     console = Console(stderr=True)
     started = time.perf_counter()
     try:

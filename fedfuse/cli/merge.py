@@ -210,13 +210,8 @@ class _MergeGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-merge_app = typer.Typer(
-    cls=_MergeGroup,
-    no_args_is_help=True,
-    help="Merge fine-tuned models, LoRA adapters, partial states or a mergekit recipe into their base, offline "
-    "and tensor by tensor (memory: one tensor). Today's flag form (fedfuse merge --base B -m M1 -m M2 --method "
-    "ties --density 0.2 --out OUT; --combine, --adapter, --config) still works.",
-)
+merge_app = typer.Typer(cls=_MergeGroup, no_args_is_help=True)
+"""The ``merge`` group; its help is :data:`fedfuse.cli.main.MERGE_HELP`, listed without importing this module."""
 
 
 @merge_app.command("models")

@@ -112,7 +112,8 @@ def list_models(cache_dir: CacheDir = None) -> None:
         console.print(f"{'':<8} {escape(folder)}", soft_wrap=True, highlight=False)
 
 
-models_app = typer.Typer(help="The embedded models: list them, prepare SmolLM2 once.", no_args_is_help=True)
+models_app = typer.Typer(no_args_is_help=True)
+"""The ``models`` group; its help is in :mod:`fedfuse.cli.main`, listed without importing this module."""
 models_app.command("prepare", help="Convert an embedded model (smollm2) once into the cache; prints the folder.")(
     prepare
 )

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedfuse.security import KeyFileError, Registry, write_certificates, write_institution_keys
-
 
 def certs(
     out: Annotated[
@@ -22,6 +20,8 @@ def certs(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
 ) -> None:
     """Make a CA and a SuperLink TLS certificate (ECDSA P-384) signed by it."""
+    from fedfuse.security import KeyFileError, write_certificates
+
     try:
         written = write_certificates(out, hosts.split(","), days=days, force=force)
     except (KeyFileError, ValueError) as exc:
@@ -51,6 +51,8 @@ def keys(
     ] = False,
 ) -> None:
     """Make an institution's SuperNode auth key pair (ECDSA P-384, OpenSSH) and update-signing pair (Ed25519)."""
+    from fedfuse.security import KeyFileError, Registry, write_institution_keys
+
     try:
         written = write_institution_keys(out, institution, force=force)
         if registry is not None:
@@ -83,6 +85,8 @@ def registry_add(
     ] = False,
 ) -> None:
     """Add a received Ed25519 update-signing public key to the coordinator's signer registry."""
+    from fedfuse.security import KeyFileError, Registry
+
     try:
         book = Registry.load(registry) if registry.exists() else Registry({})
         book.add(institution, public_key.read_text(), force=force)
@@ -90,3 +94,8 @@ def registry_add(
     except (KeyFileError, ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
     Console().print(f"registered {institution} in {registry} ({len(book.keys)} institutions)")
+
+
+registry_app = typer.Typer(no_args_is_help=True)
+"""The ``registry`` group; its help is in :mod:`fedfuse.cli.main`."""
+registry_app.command("add", help="Register an institution's update-signing public key.")(registry_add)

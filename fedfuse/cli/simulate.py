@@ -6,19 +6,22 @@ from typing import Annotated, Any
 
 import typer
 
-from fedfuse.data.files import DataError
-from fedfuse.security import KeyFileError, Registry
-from fedfuse.server.app import resume_state
-from fedfuse.server.run_checkpoint import CheckpointError
-from fedfuse.settings import RunSettings, SettingsError
-from fedfuse.simulation import DEFAULT_CLIENTS, ClientResourcesError, RayClusterError
-from fedfuse.simulation import simulate as run_simulation
-from fedfuse.strategies import format_strategy_params, parse_strategy_params
-from fedfuse.training.client_datasets import preflight
+DEFAULT_CLIENTS = 4
+"""``--clients``'s default: :data:`fedfuse.simulation.DEFAULT_CLIENTS`, kept here so that ``--help`` imports no
+Flower simulation (``tests/test_cli_imports.py`` checks the two are equal)."""
+
+
+def run_simulation(overrides: dict[str, Any], **kwargs: Any) -> Any:
+    """:func:`fedfuse.simulation.simulate`, imported (with Flower, Ray and torch) when a simulation starts."""
+    from fedfuse.simulation import simulate
+
+    return simulate(overrides, **kwargs)
 
 
 def parse_run_config(text: str) -> dict[str, str]:
     """``"key=value key2=value2"`` (Flower's ``--run-config`` syntax, quotes optional) → dict."""
+    from fedfuse.settings import SettingsError
+
     pairs: dict[str, str] = {}
     for item in text.split():
         key, sep, value = item.partition("=")
@@ -30,6 +33,9 @@ def parse_run_config(text: str) -> dict[str, str]:
 
 def merged_strategy_params(run_config_value: str, options: list[str]) -> str:
     """The ``strategy-params`` run-config value: ``--run-config``'s entries, then ``--strategy-param``'s (which win)."""
+    from fedfuse.settings import SettingsError
+    from fedfuse.strategies import format_strategy_params, parse_strategy_params
+
     try:
         params = {**parse_strategy_params(str(run_config_value)), **parse_strategy_params(options)}
     except ValueError as exc:
@@ -142,6 +148,28 @@ def simulate(
         "output-dir": output_dir,
         "resume": resume,
     }
+    overrides = _checked_overrides(named, run_config, strategy_param, clients)
+    from fedfuse.simulation import ClientResourcesError, RayClusterError
+
+    try:
+        run_simulation(
+            overrides, num_clients=clients, client_gpus=client_gpus, verbose=verbose, ray_address=ray_address
+        )
+    except (ClientResourcesError, RayClusterError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _checked_overrides(
+    named: dict[str, Any], run_config: str, strategy_param: list[str] | None, clients: int
+) -> dict[str, Any]:
+    """The run-config overrides of the options, checked before anything starts (bad input: ``BadParameter``)."""
+    from fedfuse.data.files import DataError
+    from fedfuse.security import KeyFileError, Registry
+    from fedfuse.server.app import resume_state
+    from fedfuse.server.run_checkpoint import CheckpointError
+    from fedfuse.settings import RunSettings, SettingsError
+    from fedfuse.training.client_datasets import preflight
+
     try:
         overrides = {**parse_run_config(run_config), **{k: v for k, v in named.items() if v is not None}}
         if strategy_param:
@@ -154,9 +182,4 @@ def simulate(
             Registry.load(settings.run.signer_registry)
     except (SettingsError, DataError, CheckpointError, KeyFileError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    try:
-        run_simulation(
-            overrides, num_clients=clients, client_gpus=client_gpus, verbose=verbose, ray_address=ray_address
-        )
-    except (ClientResourcesError, RayClusterError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+    return overrides
