@@ -186,3 +186,9 @@ def test_a_delta_that_does_not_fit_the_model_changes_nothing():
     with pytest.raises(ValueError, match="shape"):
         apply_delta(change, Delta({"v": LowRank(torch.ones(3, 1), torch.ones(1, 3)), "w": torch.ones(2, 2)}))
     assert set(change) == {"w"} and torch.equal(change["w"], torch.zeros(4, 4))
+
+
+def test_the_server_returns_large_freed_temporaries_to_the_system_on_linux():
+    from fedfuse.server.memory import return_large_frees_to_the_system
+
+    assert return_large_frees_to_the_system() is sys.platform.startswith("linux")

@@ -21,7 +21,7 @@ from fedfuse.security import Registry
 from fedfuse.server.display import RoundDisplay
 from fedfuse.server.evaluation import ServerEvaluator, has_server_evaluation
 from fedfuse.server.history import EvaluationRecord, RoundRecord, RunHistory
-from fedfuse.server.memory import resident_bytes, server_memory
+from fedfuse.server.memory import resident_bytes, return_large_frees_to_the_system, server_memory
 from fedfuse.server.report import write_report
 from fedfuse.server.round_loop import InitialEvaluation, RoundOutcome
 from fedfuse.server.run_checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -220,6 +220,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
     server-side evaluation its evaluator holds one copy.
     """
     started = time.perf_counter()
+    return_large_frees_to_the_system()
     rss_start = resident_bytes()
     settings, change, history, first_round, checkpoint = _start(settings, context)
     strategy = _strategy(settings, context, history, change)
