@@ -370,7 +370,7 @@ def memory_checks(model: str, runs: Mapping[str, Mapping[str, Any]]) -> list[tup
             (
                 None if variant == "dense" else peak <= bound,
                 f"{model} {variant}{informational}: server peak RSS above start {peak / MB:,.0f} MB "
-                f"≤ {bound / MB:,.0f} MB "
+                f"{'vs' if variant == 'dense' else '≤'} {bound / MB:,.0f} MB "
                 f"(merge state {merge_state_bytes(run) / MB:,.1f} + ΔW {4 * run['adapted_entries'] / MB:,.1f} "
                 f"+ 2 × broadcast + 400; {run['rss_source']})",
             )
