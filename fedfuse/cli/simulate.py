@@ -94,7 +94,10 @@ def simulate(
         help="auto (built-in for the task), an entry point of group fedfuse.trainers, or module:function.",
     ),
     partition: str = typer.Option(
-        None, "--partition", help="Client partition: iid, dirichlet, shards, natural (files) or domain (built-in task)."
+        None,
+        "--partition",
+        help="Client partition: auto (the default: dirichlet over a label, else iid), iid, dirichlet, shards, "
+        "natural (files) or domain (built-in task).",
     ),
     partition_column: str = typer.Option(
         None,

@@ -60,8 +60,10 @@ def resume_state(settings: RunSettings) -> tuple[dict, dict[str, Any], int]:
 def resumed_checkpoint(settings: RunSettings) -> Checkpoint:
     """The checkpoint ``resume`` names, checked against the run's settings (``CheckpointError`` if unfit)."""
     checkpoint = load_checkpoint(settings.run.resume)
-    ours = settings.to_run_config()
+    ours = {**settings.to_run_config(), "partition": settings.source.partition_scheme}
     theirs = {**RESUME_DEFAULTS, **checkpoint.settings}
+    if theirs.get("partition") == "auto":  # "auto" resolves alike for the same task and data (checked too)
+        theirs["partition"] = settings.source.partition_scheme
     keys = RESUME_MUST_MATCH + tuple(RESUME_DEFAULTS)
     different = [key for key in keys if str(theirs.get(key)) != str(ours[key])]
     if different:

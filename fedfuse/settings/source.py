@@ -13,7 +13,7 @@ from fedfuse.settings.fields import (
 )
 
 TASKS = ("topics", "classify", "lm", "sft")
-PARTITIONS = ("dirichlet", "domain", "iid", "shards", "natural")
+PARTITIONS = ("auto", "dirichlet", "domain", "iid", "shards", "natural")
 AUTO_MAX_LENGTH = {"sft": 128}
 """``max-length = "auto"`` by task (chat SFT needs room for the template and the answer); else 32."""
 
@@ -59,9 +59,10 @@ class SourceSettings:
         0.1, "rows of each client's data held out for its local evaluation (unless the node names its own `eval-data`)"
     )
     partition: str = setting(
-        "dirichlet",
-        "client shares: `dirichlet` (α over the column; default the label), `iid`, `shards` (pathological),"
-        " `natural` (one client per value of the column), `domain` (built-in task only)",
+        "auto",
+        "client shares: `auto` (dirichlet where there is a label or `partition-column`, else iid), `dirichlet`"
+        " (α over the column; default the label), `iid`, `shards` (pathological), `natural` (one client per value"
+        " of the column), `domain` (built-in task only)",
     )
     partition_column: str = setting("", "the column `dirichlet` and `natural` partition by")
     alpha: float = setting(0.5, "Dirichlet concentration α (smaller: more skewed client shares)")
@@ -87,6 +88,18 @@ class SourceSettings:
             raise SettingsError(f"validation-fraction must be in [0, 1); got {self.validation_fraction}")
         if self.partition == "natural" and not self.partition_column:
             raise SettingsError("partition 'natural' needs partition-column (e.g. partition-column=institution)")
+
+    @property
+    def partition_scheme(self) -> str:
+        """The partition the run uses: ``auto`` resolved to dirichlet where there is something to skew by.
+
+        The built-in data and ``classify`` files have a label, and a ``partition-column`` names one; chat (sft)
+        and text (lm) files have neither, so ``auto`` splits them iid.
+        """
+        if self.partition != "auto":
+            return self.partition
+        labelled = self.uses_builtin_data or self.task == "classify" or bool(self.partition_column)
+        return "dirichlet" if labelled else "iid"
 
     @property
     def sequence_length(self) -> int:

@@ -155,7 +155,7 @@ def _client_rows(settings: RunSettings, node: NodeData, partition_id: int, num_p
     if settings.source.data_dir:
         path = str(one_file_per_client(settings.source.data_dir, num_partitions)[partition_id])
         return read_table(path), path
-    scheme = settings.source.partition
+    scheme = settings.source.partition_scheme
     if scheme == "domain":
         raise DataError(
             "partition 'domain' is the built-in task's; for a data file use iid, dirichlet, shards or natural"

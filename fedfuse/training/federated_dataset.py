@@ -85,7 +85,7 @@ def federated_data(seed: int, partition: str, alpha: float, num_partitions: int)
 
 def data_for(settings: RunSettings, num_partitions: int) -> FederatedData:
     """:func:`federated_data` for a run's settings."""
-    return federated_data(settings.run.seed, settings.source.partition, settings.source.alpha, num_partitions)
+    return federated_data(settings.run.seed, settings.source.partition_scheme, settings.source.alpha, num_partitions)
 
 
 def tokenize(dataset: TopicDataset, tokenizer, max_length: int, task: str) -> Tokenized:
