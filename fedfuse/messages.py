@@ -3,7 +3,7 @@
 Built and parsed only here, by the server, the ClientApp and the tier gateway:
 
 - :class:`RoundInstruction` — the config of a train or evaluate message (``server-round``, as Flower
-  names it, plus the run id and the fingerprint of the round's weights);
+  names it, plus the run id and the round's model version, under the key ``base-fingerprint``);
 - :class:`TrainReply` — an encoded update or partial state (one uint8 ``Array``, so Flower's chunked
   transport applies), when the node signs its signature, and the client's phase timings (unsigned
   diagnostics, :mod:`fedfuse.timing`). Node, tier, number of examples and client metrics live in the

@@ -9,11 +9,12 @@ CSV, Parquet or a save_to_disk folder; see ``fedfuse.training.client_datasets``)
 travel padded to the run's rank, see ``fedfuse.client.local_round.to_run_rank``);
 ``gateway-members`` (optional, >= 2) makes the node a tier gateway that trains that many members on
 slices of its share and replies with their merged partial state; ``signing-key`` (optional) is the path
-of the institution's Ed25519 update-signing key: every payload is then signed (run, round, base
-fingerprint, node, payload hash) and the signature travels next to it.
-Error-feedback residuals live in ``Context.state`` between rounds of a run and, keyed by the run key
-the server sends, under the node's ``state-dir`` (see :mod:`fedfuse.client.residuals`), so they
-survive a resume.
+of the institution's Ed25519 update-signing key: every payload is then signed (run, round, model
+version, node, payload hash) and the signature travels next to it.
+Each train and evaluate message carries a model sync; the node applies it to the run's change it keeps
+under its ``state-dir``, keyed by the run key (:mod:`fedfuse.client.node_model`), and trains from base +
+change. Error-feedback residuals live in ``Context.state`` between rounds of a run and under the same
+``state-dir`` (see :mod:`fedfuse.client.residuals`), so they survive a resume.
 
 The app is a training handler plus the mods any Flower app can add
 (:mod:`fedfuse.client.mods`): ``signing_mod`` (the node config's key) and the uplink

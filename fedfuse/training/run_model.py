@@ -79,7 +79,7 @@ def global_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_global_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Overwrite ``model``'s parameters named in ``state`` (the rest keep the base model's values).
 
-    The server broadcasts only the parameters that differ from the base model, so a partial
+    A round's weights are the base plus the run's change, which names only the parameters it changed, so a partial
     ``state`` is normal; a name the model lacks or a wrong shape is an error.
     """
     parameters = dict(model.named_parameters())

@@ -1,4 +1,4 @@
-"""A fingerprint of the round's global weights, so an update made against other weights is refused."""
+"""A fingerprint of tensors: of a round's weights (FedMerge apps), of a broadcast delta's arrays (model versions)."""
 
 from __future__ import annotations
 
