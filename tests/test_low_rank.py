@@ -116,3 +116,11 @@ def test_a_factored_state_travels_as_the_methods_dense_partial_state():
 def test_only_linear_methods_fold_factors():
     with pytest.raises(ValueError, match="not linear"):
         FactoredState(get_strategy("ties"))
+
+
+def test_a_factored_update_of_another_shape_is_refused_and_changes_nothing():
+    state = FactoredState(get_strategy("fedavg"))
+    state.add({"w": _factors(1, 8, 6, 1), "b": torch.ones(2)}, weight=1.0)
+    with pytest.raises(ValueError, match="earlier updates had"):
+        state.add({"w": _factors(2, 6, 8, 1), "b": torch.ones(2)}, weight=1.0)
+    assert state.num_updates == 1 and len(state.terms["w"]) == 1

@@ -64,17 +64,18 @@ class FactoredState(MergeState):
         """Fold one update: its :class:`LowRank` matrices as weighted factors, the rest densely (all-or-nothing)."""
         self._check_not_released()
         low_rank = {name: t for name, t in update.items() if isinstance(t, LowRank)}
-        for name, matrix in low_rank.items():
-            self._check_shape(name, matrix.shape)
-            if name in self.dense.shapes and name not in self.terms and self.dense.shapes[name] != matrix.shape:
-                raise ValueError(f"tensor {name!r}: shape {tuple(matrix.shape)} but earlier updates had another")
+        for name, matrix in low_rank.items():  # checked before anything is folded: all-or-nothing
+            known = self.shapes.get(name, self.dense.shapes.get(name))
+            if known is not None and known != matrix.shape:
+                raise ValueError(f"tensor {name!r}: shape {tuple(matrix.shape)} but earlier updates had {tuple(known)}")
         plain: Update = {name: t for name, t in update.items() if not isinstance(t, LowRank)}
         densified = {name: m.dense() for name, m in low_rank.items() if not factors_are_smaller(m.shape, m.rank)}
         self.dense.add({**plain, **densified}, weight=weight, fisher=fisher, gram=gram)
         for name, matrix in low_rank.items():
             if name in densified:
                 continue
-            if self._held_rank(name) and not factors_are_smaller(matrix.shape, self._held_rank(name) + matrix.rank):
+            held = self._held_rank(name)
+            if held and not factors_are_smaller(matrix.shape, held + matrix.rank):
                 self._densify(name)  # one product for the buffered updates, then buffer afresh
             self._append(name, matrix.scaled(weight).to(self.strategy.dtype))
         self.total_weight, self.num_updates = self.dense.total_weight, self.dense.num_updates
