@@ -6,7 +6,10 @@ shapes, weights, densities and dense/sparse representations while tensors stay c
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +20,14 @@ from hypothesis import strategies as st
 from fedfuse.algebra import SparseTensor, dare_drop, ties_trim, to_dense
 from fedfuse.strategies import MergeState, MergeStrategy, ModelStock, Ties, TreeLeaf, get_strategy
 from fedfuse.strategies.model_stock import row_length
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The own-data tiny chat Llama (tests/own_data_helpers.py), saved once per session: tests only read it."""
+    from own_data_helpers import tiny_chat_llama
+
+    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"))
 
 
 @pytest.fixture
@@ -224,3 +235,73 @@ def assert_within(
         f"{what}: {int(bad.sum())} entries differ beyond {rel} relative; "
         f"worst error {float(error[bad].max()):.3g} at scale {float(scale.reshape(error.shape)[bad].max()):.3g}"
     )
+
+
+TIERS = ("unit", "integration", "e2e")
+"""The test tiers (declared in pyproject.toml); every test carries exactly one."""
+
+E2E_GROUP = "e2e"
+"""The ``xdist_group`` of every end-to-end test: one worker runs them, one after another."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a collection in which a test has no tier marker or more than one, naming the files.
+
+    End-to-end tests also join one ``xdist_group``: under ``-n 2 --dist loadgroup`` they run one at a
+    time on one worker (Ray, SuperLinks and real runs never compete with each other for the 2 cores),
+    and workers list them first so that the long group starts at once.
+    """
+    wrong: dict[str, list[str]] = {}
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.setdefault(item.nodeid.split("::")[0], []).append(f"{item.name} ({', '.join(tiers) or 'none'})")
+        elif tiers == ["e2e"]:
+            item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
+    if hasattr(config, "workerinput"):  # an xdist worker: hand out the long e2e group first
+        items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    if wrong:
+        files = "; ".join(f"{path}: {len(names)} test(s), e.g. {names[0]}" for path, names in wrong.items())
+        raise pytest.UsageError(
+            "every test needs exactly one tier marker: pytest.mark.unit, pytest.mark.integration or pytest.mark.e2e "
+            f"(`pytestmark = pytest.mark.unit` after the module's imports, or one per test); wrong in {files}"
+        )
+
+
+TIER_AUDIT_ENV = "FEDFUSE_TIER_AUDIT"
+"""A file path: every subprocess a test outside the e2e tier starts (Ray included) is listed there."""
+
+LIBRARY_PROBES = ("ldconfig", "uname")
+"""Programs that ctypes and platform run to find a library or the CPU: no test starts these itself."""
+
+_running: list[pytest.Item] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per test process; under ``$FEDFUSE_TIER_AUDIT``, spy on ``subprocess.Popen``.
+
+    The tests' models are tiny: a second intra-op thread buys nothing and, on a busy 2-core machine (or
+    beside a second xdist worker), its spinning doubles the wall time of in-process training and generation.
+    The spy lists tests outside the e2e tier that start a process (Ray included): their tier is too low.
+    """
+    torch.set_num_threads(1)
+    audit = os.environ.get(TIER_AUDIT_ENV)
+    if not audit:
+        return
+    start = subprocess.Popen.__init__
+
+    def spy(self: subprocess.Popen, args: Any, *more: Any, **options: Any) -> None:
+        item = _running[-1] if _running else None
+        program = Path(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0]).name
+        if item is not None and item.get_closest_marker("e2e") is None and program not in LIBRARY_PROBES:
+            with open(audit, "a", encoding="utf-8") as log:
+                log.write(f"{item.nodeid}\t{str(args)[:120]}\n")
+        start(self, args, *more, **options)
+
+    subprocess.Popen.__init__ = spy  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+from tiny_runs import TINY_RUN
 
 from fedfuse.security import Registry, write_certificates, write_institution_keys
 from fedfuse.settings import RunSettings
@@ -37,16 +38,11 @@ OWN_DATA = {
     "validation-fraction": VALIDATION_FRACTION,
 }
 TINY = {
+    **TINY_RUN,
     "num-server-rounds": 2,
     "strategy": "ties",
     "sparsifier": "trim",
     "density": 0.3,
-    "local-steps": 2,
-    "batch-size": 8,
-    "max-length": 16,
-    "lora-rank": 2,
-    "eval-examples": 32,
-    "fraction-evaluate": 0.0,
     **OWN_DATA,
 }
 

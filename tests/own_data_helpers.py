@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import save_tiny_llama
 
 from fedfuse.models import load_tokenizer
 
@@ -55,18 +54,7 @@ def tiny_chat_llama(folder: Path) -> Path:
     """A 2-layer Llama with the MiniLM tokenizer and :data:`CHAT_TEMPLATE`, saved to ``folder``."""
     tokenizer = load_tokenizer("default")
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    sizes = {"vocab_size": len(tokenizer), "max_position_embeddings": 128, "pad_token_id": tokenizer.pad_token_id}
+    save_tiny_llama(folder, **sizes)
     tokenizer.save_pretrained(folder)
     return folder

@@ -16,11 +16,14 @@ import torch
 import typer
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 from fedfuse.cli.merge import merge
 from fedfuse.offline import AdapterMergeResult, MergeInputError, merge_adapters
+
+# Tiers are marked per test here: this module mixes integration and unit tests.
 
 ADAPTERS = {
     # name: (rank, alpha, use_rslora, target modules, modules_to_save)
@@ -32,18 +35,7 @@ SUM_OF_RANKS = 2 + 4 + 8
 
 
 def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(intermediate_size=48)
 
 
 def load_base(folder: Path) -> LlamaForCausalLM:
@@ -105,6 +97,7 @@ def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.integration
 def test_fedavg_of_adapters_equals_fedavg_of_peft_merged_deltas(folders, peft_deltas, tmp_path):
     out = tmp_path / "merged"
     weights = [1.0, 2.0, 3.0]
@@ -122,6 +115,7 @@ def test_fedavg_of_adapters_equals_fedavg_of_peft_merged_deltas(folders, peft_de
     assert isinstance(load_base(out), LlamaForCausalLM)
 
 
+@pytest.mark.unit
 def test_task_arithmetic_of_adapters_equals_the_sum_of_peft_deltas(folders, peft_deltas, tmp_path):
     out = tmp_path / "ta"
     result = merge_adapters(folders["base"], [folders["a2"], folders["a4"]], method="task_arithmetic", lam=0.7, out=out)
@@ -131,6 +125,7 @@ def test_task_arithmetic_of_adapters_equals_the_sum_of_peft_deltas(folders, peft
         torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=0, msg=key)
 
 
+@pytest.mark.integration
 def test_out_adapter_at_full_rank_reproduces_the_merged_model_in_peft(folders, tmp_path):
     full = tmp_path / "full"
     adapter = tmp_path / "adapter"
@@ -147,6 +142,7 @@ def test_out_adapter_at_full_rank_reproduces_the_merged_model_in_peft(folders, t
         torch.testing.assert_close(loaded[key], tensor, atol=1e-4, rtol=0, msg=key)
 
 
+@pytest.mark.integration
 def test_out_adapter_at_low_rank_reports_a_nonzero_relative_error(folders, tmp_path):
     result = merge_adapters(
         folders["base"],
@@ -188,6 +184,7 @@ def _broken_adapter(folders, tmp_path: Path, kind: str) -> Path:
     return bad
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -217,6 +214,7 @@ def test_bad_adapter_merges_fail_with_one_line_and_write_nothing(folders, tmp_pa
     _no_output(out)
 
 
+@pytest.mark.unit
 def test_an_adapter_for_another_base_model_name_is_refused(folders, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

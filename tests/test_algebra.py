@@ -26,6 +26,8 @@ from fedfuse.algebra import (
     trim_count,
 )
 
+pytestmark = pytest.mark.unit
+
 # --- task vectors -------------------------------------------------------------------------------
 
 

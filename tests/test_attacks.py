@@ -13,9 +13,12 @@ from fedfuse.training.client_datasets import ClientDatasets
 from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.wire import MAX_NUM_EXAMPLES, Expectation, decode_update
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 TINY = {"mode": "full", "local-steps": 2, "batch-size": 4, "max-length": 16, "client-eval-examples": 4}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -30,6 +33,7 @@ def test_bad_attack_settings_are_named(values, message) -> None:
         AttackSettings(**values)
 
 
+@pytest.mark.unit
 def test_only_listed_partitions_attack_and_label_flip_needs_labels() -> None:
     attack = AttackSettings("noise", "0, 3")
     assert [attack.attacks(i) for i in range(5)] == [True, False, False, True, False]
@@ -38,6 +42,7 @@ def test_only_listed_partitions_attack_and_label_flip_needs_labels() -> None:
         RunSettings.from_run_config({}, task="lm", attack="label_flip", attackers="0")
 
 
+@pytest.mark.unit
 def test_model_attacks_flip_scale_or_replace_the_update_and_leave_lora_a_alone() -> None:
     generator = torch.Generator().manual_seed(0)
     tensors = {"m.lora_A": torch.randn(2, 4), "m.lora_B": torch.randn(4, 2), "head.weight": torch.randn(3)}
@@ -53,12 +58,14 @@ def test_model_attacks_flip_scale_or_replace_the_update_and_leave_lora_a_alone()
         assert not torch.allclose(noise[name], tensor)
 
 
+@pytest.mark.unit
 def test_inflated_example_counts_stay_within_what_a_header_may_say() -> None:
     assert reported_examples(10, AttackSettings("inflate_examples", "0", 1000.0)) == 10_000
     assert reported_examples(10**10, AttackSettings("inflate_examples", "0", 1e6)) == MAX_NUM_EXAMPLES
     assert reported_examples(10, AttackSettings("noise", "0", 1000.0)) == 10
 
 
+@pytest.mark.unit
 def test_label_flip_maps_each_class_to_its_mirror_and_keeps_evaluation_data() -> None:
     labels = torch.tensor([0, 1, 2, -100])
     tokens = Tokenized(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.long), labels, torch.zeros(4))
@@ -68,6 +75,7 @@ def test_label_flip_maps_each_class_to_its_mirror_and_keeps_evaluation_data() ->
     assert flipped.eval.labels.tolist() == [0, 1, 2, -100]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("attack", ["sign_flip", "scale"])
 def test_an_attacking_client_sends_s_times_its_honest_task_vector(attack) -> None:
     honest_settings = RunSettings.from_run_config({}, **TINY)
@@ -96,6 +104,7 @@ def _decode(payload: bytes) -> dict[str, torch.Tensor]:
     return {name: to_dense(t) for name, t in decode_update(payload, expect=Expectation(shapes=shapes)).tensors.items()}
 
 
+@pytest.mark.integration
 def test_attackers_are_a_simulation_device_the_production_client_app_refuses(server_identity, tmp_path) -> None:
     """The attacker ClientApp (mod + data wrapper) sends what the bench round sends; the plain app refuses."""
     from flwr.app import Context, Message, RecordDict

@@ -28,6 +28,8 @@ from fedfuse.bench.aggregate import (
 )
 from fedfuse.bench.measure import Meter, markdown_table, run_in_process
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 
 def _cli() -> typer.Typer:
     app = typer.Typer()
@@ -35,6 +37,7 @@ def _cli() -> typer.Typer:
     return app
 
 
+@pytest.mark.e2e
 def test_cli_measures_each_method_in_a_fresh_process_on_the_same_data(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     methods = "fedfuse-fedavg-dense,fedfuse-ties-sparse,flower-fedavg,peft-ties"
@@ -54,6 +57,7 @@ def test_cli_measures_each_method_in_a_fresh_process_on_the_same_data(tmp_path: 
     assert "fedfuse never holds them" in markdown
 
 
+@pytest.mark.unit
 def test_every_method_makes_a_row_with_positive_numbers(tmp_path: Path) -> None:
     config = BenchConfig(ks=(2,), params=20_000, tensors=2)
     rows = run_benchmark(config, runner=run_in_process)
@@ -76,6 +80,7 @@ def _row(method: str, k: int, seconds: float, growth: int = 0, update: int = 0) 
     return Row(method, k, seconds, growth, 0, update, None, 0, 0.0, 1, "clear_refs", (seconds,), (growth,))
 
 
+@pytest.mark.unit
 def test_targets_compare_against_flower_and_peft_at_the_stated_k() -> None:
     config = BenchConfig(ks=(4, 16), params=1000)
     rows = [
@@ -95,6 +100,7 @@ def test_targets_compare_against_flower_and_peft_at_the_stated_k() -> None:
     assert evaluate_targets([_row("flower-fedavg", 4, 1.0)], BenchConfig(ks=(4,)))[1].passed is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -111,6 +117,7 @@ def test_bad_options_are_named(kwargs: dict, message: str) -> None:
         BenchConfig(**kwargs)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(_cli(), ["--device", "cuda", "--out", str(tmp_path)])
@@ -118,6 +125,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     assert "no CUDA device" in result.output
 
 
+@pytest.mark.unit
 def test_sparse_updates_keep_the_trim_count_and_share_fisher_support() -> None:
     sizes = tensor_sizes(1001, 2)
     assert sizes == {"layer0.weight": 501, "layer1.weight": 500}
@@ -128,6 +136,7 @@ def test_sparse_updates_keep_the_trim_count_and_share_fisher_support() -> None:
     assert all(torch.equal(update[n].values, again[n].values) for n in sizes)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kernel_peak", [True, False])
 def test_meter_sees_an_allocation_in_its_memory_section(monkeypatch: pytest.MonkeyPatch, kernel_peak: bool) -> None:
     if not kernel_peak:
@@ -146,6 +155,7 @@ def test_meter_sees_an_allocation_in_its_memory_section(monkeypatch: pytest.Monk
         pass
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kernel_peak", [True, False])
 def test_an_untracked_block_leaves_out_its_scratch_but_not_what_it_keeps(
     monkeypatch: pytest.MonkeyPatch, kernel_peak: bool
@@ -170,6 +180,7 @@ def test_an_untracked_block_leaves_out_its_scratch_but_not_what_it_keeps(
         pass
 
 
+@pytest.mark.unit
 def test_markdown_table_aligns_numbers_right() -> None:
     text = markdown_table(["method", "K"], [["a|b", "4"]])
     assert text.splitlines() == ["| method | K |", "| --- | ---: |", "| a\\|b | 4 |"]

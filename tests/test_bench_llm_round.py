@@ -26,6 +26,8 @@ from fedfuse.cli.main import app
 from fedfuse.settings import RunSettings
 from fedfuse.training.run_model import attach_lora, base_model
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
+
 
 def _run(out: Path, variants: str, *extra: str) -> dict[str, Any]:
     args = ["bench", "llm-round", "--preset", "quick", "--variants", variants, "--out", str(out), *extra]
@@ -49,6 +51,7 @@ def _adapter_record(out: Path) -> ArrayRecord:
     return ArrayRecord(dict(get_peft_model_state_dict(attach_lora(model, settings, 1))))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_quick_preset_reports_every_variant_round_by_round(tmp_path: Path) -> None:
     document = _run(tmp_path, "dense,factors,svd,flowertune", "--svd-ranks", "4")
@@ -77,18 +80,21 @@ def test_quick_preset_reports_every_variant_round_by_round(tmp_path: Path) -> No
     assert (tmp_path / "llm_round.md").read_text().count("| llama-tiny |") == 8
 
 
+@pytest.mark.unit
 def test_variants_run_dense_first_and_expand_svd_per_rank() -> None:
     assert variant_names(["flowertune", "svd", "dense"], [8, 32]) == ["dense", "svd-8", "svd-32", "flowertune"]
     assert variant_overrides("svd-32", True) == {"broadcast": "svd", "broadcast-rank": 32}
     assert variant_overrides("dense", False) == {} and variant_overrides("flowertune", True) == {}
 
 
+@pytest.mark.unit
 def test_relative_difference_is_against_the_reference_scale() -> None:
     reference = {"w": torch.tensor([[2.0, -4.0]]), "only_here": torch.ones(1)}
     assert max_relative_difference({"w": torch.tensor([[2.0, -3.0]])}, reference) == pytest.approx(0.25)
     assert math.isnan(max_relative_difference({"x": torch.ones(1)}, reference))
 
 
+@pytest.mark.unit
 def test_memory_bound_and_svd_target() -> None:
     rounds = [{"down_per_node": 10, "up_per_node": 20, "train_loss": 1.0, "accepted": 4, "fold_seconds": 1.0}]
     dense = {"variant": "dense", "clients": 4, "adapted_entries": 100, "factor_entries": 10, "rounds": rounds}

@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 
 from fedfuse.cli.main import app
 
+# Tiers are marked per test here: this module mixes e2e and integration tests.
 
+
+@pytest.mark.e2e
 @pytest.mark.slow  # two simulations, each starting Ray and its actors: ~2.5 min on this shared 2-core machine
 def test_smallest_grid_writes_points_ratios_and_accepts_exactly_k_per_round(tmp_path: Path) -> None:
     out = tmp_path / "scale"
@@ -63,6 +66,7 @@ def test_smallest_grid_writes_points_ratios_and_accepts_exactly_k_per_round(tmp_
     assert "fedfuse bench scale" in result.output
 
 
+@pytest.mark.integration
 def test_sampling_more_clients_than_there_are_is_refused_before_anything_runs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "scale", "--clients", "4", "--sampled", "8", "--out", str(tmp_path)])
     assert result.exit_code != 0

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import typer
 from typer.testing import CliRunner
 
 from fedfuse.bench.wire import wire
+
+pytestmark = pytest.mark.integration
 
 CASES = {"dense", "TIES d=0.05", "TIES d=0.1", "TIES d=0.2", "DARE p=0.8", "DARE p=0.9", "DARE p=0.95"}
 

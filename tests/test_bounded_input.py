@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from flwr.app import Context, RecordDict
 
@@ -12,6 +13,8 @@ from fedfuse.client.app import shard_of
 from fedfuse.rounds import RoundEngine
 from fedfuse.settings import RunSettings
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint, max_update_bytes
+
+pytestmark = pytest.mark.unit
 
 SHAPES = {"w": (300, 200), "b": (200,)}
 BASE = {name: torch.zeros(shape) for name, shape in SHAPES.items()}

@@ -26,6 +26,8 @@ from fedfuse.rounds import (
     next_version,
 )
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
+
 BASE = base_version({"model": "tiny", "task": "sft", "labels": "", "seed": "0"})
 
 
@@ -40,6 +42,7 @@ def merged_round(seed: int) -> dict[str, torch.Tensor | LowRank]:
     return {"layer.q.weight": low_rank(seed), "score.weight": torch.randn(3, 8, generator=generator)}
 
 
+@pytest.mark.unit
 def test_a_factored_change_travels_as_its_factors_exactly():
     delta, error = Broadcaster(BroadcastPolicy("factors")).delta(merged_round(0))
     assert isinstance(delta.tensors["layer.q.weight"], LowRank) and error == 0.0
@@ -51,6 +54,7 @@ def test_a_factored_change_travels_as_its_factors_exactly():
     assert torch.equal(applied_factors["layer.q.weight"], applied_dense["layer.q.weight"]), "same bits either way"
 
 
+@pytest.mark.unit
 def test_svd_broadcast_keeps_what_it_leaves_out_for_the_next_round():
     """Server-side error feedback: what was sent plus what is kept is exactly what the merges asked for."""
     broadcaster = Broadcaster(BroadcastPolicy("svd", rank=2))
@@ -68,6 +72,7 @@ def test_svd_broadcast_keeps_what_it_leaves_out_for_the_next_round():
     )
 
 
+@pytest.mark.unit
 def test_a_reduced_precision_broadcast_is_what_both_sides_apply():
     delta, error = Broadcaster(BroadcastPolicy("factors", dtype="bfloat16")).delta(merged_round(1))
     assert delta.tensors["layer.q.weight"].b.dtype == torch.bfloat16 and 0.0 < error < 1e-2
@@ -80,6 +85,7 @@ def test_a_reduced_precision_broadcast_is_what_both_sides_apply():
         assert torch.equal(node.tensors[name], server.tensors[name])
 
 
+@pytest.mark.unit
 def test_versions_chain_the_deltas():
     delta, _ = Broadcaster().delta(merged_round(0))
     assert next_version(BASE, delta) == next_version(BASE, delta) != BASE
@@ -95,6 +101,7 @@ def _log_with_rounds(rounds: int) -> VersionLog:
     return log
 
 
+@pytest.mark.unit
 def test_the_server_sends_each_node_what_it_lacks():
     log = VersionLog(ModelChange(BASE))
     assert log.sync_for(1).state is not None  # a node the server does not know gets the whole change
@@ -107,6 +114,7 @@ def test_the_server_sends_each_node_what_it_lacks():
     assert log.sync_for(1).state is not None
 
 
+@pytest.mark.unit
 def test_steps_are_dropped_once_the_whole_change_is_cheaper():
     log = VersionLog(ModelChange(BASE))
     log.nodes[7] = BASE
@@ -116,6 +124,7 @@ def test_steps_are_dropped_once_the_whole_change_is_cheaper():
     assert log.sync_for(7).state is not None
 
 
+@pytest.mark.unit
 def test_a_node_catches_up_bit_identically_and_refuses_a_delta_for_another_version():
     server = _log_with_rounds(3)
     node = ModelChange(BASE)
@@ -128,6 +137,7 @@ def test_a_node_catches_up_bit_identically_and_refuses_a_delta_for_another_versi
     assert stale.version == BASE and not stale.tensors  # nothing applied
 
 
+@pytest.mark.unit
 def test_the_sync_travels_in_flower_records_and_back(tmp_path):
     server = _log_with_rounds(2)
     for sync in (server.sync_for(3), Sync(server.version, tuple(server.steps))):
@@ -138,6 +148,7 @@ def test_the_sync_travels_in_flower_records_and_back(tmp_path):
     assert read_sync(RecordDict()) is None
 
 
+@pytest.mark.unit
 def test_a_node_keeps_its_change_on_disk_and_a_lost_one_is_refused(tmp_path):
     server = _log_with_rounds(1)
     folder = tmp_path / "node"
@@ -173,6 +184,7 @@ APPLY = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_the_same_deltas_in_the_same_order_give_bit_identical_weights_across_processes():
     outputs = {
         subprocess.run([sys.executable, "-c", APPLY, str(threads)], capture_output=True, text=True, check=True).stdout
@@ -181,6 +193,7 @@ def test_the_same_deltas_in_the_same_order_give_bit_identical_weights_across_pro
     assert len(outputs) == 1, outputs
 
 
+@pytest.mark.unit
 def test_a_delta_that_does_not_fit_the_model_changes_nothing():
     change = {"w": torch.zeros(4, 4)}
     with pytest.raises(ValueError, match="shape"):
@@ -188,6 +201,7 @@ def test_a_delta_that_does_not_fit_the_model_changes_nothing():
     assert set(change) == {"w"} and torch.equal(change["w"], torch.zeros(4, 4))
 
 
+@pytest.mark.unit
 def test_the_server_returns_large_freed_temporaries_to_the_system_on_linux():
     from fedfuse.server.memory import return_large_frees_to_the_system
 

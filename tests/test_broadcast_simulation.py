@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -17,6 +18,8 @@ from fedfuse.client.residuals import STATE_DIR_ENV
 from fedfuse.messages import RoundInstruction
 from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.simulation import simulate
+
+pytestmark = pytest.mark.e2e
 
 
 def _chat_run(tmp_path: Path, name: str, **overrides: object) -> dict[str, object]:

@@ -4,31 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from own_data_helpers import tiny_chat_llama
+from tiny_runs import TINY_RUN
 from transformers import LlamaForCausalLM
 
 from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.simulation import simulate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-llama"))
+def tiny_llama(tiny_chat_llama_dir):
+    return tiny_chat_llama_dir
 
 
 def test_lora_on_attention_projections_of_a_local_causal_lm(tiny_llama, tmp_path):
     overrides = {
         "model": str(tiny_llama),
         "task": "lm",
+        **{key: value for key, value in TINY_RUN.items() if key != "fraction-evaluate"},
         "num-server-rounds": 2,
         "local-steps": 3,
-        "batch-size": 8,
-        "max-length": 16,
-        "lora-rank": 2,
-        "eval-examples": 32,
-        "client-eval-examples": 8,
         "learning-rate": 1e-2,
         "output-dir": str(tmp_path),
     }

@@ -9,6 +9,8 @@ import torch
 
 from fedfuse.server.run_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.unit
+
 
 def weights(value: float) -> dict[str, torch.Tensor]:
     return {"layer.weight": torch.full((3, 2), value), "layer.bias": torch.arange(3.0) + value}

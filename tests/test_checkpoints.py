@@ -27,6 +27,8 @@ from fedfuse.checkpoints import (
     plan_shards,
 )
 
+pytestmark = pytest.mark.unit
+
 DTYPES = [
     torch.float32,
     torch.float64,

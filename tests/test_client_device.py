@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import LlamaForCausalLM
 
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.training.device import (
@@ -20,6 +21,8 @@ from fedfuse.training.device import (
 )
 from fedfuse.training.federated_dataset import Tokenized
 from fedfuse.training.loop import train
+
+pytestmark = pytest.mark.unit
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 
@@ -48,17 +51,8 @@ def test_4bit_quantization_is_lora_only():
 
 
 def _tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return tiny_llama(**sizes, max_position_embeddings=32)
 
 
 def _tokens() -> Tokenized:

@@ -21,6 +21,8 @@ from fedfuse.training.trainers import (
 )
 from fedfuse.training.trainers.builtin import loop_trainer, sft_trainer
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
+
 PLUGIN = textwrap.dedent('''
     """A user's trainer: plain SGD on fedfuse's tokenized batches, marking each call in a folder."""
     import os
@@ -67,12 +69,14 @@ def installed_plugin(tmp_path, monkeypatch):
     return marks
 
 
+@pytest.mark.unit
 def test_auto_picks_the_built_in_trainer_of_each_task():
     assert resolve_trainer("auto", "topics") is loop_trainer
     assert resolve_trainer("auto", "lm") is loop_trainer
     assert resolve_trainer("auto", "sft") is sft_trainer
 
 
+@pytest.mark.unit
 def test_unknown_trainers_are_refused_with_what_was_tried():
     with pytest.raises(TrainerNotFound, match=r"neither built in nor an installed 'fedfuse.trainers' entry point"):
         resolve_trainer("no-such-trainer", "topics")
@@ -82,11 +86,13 @@ def test_unknown_trainers_are_refused_with_what_was_tried():
         resolve_trainer("fedfuse.settings:nope", "topics")
 
 
+@pytest.mark.unit
 def test_an_entry_point_trainer_is_found_by_name(installed_plugin):
     assert "plain-sgd" in available_trainers()
     assert resolve_trainer("plain-sgd", "topics").__module__ == "sgd_plugin"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_simulation_trains_every_client_with_the_entry_point_trainer(installed_plugin, tmp_path):
     history = simulate(
@@ -115,6 +121,7 @@ def recording_trainer(model, data, settings, round):
     return 0.5
 
 
+@pytest.mark.unit
 def test_a_trainer_receives_the_training_section_task_and_model_not_the_whole_run() -> None:
     from fedfuse.client.local_round import Shard, run_local_round
     from fedfuse.settings import RunSettings, TrainingSettings

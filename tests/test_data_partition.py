@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from fedfuse.data import client_label_counts, dirichlet_partition, domain_partition
 
+pytestmark = pytest.mark.unit
+
 FAST = settings(max_examples=40, deadline=None)
 
 label_arrays = st.lists(st.integers(min_value=0, max_value=6), min_size=1, max_size=300).map(

@@ -21,6 +21,8 @@ from fedfuse.data.stdlib_topics import (
     iter_stdlib_sources,
 )
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
+
 
 @pytest.fixture(scope="module")
 def dataset() -> TopicDataset:
@@ -35,6 +37,7 @@ def write(path: Path, text: str) -> None:
 # --- the built dataset -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_has_about_six_thousand_examples_and_every_class_at_least_150(dataset: TopicDataset) -> None:
     assert 4500 <= len(dataset) <= 8000
     assert dataset.label_names == LABEL_NAMES
@@ -44,6 +47,7 @@ def test_has_about_six_thousand_examples_and_every_class_at_least_150(dataset: T
     assert sum(counts.values()) == len(dataset)
 
 
+@pytest.mark.unit
 def test_fields_are_aligned_and_labels_are_ints(dataset: TopicDataset) -> None:
     assert len(dataset.texts) == len(dataset.labels) == len(dataset.sources) == len(dataset)
     assert dataset.labels.dtype == np.int64
@@ -51,6 +55,7 @@ def test_fields_are_aligned_and_labels_are_ints(dataset: TopicDataset) -> None:
     assert np.array_equal(dataset.domains, dataset.labels)
 
 
+@pytest.mark.unit
 def test_each_load_returns_its_own_labels_array() -> None:
     first = load_stdlib_topics()
     original = first.labels.copy()
@@ -58,6 +63,7 @@ def test_each_load_returns_its_own_labels_array() -> None:
     assert np.array_equal(load_stdlib_topics().labels, original)
 
 
+@pytest.mark.unit
 def test_texts_are_clean_unique_one_line_prose(dataset: TopicDataset) -> None:
     assert all(30 <= len(text) <= 300 for text in dataset.texts)
     assert all("\n" not in text and text == text.strip() and "  " not in text for text in dataset.texts)
@@ -65,6 +71,7 @@ def test_texts_are_clean_unique_one_line_prose(dataset: TopicDataset) -> None:
     assert len({text.lower() for text in dataset.texts}) == len(dataset)
 
 
+@pytest.mark.unit
 def test_each_label_is_the_domain_of_its_source_module(dataset: TopicDataset) -> None:
     for label, source in zip(dataset.labels, dataset.sources, strict=False):
         assert domain_of(source) == LABEL_NAMES[label], source
@@ -72,6 +79,7 @@ def test_each_label_is_the_domain_of_its_source_module(dataset: TopicDataset) ->
     assert not components & EXCLUDED_DIRS
 
 
+@pytest.mark.unit
 def test_known_docstrings_land_in_their_domain(dataset: TopicDataset) -> None:
     by_source: dict[str, set[str]] = {}
     for label, source in zip(dataset.labels, dataset.sources, strict=False):
@@ -83,6 +91,7 @@ def test_known_docstrings_land_in_their_domain(dataset: TopicDataset) -> None:
     assert "os" not in by_source and "typing" not in by_source
 
 
+@pytest.mark.e2e
 def test_a_fresh_process_builds_the_same_list_without_importing_what_it_reads(dataset: TopicDataset) -> None:
     code = (
         "import json, sys\n"
@@ -101,6 +110,7 @@ def test_a_fresh_process_builds_the_same_list_without_importing_what_it_reads(da
 # --- cache -------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_cache_dir_stores_the_dataset_and_reads_it_back(tmp_path: Path, dataset: TopicDataset, monkeypatch) -> None:
     first = load_stdlib_topics(cache_dir=tmp_path / "cache")
     files = list((tmp_path / "cache").iterdir())
@@ -117,6 +127,7 @@ def test_cache_dir_stores_the_dataset_and_reads_it_back(tmp_path: Path, dataset:
     assert second.sources == dataset.sources
 
 
+@pytest.mark.unit
 def test_a_damaged_cache_file_is_named(tmp_path: Path) -> None:
     load_stdlib_topics(cache_dir=tmp_path)
     (cache,) = tmp_path.iterdir()
@@ -125,6 +136,7 @@ def test_a_damaged_cache_file_is_named(tmp_path: Path) -> None:
         load_stdlib_topics(cache_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_bad_build_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="min_chars"):
         load_stdlib_topics(min_chars=50, max_chars=40)
@@ -133,6 +145,7 @@ def test_bad_build_parameters_are_refused() -> None:
 # --- the pieces, on a fake standard library ----------------------------------------------------
 
 
+@pytest.mark.unit
 def test_label_names_are_the_documented_domains_and_each_module_has_one() -> None:
     assert LABEL_NAMES == (
         "networking",
@@ -150,6 +163,7 @@ def test_label_names_are_the_documented_domains_and_each_module_has_one() -> Non
     assert len(listed) == len(set(listed)) == len(MODULE_DOMAINS)
 
 
+@pytest.mark.unit
 def test_domain_is_the_longest_dotted_prefix() -> None:
     assert domain_of("asyncio.streams") == "networking"
     assert domain_of("asyncio.tasks") == "concurrency"
@@ -159,6 +173,7 @@ def test_domain_is_the_longest_dotted_prefix() -> None:
     assert domain_of("os") is None
 
 
+@pytest.mark.unit
 def test_walk_is_sorted_skips_tests_site_packages_and_unlabelled_modules(tmp_path: Path) -> None:
     for name in [
         "socket.py",
@@ -176,11 +191,13 @@ def test_walk_is_sorted_skips_tests_site_packages_and_unlabelled_modules(tmp_pat
     assert found == [("socket", "networking"), ("email", "email"), ("email.parser", "email")]
 
 
+@pytest.mark.unit
 def test_missing_standard_library_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list(iter_stdlib_sources(tmp_path / "nowhere"))
 
 
+@pytest.mark.unit
 def test_extract_reads_module_class_and_nested_function_docstrings_and_drops_ambiguous_ones(tmp_path: Path) -> None:
     write(
         tmp_path / "smtplib.py",
@@ -218,6 +235,7 @@ def shared():
     ]
 
 
+@pytest.mark.unit
 def test_clean_docstring_keeps_leading_prose_as_one_line() -> None:
     doc = "Open the   archive\nat PATH.\n\nArgs:\n    path: where it is.\n"
     assert clean_docstring(doc) == "Open the archive at PATH."
@@ -231,6 +249,7 @@ def test_clean_docstring_keeps_leading_prose_as_one_line() -> None:
     assert clean_docstring("Parse the text.\nReturns:\n  a tree") == "Parse the text."
 
 
+@pytest.mark.unit
 def test_clean_docstring_cuts_at_a_word_boundary() -> None:
     text = clean_docstring("word " * 100, max_chars=23)
     assert text == "word word word word"
@@ -240,6 +259,7 @@ def test_clean_docstring_cuts_at_a_word_boundary() -> None:
 # --- TopicDataset and the split ----------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_train_test_split_is_stratified_disjoint_complete_and_seeded(dataset: TopicDataset) -> None:
     train, test = train_test_split(dataset, test_fraction=0.2, seed=0)
     assert len(train) + len(test) == len(dataset)
@@ -254,12 +274,14 @@ def test_train_test_split_is_stratified_disjoint_complete_and_seeded(dataset: To
     assert [position[text] for text in test.texts] == sorted(position[text] for text in test.texts)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_split_fraction_outside_the_open_unit_interval_is_refused(dataset: TopicDataset, fraction: float) -> None:
     with pytest.raises(ValueError, match="test_fraction"):
         train_test_split(dataset, test_fraction=fraction)
 
 
+@pytest.mark.unit
 def test_subset_takes_examples_in_the_given_order(dataset: TopicDataset) -> None:
     part = dataset.subset([5, 2, 9])
     assert part.texts == (dataset.texts[5], dataset.texts[2], dataset.texts[9])
@@ -269,6 +291,7 @@ def test_subset_takes_examples_in_the_given_order(dataset: TopicDataset) -> None
         dataset.subset([len(dataset)])
 
 
+@pytest.mark.unit
 def test_topic_dataset_refuses_misaligned_fields_and_out_of_range_labels() -> None:
     with pytest.raises(ValueError, match="same length"):
         TopicDataset(texts=("a", "b"), labels=np.array([0]), label_names=("x",), sources=("m", "m"))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedfuse.cli.main import app
+
+pytestmark = pytest.mark.integration
 
 
 def test_demo_merges_every_method_and_ties_is_closest_to_the_ideal(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -207,6 +209,7 @@ def flower_help(tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ compose
+@pytest.mark.unit
 def test_compose_has_the_superlink_registration_and_one_supernode_per_institution(services):
     expected = {"superlink", "register", *(f"supernode-{name}" for name in INSTITUTIONS)}
     assert expected <= set(services), sorted(services)
@@ -214,6 +217,7 @@ def test_compose_has_the_superlink_registration_and_one_supernode_per_institutio
         assert services[name].get("image") or services[name].get("build"), f"{name} names no image"
 
 
+@pytest.mark.unit
 def test_compose_superlink_runs_tls_with_supernode_auth_and_no_runtime_install(services):
     superlink = services["superlink"]
     command = as_list(superlink["command"])
@@ -233,6 +237,7 @@ def test_compose_superlink_runs_tls_with_supernode_auth_and_no_runtime_install(s
     assert any(str(mapping).split(":")[-1] == port for mapping in superlink.get("ports", [])), "port not published"
 
 
+@pytest.mark.unit
 def test_compose_never_mounts_the_ca_private_key(services):
     for name, service in services.items():
         for source, target, _ in compose_volumes(service):
@@ -240,6 +245,7 @@ def test_compose_never_mounts_the_ca_private_key(services):
             assert PurePosixPath(source).name != "certs", f"{name} mounts the whole certs folder (with ca.key)"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("institution", INSTITUTIONS)
 def test_compose_supernode_has_tls_auth_and_its_node_config(services, institution):
     service = services[f"supernode-{institution}"]
@@ -267,6 +273,7 @@ def test_compose_supernode_has_tls_auth_and_its_node_config(services, institutio
         assert covered_by(path, targets), f"{institution}: {path} is not inside a mounted volume"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("institution", INSTITUTIONS)
 def test_compose_supernode_mounts_only_its_own_keys_and_the_ca_cert(services, institution):
     service = services[f"supernode-{institution}"]
@@ -287,6 +294,7 @@ def test_compose_supernode_mounts_only_its_own_keys_and_the_ca_cert(services, in
     assert any(PurePosixPath(source).name == "ca.crt" for source, _, _ in volumes), f"{institution} lacks ca.crt"
 
 
+@pytest.mark.unit
 def test_compose_supernodes_split_the_task_between_them(services):
     configs = [node_config(as_list(services[f"supernode-{name}"]["command"])) for name in INSTITUTIONS]
     assert sorted(c["partition-id"] for c in configs) == list(range(len(INSTITUTIONS)))
@@ -295,6 +303,7 @@ def test_compose_supernodes_split_the_task_between_them(services):
     assert len({c["data"] for c in configs}) == 1, "same in-container data path, different mounted folders"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("institution", INSTITUTIONS)
 def test_compose_supernode_trains_on_its_own_data_folder_mounted_read_only(services, institution):
     service = services[f"supernode-{institution}"]
@@ -313,6 +322,7 @@ def test_compose_supernode_trains_on_its_own_data_folder_mounted_read_only(servi
     assert target not in ("/", "/keys", "/certs"), target
 
 
+@pytest.mark.unit
 def test_compose_each_data_folder_is_seen_by_its_own_supernode_only(services):
     sources = {name: compose_data_mount(services[f"supernode-{name}"])[0] for name in INSTITUTIONS}
     assert len(set(sources.values())) == len(INSTITUTIONS), f"institutions share a data folder: {sources}"
@@ -327,6 +337,7 @@ def test_compose_each_data_folder_is_seen_by_its_own_supernode_only(services):
             assert not any("institutions" in PurePosixPath(m).parts for m in mounted), f"{name} mounts data"
 
 
+@pytest.mark.e2e
 def test_compose_services_start_in_order_and_have_health_checks(services):
     superlink = services["superlink"]
     port = flag_value(as_list(superlink["command"]), "--port")
@@ -340,6 +351,7 @@ def test_compose_services_start_in_order_and_have_health_checks(services):
     assert services["register"]["depends_on"]["superlink"]["condition"] == "service_healthy"
 
 
+@pytest.mark.unit
 def test_compose_register_service_registers_public_keys_only(services):
     register = services["register"]
     command = as_list(register.get("entrypoint", [])) + as_list(register.get("command", []))
@@ -356,6 +368,7 @@ def test_compose_register_service_registers_public_keys_only(services):
         )
 
 
+@pytest.mark.e2e
 def test_flwr_wrapper_registers_with_flwr_supernode_register_and_valid_flags(flower_help):
     script = FLWR_WRAPPER.read_text()
     calls = [
@@ -370,6 +383,7 @@ def test_flwr_wrapper_registers_with_flwr_supernode_register_and_valid_flags(flo
     assert "root-certificates" in script and "[superlink.fedfuse]" in script
 
 
+@pytest.mark.unit
 def test_the_helpers_the_services_call_are_installed_by_the_dockerfile(services):
     dockerfile = DOCKERFILE.read_text()
     for helper, source in (("fedfuse-healthcheck", HEALTHCHECK), ("fedfuse-flwr", FLWR_WRAPPER)):
@@ -380,6 +394,7 @@ def test_the_helpers_the_services_call_are_installed_by_the_dockerfile(services)
 
 
 # -------------------------------------------------------------------------------------------- k8s
+@pytest.mark.unit
 def test_every_k8s_object_is_named_and_namespaced(k8s_objects):
     assert k8s_objects
     for doc in k8s_objects:
@@ -395,6 +410,7 @@ def test_every_k8s_object_is_named_and_namespaced(k8s_objects):
             assert metadata.get("namespace") == NAMESPACE, f"{doc['kind']}/{metadata['name']} not in {NAMESPACE}"
 
 
+@pytest.mark.unit
 def test_kustomization_lists_every_manifest_except_the_examples(manifests):
     (kustomization,) = manifests["kustomization.yaml"]
     assert kustomization["kind"] == "Kustomization"
@@ -408,6 +424,7 @@ def test_kustomization_lists_every_manifest_except_the_examples(manifests):
     assert "data-volumes.example.yaml" in manifests, "show how a data volume is bound (data-volumes.example.yaml)"
 
 
+@pytest.mark.unit
 def test_k8s_has_the_expected_deployments_and_service(manifests, deployments):
     assert set(deployments) == {"superlink", *(f"supernode-{name}" for name in INSTITUTIONS)}
     for institution in INSTITUTIONS:
@@ -417,6 +434,7 @@ def test_k8s_has_the_expected_deployments_and_service(manifests, deployments):
     assert [s["metadata"]["name"] for s in services] == ["superlink"]
 
 
+@pytest.mark.unit
 def test_k8s_deployment_args_only_name_paths_that_are_mounted(deployments):
     for name, doc in deployments.items():
         spec = pod_spec(doc)
@@ -440,6 +458,7 @@ def test_k8s_deployment_args_only_name_paths_that_are_mounted(deployments):
                     )
 
 
+@pytest.mark.unit
 def test_k8s_superlink_runs_tls_with_supernode_auth_and_probes(deployments, manifests):
     (container,) = pod_spec(deployments["superlink"])["containers"]
     command = as_list(container.get("command", [])) + as_list(container.get("args", []))
@@ -462,6 +481,7 @@ def test_k8s_superlink_runs_tls_with_supernode_auth_and_probes(deployments, mani
     assert service["spec"]["selector"].items() <= labels.items()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("institution", INSTITUTIONS)
 def test_k8s_supernode_uses_its_own_secret_and_has_probes(deployments, institution):
     doc = deployments[f"supernode-{institution}"]
@@ -488,6 +508,7 @@ def test_k8s_supernode_uses_its_own_secret_and_has_probes(deployments, instituti
     assert context.get("runAsNonRoot") is True and context.get("runAsUser", 0) != 0
 
 
+@pytest.mark.unit
 def test_k8s_supernodes_split_the_task_between_them(deployments):
     configs = []
     for institution in INSTITUTIONS:
@@ -509,6 +530,7 @@ def k8s_data_claim(doc: dict) -> tuple[dict, dict]:
     return mounts[0], volume
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("institution", INSTITUTIONS)
 def test_k8s_supernode_trains_on_its_own_claim_mounted_read_only(manifests, deployments, institution):
     doc = deployments[f"supernode-{institution}"]
@@ -526,6 +548,7 @@ def test_k8s_supernode_trains_on_its_own_claim_mounted_read_only(manifests, depl
     assert [c["metadata"]["name"] for c in claims] == [claim["claimName"]], "the claim ships with its SuperNode"
 
 
+@pytest.mark.unit
 def test_k8s_each_data_claim_is_mounted_by_its_own_supernode_only(deployments):
     owners = {}
     for name, doc in deployments.items():
@@ -536,6 +559,7 @@ def test_k8s_each_data_claim_is_mounted_by_its_own_supernode_only(deployments):
         assert owners.get(f"{institution}-data") == [f"supernode-{institution}"], owners
 
 
+@pytest.mark.unit
 def test_k8s_data_volume_example_binds_each_claim_read_only_and_retained(manifests):
     volumes = {d["metadata"]["name"]: d for d in manifests["data-volumes.example.yaml"]}
     for institution in INSTITUTIONS:
@@ -552,6 +576,7 @@ def test_k8s_data_volume_example_binds_each_claim_read_only_and_retained(manifes
         assert not any(other in yaml.safe_dump(volume) for other in others)
 
 
+@pytest.mark.unit
 def test_k8s_secrets_example_holds_placeholders_and_no_ca_key(manifests):
     docs = manifests["secrets.example.yaml"]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -564,6 +589,7 @@ def test_k8s_secrets_example_holds_placeholders_and_no_ca_key(manifests):
 
 
 # ------------------------------------------------------------------------------------ all deploy files
+@pytest.mark.unit
 def test_no_file_holds_key_or_certificate_material():
     files = [p for p in DEPLOY.rglob("*") if p.is_file() and "secrets" not in p.relative_to(DEPLOY).parts]
     assert len(files) >= 8, files
@@ -575,6 +601,7 @@ def test_no_file_holds_key_or_certificate_material():
         assert not openssh.search(text), f"{path} holds a key"
 
 
+@pytest.mark.unit
 def test_dockerfile_installs_cpu_torch_then_the_app_as_a_non_root_user():
     text = DOCKERFILE.read_text()
     instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -600,6 +627,7 @@ def test_dockerfile_installs_cpu_torch_then_the_app_as_a_non_root_user():
 
 
 # ---------------------------------------------------------------------------- flags vs Flower's --help
+@pytest.mark.e2e
 def test_help_parser_reads_flower_options(flower_help):
     superlink, supernode = flower_help["flower-superlink"], flower_help["flower-supernode"]
     assert {"--ssl-certfile", "--enable-supernode-auth", "--host", "--port", "--database"} <= set(superlink)
@@ -620,6 +648,7 @@ def used_flower_flags(services, deployments) -> dict[str, set[str]]:
     return used
 
 
+@pytest.mark.e2e
 def test_every_flower_flag_used_is_accepted_and_not_deprecated(flower_help, services, deployments):
     used = used_flower_flags(services, deployments)
     assert used["flower-superlink"] and used["flower-supernode"]
@@ -630,6 +659,7 @@ def test_every_flower_flag_used_is_accepted_and_not_deprecated(flower_help, serv
             assert "deprecated" not in accepted[flag].lower(), f"`{tool}` {flag} is deprecated: {accepted[flag]}"
 
 
+@pytest.mark.unit
 def test_valued_flags_have_values(services, deployments):
     commands = [as_list(s.get("command", [])) for s in services.values()]
     commands += [as_list(c.get("args", [])) for d in deployments.values() for c in pod_spec(d)["containers"]]
@@ -653,6 +683,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.e2e
 def test_healthcheck_script_exits_zero_only_on_http_200():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -674,6 +705,7 @@ def test_healthcheck_script_exits_zero_only_on_http_200():
     assert check(f"http://127.0.0.1:{port}/health", "--timeout", "2") == 1, "a closed port must be unhealthy"
 
 
+@pytest.mark.unit
 def test_readme_replaced_the_placeholder_and_covers_the_roles():
     text = (DEPLOY / "README.md").read_text()
     assert "Not built yet" not in text
@@ -691,6 +723,7 @@ def test_readme_replaced_the_placeholder_and_covers_the_roles():
         assert needle in text, f"deploy/README.md does not mention {needle}"
 
 
+@pytest.mark.unit
 def test_readme_tells_an_institution_how_to_use_its_own_data():
     text = (DEPLOY / "README.md").read_text()
     for needle in (

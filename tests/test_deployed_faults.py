@@ -24,6 +24,7 @@ from federation import INSTITUTIONS, ROOT, TINY, Federation, sha256
 from fedfuse.server.run_checkpoint import load_checkpoint
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.slow,
     pytest.mark.skipif(
         any(shutil.which(tool) is None for tool in ("flower-superlink", "flower-supernode", "flwr")),

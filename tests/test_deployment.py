@@ -35,6 +35,7 @@ from federation import (
 from safetensors import safe_open
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.slow,
     pytest.mark.skipif(
         any(shutil.which(tool) is None for tool in ("flower-superlink", "flower-supernode", "flwr")),

@@ -18,6 +18,8 @@ import torch
 from fedfuse.algebra import SparseTensor, Sparsifier, dare_indices, dare_seed_fn, sparsify_update, to_dense
 from fedfuse.client import ErrorFeedback
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 SHAPES = {"layer.weight": (40, 40), "layer.bias": (400,)}
 
 
@@ -57,6 +59,7 @@ def contraction_bound(delta: float, taus) -> float:
     return q / (1 - q) * max(norm(t) for t in taus)
 
 
+@pytest.mark.unit
 def test_what_was_sent_plus_the_residual_is_everything_that_was_produced() -> None:
     taus = task_vectors(20)
     for sparsifier, rescale in [
@@ -76,6 +79,7 @@ def test_what_was_sent_plus_the_residual_is_everything_that_was_produced() -> No
             torch.testing.assert_close(total[n] + ef.residual[n], produced, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_with_trim_feedback_the_gap_stays_bounded_and_without_it_grows_with_the_rounds(scope) -> None:
     density = 0.1
@@ -92,6 +96,7 @@ def test_with_trim_feedback_the_gap_stays_bounded_and_without_it_grows_with_the_
     assert with_feedback[49] < without[49] / 5
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
 def test_with_dare_feedback_the_residual_is_bounded_for_every_density(density) -> None:
     """Unrescaled drops are contractive in expectation (δ = density): the residual settles at a level set
@@ -107,6 +112,7 @@ def test_with_dare_feedback_the_residual_is_bounded_for_every_density(density) -
     assert with_feedback[49] < without[49] / 2
 
 
+@pytest.mark.unit
 def test_rescaled_dare_feedback_is_bounded_above_density_one_half() -> None:
     """At density 0.75 the rescaled drop is contractive in expectation ((1−d)/d = 1/3 < 1)."""
     taus = task_vectors(200, seed=2)
@@ -115,12 +121,14 @@ def test_rescaled_dare_feedback_is_bounded_above_density_one_half() -> None:
     assert sum(residuals[150:]) / 50 < 1.5 * sum(residuals[25:50]) / 25
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("density", [0.1, 0.5])
 def test_rescaled_dare_feedback_is_refused_where_it_diverges(density) -> None:
     with pytest.raises(ValueError, match="dare_rescale=False"):
         ErrorFeedback(Sparsifier("dare", density), dare_rescale=True)
 
 
+@pytest.mark.unit
 def test_why_rescaled_dare_feedback_is_refused_the_residual_explodes() -> None:
     """r' = (τ + r)(1 − m/d) has E r'² = (1−d)/d·E(τ + r)²: at d = 0.25 the residual triples in variance
     every round. Simulated here with the algebra directly, since ErrorFeedback refuses it."""
@@ -133,12 +141,14 @@ def test_why_rescaled_dare_feedback_is_refused_the_residual_explodes() -> None:
     assert norm(residual) > 1000 * max(norm(t) for t in taus)
 
 
+@pytest.mark.unit
 def test_plain_dare_without_feedback_is_unbiased_so_its_gap_grows_like_the_square_root_of_r() -> None:
     taus = task_vectors(200, seed=4)
     without, _ = gaps(ErrorFeedback(Sparsifier("dare", 0.75), dare_rescale=True), taus, feedback=False)
     assert 1.4 < without[199] / without[49] < 3.0
 
 
+@pytest.mark.unit
 def test_dare_updates_carry_their_seed_so_the_wire_needs_no_indices() -> None:
     seeds = dare_seed_fn(5, 2, "client-9")
     ef = ErrorFeedback(Sparsifier("dare", 0.3))
@@ -150,6 +160,7 @@ def test_dare_updates_carry_their_seed_so_the_wire_needs_no_indices() -> None:
         ef.compress(task_vectors(1)[0])
 
 
+@pytest.mark.unit
 def test_the_none_sparsifier_sends_everything_and_keeps_a_zero_residual() -> None:
     ef = ErrorFeedback(Sparsifier("none"))
     tau = task_vectors(1)[0]
@@ -158,6 +169,7 @@ def test_the_none_sparsifier_sends_everything_and_keeps_a_zero_residual() -> Non
         assert torch.equal(sent[n], tau[n]) and not ef.residual[n].any()
 
 
+@pytest.mark.unit
 def test_half_precision_task_vectors_give_an_fp32_residual() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     tau = {"w": torch.tensor([1.0, -0.5, 0.25, 3.0], dtype=torch.bfloat16)}
@@ -169,6 +181,7 @@ def test_half_precision_task_vectors_give_an_fp32_residual() -> None:
     assert not ef.residual["w"].any()
 
 
+@pytest.mark.unit
 def test_non_contiguous_task_vectors_are_handled_in_logical_order() -> None:
     tau = {"w": torch.tensor([[4.0, 0.1], [0.2, -3.0]]).t()}
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
@@ -177,6 +190,7 @@ def test_non_contiguous_task_vectors_are_handled_in_logical_order() -> None:
     assert torch.equal(ef.residual["w"], torch.tensor([[0.0, 0.2], [0.1, 0.0]]))
 
 
+@pytest.mark.unit
 def test_the_residual_is_folded_into_the_next_round() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.25))
     first = ef.compress({"w": torch.tensor([4.0, 1.0, -2.0, 0.5])})
@@ -186,6 +200,7 @@ def test_the_residual_is_folded_into_the_next_round() -> None:
     assert torch.equal(ef.residual["w"], torch.tensor([0.0, 1.0, 0.0, 0.5]))
 
 
+@pytest.mark.unit
 def test_state_dict_round_trips_and_continues_identically() -> None:
     taus = task_vectors(4)
     original = ErrorFeedback(Sparsifier("dare", 0.3))
@@ -204,6 +219,7 @@ def test_state_dict_round_trips_and_continues_identically() -> None:
         assert torch.equal(original.residual[n], restored.residual[n])
 
 
+@pytest.mark.unit
 def test_state_dict_and_residual_are_copies() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     ef.compress({"w": torch.tensor([1.0, 2.0])})
@@ -217,6 +233,7 @@ def test_state_dict_and_residual_are_copies() -> None:
     assert ef.residual["w"].dtype == torch.float32 and torch.equal(ef.residual["w"], torch.tensor([5.0, 5.0]))
 
 
+@pytest.mark.unit
 def test_load_state_dict_rejects_what_is_not_a_residual() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     with pytest.raises(TypeError, match="'w'"):
@@ -225,6 +242,7 @@ def test_load_state_dict_rejects_what_is_not_a_residual() -> None:
         ef.load_state_dict({"w": torch.arange(2)})
 
 
+@pytest.mark.unit
 def test_reset_forgets_the_residual() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     ef.compress({"w": torch.tensor([1.0, 2.0])})
@@ -233,6 +251,7 @@ def test_reset_forgets_the_residual() -> None:
     assert torch.equal(ef.compress({"v": torch.ones(3)})["v"].to_dense(), torch.tensor([1.0, 0.0, 0.0]))
 
 
+@pytest.mark.unit
 def test_a_renamed_or_missing_tensor_is_a_clear_error_and_keeps_the_residual() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     ef.compress({"a": torch.tensor([1.0, 2.0]), "b": torch.ones(2)})
@@ -244,6 +263,7 @@ def test_a_renamed_or_missing_tensor_is_a_clear_error_and_keeps_the_residual() -
     assert all(torch.equal(ef.residual[n], before[n]) for n in before)
 
 
+@pytest.mark.unit
 def test_a_changed_shape_is_a_clear_error_and_keeps_the_residual() -> None:
     ef = ErrorFeedback(Sparsifier("trim", 0.5))
     ef.compress({"a": torch.tensor([1.0, 2.0]), "b": torch.ones(2)})
@@ -253,6 +273,7 @@ def test_a_changed_shape_is_a_clear_error_and_keeps_the_residual() -> None:
     assert all(torch.equal(ef.residual[n], before[n]) for n in before)
 
 
+@pytest.mark.unit
 def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(TypeError, match="Sparsifier"):
         ErrorFeedback("trim")
@@ -260,6 +281,7 @@ def test_bad_inputs_are_rejected() -> None:
         ErrorFeedback(Sparsifier("trim", 0.5)).compress({"ids": torch.arange(4)})
 
 
+@pytest.mark.unit
 def test_error_feedback_is_a_client_module_that_imports_only_the_algebra() -> None:
     source = Path(__file__).resolve().parents[1] / "fedfuse" / "client" / "error_feedback.py"
     imported = set()
@@ -285,6 +307,7 @@ def _train_message(round_number: int, run_key: str):
     return Message(train_content(config), dst_node_id=7, message_type="train")
 
 
+@pytest.mark.integration
 def test_the_client_app_sends_through_the_mods_what_the_local_round_sends_and_keeps_residuals_by_run_key(
     server_identity, tmp_path
 ) -> None:

@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 from fedfuse.cli.main import app
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = {
@@ -87,6 +89,7 @@ def evaluate(model: Path, data: Path, tasks: str, out: Path, *extra: str) -> dic
     return json.loads(out.read_text())
 
 
+@pytest.mark.integration
 def test_eval_reports_exact_match_per_task(model_dir: Path, tmp_path: Path, no_network: None) -> None:
     data = write_skill_dir(tmp_path / "skills", {k: PROMPTS[k] for k in ("arithmetic", "sort")})
     results = evaluate(model_dir, data, "fedfuse_arithmetic,fedfuse_sort", tmp_path / "r.json", "--limit", "2")
@@ -101,6 +104,7 @@ def test_eval_reports_exact_match_per_task(model_dir: Path, tmp_path: Path, no_n
     )
 
 
+@pytest.mark.integration
 def test_exact_match_is_one_on_the_models_own_answers_and_zero_on_others(
     model_dir: Path, tmp_path: Path, no_network: None
 ) -> None:
@@ -119,6 +123,7 @@ def test_exact_match_is_one_on_the_models_own_answers_and_zero_on_others(
         assert results["tasks"]["fedfuse_echo"]["exact_match"] == expected, (name, rows)
 
 
+@pytest.mark.integration
 def test_a_users_own_task_folder_with_include_path(model_dir: Path, tmp_path: Path, no_network: None) -> None:
     data = write_skill_dir(tmp_path / "data", {"echo": PROMPTS["echo"]})
     tasks = tmp_path / "my_tasks"
@@ -144,6 +149,7 @@ def one_line_error(result: Any) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 def test_errors_are_one_line_with_exit_code_2(model_dir: Path, tmp_path: Path, no_network: None) -> None:
     pytest.importorskip("lm_eval")
     data = write_skill_dir(tmp_path / "data", {"arithmetic": PROMPTS["arithmetic"]})
@@ -161,12 +167,14 @@ def test_errors_are_one_line_with_exit_code_2(model_dir: Path, tmp_path: Path, n
     assert "no model folder" in line
 
 
+@pytest.mark.integration
 def test_without_lm_eval_it_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     line = one_line_error(run_eval(str(model_dir), "--tasks", "fedfuse_arithmetic"))
     assert 'pip install "fedfuse[eval]"' in line
 
 
+@pytest.mark.unit
 def test_the_skill_metric_checks_answers_like_the_skills_module() -> None:
     from fedfuse.eval.task_files import skill_utils
 
@@ -179,6 +187,7 @@ def test_the_skill_metric_checks_answers_like_the_skills_module() -> None:
         skill_utils.doc_to_text({"text": "x"})
 
 
+@pytest.mark.unit
 def test_every_skill_has_a_shipped_task_and_the_yamls_are_package_data() -> None:
     import yaml
 

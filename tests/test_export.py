@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import save_tiny_llama
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -21,8 +22,6 @@ from transformers import (
     BertForMaskedLM,
     BertModel,
     BertTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from typer.testing import CliRunner
 
@@ -32,6 +31,8 @@ from fedfuse.export import ExportError, export_adapter, export_model
 from fedfuse.server.run_checkpoint import save_checkpoint
 from fedfuse.settings import RunSettings
 from fedfuse.training.run_model import base_model, global_state, load_global_state
+
+# Tiers are marked per test here: this module mixes integration and unit tests.
 
 WORDS = ["the", "server", "sends", "mail", "thread", "lock", "widget", "window", "archive", "file"]
 DELTA_RANK = 3
@@ -49,18 +50,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama causal LM (k/v projections 8×32, the narrowest LoRA module)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     save_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, vocab_size=32, num_key_value_heads=1, max_position_embeddings=32)
 
 
 def bert_config() -> BertConfig:
@@ -147,6 +137,7 @@ def svd_tail_error(
 # --- the full model ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_causal_lm_export_loads_with_from_pretrained_with_the_checkpoint_weights_and_logits(tmp_path, llama_dir):
     settings = lm_settings(llama_dir)
     weights = write_run(tmp_path / "run", settings)[1]
@@ -164,6 +155,7 @@ def test_causal_lm_export_loads_with_from_pretrained_with_the_checkpoint_weights
     assert (tmp_path / "model/tokenizer_config.json").is_file() and (tmp_path / "model/model.safetensors").is_file()
 
 
+@pytest.mark.unit
 def test_classifier_export_carries_the_trained_head_and_the_run_s_label_names(tmp_path, bert_dir):
     weights = write_run(tmp_path / "run", topics_settings(bert_dir))[1]
     result = export_model(tmp_path / "run", tmp_path / "model")
@@ -175,6 +167,7 @@ def test_classifier_export_carries_the_trained_head_and_the_run_s_label_names(tm
     assert all(torch.equal(state[name], tensor) for name, tensor in weights.items())
 
 
+@pytest.mark.unit
 def test_classify_runs_name_their_classes_from_the_labels_key(tmp_path, bert_dir):
     write_run(
         tmp_path / "run",
@@ -185,6 +178,7 @@ def test_classify_runs_name_their_classes_from_the_labels_key(tmp_path, bert_dir
     assert config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
 
 
+@pytest.mark.integration
 def test_round_picks_a_kept_round(tmp_path, llama_dir):
     written = write_run(tmp_path / "run", lm_settings(llama_dir), rounds=(1, 2, 3), keep=0)
     result = run_cli(tmp_path / "run/checkpoint", "--out", tmp_path / "model", "--round", 2)
@@ -195,6 +189,7 @@ def test_round_picks_a_kept_round(tmp_path, llama_dir):
     assert not all(torch.equal(state[name], tensor) for name, tensor in written[3].items())
 
 
+@pytest.mark.integration
 def test_force_replaces_an_existing_export(tmp_path, llama_dir):
     write_run(tmp_path / "run", lm_settings(llama_dir), rounds=(1, 2), keep=0)
     export_model(tmp_path / "run", tmp_path / "model", round_number=1)
@@ -207,6 +202,7 @@ def test_force_replaces_an_existing_export(tmp_path, llama_dir):
 # --- the LoRA adapter ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_full_rank_adapter_on_the_public_base_gives_the_exported_model(tmp_path, llama_dir):
     write_run(tmp_path / "run", lm_settings(llama_dir))
     export_model(tmp_path / "run", tmp_path / "model")
@@ -226,6 +222,7 @@ def test_full_rank_adapter_on_the_public_base_gives_the_exported_model(tmp_path,
     assert error < 1e-5
 
 
+@pytest.mark.integration
 def test_a_lower_rank_adapter_s_error_is_the_svd_tail(tmp_path, llama_dir):
     settings = lm_settings(llama_dir)
     weights = write_run(tmp_path / "run", settings)[1]
@@ -240,6 +237,7 @@ def test_a_lower_rank_adapter_s_error_is_the_svd_tail(tmp_path, llama_dir):
     assert f"{expected:.3g} over all modules" in printed.output
 
 
+@pytest.mark.unit
 def test_classifier_adapter_carries_the_head_in_modules_to_save(tmp_path, bert_dir):
     write_run(tmp_path / "run", topics_settings(bert_dir))
     export_model(tmp_path / "run", tmp_path / "model")
@@ -254,6 +252,7 @@ def test_classifier_adapter_carries_the_head_in_modules_to_save(tmp_path, bert_d
         torch.testing.assert_close(adapted(ids()).logits, merged(ids()).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.unit
 def test_a_module_the_base_checkpoint_lacks_travels_in_the_adapter(tmp_path_factory, tmp_path):
     """A base saved without a pooler: fedfuse seeded it, a user's from_pretrained would draw it at random."""
     folder = tmp_path_factory.mktemp("bert-without-pooler")
@@ -271,6 +270,7 @@ def test_a_module_the_base_checkpoint_lacks_travels_in_the_adapter(tmp_path_fact
         torch.testing.assert_close(adapted(ids()).logits, merged(ids()).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.unit
 def test_an_adapter_refuses_a_round_that_changed_weights_outside_lora_and_head(tmp_path, bert_dir):
     settings = topics_settings(bert_dir)
     weights = write_run(tmp_path / "run", settings)[1]
@@ -297,38 +297,45 @@ def lm_run(tmp_path, llama_dir) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.integration
 def test_a_missing_run_folder_is_one_line(tmp_path):
     assert_one_line_error(run_cli(tmp_path / "nowhere", "--out", tmp_path / "out"), "does not exist")
 
 
+@pytest.mark.integration
 def test_a_folder_without_checkpoint_is_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     assert_one_line_error(run_cli(tmp_path / "run", "--out", tmp_path / "out"), "no checkpoint at")
 
 
+@pytest.mark.integration
 def test_a_round_that_was_not_kept_lists_the_kept_rounds(lm_run, tmp_path):
     result = run_cli(lm_run, "--out", tmp_path / "out", "--round", 1)
     assert_one_line_error(result, "round 1 is not kept")
     assert "kept rounds 2, 3" in result.output
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("rank, message", [(0, "--rank must be an integer >= 1"), (9, "use 1..8")])
 def test_a_rank_below_one_or_above_the_narrowest_module_is_one_line(lm_run, tmp_path, rank, message):
     assert_one_line_error(run_cli(lm_run, "--adapter", "--rank", rank, "--out", tmp_path / "out"), message)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_adapter_without_rank_and_rank_without_adapter_are_one_line(lm_run, tmp_path):
     assert_one_line_error(run_cli(lm_run, "--adapter", "--out", tmp_path / "out"), "--adapter needs --rank")
     assert_one_line_error(run_cli(lm_run, "--rank", 2, "--out", tmp_path / "out"), "--rank applies to --adapter only")
 
 
+@pytest.mark.integration
 def test_an_adapter_of_a_full_run_is_one_line(tmp_path, llama_dir):
     write_run(tmp_path / "run", lm_settings(llama_dir, mode="full"))
     result = run_cli(tmp_path / "run", "--adapter", "--rank", 2, "--out", tmp_path / "out")
     assert_one_line_error(result, "--adapter needs a LoRA run")
 
 
+@pytest.mark.integration
 def test_an_existing_output_without_force_is_one_line_and_left_alone(lm_run, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/keep.txt").write_text("mine")
@@ -336,6 +343,7 @@ def test_an_existing_output_without_force_is_one_line_and_left_alone(lm_run, tmp
     assert (tmp_path / "out/keep.txt").read_text() == "mine"
 
 
+@pytest.mark.integration
 def test_settings_from_another_fedfuse_version_are_one_line(lm_run, tmp_path):
     state = lm_run / "checkpoint/state.json"
     document = json.loads(state.read_text())
@@ -346,6 +354,7 @@ def test_settings_from_another_fedfuse_version_are_one_line(lm_run, tmp_path):
     assert "from-the-future" in result.output
 
 
+@pytest.mark.integration
 def test_a_run_whose_base_model_folder_is_gone_is_one_line(lm_run, tmp_path):
     state = lm_run / "checkpoint/state.json"
     document = json.loads(state.read_text())

@@ -31,6 +31,8 @@ from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate
 
+# Tiers are marked per test here: this module mixes e2e and integration tests.
+
 pytestmark = pytest.mark.slow
 
 TINY = {**TINY_RUN, "num-server-rounds": 1, "min-train-nodes": 2}
@@ -58,6 +60,7 @@ def _raise() -> None:
     raise ValueError("the local disk is on fire")
 
 
+@pytest.mark.e2e
 def test_a_client_that_raises_is_recorded_in_one_short_line_and_the_round_completes(tmp_path) -> None:
     overrides = {**TINY, "output-dir": str(tmp_path)}
     history = simulate(overrides, num_clients=3, client_app=_faulty_client(overrides, _raise))
@@ -69,10 +72,23 @@ def test_a_client_that_raises_is_recorded_in_one_short_line_and_the_round_comple
     assert load_checkpoint(tmp_path).round == 1
 
 
+def _silent_past_the_deadline(out: Path, longest_s: float = 45.0) -> None:
+    """Answer nothing until the round is over (its checkpoint is written), at most ``longest_s``.
+
+    The simulation waits for this client before it shuts down, so sleeping a fixed 45 s would add the
+    rest of the 45 s to the run; the reply still comes after the round's deadline closed the round.
+    """
+    end = time.monotonic() + longest_s
+    while time.monotonic() < end and not (out / "checkpoint" / "state.json").exists():
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
 def test_a_client_past_the_round_deadline_is_dropped_and_recorded(tmp_path) -> None:
     overrides = {**TINY, "output-dir": str(tmp_path), "timeout": 25.0}
     started = time.perf_counter()
-    history = simulate(overrides, num_clients=3, client_app=_faulty_client(overrides, lambda: time.sleep(45)))
+    silent = _faulty_client(overrides, lambda: _silent_past_the_deadline(tmp_path))
+    history = simulate(overrides, num_clients=3, client_app=silent)
     (record,) = history["rounds"]
     assert record["accepted"] == 2 and record["rejections"] == {"timed_out": 1}
     assert "deadline of 25 s" in record["rejection_messages"][0]
@@ -80,17 +96,12 @@ def test_a_client_past_the_round_deadline_is_dropped_and_recorded(tmp_path) -> N
 
 
 KILL_RUN = {
+    **TINY_RUN,
     "mode": "full",
     "strategy": "ties",
     "sparsifier": "trim",
     "density": 0.2,
     "num-server-rounds": 3,
-    "local-steps": 2,
-    "batch-size": 8,
-    "max-length": 16,
-    "eval-examples": 32,
-    "client-eval-examples": 8,
-    "fraction-evaluate": 0.0,
 }
 
 
@@ -108,6 +119,7 @@ def _finished_round(out: Path) -> int:
         return 0
 
 
+@pytest.mark.e2e
 def test_a_server_killed_at_a_random_moment_resumes_to_bit_identical_weights(tmp_path) -> None:
     """Error feedback on: clients' residuals must survive the kill too (kept on the node, keyed by run)."""
     environment = {key: value for key, value in os.environ.items() if key != "FEDFUSE_STATE_DIR"}
@@ -142,6 +154,7 @@ def test_a_server_killed_at_a_random_moment_resumes_to_bit_identical_weights(tmp
 SHAPES = {"layer.weight": (5, 4), "layer.bias": (4,)}
 
 
+@pytest.mark.integration
 def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(server_identity) -> None:
     """Flower's SuperLink answers for a node that missed its heartbeats, from the SuperLink's own id.
 

@@ -24,6 +24,8 @@ from fedfuse.cli.main import app
 from fedfuse.known_warnings import KNOWN_WARNINGS, known_warnings_silenced
 from fedfuse.simulation import ClientResourcesError, backend_config, simulate
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 WARNING_LINE = re.compile(r"warning|DEPRECATED", re.IGNORECASE)
 
 
@@ -31,36 +33,11 @@ def warning_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if WARNING_LINE.search(line)]
 
 
-@pytest.mark.slow
-def test_a_tiny_fedfuse_simulate_prints_no_warning(tmp_path):
-    done = subprocess.run(
-        [
-            "fedfuse",
-            "simulate",
-            "--clients",
-            "1",
-            "--rounds",
-            "1",
-            "--local-steps",
-            "1",
-            "-o",
-            str(tmp_path / "run"),
-            "--run-config",
-            "batch-size=4 max-length=16 lora-rank=2 eval-examples=16 fraction-evaluate=0",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "120"},
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
-    assert "round 1/1" in output
-    assert warning_lines(output) == [], output[-4000:]
+# The first screen of a real run (no warning, the rounds counted) is checked on the README's first command
+# itself, ``fedfuse simulate`` with no arguments: tests/test_default_simulation.py.
 
 
+@pytest.mark.unit
 def test_known_warnings_are_hidden_and_others_still_show():
     known = KNOWN_WARNINGS[0]
     with known_warnings_silenced(), warnings.catch_warnings(record=True) as caught:
@@ -75,6 +52,7 @@ def test_known_warnings_are_hidden_and_others_still_show():
     ]
 
 
+@pytest.mark.unit
 def test_the_real_transformers_notice_is_hidden_only_inside():
     from transformers import BertConfig, BertModel
 
@@ -90,6 +68,7 @@ def test_the_real_transformers_notice_is_hidden_only_inside():
     assert inside == []
 
 
+@pytest.mark.e2e
 def test_child_processes_hide_the_worker_notices_and_still_show_others():
     known = next(k for k in KNOWN_WARNINGS if k.in_workers)
     script = (
@@ -105,6 +84,7 @@ def test_child_processes_hide_the_worker_notices_and_still_show_others():
     assert known.message not in done.stderr
 
 
+@pytest.mark.unit
 def test_flowers_run_simulation_deprecation_is_dropped_and_other_flower_warnings_kept():
     from flwr.supercore.logger import warn_deprecated_feature
 
@@ -131,12 +111,14 @@ def test_flowers_run_simulation_deprecation_is_dropped_and_other_flower_warnings
 # --client-gpus
 
 
+@pytest.mark.unit
 def test_cpu_clients_get_no_gpu_and_ray_gets_none():
     config = backend_config(parallel=2, client_gpus=0.0, gpus=0)
     assert config["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
     assert config["init_args"]["num_cpus"] == 2 and config["init_args"]["num_gpus"] == 0
 
 
+@pytest.mark.unit
 def test_gpu_clients_get_their_share_and_ray_gets_every_visible_gpu():
     config = backend_config(parallel=4, client_gpus=0.5, gpus=2)
     assert config["client_resources"] == {"num_cpus": 1, "num_gpus": 0.5}
@@ -144,6 +126,7 @@ def test_gpu_clients_get_their_share_and_ray_gets_every_visible_gpu():
     assert backend_config(parallel=1, client_gpus=2, gpus=3)["client_resources"]["num_gpus"] == 2.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("client_gpus", "gpus", "message"),
     [
@@ -159,6 +142,7 @@ def test_impossible_gpu_requests_are_refused(client_gpus, gpus, message):
     assert str(caught.value) == message
 
 
+@pytest.mark.unit
 def test_simulate_asking_for_gpus_without_cuda_fails_before_anything_starts(monkeypatch, tmp_path):
     monkeypatch.setattr(simulation, "visible_gpus", lambda: 0)
     monkeypatch.setattr(simulation, "make_server_app", lambda *a: pytest.fail("the server app was built"))
@@ -167,6 +151,7 @@ def test_simulate_asking_for_gpus_without_cuda_fails_before_anything_starts(monk
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_the_cli_says_so_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(simulation, "visible_gpus", lambda: 0)
     monkeypatch.setattr(simulation, "make_server_app", lambda *a: pytest.fail("the server app was built"))
@@ -178,6 +163,7 @@ def test_the_cli_says_so_in_one_line(monkeypatch, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_cuda_clients_without_client_gpus_are_refused_before_anything_starts():
     from fedfuse.simulation import ClientResourcesError, simulate
 

@@ -24,6 +24,8 @@ from fedfuse.security import Registry, write_institution_keys
 from fedfuse.strategies import get_strategy
 from fedfuse.wire import Expectation, decode_update, fingerprint
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 SHAPES = {"w": (4, 3), "b": (3,)}
 
 
@@ -44,6 +46,7 @@ def _standard_reply(message: Message, weights: dict[str, torch.Tensor], examples
     return Message(content, reply_to=message)
 
 
+@pytest.mark.unit
 def test_fedmerge_is_a_flower_fedavg_with_its_options_and_checks_its_strategy_name_and_parameters():
     strategy = FedMerge("ties", vote="count", fraction_train=0.5, min_available_nodes=3, arrayrecord_key="w")
     assert isinstance(strategy, FedAvg)
@@ -59,6 +62,7 @@ def test_fedmerge_is_a_flower_fedavg_with_its_options_and_checks_its_strategy_na
         FedMerge("regmean")
 
 
+@pytest.mark.integration
 def test_fedmerge_rejects_bad_standard_replies_with_fedfuse_reasons_and_merges_the_good_ones(server_identity):
     round_weights = _weights(0)
     strategy = FedMerge("fedavg")
@@ -89,6 +93,7 @@ def test_fedmerge_rejects_bad_standard_replies_with_fedfuse_reasons_and_merges_t
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_fedmerge_fisher_uses_the_replies_fisher_record_and_rejects_replies_without_one(server_identity):
     round_weights = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
     strategy = FedMerge("fisher")
@@ -105,6 +110,7 @@ def test_fedmerge_fisher_uses_the_replies_fisher_record_and_rejects_replies_with
         torch.testing.assert_close(merged[name], weighted, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_fedmerge_ties_trims_standard_replies_on_the_server_as_fedfuse_ties_merges_trimmed_task_vectors(
     server_identity,
 ):
@@ -144,6 +150,7 @@ def _context(node_id: int = 3, **node_config) -> Context:
     return Context(run_id=1, node_id=node_id, node_config=dict(node_config), state=RecordDict(), run_config={})
 
 
+@pytest.mark.integration
 def test_task_vector_mod_replies_with_a_trimmed_task_vector_and_keeps_the_error_feedback_residual(server_identity):
     round_weights = _weights(0)
     strategy = FedMerge("ties")
@@ -167,6 +174,7 @@ def test_task_vector_mod_replies_with_a_trimmed_task_vector_and_keeps_the_error_
     assert metrics["accepted"] == 1 and metrics["uplink-bytes"] == len(payload.payload)
 
 
+@pytest.mark.integration
 def test_task_vector_mod_passes_evaluate_messages_and_client_errors_through_and_refuses_mismatched_arrays(
     server_identity,
 ):
@@ -185,6 +193,7 @@ def test_task_vector_mod_passes_evaluate_messages_and_client_errors_through_and_
         task_vector_mod(wire_dtype="int8")
 
 
+@pytest.mark.integration
 def test_an_unsigned_payload_must_name_the_flower_node_that_sent_it(server_identity):
     strategy = FedMerge("fedavg")
     messages = _train_messages(strategy, _weights(0), [3, 4])
@@ -194,6 +203,7 @@ def test_an_unsigned_payload_must_name_the_flower_node_that_sent_it(server_ident
     assert metrics["accepted"] == 1 and [r.reason for r in strategy.last_rejections] == ["sender_mismatch"]
 
 
+@pytest.mark.integration
 def test_signing_mod_signs_the_update_and_fedmerge_folds_only_registered_signatures(server_identity, tmp_path):
     keys = write_institution_keys(tmp_path, "hospital-a")
     other = write_institution_keys(tmp_path / "other", "clinic-b")
@@ -214,6 +224,7 @@ def test_signing_mod_signs_the_update_and_fedmerge_folds_only_registered_signatu
     assert [r.reason for r in strategy.last_rejections] == ["unknown_signer", "unsigned", "unsigned"]
 
 
+@pytest.mark.integration
 def test_fedfuses_own_client_app_signs_through_signing_mod_with_its_node_configs_key(server_identity, tmp_path):
     from seeded_grid import train_content
 
@@ -235,6 +246,7 @@ def test_fedfuses_own_client_app_signs_through_signing_mod_with_its_node_configs
     assert reply.timing["sign"] > 0 and reply.timing["total"] >= reply.timing["train"]
 
 
+@pytest.mark.integration
 def test_task_vector_mod_carries_a_replys_fisher_and_gram_records_and_sends_lora_factors_as_they_are(server_identity):
     round_weights = _weights(0)
     message = _train_messages(FedMerge("fedavg"), round_weights, [3, 4])[3]
@@ -265,6 +277,7 @@ def test_task_vector_mod_carries_a_replys_fisher_and_gram_records_and_sends_lora
     assert all(torch.equal(to_dense(sent.tensors[name]), factors[name]) for name in factors)
 
 
+@pytest.mark.integration
 def test_fedmerge_accepts_a_strategy_instance_such_as_a_plug_in(server_identity):
     strategy = FedMerge(get_strategy("task_arithmetic", lam=0.5), weighting="uniform")
     round_weights = _weights(0)
@@ -283,6 +296,7 @@ def _sum_train_loss(records: list[RecordDict], weighting: str) -> MetricRecord:
     return MetricRecord({"summed_loss": sum(float(r["metrics"]["train_loss"]) for r in records)})
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_fedmerge_fedavg_gives_flowers_fedavg_result_over_three_rounds_of_a_real_simulation():
     results = {}
@@ -322,6 +336,7 @@ def test_fedmerge_fedavg_gives_flowers_fedavg_result_over_three_rounds_of_a_real
     assert custom.evaluate_metrics_serverapp[3]["accuracy"] > 0.5 > custom.evaluate_metrics_serverapp[0]["accuracy"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_task_vector_mod_with_fedmerge_ties_sends_at_most_0_35_bytes_per_parameter_and_matches_dense_fedavg():
     results = {}
@@ -354,6 +369,7 @@ def test_task_vector_mod_with_fedmerge_ties_sends_at_most_0_35_bytes_per_paramet
     )
 
 
+@pytest.mark.integration
 def test_fedmerge_returns_arrays_in_the_dtypes_it_was_given(server_identity):
     round_weights = {"w": np.zeros((2, 2), dtype=np.float64), "steps": np.array([3], dtype=np.int64)}
     strategy = FedMerge("fedavg")

@@ -26,6 +26,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedTrim
 
 from fedfuse.flower import FedMerge
 
+pytestmark = pytest.mark.unit
+
 
 def mock_reply(arrays: ArrayRecord, num_examples: float, *, key: str = "num-examples", **metrics: object) -> Message:
     """A training reply as Flower's strategy tests build one: a ``Mock(spec=Message)`` with arrays and metrics."""

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_runs import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("flwr") is None, reason="the flwr command is not installed"),
 ]
@@ -38,10 +40,8 @@ def _stop_processes_mentioning(marker: str) -> None:
 def test_flwr_run_from_the_repo_root(tmp_path):
     home, out = tmp_path / "flwr-home", tmp_path / "run"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    run_config = (
-        f"num-server-rounds=1 local-steps=2 batch-size=8 max-length=16 eval-examples=64 "
-        f'client-eval-examples=8 output-dir="{out}"'
-    )
+    settings = {**TINY_RUN, "num-server-rounds": 1, "eval-examples": 64}
+    run_config = " ".join(f"{key}={value}" for key, value in settings.items()) + f' output-dir="{out}"'
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--stream", "--run-config", run_config],

@@ -18,6 +18,8 @@ from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.settings.fields import SettingsError
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update
 
+pytestmark = pytest.mark.unit
+
 OUT, IN, ALPHA, RUN_RANK = 12, 10, 8.0, 4
 MODULES = ("layer.0.query", "layer.0.value")
 FINGERPRINT = "f" * 64

@@ -18,6 +18,8 @@ import pytest
 
 from fedfuse.data.stdlib_topics import domain_of
 
+pytestmark = pytest.mark.unit
+
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 

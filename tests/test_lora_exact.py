@@ -22,6 +22,8 @@ from fedfuse.settings import RunSettings
 from fedfuse.strategies import get_strategy
 from fedfuse.wire import UpdateHeader, encode_update
 
+pytestmark = pytest.mark.unit
+
 OUT, IN, RANK, SCALE = 24, 16, 4, 2.0
 MODULE = "encoder.layer.0.attention.self.query"
 

@@ -12,6 +12,8 @@ from fedfuse.algebra.robust import scale_update, update_norm
 from fedfuse.strategies import get_strategy
 from fedfuse.strategies.factored import FactoredState
 
+pytestmark = pytest.mark.unit
+
 
 def _factors(seed: int, out: int, inner: int, rank: int) -> LowRank:
     generator = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import typer
 from safetensors.torch import load_file
+from tiny_models import tiny_llama
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -17,8 +18,6 @@ from transformers import (
     BertConfig,
     BertModel,
     BertTokenizerFast,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from typer.testing import CliRunner
 
@@ -26,6 +25,8 @@ from fedfuse.algebra import Sparsifier, apply_task_vector, dare_seed_fn, sparsif
 from fedfuse.checkpoints import INDEX_FILE
 from fedfuse.cli.merge import merge
 from fedfuse.strategies import get_strategy
+
+# Tiers are marked per test here: this module mixes e2e and integration tests.
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "federated", "merge", "model", "task", "vector", "base"]
 
@@ -93,6 +94,7 @@ def invoke(args: list[str]):
     return CliRunner().invoke(cli(), [str(a) for a in args])
 
 
+@pytest.mark.e2e
 def test_console_script_merges_a_bert_that_transformers_loads(tmp_path: Path, bert) -> None:
     out = tmp_path / "merged"
     result = subprocess.run(
@@ -136,6 +138,7 @@ def test_console_script_merges_a_bert_that_transformers_loads(tmp_path: Path, be
     assert tokenizer("federated model merge")["input_ids"] == [2, 5, 7, 6, 3]
 
 
+@pytest.mark.integration
 def test_sharded_output_still_loads(tmp_path: Path, bert) -> None:
     out = tmp_path / "sharded"
     result = invoke(
@@ -166,20 +169,11 @@ def test_sharded_output_still_loads(tmp_path: Path, bert) -> None:
     assert_loaded_equals(AutoModel.from_pretrained(out), expected)
 
 
+@pytest.mark.integration
 def test_bf16_llama_with_dare_ties_keeps_its_dtype_and_loads(tmp_path: Path) -> None:
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=100,
-        tie_word_embeddings=False,
-    )
     paths = [tmp_path / name for name in ("base", "m1", "m2", "m3")]
     for i, path in enumerate(paths):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = tiny_llama(vocab_size=100, num_attention_heads=2, num_key_value_heads=1).to(torch.bfloat16)
         if i:
             perturbed(model, i)
         model.save_pretrained(path)
@@ -211,6 +205,7 @@ def test_bf16_llama_with_dare_ties_keeps_its_dtype_and_loads(tmp_path: Path) -> 
     assert_loaded_equals(merged, reference(paths[1:], paths[0], "dare_ties", density=0.5, seed=42))
 
 
+@pytest.mark.integration
 def test_tiers_through_the_cli_equal_the_flat_merge(tmp_path: Path, bert) -> None:
     common = ["--base", bert["base"], "--method", "ties", "--density", "0.3"]
     assert invoke([*common, "-m", bert["m1"], "-m", bert["m2"], "--out", tmp_path / "flat"]).exit_code == 0
@@ -235,6 +230,7 @@ def test_tiers_through_the_cli_equal_the_flat_merge(tmp_path: Path, bert) -> Non
         torch.testing.assert_close(tiered[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.integration
 def test_partials_written_under_plain_names_are_combined_by_the_cli(tmp_path: Path, bert, monkeypatch) -> None:
     """What --partial-out writes, --combine reads: whatever name the user typed (no .safetensors needed)."""
     monkeypatch.chdir(tmp_path)
@@ -255,6 +251,7 @@ def test_partials_written_under_plain_names_are_combined_by_the_cli(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat", "p1", "p2", "region", "tiered"]
 
 
+@pytest.mark.integration
 def test_param_sets_a_declared_strategy_parameter(tmp_path: Path, bert) -> None:
     common = ["--base", bert["base"], "-m", bert["m1"], "-m", bert["m2"], "--method", "ties", "--density", "0.3"]
     assert invoke([*common, "--vote", "count", "--out", tmp_path / "flag", "-q"]).exit_code == 0
@@ -265,6 +262,7 @@ def test_param_sets_a_declared_strategy_parameter(tmp_path: Path, bert) -> None:
     assert any(not torch.equal(flag[n], mass[n]) for n in flag)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -293,6 +291,7 @@ def test_bad_input_prints_a_red_error_and_exits_2_without_a_traceback(tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_a_mismatched_model_is_named(tmp_path: Path, bert) -> None:
     config = BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=100
@@ -316,6 +315,7 @@ def test_a_mismatched_model_is_named(tmp_path: Path, bert) -> None:
     assert "model 2" in result.output and "lacks tensor 'encoder.layer.1." in " ".join(result.output.split())
 
 
+@pytest.mark.integration
 def test_help_lists_every_method() -> None:
     result = invoke(["--help"])
     assert result.exit_code == 0

@@ -30,6 +30,8 @@ from fedfuse.settings.merge import MergeSettings
 from fedfuse.strategies import TreeLeaf, build_strategy, method_spec, reduce_tree
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -38,6 +40,7 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
 # --- sparsifiers ---------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("numel", "density", "gamma", "expected"),
     [(100, 0.5, 0.01, (49, 1)), (100, 0.9, 0.2, (0, 10)), (10, 0.5, 0.0, (5, 0)), (100, 1.0, 0.05, (0, 0))],
@@ -46,6 +49,7 @@ def test_breadcrumbs_drops_the_outliers_and_the_smallest_as_mergekit_counts(nume
     assert breadcrumbs_counts(numel, density, gamma) == expected
 
 
+@pytest.mark.unit
 def test_breadcrumbs_keeps_exactly_the_band_of_middle_magnitudes() -> None:
     tau = randn(10, 10)
     kept = breadcrumbs_drop(tau, density=0.3, gamma=0.05)
@@ -54,6 +58,7 @@ def test_breadcrumbs_keeps_exactly_the_band_of_middle_magnitudes() -> None:
     assert torch.equal(kept.values, tau.reshape(-1)[kept.indices])
 
 
+@pytest.mark.unit
 def test_l1_rescale_restores_the_l1_norm_of_the_full_tensor() -> None:
     tau = randn(50)
     kept = breadcrumbs_drop(tau, density=0.4, gamma=0.1, rescale="l1")
@@ -61,6 +66,7 @@ def test_l1_rescale_restores_the_l1_norm_of_the_full_tensor() -> None:
     assert torch.equal(l1_rescale(tau, torch.zeros(3)), torch.zeros(3))
 
 
+@pytest.mark.unit
 def test_della_keep_probabilities_rise_with_magnitude_rank_from_d_minus_to_d_plus_epsilon() -> None:
     tau = randn(4, 9)
     p = della_probabilities(tau, density=0.5, epsilon=0.2)
@@ -71,6 +77,7 @@ def test_della_keep_probabilities_rise_with_magnitude_rank_from_d_minus_to_d_plu
         assert math.isclose(float(probs.max()), 0.7, abs_tol=1e-6)
 
 
+@pytest.mark.unit
 def test_della_is_seeded_and_its_inverse_rescale_is_unbiased() -> None:
     tau = randn(6, 40, seed=3)
     a, b = della_drop(tau, 0.4, 0.1, seed=5), della_drop(tau, 0.4, 0.1, seed=5)
@@ -82,12 +89,14 @@ def test_della_is_seeded_and_its_inverse_rescale_is_unbiased() -> None:
     assert float((mean - tau).abs().max()) < 0.2 * float(tau.abs().max())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("density", "epsilon"), [(0.1, 0.15), (0.9, 0.15), (0.5, -0.1)])
 def test_della_needs_every_probability_inside_zero_one(density, epsilon) -> None:
     with pytest.raises(ValueError, match="DELLA needs density ± epsilon"):
         Sparsifier("della", density, epsilon=epsilon)
 
 
+@pytest.mark.unit
 def test_dare_with_an_l1_rescale_keeps_its_seeded_support() -> None:
     tau = {"w": randn(30, 7)}
     dropped = sparsify_update(tau, Sparsifier("dare", 0.3, rescale="l1"), dare_seed_fn(1, 2, "n"))["w"]
@@ -97,12 +106,14 @@ def test_dare_with_an_l1_rescale_keeps_its_seeded_support() -> None:
     assert math.isclose(float(dropped.values.abs().sum()), float(tau["w"].abs().sum()), rel_tol=1e-5)
 
 
+@pytest.mark.unit
 def test_sparsifier_fields_a_kind_does_not_use_keep_their_defaults() -> None:
     assert Sparsifier("trim", 0.2, gamma=0.3, epsilon=0.01) == Sparsifier("trim", 0.2)
     with pytest.raises(ValueError, match="needs a random drop"):
         Sparsifier("trim", 0.2, rescale="inverse")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "sparsifier",
     [
@@ -133,6 +144,7 @@ def fold(name: str, taus: list[dict[str, torch.Tensor]], weights: list[float], *
     return state
 
 
+@pytest.mark.unit
 def test_linear_normalized_is_fedavg_and_unnormalized_scales_the_base_as_mergekit() -> None:
     base = {"w": randn(4, 3)}
     taus = [{"w": randn(4, 3, seed=k + 1)} for k in range(3)]
@@ -147,18 +159,21 @@ def test_linear_normalized_is_fedavg_and_unnormalized_scales_the_base_as_mergeki
         fold("linear", taus, weights, normalize=False).finalize()
 
 
+@pytest.mark.unit
 def test_task_arithmetic_negates_a_task_with_a_negative_weight() -> None:
     taus = [{"w": randn(5, seed=1)}, {"w": randn(5, seed=2)}]
     merged = fold("task_arithmetic", taus, [1.0, -1.0]).finalize()["w"]
     torch.testing.assert_close(merged, taus[0]["w"] - taus[1]["w"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["fedavg", "ties", "model_stock"])
 def test_methods_without_signed_weights_refuse_a_negative_one(name) -> None:
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         build_strategy(name).new_state().add({"w": torch.ones(2)}, -1.0)
 
 
+@pytest.mark.unit
 def test_ties_without_normalize_keeps_the_agreeing_sum() -> None:
     taus = [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([-1.0, -1.0])}]
     merged = fold("ties", taus, [1.0, 1.0, 1.0], normalize=False).finalize()["w"]
@@ -188,6 +203,7 @@ def mergekit_model_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: 
     return (t * (sum(wsv) / n) + (1 - t) * w0v).reshape(w0.shape)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("filter_wise", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_model_stock_equals_mergekit_including_rows_a_model_left_unchanged(filter_wise, sparse) -> None:
@@ -200,6 +216,7 @@ def test_model_stock_equals_mergekit_including_rows_a_model_left_unchanged(filte
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_model_stock_of_one_update_is_that_update_and_a_tier_tree_equals_flat() -> None:
     tau = {"w": randn(3, 4)}
     torch.testing.assert_close(fold("model_stock", [tau], [2.0]).finalize()["w"], tau["w"])
@@ -223,6 +240,7 @@ def mergekit_slerp(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
     return np.sin(theta - theta * t) / np.sin(theta) * c0 + np.sin(theta * t) / np.sin(theta) * c1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("t", "scale"), [(0.3, 2.0), (0.7, 2.0), (0.5, 1e-3)], ids=["t=0.3", "t=0.7", "colinear"])
 def test_slerp_follows_mergekit_on_the_angle_between_the_two_models(t, scale) -> None:
     base = {"w": randn(8, 4)}
@@ -232,6 +250,7 @@ def test_slerp_follows_mergekit_on_the_angle_between_the_two_models(t, scale) ->
     torch.testing.assert_close(base["w"] + merged, torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_slerp_merges_exactly_one_model_and_is_not_mergeable() -> None:
     state = fold("slerp", [{"w": torch.ones(2)}, {"w": torch.ones(2)}], [1.0, 1.0])
     with pytest.raises(ValueError, match="exactly one other model"):
@@ -239,6 +258,7 @@ def test_slerp_merges_exactly_one_model_and_is_not_mergeable() -> None:
     assert not method_spec("slerp").capabilities.mergeable
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("strategy", "params"), [("slerp", ""), ("linear", "normalize=false")], ids=["slerp", "linear-unnormalized"]
 )
@@ -268,6 +288,7 @@ OFFLINE_CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("method", "kwargs", "options"), OFFLINE_CASES, ids=[c[0] for c in OFFLINE_CASES])
 def test_offline_merges_of_the_new_methods_equal_the_in_memory_merge(tmp_path, checkpoints, method, kwargs, options):
     kind = method_spec(method).default_sparsifier
@@ -282,6 +303,7 @@ def test_offline_merges_of_the_new_methods_equal_the_in_memory_merge(tmp_path, c
         torch.testing.assert_close(out[name], checkpoints["base"][name] + delta, rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_an_offline_slerp_interpolates_the_base_and_one_model(tmp_path, checkpoints) -> None:
     merge_models(
         checkpoints["root"] / "base.safetensors",
@@ -296,6 +318,7 @@ def test_an_offline_slerp_interpolates_the_base_and_one_model(tmp_path, checkpoi
         torch.testing.assert_close(out[name].reshape(-1), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_options_of_another_sparsifier_are_refused_in_one_line(checkpoints, tmp_path: Path) -> None:
     base = checkpoints["root"] / "base.safetensors"
     with pytest.raises(MergeInputError, match="epsilon applies to the della sparsifier"):
@@ -311,6 +334,7 @@ def test_options_of_another_sparsifier_are_refused_in_one_line(checkpoints, tmp_
         merge_models(base, checkpoints["paths"][:1], method="slerp", partial_out=tmp_path / "p.fedfuse")
 
 
+@pytest.mark.integration
 def test_the_cli_merges_a_task_negation_with_a_negative_weight(checkpoints, tmp_path: Path) -> None:
     root = checkpoints["root"]
     args = ["merge", "--base", str(root / "base.safetensors"), "-m", str(checkpoints["paths"][0])]

@@ -21,13 +21,17 @@ from fedfuse.bench.merge_quality_eval import geometric_mean, mean_interval, rete
 from fedfuse.cli.main import app
 from fedfuse.data import skills
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
 
+
+@pytest.mark.unit
 def test_retention_is_merged_over_expert_and_nan_without_an_expert_skill():
     assert retention(0.45, 0.9) == pytest.approx(0.5)
     assert retention(0.9, 0.9) == 1.0
     assert math.isnan(retention(0.3, 0.0))
 
 
+@pytest.mark.unit
 def test_geometric_mean_on_known_numbers_skips_nan_and_is_zero_when_a_skill_is_lost():
     assert geometric_mean([1.0, 4.0]) == pytest.approx(2.0)
     assert geometric_mean([0.5, 0.5, 0.5]) == pytest.approx(0.5)
@@ -38,6 +42,7 @@ def test_geometric_mean_on_known_numbers_skips_nan_and_is_zero_when_a_skill_is_l
         geometric_mean([-1.0, 1.0])
 
 
+@pytest.mark.unit
 def test_confidence_interval_is_the_student_t_half_width():
     mean, half = mean_interval([1.0, 2.0, 3.0])
     # s = 1, n = 3, t(0.975, 2) = 4.302653
@@ -51,6 +56,7 @@ def test_confidence_interval_is_the_student_t_half_width():
     assert mean == 0.5 and math.isnan(half)
 
 
+@pytest.mark.unit
 def test_skill_generators_are_deterministic_with_disjoint_splits():
     assert len(skills.SKILLS) >= 4
     for name in skills.SKILLS:
@@ -67,6 +73,7 @@ def test_skill_generators_are_deterministic_with_disjoint_splits():
         assert answer == str(a + b), prompt
 
 
+@pytest.mark.unit
 def test_answers_match_after_normalizing_only():
     assert skills.is_correct(" 85.\n", "85")
     assert skills.is_correct('"APPLE-apple"', "apple-apple")
@@ -74,6 +81,7 @@ def test_answers_match_after_normalizing_only():
     assert not skills.is_correct("", "85")
 
 
+@pytest.mark.unit
 def test_skill_files_and_institution_folder_have_the_promised_names_and_rows(tmp_path):
     files = skills.write_skill_files(tmp_path, ["repeat", "sort"], counts={"train": 5, "validation": 2, "test": 3})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -86,6 +94,7 @@ def test_skill_files_and_institution_folder_have_the_promised_names_and_rows(tmp
     assert [p.name for p in inst] == ["repeat.jsonl", "sort.jsonl"]
 
 
+@pytest.mark.unit
 def test_merges_of_identical_experts_give_back_the_expert():
     delta = {"w.weight": torch.randn(6, 5)}
     for method in ("task_arithmetic", "fedavg", "ties"):
@@ -103,6 +112,7 @@ def test_merges_of_identical_experts_give_back_the_expert():
     assert experts.lambda_grid("fedavg", 4) == (1.0, 2.0, 3.0, 4.0)
 
 
+@pytest.mark.integration
 def test_unknown_method_or_skill_is_a_one_line_error(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "merge-quality", "--methods", "nope", "--out", str(tmp_path)])
@@ -119,10 +129,12 @@ def tiny_model(tmp_path_factory):
 TINY_ARGS = [
     "--skills", "repeat,arithmetic", "--steps", "2", "--seeds", "1", "--batch-size", "4", "--lora-rank", "2",
     "--train-rows", "8", "--validation-rows", "3", "--test-rows", "4", "--max-length", "96",
-    "--methods", "task_arithmetic,ties,dare_ties,regmean,naive_factor_average",
+    "--threads", "1",  # the tests' one torch thread (tests/conftest.py): a second one only spins on tiny models
+    "--methods", "task_arithmetic,ties,dare_ties,regmean,naive_factor_average",  # last: the federated test swaps it
 ]  # fmt: skip
 
 
+@pytest.mark.integration
 def test_bench_end_to_end_on_a_tiny_llama_writes_json_png_and_reuses_cached_experts(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "mq"
     args = ["bench", "merge-quality", "--model", str(tiny_model), *TINY_ARGS, "--out", str(out)]
@@ -168,6 +180,7 @@ def test_bench_end_to_end_on_a_tiny_llama_writes_json_png_and_reuses_cached_expe
     assert not [p for p in out.rglob("*") if ".fedfuse-tmp-" in p.name]
 
 
+@pytest.mark.e2e
 def test_federated_variant_merges_seed_0s_experts_through_a_fedfuse_round(tiny_model, tmp_path):
     out = tmp_path / "mq"
     args = [*TINY_ARGS[:-1], "task_arithmetic"]

@@ -31,6 +31,8 @@ from fedfuse.offline import (
 from fedfuse.offline.recipe import load_recipe, merge_recipe, recipe_request
 from fedfuse.offline.request import REQUESTS, parse_request, request_fields
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 NAMES = ["model.embed_tokens.weight", *(f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)), "lm_head.weight"]
 
 
@@ -55,6 +57,7 @@ def refusal(kind: type, **fields: Any) -> RequestError:
 # ---------------------------------------------------------------- each mode's refusals name fields
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("kind", "fields", "message", "named"),
     [
@@ -120,6 +123,7 @@ def test_each_mode_refuses_in_one_line_naming_fields(kind, fields, message, name
     assert set(named) <= set(error.fields)
 
 
+@pytest.mark.unit
 def test_the_plan_names_fields_not_flags(files: Path) -> None:
     base, models = files / "base.safetensors", [files / "a.safetensors", files / "b.safetensors"]
     cases = [
@@ -143,6 +147,7 @@ def test_the_plan_names_fields_not_flags(files: Path) -> None:
     assert not (files / "out").exists()
 
 
+@pytest.mark.unit
 def test_requests_are_one_discriminated_family() -> None:
     request = parse_request({"mode": "combine", "base": "b", "partials": ["p1", "p2"], "out": "o"})
     assert isinstance(request, CombineRequest) and request.partials == (Path("p1"), Path("p2"))
@@ -158,6 +163,7 @@ def test_requests_are_one_discriminated_family() -> None:
     }
 
 
+@pytest.mark.unit
 def test_a_request_is_what_the_keyword_form_builds(files: Path) -> None:
     base, models = files / "base.safetensors", [files / "a.safetensors", files / "b.safetensors"]
     request = ModelsRequest(base=base, models=models, method="ties", density=0.5, out=files / "by-request")
@@ -188,6 +194,7 @@ def _recipe(files: Path) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_a_recipe_loads_into_the_models_request(files: Path) -> None:
     path = _recipe(files)
     request = recipe_request(load_recipe(path), RecipeRequest(config=path, out=files / "r", seed=3))
@@ -221,6 +228,7 @@ def one_line(result: Any) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 def test_merge_help_lists_the_subcommands_and_each_has_its_own() -> None:
     listing = invoke("--help")
     assert listing.exit_code == 0
@@ -231,6 +239,7 @@ def test_merge_help_lists_the_subcommands_and_each_has_its_own() -> None:
     assert "--seed" in recipe and "--method" not in recipe and "CONFIG" in recipe
 
 
+@pytest.mark.integration
 def test_the_cli_renders_field_errors_as_its_flags(files: Path) -> None:
     common = ["--base", "base.safetensors", "-m", "a.safetensors", "-m", "b.safetensors", "--out", "o"]
     line = one_line(invoke("models", *common, "--method", "fedavg", "--lambda", "2", "--param", "lam=0.5"))
@@ -246,6 +255,7 @@ def test_the_cli_renders_field_errors_as_its_flags(files: Path) -> None:
     assert not (files / "o").exists()
 
 
+@pytest.mark.integration
 def test_subcommands_and_the_flag_form_write_the_same_files(files: Path) -> None:
     inputs = ["--base", "base.safetensors", "-m", "a.safetensors", "-m", "b.safetensors", "-w", "1", "-w", "0.5"]
     options = ["--method", "dare_ties", "--density", "0.5", "--seed", "2", "-q"]
@@ -266,6 +276,7 @@ def test_subcommands_and_the_flag_form_write_the_same_files(files: Path) -> None
     assert (files / "r1" / "model.safetensors").read_bytes() == (files / "r2" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.unit
 def test_a_request_error_is_a_merge_input_error() -> None:
     error = RequestError("give {density} or {nothing}")
     assert isinstance(error, MergeInputError) and error.fields == ("density",)

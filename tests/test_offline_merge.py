@@ -19,6 +19,8 @@ from fedfuse.strategies import get_strategy
 from fedfuse.wire.container import pack, unpack
 from fedfuse.wire.partial_file import open_partial
 
+pytestmark = pytest.mark.unit
+
 NUM_MODELS = 3
 
 

@@ -10,7 +10,7 @@ import os
 
 import datasets
 import pytest
-from own_data_helpers import chat_rows, sentiment_rows, tiny_chat_llama, write_jsonl
+from own_data_helpers import chat_rows, sentiment_rows, write_jsonl
 
 from fedfuse.data.files import DataError, file_sha256, read_table
 from fedfuse.models import load_tokenizer
@@ -23,10 +23,12 @@ from fedfuse.training.client_datasets import (
 )
 from fedfuse.training.tasks import IGNORE, tokenize_rows
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"))
+def chat_model(tiny_chat_llama_dir):
+    return tiny_chat_llama_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from own_data_helpers import chat_rows, sentiment_rows, tiny_chat_llama, write_j
 from fedfuse.data.files import file_sha256
 from fedfuse.simulation import simulate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TINY = {"local-steps": 3, "batch-size": 8, "max-length": 24, "lora-rank": 2, "client-eval-examples": 16}
 
 

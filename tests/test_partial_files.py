@@ -16,6 +16,8 @@ from fedfuse.strategies import FedAvg, get_strategy, register_strategy
 from fedfuse.wire import Expectation, UpdateHeader, UpdateRejected, decode_partial, encode_partial, fingerprint
 from fedfuse.wire.partial_file import PartialWriter, open_partial
 
+pytestmark = pytest.mark.unit
+
 HEADER = UpdateHeader("run-1", 3, "sha256:base", "gateway-eu", num_examples=40, metrics={"members": 2})
 
 

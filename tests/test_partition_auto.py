@@ -10,7 +10,10 @@ from typer.testing import CliRunner
 from fedfuse.cli.main import app
 from fedfuse.settings import RunSettings
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
 
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("given", "scheme"),
     [
@@ -30,6 +33,7 @@ def test_auto_is_dirichlet_where_there_is_something_to_skew_by_and_iid_elsewhere
     assert settings.source.partition_scheme == scheme
 
 
+@pytest.mark.e2e
 def test_the_first_sft_command_a_user_types_runs_with_the_default_partition(tmp_path):
     """``fedfuse simulate --task sft --data chat.jsonl`` used to stop: dirichlet needs a column to partition by."""
     model = tiny_chat_llama(tmp_path / "model")
@@ -42,6 +46,7 @@ def test_the_first_sft_command_a_user_types_runs_with_the_default_partition(tmp_
     assert (tmp_path / "run" / "report.json").is_file()
 
 
+@pytest.mark.unit
 def test_a_checkpoint_written_with_the_old_default_resumes_under_auto_and_another_scheme_is_refused(tmp_path):
     import torch
 

@@ -17,6 +17,8 @@ from fedfuse.data.partitioners import (
     partition_indices,
 )
 
+pytestmark = pytest.mark.unit
+
 FEW = settings(max_examples=12, deadline=None)
 
 label_lists = st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_size=80)

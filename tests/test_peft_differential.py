@@ -15,6 +15,8 @@ from peft.utils import merge_utils
 from fedfuse.algebra import dare_drop, dare_mask, derive_seed, ties_trim
 from fedfuse.strategies import get_strategy
 
+pytestmark = pytest.mark.unit
+
 DIFF = settings(max_examples=20, deadline=None)
 shapes = st.lists(st.integers(1, 8), min_size=1, max_size=2).map(tuple)
 counts = st.integers(1, 5)

@@ -18,6 +18,8 @@ from fedfuse.rounds import PrivacyAccountant
 from fedfuse.settings import RunSettings, SettingsError
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint
 
+pytestmark = pytest.mark.unit
+
 SHAPES = {"big": (400, 500)}
 BASE = {"big": torch.zeros(400, 500)}
 FINGERPRINT = fingerprint(BASE)

@@ -34,6 +34,8 @@ from fedfuse.cli.main import app
 from fedfuse.client.app import make_client_app
 from fedfuse.simulation import ClientResourcesError, RayClusterError, backend_config, simulate
 
+# Tiers are marked per test here: this module mixes e2e and unit tests.
+
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 OBJECT_STORE_BYTES = 300 * 1024 * 1024  # Ray's default is 30% of the machine's memory per node
 TINY = {**TINY_RUN, "num-server-rounds": 2, "min-train-nodes": 2}
@@ -135,6 +137,7 @@ def _recording_client(overrides: dict, record: Path) -> ClientApp:
     return client
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_rounds_run_on_both_nodes_of_an_existing_cluster_which_keeps_running(cluster, tmp_path) -> None:
     record = tmp_path / "placement"
@@ -156,6 +159,7 @@ def test_two_rounds_run_on_both_nodes_of_an_existing_cluster_which_keeps_running
         assert _alive_nodes() == cluster.node_ids
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_clients_asking_for_gpus_the_cluster_lacks_are_refused_in_one_line(cluster, tmp_path) -> None:
     """No GPU on this machine is needed to ask: the cluster's nodes are counted (here: none has a GPU)."""
@@ -175,6 +179,7 @@ def _free_loopback_port(host: str) -> int:
     return port
 
 
+@pytest.mark.e2e
 def test_an_address_where_no_cluster_answers_is_one_line_from_the_cli(tmp_path) -> None:
     address = f"{HEAD_IP}:{_free_loopback_port(HEAD_IP)}"
     started = time.monotonic()
@@ -192,6 +197,7 @@ def test_an_address_where_no_cluster_answers_is_one_line_from_the_cli(tmp_path) 
     assert not ray.is_initialized()
 
 
+@pytest.mark.e2e
 def test_a_port_that_answers_but_is_no_ray_gcs_is_refused_within_seconds(tmp_path) -> None:
     with socket.socket() as listener:
         listener.bind((HEAD_IP, 0))
@@ -203,18 +209,21 @@ def test_a_port_that_answers_but_is_no_ray_gcs_is_refused_within_seconds(tmp_pat
     assert not ray.is_initialized()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("address", ["nonsense", "local", "http://127.0.0.2:8265", ":6379"])
 def test_an_address_that_is_no_host_and_port_is_refused(address, tmp_path) -> None:
     with pytest.raises(RayClusterError, match="expected the head's HOST:PORT"):
         simulate({"output-dir": str(tmp_path / "run")}, num_clients=2, ray_address=address)
 
 
+@pytest.mark.unit
 def test_with_an_address_ray_gets_no_cpu_or_gpu_counts_and_clients_one_cpu():
     config = backend_config(parallel=3, client_gpus=0.5, gpus=0, ray_address="head:6379")
     assert config["init_args"] == {"address": "head:6379", "logging_level": "ERROR", "log_to_driver": False}
     assert config["client_resources"] == {"num_cpus": 1, "num_gpus": 0.5}  # the cluster's nodes have the GPUs
 
 
+@pytest.mark.unit
 def test_parallel_does_not_combine_with_an_address():
     with pytest.raises(ValueError, match="parallel does not apply with ray_address"):
         simulate({}, num_clients=2, parallel=2, ray_address="head:6379")

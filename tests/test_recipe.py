@@ -21,6 +21,8 @@ from fedfuse.offline import MergeInputError
 from fedfuse.offline.recipe import METHODS, evaluate_setting, layer_positions, load_recipe, merge_recipe
 from fedfuse.offline.recipe import resolve_settings as resolve
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 LAYERS = 4
 NAMES = [
     "model.embed_tokens.weight",
@@ -74,6 +76,7 @@ def settings_of(tmp_path: Path, doc: dict[str, Any]) -> dict:
 # ---------------------------------------------------------------- values
 
 
+@pytest.mark.unit
 def test_a_list_is_interpolated_over_the_layers_as_mergekit_does() -> None:
     assert [evaluate_setting([0, 0.5, 1], "x", t) for t in (0, 0.25, 0.5, 1)] == [0, 0.25, 0.5, 1]
     assert evaluate_setting([0, 0.5, 0.3, 0.7, 1], "x", 0.375) == pytest.approx(0.4)  # between 0.5 and 0.3
@@ -81,6 +84,7 @@ def test_a_list_is_interpolated_over_the_layers_as_mergekit_does() -> None:
     assert evaluate_setting("1e-3", "x", 0) == 0.001  # YAML reads 1e-3 as a string; mergekit takes it as a number
 
 
+@pytest.mark.unit
 def test_filters_pick_the_first_match_and_fall_through_when_none_matches() -> None:
     setting = [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.3}, {"value": 0.9}]
     assert evaluate_setting(setting, "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.5
@@ -90,6 +94,7 @@ def test_filters_pick_the_first_match_and_fall_through_when_none_matches() -> No
     assert evaluate_setting({"filter": "*", "value": 2}, "lm_head.weight", 0) == 2
 
 
+@pytest.mark.unit
 def test_layer_positions_follow_mergekit() -> None:
     positions = layer_positions(NAMES)
     assert [positions[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(LAYERS)] == [0, 1 / 3, 2 / 3, 1]
@@ -97,6 +102,7 @@ def test_layer_positions_follow_mergekit() -> None:
     assert layer_positions(["model.layers.0.w", "x"]) == {"model.layers.0.w": 1.0, "x": 0.0}
 
 
+@pytest.mark.unit
 def test_a_weight_gradient_merges_the_hand_computed_values(models, tmp_path: Path) -> None:
     doc = {
         "merge_method": "task_arithmetic",
@@ -116,6 +122,7 @@ def test_a_weight_gradient_merges_the_hand_computed_values(models, tmp_path: Pat
 # ---------------------------------------------------------------- mergekit's defaults per method
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("method", "normalize", "kind", "rescale"),
     [
@@ -135,6 +142,7 @@ def test_methods_take_mergekits_defaults(tmp_path: Path, method, normalize, kind
     assert METHODS[method].method == method
 
 
+@pytest.mark.unit
 def test_top_level_parameters_reach_the_strategy_and_every_model(tmp_path: Path) -> None:
     doc = recipe("breadcrumbs_ties", parameters={"lambda": 0.7, "normalize": True, "rescale": True, "gamma": 0.05})
     doc["models"][1]["parameters"]["gamma"] = 0.1
@@ -143,6 +151,7 @@ def test_top_level_parameters_reach_the_strategy_and_every_model(tmp_path: Path)
     assert [(s.gamma, s.rescale) for s in one.sparsifiers] == [(0.05, "l1"), (0.1, "l1")]
 
 
+@pytest.mark.unit
 def test_density_one_does_not_sparsify_and_della_takes_epsilon(tmp_path: Path) -> None:
     doc = recipe("della")
     doc["models"][0]["parameters"].update(density=1.0)
@@ -152,6 +161,7 @@ def test_density_one_does_not_sparsify_and_della_takes_epsilon(tmp_path: Path) -
     assert (one.sparsifiers[1].kind, one.sparsifiers[1].epsilon) == ("della", 0.3)
 
 
+@pytest.mark.unit
 def test_slerp_t_and_model_stock_filter_wise(tmp_path: Path) -> None:
     slerp = {"merge_method": "slerp", "base_model": "base.safetensors", "models": [{"model": "a.safetensors"}]}
     per_tensor = settings_of(tmp_path, {**slerp, "parameters": {"t": [0, 1]}})
@@ -167,6 +177,7 @@ def test_slerp_t_and_model_stock_filter_wise(tmp_path: Path) -> None:
     assert settings_of(tmp_path, stock)["lm_head.weight"].strategy.filter_wise is True
 
 
+@pytest.mark.unit
 def test_dtype_writes_the_output_dtype_and_notes_what_is_ignored(models, tmp_path: Path) -> None:
     doc = recipe("ties", dtype="bfloat16", tokenizer_source="base", parameters={"int8_mask": True})
     loaded = load_recipe(write(tmp_path, doc))
@@ -177,6 +188,7 @@ def test_dtype_writes_the_output_dtype_and_notes_what_is_ignored(models, tmp_pat
     assert load_recipe(write(tmp_path, recipe(out_dtype="float16", dtype="bfloat16"))).out_dtype == "float16"
 
 
+@pytest.mark.unit
 def test_the_base_listed_among_the_models_is_the_reference(tmp_path: Path) -> None:
     doc = recipe()
     doc["models"].insert(0, {"model": "base.safetensors", "parameters": {"weight": 9.0}})
@@ -219,6 +231,7 @@ REFUSALS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("change", "message"), [(c, m) for _, c, m in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_every_refusal_names_the_key(tmp_path: Path, change, message: str) -> None:
     with pytest.raises(MergeInputError, match=None) as caught:
@@ -227,6 +240,7 @@ def test_every_refusal_names_the_key(tmp_path: Path, change, message: str) -> No
     assert str(tmp_path / "recipe.yml") in str(caught.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
@@ -243,6 +257,7 @@ def test_values_are_checked_per_tensor_before_anything_is_written(models, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("method", "models", "message"),
     [("slerp", ["a", "b"], "slerp needs exactly one model"), ("model_stock", ["a"], "at least two models")],
@@ -255,12 +270,14 @@ def test_model_counts_follow_mergekit(tmp_path: Path, method, models, message) -
         load_recipe(write(tmp_path, doc))
 
 
+@pytest.mark.unit
 def test_linear_with_an_unlisted_base_model_is_refused(tmp_path: Path) -> None:
     doc = {"merge_method": "linear", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 1}}]}
     with pytest.raises(MergeInputError, match="base_model: mergekit merges it as one more linear input"):
         load_recipe(write(tmp_path, doc))
 
 
+@pytest.mark.unit
 def test_unreadable_recipes(tmp_path: Path) -> None:
     with pytest.raises(MergeInputError, match="recipe not found"):
         load_recipe(tmp_path / "missing.yml")
@@ -286,12 +303,14 @@ def one_line_error(result: Any) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 def test_cli_refusal_is_one_line_and_exit_2(models, tmp_path: Path) -> None:
     line = one_line_error(invoke(["--config", write(tmp_path, recipe(slices=[])), "--out", tmp_path / "out"]))
     assert "`slices`" in line
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -305,11 +324,13 @@ def test_cli_config_clashes_with_the_flag_form(models, tmp_path: Path, extra, me
     assert message in line
 
 
+@pytest.mark.integration
 def test_cli_config_needs_an_out_and_flags_need_a_base(models, tmp_path: Path) -> None:
     assert "--out" in one_line_error(invoke(["--config", write(tmp_path, recipe())]))
     assert "--base" in one_line_error(invoke(["-m", "a.safetensors", "--method", "ties", "--out", tmp_path / "o"]))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("method", "flags"),
     [

@@ -20,9 +20,12 @@ from fedfuse.client.residuals import ResidualFiles, keep_feedback, restore_feedb
 from fedfuse.messages import short_reason
 from fedfuse.server.run_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 WEIGHTS = {"w": torch.arange(6.0).reshape(2, 3)}
 
 
+@pytest.mark.unit
 def test_leftovers_of_a_killed_write_are_removed_and_a_version_moved_aside_is_put_back(tmp_path) -> None:
     (tmp_path / ".state.json.fedfuse-tmp-ab12").write_text("half")
     aside = tmp_path / ".weights.safetensors.fedfuse-old-cd34"
@@ -34,6 +37,7 @@ def test_leftovers_of_a_killed_write_are_removed_and_a_version_moved_aside_is_pu
     assert (tmp_path / "weights.safetensors").read_text() == "previous version"
 
 
+@pytest.mark.e2e
 def test_a_process_killed_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path) -> None:
     save_checkpoint(tmp_path, 1, WEIGHTS, {"rounds": []}, {"seed": 0})
     child = textwrap.dedent(
@@ -57,6 +61,7 @@ def test_a_process_killed_while_writing_a_checkpoint_leaves_the_last_one_loadabl
     assert not any(".fedfuse-" in p.name for p in (tmp_path / "checkpoint").iterdir())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("damage", "field"),
     [
@@ -76,6 +81,7 @@ def test_a_damaged_state_file_is_a_checkpoint_error_naming_the_file_and_field(tm
     assert str(state) in str(caught.value)
 
 
+@pytest.mark.integration
 def test_resuming_from_a_damaged_checkpoint_is_one_line_and_a_nonzero_exit(tmp_path) -> None:
     state = save_checkpoint(tmp_path, 1, WEIGHTS, {"rounds": []}, {"seed": 0})
     state.write_text(state.read_text()[:40])
@@ -84,6 +90,7 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line_and_a_nonzero_exit(tmp_p
     assert "cannot read checkpoint state" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_a_clients_traceback_becomes_its_exception_line_without_colour_codes() -> None:
     reported = (
         "\x1b[36m(ClientAppActor pid=7)\x1b[0m Traceback (most recent call last):\n"
@@ -98,6 +105,7 @@ def _context(tmp_path) -> Context:
     return Context(1, 1, {"state-dir": str(tmp_path)}, RecordDict(), {})
 
 
+@pytest.mark.unit
 def test_residuals_outlive_the_flower_context_and_only_the_previous_rounds_counts(tmp_path) -> None:
     spec = Sparsifier("trim", 0.5)
     files = ResidualFiles.of(_context(tmp_path), "run-1", "partition-0/member-1", "fedfuse.residual")
@@ -124,6 +132,7 @@ def _toy_models(tmp_path):
             str(tmp_path / "m2.safetensors"), "--method", "fedavg", "--out", str(tmp_path / "out")]  # fmt: skip
 
 
+@pytest.mark.integration
 def test_merge_refuses_non_finite_inputs_by_name_unless_allowed(tmp_path) -> None:
     args = _toy_models(tmp_path)
     refused = CliRunner().invoke(app, ["merge", *args])
@@ -133,6 +142,7 @@ def test_merge_refuses_non_finite_inputs_by_name_unless_allowed(tmp_path) -> Non
     assert allowed.exit_code == 0 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("raised", "code", "line"),
     [
@@ -151,6 +161,7 @@ def test_merge_interrupted_or_out_of_disk_is_one_line_and_a_nonzero_exit(tmp_pat
     assert result.exit_code == code and line in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_a_world_writable_registry_and_a_readable_signing_key_are_refused(tmp_path) -> None:
     from fedfuse.security import KeyFileError, Registry, load_signing_key, write_institution_keys
 

@@ -21,6 +21,8 @@ from fedfuse.strategies import (
     strategy_class,
 )
 
+pytestmark = pytest.mark.unit
+
 BUILT_INS = ["dare_linear", "dare_ties", "fedavg", "fisher", "task_arithmetic", "ties"]
 
 

@@ -32,6 +32,8 @@ from fedfuse.wire import (
 )
 from fedfuse.wire import tensors as wire_tensors
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 OUT, IN = 5, 4
 
 
@@ -56,6 +58,7 @@ def add_client(state: MergeState, seed: int, weight: float = 1.0) -> MergeState:
     return state.add({"w": tau, "b": bias, "e": tau.flip(0)}, weight, gram={"w": gram_of(x)})
 
 
+@pytest.mark.unit
 def test_unregularized_regmean_is_the_least_squares_fit_of_every_clients_outputs():
     state = regmean().new_state()
     for k in range(3):
@@ -67,6 +70,7 @@ def test_unregularized_regmean_is_the_least_squares_fit_of_every_clients_outputs
     torch.testing.assert_close(merged, least_squares, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_parameters_without_a_gram_are_the_weighted_mean_and_weights_scale_each_gram():
     state = regmean().new_state()
     add_client(state, 0, weight=1.0)
@@ -78,6 +82,7 @@ def test_parameters_without_a_gram_are_the_weighted_mean_and_weights_scale_each_
     torch.testing.assert_close(merged["w"], expected)
 
 
+@pytest.mark.unit
 def test_alpha_zero_is_a_per_input_feature_weighted_average():
     state = regmean(alpha=0.0).new_state()
     for k in range(2):
@@ -89,6 +94,7 @@ def test_alpha_zero_is_a_per_input_feature_weighted_average():
     assert torch.equal(reduced, torch.full((3, 3), 0.25) + 0.75 * torch.eye(3))
 
 
+@pytest.mark.unit
 def test_a_singular_gram_sum_merges_the_unseen_input_feature_to_zero():
     x = inputs(0)
     x[:, 0] = 0.0  # no client ever saw input feature 0
@@ -100,6 +106,7 @@ def test_a_singular_gram_sum_merges_the_unseen_input_feature_to_zero():
     torch.testing.assert_close(merged[:, 1:], tau[:, 1:])
 
 
+@pytest.mark.unit
 @settings(max_examples=25, deadline=None)
 @given(
     weights=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=2, max_size=6),
@@ -126,6 +133,7 @@ def test_any_split_into_tiers_gives_the_flat_result(weights, cuts, restore, alph
         torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_bad_grams_are_refused_before_anything_is_added():
     state = regmean().new_state()
     add_client(state, 0)
@@ -150,6 +158,7 @@ def test_bad_grams_are_refused_before_anything_is_added():
 HEADER = UpdateHeader(run_id="run", round=1, base_fingerprint="sha256:base", node_id="node-1", num_examples=12)
 
 
+@pytest.mark.unit
 def test_grams_travel_in_float32_beside_their_tensor_and_damaged_ones_are_rejected(monkeypatch):
     _, tau, bias = client(0)
     gram = gram_of(client(0)[0]).float()
@@ -171,6 +180,7 @@ def test_grams_travel_in_float32_beside_their_tensor_and_damaged_ones_are_reject
         encode_update({"b": bias.float()}, header=HEADER, grams={"b": torch.eye(OUT)})
 
 
+@pytest.mark.unit
 def test_a_regmean_partial_state_survives_the_wire():
     strategy = regmean()
     state = strategy.new_state()
@@ -186,6 +196,7 @@ def test_a_regmean_partial_state_survives_the_wire():
         torch.testing.assert_close(decoded.state.finalize()[name], tensor, rtol=0, atol=0)
 
 
+@pytest.mark.unit
 def test_lora_clients_grams_weight_the_delta_w_the_server_forms():
     rank, scale = 2, 2.0
     module = "layer.q"
@@ -222,6 +233,7 @@ class EmbedThenLinear(torch.nn.Module):
         return self.proj(self.embed(input_ids))
 
 
+@pytest.mark.unit
 def test_client_grams_count_real_tokens_only():
     model = EmbedThenLinear()
     ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
@@ -232,6 +244,7 @@ def test_client_grams_count_real_tokens_only():
     torch.testing.assert_close(grams["proj.weight"], real.T @ real)
 
 
+@pytest.mark.unit
 def test_settings_ask_for_grams_and_refuse_what_cannot_carry_them():
     settings = RunSettings.from_run_config({}, strategy="regmean")
     assert settings.gram_batch_count == 4 and RunSettings.from_run_config({}).gram_batch_count == 0
@@ -264,6 +277,7 @@ def tuned_pair(tmp_path_factory):
     return root, base, models, data
 
 
+@pytest.mark.integration
 def test_offline_regmean_merges_with_the_grams_each_institution_computed(tuned_pair, tmp_path):
     _, base, models, data = tuned_pair
     runner = CliRunner()
@@ -296,6 +310,7 @@ def test_offline_regmean_merges_with_the_grams_each_institution_computed(tuned_p
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_offline_regmean_mistakes_are_one_line_errors(tuned_pair, tmp_path):
     root, base, models, _ = tuned_pair
     runner = CliRunner()
@@ -316,6 +331,7 @@ def test_offline_regmean_mistakes_are_one_line_errors(tuned_pair, tmp_path):
     assert result.exit_code == 2 and "missing.jsonl" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.e2e
 def test_a_federated_lora_round_merges_by_regmean_with_the_clients_grams(tmp_path):
     from tiny_runs import TINY_RUN
 

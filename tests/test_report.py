@@ -11,6 +11,8 @@ import pytest
 
 from fedfuse.server.report import MISSING, format_bytes_mb, summary_table, write_report
 
+pytestmark = pytest.mark.unit
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILES = {"json": "report.json", "markdown": "report.md", "accuracy_plot": "accuracy.png", "uplink_plot": "uplink.png"}
 

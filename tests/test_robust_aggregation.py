@@ -33,6 +33,8 @@ from fedfuse.strategies import build_strategy, get_strategy, method_spec
 from fedfuse.strategies import spilled as spilled_module
 from fedfuse.wire import UpdateHeader, encode_partial, encode_update, fingerprint
 
+pytestmark = pytest.mark.unit
+
 PROPERTY = settings(max_examples=40, deadline=None)
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
 

@@ -9,6 +9,8 @@ import pytest
 from fedfuse.bench.breakdown import breakdown, breakdown_table, median_ratio, round_walls
 from fedfuse.timing import Phases, reported_phases
 
+pytestmark = pytest.mark.unit
+
 
 def test_phases_sum_every_block_of_the_same_name_also_when_it_raises() -> None:
     phases = Phases()

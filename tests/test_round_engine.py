@@ -10,6 +10,8 @@ from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.strategies import get_strategy
 from fedfuse.wire import UpdateHeader, encode_partial, encode_update, fingerprint
 
+pytestmark = pytest.mark.unit
+
 SHAPES = {"layer.weight": (8, 6), "layer.bias": (6,)}
 BASE = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
 FINGERPRINT = fingerprint(BASE)

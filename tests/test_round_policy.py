@@ -22,6 +22,8 @@ from fedfuse.server.strategy import FedFuseStrategy
 from fedfuse.settings import RunSettings
 from fedfuse.strategies import get_strategy
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 SHAPES = {"w": (4, 3), "b": (3,)}
 
 
@@ -48,6 +50,7 @@ def _round(strategy: FedMerge, round_weights: dict[str, torch.Tensor], tuned: di
     return strategy.aggregate_train(1, iter(replies))
 
 
+@pytest.mark.unit
 def test_a_runs_settings_and_fedmerges_arguments_describe_the_same_policy() -> None:
     settings = RunSettings.from_run_config(
         {"clip-norm": 2.0, "max-num-examples": 500, "max-update-bytes": 10_000, "server-optimizer": "fedavgm"}
@@ -64,6 +67,7 @@ def test_a_runs_settings_and_fedmerges_arguments_describe_the_same_policy() -> N
     assert settings.round_policy.server_optimizer == ServerOptimizerRule("fedavgm", 1.0, momentum=0.9)
 
 
+@pytest.mark.integration
 def test_fedmerge_clips_every_update_and_caps_claimed_examples_as_a_fedfuse_run_does(server_identity) -> None:
     round_weights = _weights(0)
     strategy = FedMerge("fedavg", clip_norm=1.0, max_num_examples=100)
@@ -81,6 +85,7 @@ def test_fedmerge_clips_every_update_and_caps_claimed_examples_as_a_fedfuse_run_
         torch.testing.assert_close(merged[name], round_weights[name] + expected[name] / 150, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_fedmerge_refuses_a_payload_over_its_size_cap_before_parsing_it(server_identity) -> None:
     round_weights = _weights(0)
     strategy = FedMerge("fedavg", max_update_bytes=64, **ONE_NODE)
@@ -96,6 +101,7 @@ def test_fedmerge_refuses_a_payload_over_its_size_cap_before_parsing_it(server_i
     assert arrays is None and [r.reason for r in strategy.last_rejections] == ["too_large"]
 
 
+@pytest.mark.integration
 def test_fedmerge_checks_the_declared_sparsifier_of_fedfuse_payloads_when_it_is_given_one(server_identity) -> None:
     round_weights = _weights(0)
     results = {}
@@ -114,6 +120,7 @@ def test_fedmerge_checks_the_declared_sparsifier_of_fedfuse_payloads_when_it_is_
     assert results == {"none": ["sparsifier_mismatch"], "trim": []}
 
 
+@pytest.mark.integration
 def test_fedmerge_steps_a_server_optimizer_on_the_merge_across_rounds(server_identity) -> None:
     round_weights = _weights(0)
     strategy = FedMerge("fedavg", server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5, **ONE_NODE)
@@ -130,6 +137,7 @@ def test_fedmerge_steps_a_server_optimizer_on_the_merge_across_rounds(server_ide
     assert strategy.optimizer.steps == 2
 
 
+@pytest.mark.integration
 def test_fedmerge_central_dp_noises_the_merge_as_the_round_engine_does(server_identity) -> None:
     round_weights = _weights(0)
     tuned = {1: (_weights(1), 10), 2: (_weights(2), 10)}
@@ -146,6 +154,7 @@ def test_fedmerge_central_dp_noises_the_merge_as_the_round_engine_does(server_id
         FedMerge("fedavg", **dp)
 
 
+@pytest.mark.unit
 def test_fedfuses_own_strategy_and_fedmerge_build_their_engines_from_the_runs_policy() -> None:
     settings = RunSettings.from_run_config(mode="full", strategy="fedavg", clip_norm=3.0, server_optimizer="fedadam")
     strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, 1.0), "run", ModelChange("v:0"))
@@ -156,6 +165,7 @@ def test_fedfuses_own_strategy_and_fedmerge_build_their_engines_from_the_runs_po
     assert engine.bounds.clip_norm == 3.0 and engine.bind_senders
 
 
+@pytest.mark.unit
 def test_a_round_policy_refuses_bad_values_in_one_line() -> None:
     with pytest.raises(ValueError, match="weighting must be one of"):
         RoundPolicy(weighting="examples")
@@ -173,6 +183,7 @@ def test_a_round_policy_refuses_bad_values_in_one_line() -> None:
     assert not unbound.engine(get_strategy("fedavg"), UpdateSpace.full(SHAPES)).bind_senders
 
 
+@pytest.mark.unit
 def test_the_benchmarks_rounds_step_the_runs_server_optimizer(monkeypatch) -> None:
     """``fedfuse bench robust`` merges through the run's policy: its server optimizer steps every round."""
     from tiny_runs import TINY_RUN
@@ -194,6 +205,7 @@ def test_the_benchmarks_rounds_step_the_runs_server_optimizer(monkeypatch) -> No
     assert steps == ["fedavgm", "fedavgm"] and [m["accepted"] for m in result.metrics] == [2, 2]
 
 
+@pytest.mark.unit
 def test_fedmerge_takes_its_sparsifiers_declared_parameters_by_name() -> None:
     strategy = FedMerge("ties", sparsifier="breadcrumbs", density=0.5, sparsifier_params={"gamma": 0.2})
     assert strategy.sparsifier.kind == "breadcrumbs" and strategy.sparsifier.params["gamma"] == 0.2

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedfuse.rejections import Rejection
 from fedfuse.server.history import EvaluationRecord, RoundRecord, RunHistory
 from fedfuse.server.round_loop import InitialEvaluation, RoundOutcome
+
+pytestmark = pytest.mark.unit
 
 
 def _outcome(round_number: int) -> RoundOutcome:

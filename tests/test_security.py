@@ -23,6 +23,8 @@ from fedfuse.security import (
     write_institution_keys,
 )
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 runner = CliRunner()
 
 
@@ -30,6 +32,7 @@ def mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.unit
 def test_superlink_certificate_is_signed_by_the_ca_with_the_requested_sans(tmp_path):
     files = write_certificates(tmp_path, ["superlink", "localhost", "127.0.0.1"])
     ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
@@ -43,6 +46,7 @@ def test_superlink_certificate_is_signed_by_the_ca_with_the_requested_sans(tmp_p
     assert mode(files["ca.crt"]) == 0o644
 
 
+@pytest.mark.unit
 def test_existing_files_are_never_overwritten_without_force(tmp_path):
     first = write_certificates(tmp_path, ["localhost"])["ca.crt"].read_bytes()
     with pytest.raises(KeyFileError, match="pass --force"):
@@ -52,6 +56,7 @@ def test_existing_files_are_never_overwritten_without_force(tmp_path):
     assert (tmp_path / "ca.crt").read_bytes() != first
 
 
+@pytest.mark.unit
 def test_institution_keys_are_openssh_p384_and_ed25519_with_private_files_0600(tmp_path):
     files = write_institution_keys(tmp_path, "hospital-a")
     auth = serialization.load_ssh_private_key(files["supernode_auth_private"].read_bytes(), password=None)
@@ -67,6 +72,7 @@ def test_institution_keys_are_openssh_p384_and_ed25519_with_private_files_0600(t
         write_institution_keys(tmp_path, "../evil")
 
 
+@pytest.mark.integration
 def test_cli_writes_certs_keys_and_registry(tmp_path):
     result = runner.invoke(app, ["certs", "--out", str(tmp_path / "certs"), "--hosts", "superlink,127.0.0.1"])
     assert result.exit_code == 0, result.output
@@ -124,12 +130,14 @@ def verify(registry, signature, payload=PAYLOAD):
     return registry.verify(signature, run_id="run-1", round_number=3, base_fingerprint="fp", payload=payload)
 
 
+@pytest.mark.unit
 def test_a_good_signature_names_its_institution(signer):
     key, registry = signer
     assert verify(registry, signed(key)) == "hospital-a"
     assert verify(registry, UpdateSignature.from_config(signed(key).to_config())) == "hospital-a"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -172,6 +180,7 @@ def test_every_bad_signature_is_rejected_with_its_reason(signer, tmp_path, case,
     assert caught.value.reason == reason
 
 
+@pytest.mark.unit
 def test_registry_round_trips_and_guards_against_key_replacement(signer, tmp_path):
     _, registry = signer
     path = registry.save(tmp_path / "registry.json")

@@ -31,6 +31,8 @@ from fedfuse.strategies import get_strategy
 from fedfuse.training.run_model import lora_scale, update_shapes
 from fedfuse.wire import UpdateHeader, encode_update, fingerprint
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 SHAPES = {"layer.weight": (5, 4), "layer.bias": (4,)}
 
 
@@ -61,6 +63,7 @@ def flower_weights(strategy: FedAvg, current: dict[str, np.ndarray], delta: dict
     return {name: arrays[name].numpy() for name in current}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
 def test_the_update_rule_matches_flowers_strategy_on_the_same_arrays(name) -> None:
     eta, beta1, beta2, tau = 0.3, 0.8, 0.95, 1e-2
@@ -97,6 +100,7 @@ def test_the_update_rule_matches_flowers_strategy_on_the_same_arrays(name) -> No
             )
 
 
+@pytest.mark.unit
 def test_the_functions_are_the_papers_formulas_on_numbers() -> None:
     rule = ServerOptimizerRule("fedyogi", 0.5, momentum=0.5, beta2=0.75, tau=0.25)
     step, m, v = server_step(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([1.0]), rule)
@@ -129,6 +133,7 @@ def round_engine(strategy_name: str, seed: int, count: int) -> RoundEngine:
     return engine
 
 
+@pytest.mark.unit
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -145,6 +150,7 @@ def test_none_and_fedavgm_without_momentum_at_lr_one_leave_the_merge_unchanged(s
         assert all(torch.equal(got[n], plain[n]) for n in SHAPES), optimizer.describe()
 
 
+@pytest.mark.unit
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), steps=st.integers(1, 5))
 def test_fedavgm_without_momentum_at_lr_one_steps_by_the_pseudo_gradient_itself(seed, steps) -> None:
@@ -155,6 +161,7 @@ def test_fedavgm_without_momentum_at_lr_one_steps_by_the_pseudo_gradient_itself(
     assert optimizer.steps == steps
 
 
+@pytest.mark.unit
 def test_a_round_that_accepted_nothing_takes_no_step() -> None:
     optimizer = ServerOptimizer(ServerOptimizerRule("fedadam", 0.1))
     engine = RoundEngine(get_strategy("fedavg"), UpdateSpace.full(SHAPES))
@@ -165,6 +172,7 @@ def test_a_round_that_accepted_nothing_takes_no_step() -> None:
 # --- (3) exact resume of the optimizer state --------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
 def test_state_saved_after_step_two_resumes_steps_three_and_four_bit_for_bit(name, tmp_path) -> None:
     rule = ServerOptimizerRule(name, 0.05)
@@ -183,6 +191,7 @@ def test_state_saved_after_step_two_resumes_steps_three_and_four_bit_for_bit(nam
     assert resumed.steps == 4 and set(resumed.v) == (set(SHAPES) if rule.adaptive else set())
 
 
+@pytest.mark.unit
 def test_only_the_last_optimizer_state_is_kept_and_a_damaged_one_is_refused(tmp_path) -> None:
     weights = {n: torch.zeros(s) for n, s in SHAPES.items()}
     for round_number in (1, 2):
@@ -200,6 +209,7 @@ def test_only_the_last_optimizer_state_is_kept_and_a_damaged_one_is_refused(tmp_
         ServerOptimizer(ServerOptimizerRule("fedavgm", 1.0)).load_state({"layer.bias::v": torch.zeros(4)}, 1)
 
 
+@pytest.mark.unit
 def test_a_checkpoint_from_before_server_optimizers_resumes_as_none_and_refuses_another(tmp_path) -> None:
     from fedfuse.server.app import resumed_checkpoint
 
@@ -214,6 +224,7 @@ def test_a_checkpoint_from_before_server_optimizers_resumes_as_none_and_refuses_
 # --- (4) settings ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("values", "key"),
     [
@@ -239,6 +250,7 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(values, key) -> None:
     assert "\n" not in message and message.startswith(key), message
 
 
+@pytest.mark.unit
 def test_settings_resolve_the_rule_and_round_trip() -> None:
     assert RunSettings().merge.server_rule is None
     lrs = {
@@ -256,6 +268,7 @@ def test_settings_resolve_the_rule_and_round_trip() -> None:
 # --- (5) through the server: tiers, full mode, and run_server with checkpoint and resume -----------------------------
 
 
+@pytest.mark.integration
 def test_full_mode_rounds_through_the_strategy_step_the_optimizer_and_tiers_stay_exact(server_identity) -> None:
     """The optimizer sits at the top server, after the (flat or tiered) merge: both give the same weights."""
     settings = RunSettings.from_run_config(mode="full", strategy="fedavg", server_optimizer="fedadam")
@@ -310,6 +323,7 @@ def serve(out, rounds: int, **extra) -> dict:
     return run_server(grid, context, settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 def test_two_fedadam_rounds_in_lora_space_through_run_server_resume_bit_for_bit(server_identity, tmp_path) -> None:
     history = serve(tmp_path / "whole", 2)
     assert [r["accepted"] for r in history["rounds"]] == [3, 3]

@@ -9,6 +9,8 @@ import pytest
 
 from fedfuse.settings import RunSettings, SettingsError
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from own_data_helpers import chat_rows, tiny_chat_llama
+from own_data_helpers import chat_rows
 from transformers import LlamaForCausalLM
 
 from fedfuse.client.local_round import finite_metrics
@@ -28,14 +28,16 @@ from fedfuse.training.tasks import IGNORE, tokenize_rows
 from fedfuse.training.trainers import TrainerSettings, TrainingRound, TrainResult
 from fedfuse.training.trainers.builtin import EMPTY_BATCHES, sft_trainer, supervised_tokens
 
+pytestmark = pytest.mark.unit
+
 MAX_LENGTH = 24
 ANSWERED = np.arange(0, 4)
 CUT_OFF = np.arange(4, 8)
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"))
+def chat_model(tiny_chat_llama_dir: Path) -> Path:
+    return tiny_chat_llama_dir
 
 
 @pytest.fixture(scope="module")

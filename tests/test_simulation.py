@@ -28,7 +28,7 @@ from fedfuse.simulation import simulate
 from fedfuse.training.run_model import base_model, global_state
 from fedfuse.wire import REASONS, Expectation, decode_update
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = {
     **{key: value for key, value in TINY_RUN.items() if key != "fraction-evaluate"},

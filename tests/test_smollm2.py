@@ -36,6 +36,8 @@ from fedfuse.models.smollm2 import (
     smollm2_dir,
 )
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 
 def _fake_converter(calls: list[Path], delay: float = 0.0):
     """A stand-in for the GGUF conversion: writes every required file (dummy bytes) into the temp folder."""
@@ -74,6 +76,7 @@ def _complete_folder(folder: Path, *, marker: bool = True, gguf: Path | None = N
         (folder / MARKER_FILE).write_text(json.dumps({"format": smollm2.MARKER_FORMAT, **source}), encoding="utf-8")
 
 
+@pytest.mark.unit
 def test_a_folder_without_marker_or_files_is_not_prepared(tmp_path: Path) -> None:
     folder = smollm2_dir(tmp_path)
     _complete_folder(folder, marker=False)
@@ -88,6 +91,7 @@ def test_a_folder_without_marker_or_files_is_not_prepared(tmp_path: Path) -> Non
     assert not is_prepared(folder), "a marker but no weights"
 
 
+@pytest.mark.unit
 def test_a_stale_temp_folder_is_not_taken_for_the_prepared_model(tmp_path: Path, fake_package: list[Path]) -> None:
     folder = smollm2_dir(tmp_path)
     stale = folder.parent / f".{folder.name}.fedfuse-tmp-0123456789ab"
@@ -104,6 +108,7 @@ def test_a_stale_temp_folder_is_not_taken_for_the_prepared_model(tmp_path: Path,
     assert recent.exists(), "a recent temp folder may be another process's conversion in progress"
 
 
+@pytest.mark.unit
 def test_prepare_replaces_a_half_written_folder_and_then_reuses_it(tmp_path: Path, fake_package: list[Path]) -> None:
     folder = smollm2_dir(tmp_path)
     folder.mkdir(parents=True)
@@ -117,6 +122,7 @@ def test_prepare_replaces_a_half_written_folder_and_then_reuses_it(tmp_path: Pat
     assert len(fake_package) == 2, "force converts again"
 
 
+@pytest.mark.unit
 def test_a_conversion_that_loses_the_rename_race_keeps_the_winners_folder(
     tmp_path: Path, fake_package: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,6 +140,7 @@ def test_a_conversion_that_loses_the_rename_race_keeps_the_winners_folder(
     assert [path.name for path in folder.parent.iterdir() if "fedfuse-" in path.name] == [], "temp folder left"
 
 
+@pytest.mark.unit
 def test_concurrent_prepares_convert_once_and_both_get_a_valid_folder(
     tmp_path: Path, fake_package: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,6 +155,7 @@ def test_concurrent_prepares_convert_once_and_both_get_a_valid_folder(
     assert len(fake_package) == 1, "the second preparer waited on the lock and reused the first one's folder"
 
 
+@pytest.mark.unit
 def test_resolving_smollm2_prepares_lazily_and_says_so_once(
     tmp_path: Path, fake_package: list[Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -159,6 +167,7 @@ def test_resolving_smollm2_prepares_lazily_and_says_so_once(
     assert capsys.readouterr().err == "" and len(fake_package) == 1
 
 
+@pytest.mark.unit
 def test_without_the_package_the_error_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDFUSE_CACHE_DIR", str(tmp_path))
     real_find_spec = smollm2.importlib.util.find_spec
@@ -174,6 +183,7 @@ def test_without_the_package_the_error_says_what_to_install(tmp_path: Path, monk
     assert not smollm2_dir(tmp_path).exists()
 
 
+@pytest.mark.unit
 def test_a_folder_from_another_package_version_is_converted_again(tmp_path: Path, fake_package: list[Path]) -> None:
     folder = smollm2_dir(tmp_path)
     _complete_folder(folder)  # a marker without the installed GGUF's name and size
@@ -182,12 +192,14 @@ def test_a_folder_from_another_package_version_is_converted_again(tmp_path: Path
     assert len(fake_package) == 1 and smollm2.is_current(tmp_path)
 
 
+@pytest.mark.unit
 def test_a_prepared_folder_is_used_even_without_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(smollm2, "_installed_gguf", lambda: None)
     _complete_folder(smollm2_dir(tmp_path))
     assert prepare_smollm2(tmp_path) == smollm2_dir(tmp_path)
 
 
+@pytest.mark.integration
 def test_cli_prepare_prints_the_folder_and_list_shows_it(tmp_path: Path, fake_package: list[Path]) -> None:
     from typer.testing import CliRunner
 
@@ -207,6 +219,7 @@ def test_cli_prepare_prints_the_folder_and_list_shows_it(tmp_path: Path, fake_pa
     assert unknown.exit_code == 2 and "unknown embedded model" in unknown.output
 
 
+@pytest.mark.integration
 def test_cli_prepare_without_the_package_is_one_red_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -241,6 +254,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
         yield folder, time.perf_counter() - start
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_conversion_writes_a_complete_float32_folder_over_the_half_written_one(prepared) -> None:
     folder, seconds = prepared
@@ -252,6 +266,7 @@ def test_conversion_writes_a_complete_float32_folder_over_the_half_written_one(p
     print(f"conversion took {seconds:.1f} s")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_second_prepare_reuses_the_folder_at_once(prepared) -> None:
     folder, _ = prepared
@@ -272,6 +287,7 @@ def model_and_tokenizer(prepared):
     return model, tokenizer
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_model_has_134_5m_float32_parameters_and_a_chatml_tokenizer(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
@@ -282,6 +298,7 @@ def test_the_model_has_134_5m_float32_parameters_and_a_chatml_tokenizer(model_an
     assert tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"] == [1, 520, 9531, 198]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_greedy_answer_names_paris(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
@@ -308,6 +325,7 @@ def _sft_example(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([full]), torch.tensor([labels])
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_one_lora_step_on_assistant_tokens_changes_lora_b(model_and_tokenizer) -> None:
     from peft import LoraConfig, get_peft_model

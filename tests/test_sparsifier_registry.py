@@ -34,6 +34,8 @@ from fedfuse.settings import WIRE_DTYPES, RunSettings, SettingsError
 from fedfuse.strategies import available_strategies, build_strategy, method_spec
 from fedfuse.wire import UPDATE_VALUE_DTYPES, Expectation, UpdateHeader, decode_update, encode_update
 
+pytestmark = pytest.mark.unit
+
 FLOOR = Param("floor", float, 1.0, help="kept entries below this magnitude are dropped too")
 
 

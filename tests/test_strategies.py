@@ -26,6 +26,8 @@ from safetensors.torch import load, save
 from fedfuse.algebra import SparseTensor, ties_trim
 from fedfuse.strategies import MergeState, TreeLeaf, get_strategy
 
+pytestmark = pytest.mark.unit
+
 REL = 1e-6
 PROPERTY = settings(max_examples=25, deadline=None)
 configs = pytest.mark.parametrize("config", STRATEGY_CONFIGS, ids=CONFIG_IDS)

@@ -25,6 +25,8 @@ from fedfuse.strategies import (
     registry,
 )
 
+# Tiers are marked per test here: this module mixes integration and unit tests.
+
 DECLARED = {
     "fedavg": ("lam",),
     "linear": ("lam", "normalize"),
@@ -55,15 +57,18 @@ def private_registry(monkeypatch):
     monkeypatch.setattr(registry, "_PRESETS", dict(registry._PRESETS))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(DECLARED))
 def test_every_built_in_declares_its_parameters(name) -> None:
     assert method_spec(name).param_names == DECLARED[name]
 
 
+@pytest.mark.unit
 def test_the_method_table_lists_the_built_ins_and_presets() -> None:
     assert set(BUILT_IN_STRATEGIES) | {p.name for p in BUILT_IN_PRESETS} == set(DECLARED)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "needs_fisher", "sparsifier", "preset_of"),
     [
@@ -85,6 +90,7 @@ def test_each_method_declares_fisher_need_sparsifier_and_mergeability(name, need
     assert spec.capabilities.mergeable
 
 
+@pytest.mark.unit
 def test_declarations_carry_type_default_and_choices() -> None:
     vote = method_spec("ties").param("vote")
     assert (vote.type, vote.default, vote.choices) == (str, "mass", ("mass", "count"))
@@ -92,6 +98,7 @@ def test_declarations_carry_type_default_and_choices() -> None:
     assert (eps.type, eps.default, eps.choices) == (float, 1e-12, ())
 
 
+@pytest.mark.unit
 def test_a_preset_is_a_row_over_its_base_class_not_a_subclass() -> None:
     strategy = build_strategy("dare_ties", {"vote": "count"})
     assert type(strategy) is Ties and strategy.name == "dare_ties" and strategy.default_sparsifier == "dare"
@@ -99,18 +106,21 @@ def test_a_preset_is_a_row_over_its_base_class_not_a_subclass() -> None:
     assert build_strategy("ties").default_sparsifier == "trim"
 
 
+@pytest.mark.unit
 def test_string_values_are_coerced_by_the_declared_type() -> None:
     fisher = build_strategy("fisher", {"eps": "1e-8", "lam": "0.5"})
     assert fisher.eps == 1e-8 and fisher.lam == 0.5
     assert build_strategy("ties", {"vote": "count"}, dtype="float64").dtype == torch.float64
 
 
+@pytest.mark.unit
 def test_an_undeclared_parameter_is_refused_in_one_line_listing_the_declared_ones() -> None:
     message = r"^strategy 'ties' has no parameter 'eps'; its parameters: lam, vote, normalize$"
     with pytest.raises(ValueError, match=message):
         build_strategy("ties", {"eps": 1e-8})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
@@ -126,6 +136,7 @@ def test_bad_values_are_refused_naming_the_parameter(name, params, message) -> N
         build_strategy(name, params)
 
 
+@pytest.mark.unit
 def test_parse_strategy_params_reads_commas_and_repeated_options() -> None:
     assert parse_strategy_params("eps=1e-8, vote=count") == {"eps": "1e-8", "vote": "count"}
     assert parse_strategy_params(["eps=1e-8", "vote=count"]) == {"eps": "1e-8", "vote": "count"}
@@ -136,6 +147,7 @@ def test_parse_strategy_params_reads_commas_and_repeated_options() -> None:
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("text", "message"), [("eps", "name=value"), ("=1", "name=value"), ("a=1,a=2", "twice")])
 def test_parse_strategy_params_refuses_malformed_entries(text, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -152,6 +164,7 @@ class _Doubled(StatisticsStrategy):
         return stats["S"].clone()
 
 
+@pytest.mark.unit
 def test_a_plugin_without_declarations_gets_only_the_common_parameters(private_registry) -> None:
     register_strategy("doubled_test")(_Doubled)
     assert method_spec("doubled_test").param_names == ("lam",)
@@ -160,6 +173,7 @@ def test_a_plugin_without_declarations_gets_only_the_common_parameters(private_r
         build_strategy("doubled_test", {"beta": 1})
 
 
+@pytest.mark.unit
 def test_a_plugin_declares_its_own_parameters(private_registry) -> None:
     @register_strategy("scaled_test")
     class Scaled(_Doubled):
@@ -173,12 +187,14 @@ def test_a_plugin_declares_its_own_parameters(private_registry) -> None:
     assert build_strategy("scaled_test", {"scale": "3"}).scale == 3.0
 
 
+@pytest.mark.unit
 def test_a_plugin_cannot_redeclare_lam(private_registry) -> None:
     bad = type("BadLam", (_Doubled,), {"parameters": (Param("lam", float, 1.0),)})
     with pytest.raises(TypeError, match="lam"):
         register_strategy("bad_lam_test")(bad)
 
 
+@pytest.mark.unit
 def test_a_preset_fixes_base_parameters_which_are_then_not_settable(private_registry) -> None:
     register_preset(Preset("ties_count_test", base="ties", default_sparsifier="trim", fixed={"vote": "count"}))
     spec = method_spec("ties_count_test")
@@ -188,11 +204,13 @@ def test_a_preset_fixes_base_parameters_which_are_then_not_settable(private_regi
         build_strategy("ties_count_test", {"vote": "mass"})
 
 
+@pytest.mark.unit
 def test_a_preset_cannot_fix_an_undeclared_parameter(private_registry) -> None:
     with pytest.raises(ValueError, match="eps"):
         register_preset(Preset("fedavg_eps_test", base="fedavg", fixed={"eps": 1.0}))
 
 
+@pytest.mark.integration
 def test_simulate_passes_strategy_param_options_as_the_strategy_params_key(monkeypatch) -> None:
     from typer.testing import CliRunner
 
@@ -207,6 +225,7 @@ def test_simulate_passes_strategy_param_options_as_the_strategy_params_key(monke
     assert seen["strategy-params"] == "eps=1e-8,lam=0.5"  # the option wins over --run-config
 
 
+@pytest.mark.integration
 def test_simulate_refuses_an_undeclared_strategy_param_before_anything_starts(monkeypatch) -> None:
     from typer.testing import CliRunner
 
@@ -222,6 +241,7 @@ def test_simulate_refuses_an_undeclared_strategy_param_before_anything_starts(mo
     assert "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_capabilities_are_one_record_on_the_spec_and_the_instance() -> None:
     assert method_spec("fisher").capabilities == Capabilities(needs_fisher=True, averages=True)
     assert method_spec("dare_ties").capabilities == method_spec("ties").capabilities
@@ -232,6 +252,7 @@ def test_capabilities_are_one_record_on_the_spec_and_the_instance() -> None:
     assert not plain.reference_free and build_strategy("linear").reference_free
 
 
+@pytest.mark.unit
 def test_the_two_bases_have_no_stubs_of_the_other() -> None:
     median = build_strategy("median")
     assert isinstance(median, MergeStrategy) and isinstance(median, SpilledStrategy)
@@ -244,6 +265,7 @@ def test_the_two_bases_have_no_stubs_of_the_other() -> None:
                 pass
 
 
+@pytest.mark.unit
 def test_a_plugin_written_before_the_split_still_works(private_registry) -> None:
     with pytest.warns(DeprecationWarning, match="Capabilities"):
 

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 
 from fedfuse.strategies import MergeState, TreeLeaf, get_strategy, reduce_tree
 
+pytestmark = pytest.mark.unit
+
 REL = 1e-6
 configs = pytest.mark.parametrize("config", STRATEGY_CONFIGS, ids=CONFIG_IDS)
 

@@ -17,6 +17,8 @@ from fedfuse.settings import RunSettings, build_merge_strategy
 from fedfuse.simulation import simulate
 from fedfuse.wire import UpdateHeader, encode_update
 
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
+
 SHAPES = {"w": (6, 5), "b": (5,)}
 
 
@@ -69,6 +71,7 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, field, value)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["fedavg", "ties", "task_arithmetic"])
 def test_tiered_merge_equals_the_flat_merge(name, server_identity):
     settings = RunSettings.from_run_config(strategy=name, mode="full")
@@ -108,6 +111,7 @@ def _tiered_client(overrides: dict) -> ClientApp:
     return app
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_gateway_forwards_its_members_partial_state_through_flower(tmp_path):
     overrides = {
@@ -124,6 +128,7 @@ def test_a_gateway_forwards_its_members_partial_state_through_flower(tmp_path):
     assert record["accuracy"] is not None
 
 
+@pytest.mark.unit
 def test_a_gateway_keeps_each_members_error_feedback(tmp_path):
     """Each member of a gateway carries its own trimmed-away residual, as it would as a plain client."""
     from fedfuse.client.error_feedback import ErrorFeedback

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,8 @@ from fedfuse.bench.fuzz import (
     run_fuzz,
     sample_cases,
 )
+
+pytestmark = pytest.mark.unit
 
 EXAMPLES = int(os.environ.get("FEDFUSE_FUZZ_EXAMPLES", "2000"))
 CASES = sample_cases()

@@ -18,6 +18,8 @@ from fedfuse.wire import (
 )
 from fedfuse.wire.container import pack, unpack
 
+pytestmark = pytest.mark.unit
+
 HEADER = UpdateHeader("run-9", 2, "sha256:base", "gateway-eu", num_examples=300, metrics={"clients": 2})
 SHAPES = {"w": (30, 8), "b": (8,)}
 EXPECT = Expectation(SHAPES, round=2, run_id="run-9", base_fingerprint="sha256:base")

@@ -34,6 +34,8 @@ from fedfuse.wire.indices import (
     varint_sizes,
 )
 
+pytestmark = pytest.mark.unit
+
 HEADER = UpdateHeader(
     "run-7", 3, "sha256:abc", "hospital-2", num_examples=640, metrics={"loss": 0.5, "epochs": 2, "tag": "a"}
 )

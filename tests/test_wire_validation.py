@@ -27,6 +27,8 @@ from fedfuse.wire import (
 from fedfuse.wire.container import pack, unpack
 from fedfuse.wire.indices import encode_varints
 
+pytestmark = pytest.mark.unit
+
 HEADER = UpdateHeader("run-1", 5, "sha256:base", "node-3", num_examples=100)
 EXPECT = Expectation({"w": (20, 10), "b": (10,)}, round=5, run_id="run-1", base_fingerprint="sha256:base")
 

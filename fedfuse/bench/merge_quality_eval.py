@@ -170,6 +170,7 @@ class Scorer:
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,  # training turned the config's cache off (gradient checkpointing)
                 )
                 width = encoded["input_ids"].shape[1]
                 out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))

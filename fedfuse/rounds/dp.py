@@ -116,8 +116,22 @@ class PrivacyAccountant:
         if not self.history:
             return 0.0
         accountant = RDPAccountant()
-        accountant.history = [tuple(entry) for entry in self.history]
+        accountant.history = _runs_of_equal_steps(self.history)
         return float(accountant.get_epsilon(delta=self.delta))
+
+
+def _runs_of_equal_steps(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Consecutive entries of equal (σ, rate) as one, counts summed: what Opacus's own ``step`` keeps.
+
+    The RDP of a run of equal steps is computed once (times its count) instead of once per round.
+    """
+    merged: list[tuple[float, float, int]] = []
+    for sigma, rate, count in history:
+        if merged and merged[-1][:2] == (sigma, rate):
+            merged[-1] = (sigma, rate, merged[-1][2] + int(count))
+        else:
+            merged.append((sigma, rate, int(count)))
+    return merged
 
 
 @dataclass(frozen=True)
