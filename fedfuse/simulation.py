@@ -19,11 +19,10 @@ from flwr.simulation import run_simulation
 from fedfuse.client.app import make_client_app
 from fedfuse.client.attacks import attacker_client_app
 from fedfuse.client.residuals import STATE_DIR_ENV
+from fedfuse.defaults import DEFAULT_CLIENTS
 from fedfuse.known_warnings import known_warnings_silenced
 from fedfuse.server.app import make_server_app
 from fedfuse.settings import RunSettings
-
-DEFAULT_CLIENTS = 4
 
 RAY_OVERRIDE_ON_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 """Ray's switch for hiding all GPUs from a worker given none.

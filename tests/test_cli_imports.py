@@ -6,22 +6,23 @@ set, not the time (issue 26: ``fedfuse --help`` and ``fedfuse merge --help`` wit
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fedfuse.cli.bench import BENCHMARKS
 from fedfuse.cli.main import COMMANDS
+from fedfuse.cli.merge_group import FLAG_FORM, MERGE_COMMANDS
+
+# Tiers are marked per test here: this module mixes e2e and integration and unit tests.
 
 HEAVY = ("torch", "transformers", "peft", "ray", "matplotlib", "flwr.simulation", "datasets", "fedfuse.bench")
 """Modules (with their submodules) no help may import."""
-
-MERGE_NEEDS = ("torch",)
-"""What ``merge --help`` still imports: its option help and choices come from ``fedfuse.offline.request``
-(``field_help``) and ``fedfuse.algebra`` (sparsifiers, rescales), which import torch at module level."""
 
 PROBE = """
 import json, sys
@@ -47,11 +48,12 @@ def _heavy(modules: list[str], allowed: tuple[str, ...] = ()) -> list[str]:
     return [module for module in modules if any(module == name or module.startswith(name + ".") for name in banned)]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "listed", "allowed"),
     [
         (["--help"], [command.name for command in COMMANDS], ()),
-        (["merge", "--help"], ["models", "adapters", "combine", "recipe"], MERGE_NEEDS),
+        (["merge", "--help"], ["models", "adapters", "combine", "recipe"], ()),
         (["bench", "--help"], [command.name for command in BENCHMARKS], ()),
         (["simulate", "--help"], ["--clients", "--strategy", "--run-config", "--ray-address"], ()),
         (["registry", "--help"], ["add"], ()),
@@ -65,13 +67,29 @@ def test_help_lists_its_commands_without_importing_heavy_modules(args, listed, a
     assert _heavy(result["modules"], allowed) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fedfuse.offline.request and fedfuse.algebra import torch at module level (merge --help)"
-)
+@pytest.mark.e2e
 def test_merge_help_imports_no_torch() -> None:
     assert _heavy(_help("merge", "--help")["modules"]) == []
 
 
+@pytest.mark.e2e
+def test_merge_help_lists_each_declared_subcommand_with_its_help_and_hides_the_flag_form() -> None:
+    output = _help("merge", "--help")["output"]
+    for command in MERGE_COMMANDS:
+        first_line = command.help.splitlines()[0]
+        assert (first_line in output) is not command.hidden, command.name
+    assert FLAG_FORM not in output
+
+
+@pytest.mark.e2e
+def test_a_merge_subcommand_loads_with_its_declared_help_and_its_options() -> None:
+    result = _help("merge", "models", "--help")
+    assert result["exit_code"] == 0, result["output"]
+    assert "Example: fedfuse merge models --base BASE" in result["output"]
+    assert all(flag in result["output"] for flag in ("--base", "--method", "--density", "--sparsifier", "--out"))
+
+
+@pytest.mark.unit
 def test_simulate_clients_default_is_the_simulations() -> None:
     from fedfuse.cli.simulate import DEFAULT_CLIENTS
     from fedfuse.simulation import DEFAULT_CLIENTS as SIMULATION_DEFAULT
@@ -79,6 +97,25 @@ def test_simulate_clients_default_is_the_simulations() -> None:
     assert DEFAULT_CLIENTS == SIMULATION_DEFAULT
 
 
+def _assigned_names(node: ast.AST) -> list[str]:
+    """The names an assignment statement binds (none for any other node)."""
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return [target.id for target in targets if isinstance(target, ast.Name)]
+
+
+@pytest.mark.unit
+def test_default_clients_is_declared_once() -> None:
+    package = Path(__file__).resolve().parents[1] / "fedfuse"
+    assigning = [
+        path.relative_to(package).as_posix()
+        for path in sorted(package.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if "DEFAULT_CLIENTS" in _assigned_names(node)
+    ]
+    assert assigning == ["defaults.py"]
+
+
+@pytest.mark.integration
 def test_version_prints_without_a_command() -> None:
     from typer.testing import CliRunner
 

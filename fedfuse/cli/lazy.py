@@ -21,11 +21,12 @@ from typer.core import TyperGroup
 
 @dataclass(frozen=True)
 class LazyCommand:
-    """A sub-command by name, one-line help and ``"module:attribute"`` (a command function or a typer app)."""
+    """A sub-command by name, help and ``"module:attribute"`` (a command function or a typer app); maybe hidden."""
 
     name: str
     target: str
     help: str
+    hidden: bool = False
 
 
 def _no_options() -> None:
@@ -40,9 +41,9 @@ def load(command: LazyCommand) -> click.Command:
     holder = typer.Typer(add_completion=False)
     holder.callback()(_no_options)
     if isinstance(target, typer.Typer):
-        holder.add_typer(target, name=command.name, help=command.help)
+        holder.add_typer(target, name=command.name, help=command.help, hidden=command.hidden)
     else:
-        holder.command(command.name, help=command.help)(target)
+        holder.command(command.name, help=command.help, hidden=command.hidden)(target)
     group = typer.main.get_command(holder)
     assert isinstance(group, click.Group)
     return group.commands[command.name]
@@ -64,7 +65,7 @@ class LazyGroup(TyperGroup):
         if command is None:
             return super().get_command(ctx, cmd_name)
         if self._listing:
-            return click.Command(command.name, help=command.help)
+            return click.Command(command.name, help=command.help, hidden=command.hidden)
         return load(command)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -43,7 +43,7 @@ COMMANDS = (
     LazyCommand(
         "eval", "fedfuse.cli.eval:eval_command", "Evaluate a model folder on lm-evaluation-harness tasks, offline."
     ),
-    LazyCommand("merge", "fedfuse.cli.merge:merge_app", MERGE_HELP),
+    LazyCommand("merge", "fedfuse.cli.merge_group:merge_app", MERGE_HELP),
     LazyCommand(
         "registry",
         "fedfuse.cli.security:registry_app",

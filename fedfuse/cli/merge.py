@@ -3,8 +3,9 @@
 One subcommand per mode, each over its request (:mod:`fedfuse.offline.request`): ``models``, ``adapters``,
 ``combine`` and ``recipe``. Each option's parameter is named as the request's field, so the options are the
 request's fields and an error naming a field prints as the flag (``density`` → ``--density``). Today's flag
-form (``fedfuse merge --base B -m M ...``, ``--combine``, ``--adapter``, ``--config``) stays: the group sends
-a command line starting with an option to :func:`merge`, which picks the mode from its flags.
+form (``fedfuse merge --base B -m M ...``, ``--combine``, ``--adapter``, ``--config``) stays: the group
+(:mod:`fedfuse.cli.merge_group`, which lists these commands without importing this module) sends a command line
+starting with an option to :func:`merge`, which picks the mode from its flags.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from typer.core import TyperGroup
 
 from fedfuse.algebra import RESCALES, available_sparsifiers
 from fedfuse.offline import AdapterMergeResult, MergeInputError, MergeResult, combine_partials, merge_models
@@ -37,9 +37,6 @@ from fedfuse.offline.request import (
     field_help,
     parse_request,
 )
-
-FLAG_FORM = "flags"
-"""The hidden subcommand of today's flag form (``fedfuse merge --base ...``)."""
 
 
 def _report(result: MergeResult | AdapterMergeResult, console: Console) -> None:
@@ -201,20 +198,6 @@ def _run(ctx: click.Context, mode: str | Callable[[Mapping[str, Any]], str]) -> 
 # ---------------------------------------------------------------- the subcommands
 
 
-class _MergeGroup(TyperGroup):
-    """``fedfuse merge``'s subcommands; a command line starting with an option is today's flag form."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0].startswith("-") and args[0] not in self.get_help_option_names(ctx):
-            args = [FLAG_FORM, *args]
-        return super().parse_args(ctx, args)
-
-
-merge_app = typer.Typer(cls=_MergeGroup, no_args_is_help=True)
-"""The ``merge`` group; its help is :data:`fedfuse.cli.main.MERGE_HELP`, listed without importing this module."""
-
-
-@merge_app.command("models")
 def merge_models_command(
     ctx: typer.Context,
     base: Base = None,
@@ -243,14 +226,10 @@ def merge_models_command(
     quiet: Quiet = False,
     allow_non_finite: AllowNonFinite = False,
 ) -> None:
-    """Merge fine-tuned checkpoints of BASE into one model (or a group's partial state), tensor by tensor.
-
-    Example: fedfuse merge models --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
-    """
+    """``fedfuse merge models``; its help is its declaration in :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, "models")
 
 
-@merge_app.command("adapters")
 def merge_adapters_command(
     ctx: typer.Context,
     base: Base = None,
@@ -278,15 +257,10 @@ def merge_adapters_command(
     quiet: Quiet = False,
     allow_non_finite: AllowNonFinite = False,
 ) -> None:
-    """Merge PEFT LoRA adapters of BASE exactly in ΔW space, into the full model or (--out-adapter) an adapter.
-
-    Example: fedfuse merge adapters --base BASE --adapter A1 --adapter A2 --method ties --density 0.2
-    --out-adapter --rank 16 --out OUT
-    """
+    """``fedfuse merge adapters``; its help is its declaration in :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, "adapters")
 
 
-@merge_app.command("combine")
 def combine_command(
     ctx: typer.Context,
     partials: Annotated[list[Path] | None, typer.Argument(help=field_help("partials"), show_default=False)] = None,
@@ -298,14 +272,10 @@ def combine_command(
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Fold partial states (merge models --partial-out files, or gateways' payloads) into the model or a partial.
-
-    Example: fedfuse merge combine a.partial b.partial --base BASE --out OUT
-    """
+    """``fedfuse merge combine``; its help is its declaration in :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, "combine")
 
 
-@merge_app.command("recipe")
 def recipe_command(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help=field_help("config"), show_default=False)],
@@ -317,10 +287,7 @@ def recipe_command(
     quiet: Quiet = False,
     allow_non_finite: AllowNonFinite = False,
 ) -> None:
-    """Run a mergekit recipe (YAML) with mergekit's defaults for its method, tensor by tensor.
-
-    Example: fedfuse merge recipe recipe.yml --out OUT
-    """
+    """``fedfuse merge recipe``; its help is its declaration in :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, "recipe")
 
 
@@ -335,7 +302,6 @@ def _flag_form_mode(given: Mapping[str, Any]) -> str:
     return "adapters" if {"adapters", "out_adapter", "rank"} & set(given) else "models"
 
 
-@merge_app.command(FLAG_FORM, hidden=True)
 def merge(
     ctx: typer.Context,
     base: Base = None,
@@ -373,11 +339,6 @@ def merge(
         Path | None, typer.Option("--config", help="A mergekit recipe (YAML) to run instead of --base/--model.")
     ] = None,
 ) -> None:
-    """Merge fine-tuned checkpoints of BASE into one model, tensor by tensor (memory: one tensor).
-
-    Today's flag form of the subcommands: --combine is `merge combine`, --adapter `merge adapters`,
-    --config `merge recipe`, anything else `merge models`.
-    Example: fedfuse merge --base BASE -m M1 -m M2 --method ties --density 0.2 --out OUT
-    (or a mergekit recipe: fedfuse merge --config recipe.yml --out OUT)
-    """
+    """Today's flag form (``fedfuse merge --base ...``); its help is its declaration in
+    :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, _flag_form_mode)
