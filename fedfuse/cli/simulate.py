@@ -6,9 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-DEFAULT_CLIENTS = 4
-"""``--clients``'s default: :data:`fedfuse.simulation.DEFAULT_CLIENTS`, kept here so that ``--help`` imports no
-Flower simulation (``tests/test_cli_imports.py`` checks the two are equal)."""
+from fedfuse.defaults import DEFAULT_CLIENTS
 
 
 def run_simulation(overrides: dict[str, Any], **kwargs: Any) -> Any:
@@ -111,6 +109,14 @@ def simulate(
     local_steps: int = typer.Option(None, "--local-steps", help="Optimizer steps per client per round."),
     output_dir: str = typer.Option(None, "--output-dir", "-o", help="Where checkpoints and the report go."),
     resume: str = typer.Option(None, "--resume", help="Continue from a run folder or checkpoint (same settings)."),
+    tracking: str = typer.Option(
+        None, "--tracking", help="Experiment tracking: none, tensorboard or mlflow (pip install 'fedfuse[tracking]')."
+    ),
+    tracking_uri: str = typer.Option(
+        None,
+        "--tracking-uri",
+        help="Where tracking writes (default: <output-dir>/tensorboard, or MLflow's sqlite:///<output-dir>/mlflow.db).",
+    ),
     run_config: str = typer.Option(
         "", "--run-config", help='Any other run-config keys, e.g. "lora-rank=4 batch-size=16".'
     ),
@@ -150,6 +156,8 @@ def simulate(
         "local-steps": local_steps,
         "output-dir": output_dir,
         "resume": resume,
+        "tracking": tracking,
+        "tracking-uri": tracking_uri,
     }
     overrides = _checked_overrides(named, run_config, strategy_param, clients)
     from fedfuse.simulation import ClientResourcesError, RayClusterError
@@ -178,6 +186,7 @@ def _checked_overrides(
         if strategy_param:
             overrides["strategy-params"] = merged_strategy_params(overrides.get("strategy-params", ""), strategy_param)
         settings = RunSettings.from_run_config({}, **overrides)
+        settings.run.check_tracking_installed()
         preflight(settings, clients)
         if settings.run.resume:
             resume_state(settings)

@@ -3,13 +3,14 @@
 Every round it samples nodes, folds their updates as they arrive (``FedFuseStrategy``), evaluates the
 merged model on the held-out test split (overall and per domain), writes an atomic checkpoint to
 ``<output-dir>/checkpoint`` and prints one line. At the end it writes ``report.json``, ``report.md``
-and PNG plots to ``<output-dir>``. ``resume`` continues a run from its last checkpoint.
+and PNG plots to ``<output-dir>``. ``resume`` continues a run from its last checkpoint. ``tracking``
+sends the settings, rounds and outputs to TensorBoard or MLflow (``fedfuse.server.tracking``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fedfuse.server.report import write_report
 from fedfuse.server.round_loop import InitialEvaluation, RoundOutcome
 from fedfuse.server.run_checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
+from fedfuse.server.tracking import NoTracker, Tracker, final_model_files, open_tracker, round_metrics
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_datasets import run_label_names
 from fedfuse.training.run_model import base_identity, fresh_base_model, global_state, lora_scale, update_shapes
@@ -107,8 +109,11 @@ class RunRecorder:
     round and :meth:`on_initial` after the clients' evaluation of the initial model.
     """
 
-    def __init__(self, settings: RunSettings, history: RunHistory, strategy: FedFuseStrategy) -> None:
+    def __init__(
+        self, settings: RunSettings, history: RunHistory, strategy: FedFuseStrategy, tracker: Tracker | None = None
+    ) -> None:
         self.settings = settings
+        self.tracker = tracker or NoTracker()
         self.history = history
         self.strategy = strategy
         self.run_dir = Path(settings.run.output_dir)
@@ -126,13 +131,18 @@ class RunRecorder:
         metrics = self.evaluator(self.strategy.model.tensors)
         if server_round == 0:
             self.history.initial = EvaluationRecord.of_server(metrics)
-            self.display.initial(self.history.to_json()["initial"])
+            self._initial(self.history.to_json()["initial"])
         return metrics
 
     def on_initial(self, evaluation: InitialEvaluation) -> None:
         """The clients' evaluation of the initial model (runs without server-side evaluation)."""
         self.history.initial = EvaluationRecord.of_clients(evaluation)
-        self.display.initial(self.history.to_json()["initial"])
+        self._initial(self.history.to_json()["initial"])
+
+    def _initial(self, initial: dict[str, Any]) -> None:
+        """Print the initial model's evaluation and track it as step 0."""
+        self.display.initial(initial)
+        self.tracker.log_round(0, round_metrics(initial))
 
     def on_round(self, outcome: RoundOutcome) -> None:
         """Record a finished round, account its privacy, checkpoint it atomically and print its line."""
@@ -146,7 +156,9 @@ class RunRecorder:
         checkpointing = time.perf_counter()
         self._checkpoint(record.round)
         record.phases["checkpoint"] = round(time.perf_counter() - checkpointing, 4)
-        self.display.round(self.history.to_json()["rounds"][-1])
+        latest = self.history.to_json()["rounds"][-1]
+        self.display.round(latest)
+        self.tracker.log_round(record.round, round_metrics(latest))
         record.phases["report"] = round(time.perf_counter() - reporting - record.phases["checkpoint"], 4)
 
     def _checkpoint(self, round_number: int) -> None:
@@ -228,26 +240,41 @@ def run_server(grid: Grid, context: Context, settings: RunSettings) -> dict[str,
     strategy = _strategy(settings, context, history, change)
     _resume_optimizer(strategy, checkpoint)
     history.server_optimizer = strategy.optimizer.describe()
-    recorder = RunRecorder(settings, history, strategy)
+    tracker = open_tracker(settings)
+    tracker.log_params(history.settings)
+    recorder = RunRecorder(settings, history, strategy, tracker)
     recorder.rss_start = rss_start
     strategy.on_reply = recorder.display.reply
-    with recorder.display:
-        strategy.start(
-            grid,
-            ArrayRecord(),
-            num_rounds=settings.run.num_server_rounds,
-            timeout=settings.run.timeout,
-            evaluate_fn=recorder.evaluate if recorder.evaluator is not None else None,
-            first_round=first_round,
-            on_round=recorder.on_round,
-            on_initial=recorder.on_initial,
-        )
+    try:
+        with recorder.display:
+            strategy.start(
+                grid,
+                ArrayRecord(),
+                num_rounds=settings.run.num_server_rounds,
+                timeout=settings.run.timeout,
+                evaluate_fn=recorder.evaluate if recorder.evaluator is not None else None,
+                first_round=first_round,
+                on_round=recorder.on_round,
+                on_initial=recorder.on_initial,
+            )
+    except BaseException:
+        tracker.close(failed=True)
+        raise
     history.run_seconds = round(time.perf_counter() - started, 3)
     history.server_memory = server_memory(rss_start)
     document = history.to_json()
-    write_report(document, recorder.run_dir)
+    paths = write_report(document, recorder.run_dir)
     recorder.display.summary(document, recorder.run_dir)
+    _track_outputs(tracker, paths.values(), history)
     return document
+
+
+def _track_outputs(tracker: Tracker, report: Iterable[Path], history: RunHistory) -> None:
+    """The report and plots, then the final checkpoint (under ``checkpoint/``), as the run's artifacts."""
+    tracker.log_artifacts(report)
+    last_round = history.rounds[-1].round if history.rounds else 0
+    tracker.log_artifacts(final_model_files(history.checkpoint, last_round), "checkpoint")
+    tracker.close()
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -12,7 +12,7 @@ from fedfuse.settings.compression import WIRE_DTYPES, CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError
 from fedfuse.settings.merge import DEVICES, LORA_AGGREGATIONS, WEIGHTINGS, MergeSettings, build_merge_strategy
 from fedfuse.settings.privacy import DP_MODES, DP_STRATEGIES, PrivacySettings
-from fedfuse.settings.run import RunControl
+from fedfuse.settings.run import TRACKERS, RunControl
 from fedfuse.settings.run_settings import SECTIONS, RunSettings
 from fedfuse.settings.source import AUTO_MAX_LENGTH, PARTITIONS, TASKS, SourceSettings
 from fedfuse.settings.training import (
@@ -41,6 +41,7 @@ __all__ = [
     "QUANTIZATIONS",
     "SECTIONS",
     "TASKS",
+    "TRACKERS",
     "WEIGHTINGS",
     "WIRE_DTYPES",
     "AttackSettings",

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedfuse.settings.fields import (
     SettingsError,
     check_at_least,
+    check_choice,
     check_fraction,
     check_positive,
     setting,
 )
+
+TRACKERS = ("none", "tensorboard", "mlflow")
+"""Experiment tracking backends (``tracking``): none, TensorBoard event files, an MLflow tracking store."""
+TRACKING_NEEDS: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow",)}
+"""The modules a backend imports (installed by ``pip install 'fedfuse[tracking]'``)."""
+SQLITE_NEEDS = ("sqlalchemy", "alembic")
+"""What MLflow's sqlite store (the default ``tracking-uri``) needs besides mlflow-skinny."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,8 @@ class RunControl:
     signer_registry : str
         A JSON registry of institutions' Ed25519 keys: when set, only updates signed by a registered
         institution for this run and round are merged.
+    tracking, tracking_uri : str, str
+        One of :data:`TRACKERS`, and where it writes (:attr:`tracking_target`; ``fedfuse.server.tracking`` logs).
     """
 
     num_server_rounds: int = setting(4, "rounds (a resumed run continues up to this number)")
@@ -48,6 +60,11 @@ class RunControl:
     max_update_bytes: int = setting(
         0, "refuse larger update payloads before parsing them (0 = the largest the expected tensors can need)"
     )
+    tracking: str = setting("none", "experiment tracking: `none`, `tensorboard` or `mlflow` (see the tracking guide)")
+    tracking_uri: str = setting(
+        "",
+        "where tracking writes (empty: `<output-dir>/tensorboard`, or MLflow's `sqlite:///<output-dir>/mlflow.db`)",
+    )
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "num_server_rounds", "min_train_nodes")
@@ -57,3 +74,25 @@ class RunControl:
         if self.fraction_train == 0.0:
             raise SettingsError("fraction-train must be > 0")
         check_positive(self, "timeout")
+        check_choice(self, "tracking", TRACKERS)
+
+    @property
+    def tracking_target(self) -> str:
+        """Where tracking writes: ``tracking-uri``, or a local store beside the run's output (absolute)."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        folder = Path(self.output_dir).resolve()
+        if self.tracking == "mlflow":
+            return f"sqlite:///{folder / 'mlflow.db'}"
+        return str(folder / "tensorboard")
+
+    def check_tracking_installed(self) -> None:
+        """Refuse a tracking backend whose library is missing (the ServerApp and ``fedfuse simulate`` ask first)."""
+        needs = TRACKING_NEEDS.get(self.tracking, ())
+        if self.tracking == "mlflow" and self.tracking_target.startswith("sqlite:"):
+            needs += SQLITE_NEEDS
+        missing = [name for name in needs if importlib.util.find_spec(name) is None]
+        if missing:
+            raise SettingsError(
+                f"tracking {self.tracking!r} needs {', '.join(missing)}, not installed: pip install 'fedfuse[tracking]'"
+            )
