@@ -1,4 +1,8 @@
-"""docs/architecture.md names only files, modules and attributes that exist, and the README links it, not ../shared."""
+"""The docs name only files, modules and attributes that exist; the README links the architecture doc, not ../shared.
+
+docs/architecture.md is checked closely (its package tree lists every module); every other page (README.md,
+CONTRIBUTING.md, deploy/README.md, docs/**/*.md, found when the test runs) for the paths and names it cites.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,20 @@ import re
 from functools import cache
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
 READMES = (ROOT / "README.md", ROOT / "deploy" / "README.md")
+
+
+def _pages() -> list[Path]:
+    """Every page of the docs as it is now: the READMEs, CONTRIBUTING.md and docs/**/*.md."""
+    contributing = [ROOT / "CONTRIBUTING.md"] if (ROOT / "CONTRIBUTING.md").is_file() else []
+    return [*READMES, *contributing, *sorted((ROOT / "docs").rglob("*.md"))]
+
 
 PATH = re.compile(r"(?<![\w/.-])((?:fedfuse|tests)/[\w/.-]*)")
 """A repository path the doc names: ``fedfuse/rounds/engine.py``, ``fedfuse/server/``, ``tests/test_layers.py``."""
@@ -91,9 +106,53 @@ def test_the_package_tree_lists_every_module_and_only_modules_that_exist() -> No
     }
 
 
-def test_the_readmes_link_the_architecture_doc_and_nothing_under_shared() -> None:
-    assert {str(p.relative_to(ROOT)): "../shared" in p.read_text(encoding="utf-8") for p in READMES} == {
-        str(p.relative_to(ROOT)): False for p in READMES
+def _upper_case_string(node: ast.stmt) -> str | None:
+    """The string of ``NAME = "..."`` (or ``NAME: str = "..."``) at module level, else None."""
+    if isinstance(node, ast.Assign):
+        targets, value = node.targets, node.value
+    elif isinstance(node, ast.AnnAssign):
+        targets, value = [node.target], node.value
+    else:
+        return None
+    named = all(isinstance(target, ast.Name) and target.id.isupper() for target in targets)
+    return value.value if named and isinstance(value, ast.Constant) and isinstance(value.value, str) else None
+
+
+@cache
+def _string_constants() -> frozenset[str]:
+    """``"fedfuse.…"`` strings the package assigns to upper-case names (entry-point groups, record names)."""
+    return frozenset(
+        value
+        for path in (ROOT / "fedfuse").rglob("*.py")
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if (value := _upper_case_string(node)) is not None and value.startswith("fedfuse.")
+    )
+
+
+def test_every_path_a_page_names_exists() -> None:
+    missing = {
+        str(page.relative_to(ROOT)): sorted(
+            {p for p in PATH.findall(page.read_text(encoding="utf-8")) if not (ROOT / p.rstrip(".")).exists()}
+        )
+        for page in _pages()
+    }
+    assert {page: paths for page, paths in missing.items() if paths} == {}
+
+
+def test_every_fedfuse_name_a_page_names_is_a_module_an_attribute_or_a_group() -> None:
+    unknown = {
+        str(page.relative_to(ROOT)): sorted(
+            {name for name in DOTTED.findall(page.read_text(encoding="utf-8")) if not _resolves(name)}
+            - _string_constants()
+        )
+        for page in _pages()
+    }
+    assert {page: names for page, names in unknown.items() if names} == {}
+
+
+def test_the_readmes_link_the_architecture_doc_and_no_page_links_anything_under_shared() -> None:
+    assert {str(p.relative_to(ROOT)): "../shared" in p.read_text(encoding="utf-8") for p in _pages()} == {
+        str(p.relative_to(ROOT)): False for p in _pages()
     }
     assert "docs/architecture.md" in READMES[0].read_text(encoding="utf-8")
 
@@ -107,3 +166,4 @@ def test_the_checks_catch_a_name_that_does_not_exist() -> None:
         "tests/test_x.py.",
     ]
     assert DOTTED.findall('group `"fedfuse.trainers"` and `fedfuse.rounds`') == ["fedfuse.rounds"]
+    assert "fedfuse.trainers" in _string_constants() and "fedfuse.rounds.nothing" not in _string_constants()

@@ -1,8 +1,10 @@
 """Numbers, defaults and lists the docs state are the code's: one row per claim, so drift fails the suite.
 
-Each row names a doc, a pattern whose groups capture what the doc says, and the code's value. The generated
-run-config table (tests/test_readme_config_table.py) and the names the architecture doc cites
-(tests/test_architecture_doc.py) are checked elsewhere; these are the claims written in prose.
+Each row names a doc, a pattern whose groups capture what the doc says, and the code's value. ``DOCS`` rows
+are searched in every page (README.md, CONTRIBUTING.md, docs/**/*.md, found when the test runs), so a fact
+may move between pages; every page that states it must state the code's value. The generated reference
+pages (tests/test_docs_reference.py) and the names the docs cite (tests/test_architecture_doc.py) are
+checked elsewhere; these are the claims written in prose.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ from fedfuse.training.trainers import registry as trainer_registry
 from fedfuse.wire.header import ENCODINGS, FORMAT_VERSION, MAX_NUM_EXAMPLES
 from fedfuse.wire.values import UPDATE_VALUE_DTYPES
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
-README, ARCH, COST = "README.md", "docs/architecture.md", "docs/cost-model.md"
+DOCS, ARCH, COST = "docs", "docs/architecture.md", "docs/cost-model.md"
+"""``DOCS``: any page of the docs (README.md included); ARCH and COST: that page."""
 MIB = 2**20
 DEFAULTS = RunSettings().to_run_config()
 BUILT_IN_SPARSIFIERS = frozenset(s.name for s in registered_sparsifiers() if s.fn.__module__.startswith("fedfuse."))
@@ -89,18 +94,18 @@ class Claim(NamedTuple):
 
 CLAIMS = (
     # chunk size of the spilled (robust) strategies
-    Claim(README, r"chunks of (\d+) MiB of K rows \(`CHUNK_BYTES`\)", CHUNK_BYTES / MIB),
-    Claim(README, r"The chunk is now (\d+) MiB \(`CHUNK_BYTES`", CHUNK_BYTES / MIB),
-    Claim(README, r"\| method, (\d+) MiB chunk \|", CHUNK_BYTES / MIB),
+    Claim(DOCS, r"chunks of (\d+) MiB of K rows \(`CHUNK_BYTES`\)", CHUNK_BYTES / MIB),
+    Claim(DOCS, r"The chunk is now (\d+) MiB \(`CHUNK_BYTES`", CHUNK_BYTES / MIB),
+    Claim(DOCS, r"\| method, (\d+) MiB chunk \|", CHUNK_BYTES / MIB),
     Claim(ARCH, r"`CHUNK_BYTES` \((\d+) MiB\)", CHUNK_BYTES / MIB),
     # run-config defaults stated in prose
     Claim(
-        README,
+        DOCS,
         r"the embedded default: (\d+) clients, (\d+) rounds",
         (DEFAULT_CLIENTS, DEFAULTS["num-server-rounds"]),
     ),
     Claim(
-        README,
+        DOCS,
         r"(?s)(\d+)-class head on .*?Dirichlet\(α = ([\d.]+)\) non-IID over (\d+)\s+clients; each client trains "
         r"rank-(\d+) LoRA on `query`/`value` plus the head for (\d+) steps of (\d+) examples",
         (
@@ -112,11 +117,11 @@ CLAIMS = (
             DEFAULTS["batch-size"],
         ),
     ),
-    Claim(README, r"round, (\w+) torch thread per client", DEFAULTS["client-threads"]),
-    Claim(README, r"with `transformers.Trainer` \((\d+) tokens per chat", AUTO_MAX_LENGTH["sft"]),
-    Claim(README, r"compute Fisher on (\d+) batches by default", AUTO_FISHER_BATCHES),
+    Claim(DOCS, r"round, (\w+) torch thread per client", DEFAULTS["client-threads"]),
+    Claim(DOCS, r"with `transformers.Trainer` \((\d+) tokens per chat", AUTO_MAX_LENGTH["sft"]),
+    Claim(DOCS, r"compute Fisher on (\d+) batches by default", AUTO_FISHER_BATCHES),
     Claim(
-        README,
+        DOCS,
         r"full rows fine-tune all of\s+MiniLM \(lr ([\d.e-]+);.*LoRA rows use rank (\d+) \(lr ([\d.e-]+)\)",
         (AUTO_LEARNING_RATE["full"], DEFAULTS["lora-rank"], AUTO_LEARNING_RATE["lora"]),
     ),
@@ -128,47 +133,47 @@ CLAIMS = (
     ),
     Claim(COST, r"the trained-head prefixes are `([\w.]+)` and `([\w.]+)`", HEAD_PREFIXES),
     Claim(
-        README,
+        DOCS,
         r"prompts split (\d+)/(\d+)/(\d+) into train/validation/test",
         tuple(
             round(100 * share) for share in (_SPLIT_EDGES[0], _SPLIT_EDGES[1] - _SPLIT_EDGES[0], 1 - _SPLIT_EDGES[1])
         ),
     ),
-    Claim(README, r"writes to `--output-dir`\s+\(default `([^`]+)`\)", DEFAULTS["output-dir"]),
+    Claim(DOCS, r"writes to `--output-dir`\s+\(default `([^`]+)`\)", DEFAULTS["output-dir"]),
     Claim(
-        README,
+        DOCS,
         r"By default a run keeps only the last round's weights \(`keep-checkpoints=(\d+)`\)",
         DEFAULTS["keep-checkpoints"],
     ),
     Claim(
-        README,
+        DOCS,
         r"\*\*`max-num-examples`\*\* \(default ([\d,]+)\)",
         DEFAULTS["max-num-examples"],
     ),
-    Claim(README, r"\*\*`max-num-examples`\*\* \(default ([\d,]+)\)", DEFAULT_MAX_NUM_EXAMPLES),
+    Claim(DOCS, r"\*\*`max-num-examples`\*\* \(default ([\d,]+)\)", DEFAULT_MAX_NUM_EXAMPLES),
     Claim(COST, r"`lora-rank` defaults to (\d+)", DEFAULTS["lora-rank"]),
     Claim(COST, r"`wire-dtype` \(`fedfuse/settings/compression.py`: `(\w+)`, the default", DEFAULTS["wire-dtype"]),
     Claim(COST, r"Run-config `device = \"(\w+)\"` \(the default\)", DEFAULTS["device"]),
     # server optimizers
     Claim(
-        README,
+        DOCS,
         r"β₁ is `server-momentum` \(([\d.]+)\), β₂ `server-beta2` \(([\d.]+)\), τ `server-tau` \(([\d.e-]+)\)",
         (DEFAULTS["server-momentum"], DEFAULTS["server-beta2"], DEFAULTS["server-tau"]),
     ),
     Claim(
-        README,
+        DOCS,
         r"\(`\"auto\"`: ([\d.]+) for fedavgm, ([\d.]+) for fedadam, ([\d.]+) for fedyogi, Flower's defaults\)",
         (DEFAULT_SERVER_LR["fedavgm"], DEFAULT_SERVER_LR["fedadam"], DEFAULT_SERVER_LR["fedyogi"]),
     ),
     Claim(
-        README,
+        DOCS,
         r"FedMerge\(\"fedadam\", eta=([\d.]+), beta_1=([\d.]+), beta_2=([\d.]+), tau=([\d.e-]+)\)",
         tuple(FLOWER_OPTIMIZER_DEFAULTS["fedadam"][k] for k in ("lr", "momentum", "beta2", "tau")),
     ),
     # FedMerge and the mods
-    Claim(README, r"`dare` for the DARE presets, `none` otherwise; density ([\d.]+)\)", _default(FedMerge, "density")),
+    Claim(DOCS, r"`dare` for the DARE presets, `none` otherwise; density ([\d.]+)\)", _default(FedMerge, "density")),
     Claim(
-        README,
+        DOCS,
         r"`task_vector_mod\(sparsifier=\"(\w+)\"\|\"dare\"\|\"none\", density=([\d.]+),\s+wire_dtype=\"(\w+)\", "
         r"error_feedback=(\w+), seed=(\d+), seed_scope=\"(\w+)\", node_name=(\w+)\)`",
         tuple(
@@ -177,10 +182,10 @@ CLAIMS = (
         ),
     ),
     # strategies' declared defaults written outside the generated table
-    Claim(README, r"Common parameters: `lam` \(λ, default ([\d.]+)\)", LAM.default),
-    Claim(README, r"`trim` = β \(([\d.]+)\)", _param(TrimmedMean, "trim")),
+    Claim(DOCS, r"Common parameters: `lam` \(λ, default ([\d.]+)\)", LAM.default),
+    Claim(DOCS, r"`trim` = β \(([\d.]+)\)", _param(TrimmedMean, "trim")),
     Claim(
-        README,
+        DOCS,
         r"`byzantine` = f \((\d+)\), `select` = m \((\d+) = Krum",
         (_param(Krum, "byzantine"), _param(Krum, "select")),
     ),
@@ -192,7 +197,7 @@ CLAIMS = (
     Claim(ARCH, r"(?s)`ROUND_REASONS` \((.*?): the engine and the server\)", frozenset(ROUND_REASONS)),
     Claim(ARCH, r"`ReplyRejected`\s+\(`fedfuse/messages.py`: (.*?)\) subclass it", frozenset(ReplyRejected.allowed)),
     Claim(
-        README,
+        DOCS,
         r"(?s)fields left as `None` are not checked; .*? Reasons:\s+(.*?) for anything unforeseen",
         frozenset(WIRE_REASONS),
     ),
@@ -208,20 +213,18 @@ CLAIMS = (
     ),
     Claim(ARCH, r"round-NNNN\.safetensors`, (\w+) rounds kept\)", KEPT_ROUNDS),
     Claim(
-        README,
+        DOCS,
         r"(?s)`state-dir` \(node config; default\s+`\$(\w+)`, or `~/.cache/fedfuse/node-state`.*?keyed by a\s+"
         r"run key that a resumed run keeps, (\w+) rounds at a time",
         (STATE_DIR_ENV, KEPT_ROUNDS),
     ),
-    Claim(README, r"a process now keeps its last (\d+) clients' tokenized", CACHED_CLIENT_DATASETS),
-    Claim(README, r"the Dirichlet floor of (\d+) examples per\s+client", MIN_CLIENT_EXAMPLES),
+    Claim(DOCS, r"a process now keeps its last (\d+) clients' tokenized", CACHED_CLIENT_DATASETS),
+    Claim(DOCS, r"the Dirichlet floor of (\d+) examples per\s+client", MIN_CLIENT_EXAMPLES),
     Claim(ARCH, r"kept per process \(`load_client_datasets`, an\s+LRU of (\d+)", CACHED_CLIENT_DATASETS),
     # lists of names
-    Claim(README, r"(?s)`attack` \((.*?)\), `attackers`", frozenset(ATTACKS) - {"none"}),
-    Claim(README, r"\| `--sparsifier ([\w\\|]+)` \|", BUILT_IN_SPARSIFIERS, r"(\w+)"),
-    Claim(
-        README, r"(?s)`fedfuse merge` has one subcommand per mode: (.*?); `fedfuse merge --help`", frozenset(REQUESTS)
-    ),
+    Claim(DOCS, r"(?s)`attack` \((.*?)\), `attackers`", frozenset(ATTACKS) - {"none"}),
+    Claim(DOCS, r"\| `--sparsifier ([\w\\|]+)` \|", BUILT_IN_SPARSIFIERS, r"(\w+)"),
+    Claim(DOCS, r"(?s)`fedfuse merge` has one subcommand per mode: (.*?); `fedfuse merge --help`", frozenset(REQUESTS)),
     Claim(
         ARCH,
         r"(?s)Encodings: (.*?) a\s+`SparseTensor` with `dare_seed`",
@@ -233,62 +236,60 @@ CLAIMS = (
     Claim(ARCH, r"(?s)times its own (.*?); the ServerApp adds", frozenset(SERVER_PHASES[:-2]), WORD),
     Claim(ARCH, r"the ServerApp adds (\w+) and (\w+) \(`phases`\)", SERVER_PHASES[-2:]),
     Claim(
-        README,
+        DOCS,
         r"\| `server-optimizer` \| moments .*?\n\|---\|---\|---\|\n((?:\| `\w+` \|.*\n)+)",
         frozenset(SERVER_OPTIMIZERS) - {"none"},
         r"(?m)^\| `(\w+)` \|",
     ),
     # CLI defaults
-    Claim(README, r"past `--max-shard-size`, default\s+`(\w+)`", ModelsRequest.model_fields["max_shard_size"].default),
+    Claim(DOCS, r"past `--max-shard-size`, default\s+`(\w+)`", ModelsRequest.model_fields["max_shard_size"].default),
     Claim(
-        README,
+        DOCS,
         r"\| `--batch-size B` \| prompts generated per batch \(default (\d+)\) \|",
         _default(eval_command, "batch_size"),
     ),
-    # benchmark targets the README reports
-    Claim(README, r"best robust method within (\d+) points of its clean run", round(robust.TARGET_GAP * 100)),
-    Claim(README, r"its clean run — \*\*met\*\* for all (\w+)\s", len(robust.ATTACKS)),
-    Claim(README, r"Target ≤ ([\d.]+)× the compute bound", overhead.bound_target("default", DEFAULT_CLIENTS)),
+    # benchmark targets the docs report
+    Claim(DOCS, r"best robust method within (\d+) points of its clean run", round(robust.TARGET_GAP * 100)),
+    Claim(DOCS, r"its clean run — \*\*met\*\* for all (\w+)\s", len(robust.ATTACKS)),
+    Claim(DOCS, r"Target ≤ ([\d.]+)× the compute bound", overhead.bound_target("default", DEFAULT_CLIENTS)),
     Claim(
-        README,
+        DOCS,
         r"(?s)--clients 256 --rounds 3 --local-steps 5[^\n]*\n(?:[^\n]*\n)*?\nTarget ≤ ([\d.]+)×",
         overhead.bound_target("default", 256),
     ),
-    Claim(README, r"\| fedfuse fedavg \(dense\) \| [^\n]*\n\nTarget ≤ ([\d.]+)×", overhead.TARGET_RATIO),
-    Claim(README, r"peak RSS flat in K and ≤ (\d)·P·4 B \+ one update", aggregate.MEMORY_BUDGET_STATES),
-    Claim(README, r"PASS fedfuse peak RSS flat in K \(≤ (\d)·P·4 B", aggregate.MEMORY_BUDGET_STATES),
+    Claim(DOCS, r"\| fedfuse fedavg \(dense\) \| [^\n]*\n\nTarget ≤ ([\d.]+)×", overhead.TARGET_RATIO),
+    Claim(DOCS, r"peak RSS flat in K and ≤ (\d)·P·4 B \+ one update", aggregate.MEMORY_BUDGET_STATES),
+    Claim(DOCS, r"PASS fedfuse peak RSS flat in K \(≤ (\d)·P·4 B", aggregate.MEMORY_BUDGET_STATES),
     Claim(
-        README,
+        DOCS,
         r"(?s)DARE p = 0.9 bf16 ≤ ([\d.]+) bytes/param — .*? TIES d = 0.1 bf16 ≤ ([\d.]+) — "
         r".*?\nencode \+ decode ≥ (\d+) MB/s",
         (wire.TARGET_DARE_BYTES, wire.TARGET_TIES_BYTES, wire.TARGET_MBPS),
     ),
-    Claim(README, r"sparse TIES and Fisher ≥ ([\d.]+)× dense FedAvg's final accuracy", quality.TARGET_SPARSE_RATIO),
-    Claim(README, r"PASS arithmetic expert beats the base by ≥ ([\d.]+)", merge_quality_report.TARGET_EXPERT_GAIN),
-    Claim(README, r"best mean retention ≥ ([\d.]+)", merge_quality_report.TARGET_RETENTION),
+    Claim(DOCS, r"sparse TIES and Fisher ≥ ([\d.]+)× dense FedAvg's final accuracy", quality.TARGET_SPARSE_RATIO),
+    Claim(DOCS, r"PASS arithmetic expert beats the base by ≥ ([\d.]+)", merge_quality_report.TARGET_EXPERT_GAIN),
+    Claim(DOCS, r"best mean retention ≥ ([\d.]+)", merge_quality_report.TARGET_RETENTION),
+    Claim(DOCS, r"TIES or DARE-TIES ≥ task arithmetic \+ ([\d.]+) — \*\*met", merge_quality_report.TARGET_TIES_MARGIN),
     Claim(
-        README, r"TIES or DARE-TIES ≥ task arithmetic \+ ([\d.]+) — \*\*met", merge_quality_report.TARGET_TIES_MARGIN
-    ),
-    Claim(
-        README,
+        DOCS,
         r"λ is picked per method and seed from a (\d+)-point grid",
         len(merge_quality_experts.SUM_GRID),
     ),
     Claim(
-        README,
+        DOCS,
         r"one LoRA expert per skill \(rank (\d+), α (\d+), q/k/v/o projections, (\d+) AdamW steps of (\d+) chats, "
         r"lr\s+([\d.e-]+)\)",
         tuple(_default(merge_quality, k) for k in ("lora_rank", "lora_alpha", "steps", "batch_size", "learning_rate")),
     ),
-    Claim(README, r"Gram matrices over (\d+) batches of its own training prompts", merge_quality_experts.GRAM_BATCHES),
-    Claim(README, r"the test split \((\d+) prompts per skill\)", _default(merge_quality, "test_rows")),
+    Claim(DOCS, r"Gram matrices over (\d+) batches of its own training prompts", merge_quality_experts.GRAM_BATCHES),
+    Claim(DOCS, r"the test split \((\d+) prompts per skill\)", _default(merge_quality, "test_rows")),
     Claim(
-        README,
+        DOCS,
         r"scoring (\d+) methods × (\d+) λ",
         (len(merge_quality_experts.CANDIDATE_METHODS) + 1, len(merge_quality_experts.SUM_GRID)),
     ),
     Claim(
-        README,
+        DOCS,
         r"TIES trim ([\d.]+), DARE p = ([\d.]+), breadcrumbs ([\d.]+), DELLA ([\d.]+)\)",
         tuple(merge_quality_experts.DENSITIES[k] for k in ("trim", "dare", "breadcrumbs", "della")),
     ),
@@ -298,6 +299,14 @@ CLAIMS = (
 @cache
 def _text(doc: str) -> str:
     return (ROOT / doc).read_text(encoding="utf-8")
+
+
+def _pages(doc: str) -> list[str]:
+    """The pages a claim about ``doc`` is searched in: every page for ``DOCS``, else that one."""
+    if doc != DOCS:
+        return [doc]
+    found = [name for name in ("README.md", "CONTRIBUTING.md") if (ROOT / name).is_file()]
+    return found + sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").rglob("*.md"))
 
 
 def _read(said: str) -> Any:
@@ -313,14 +322,28 @@ def _read(said: str) -> Any:
         return {"True": True, "False": False, "None": None}.get(said, said)
 
 
-def _said(claim: Claim) -> Any:
-    """The values the doc states for ``claim``, shaped as ``claim.code``."""
-    found = re.search(claim.pattern, _text(claim.doc))
-    assert found is not None, f"{claim.doc} no longer says this (pattern {claim.pattern!r}): update the row"
+def _shaped(claim: Claim, found: re.Match[str]) -> Any:
+    """The values one match states, shaped as ``claim.code``."""
     if isinstance(claim.code, frozenset):
         return frozenset(name.lower() for name in re.findall(claim.names, found.group(1)))
     values = tuple(_read(group) for group in found.groups())
     return values if isinstance(claim.code, tuple) else values[0]
+
+
+def _said_everywhere(claim: Claim) -> dict[str, Any]:
+    """Each page that states ``claim`` → the values it states (its first statement)."""
+    said = {}
+    for page in _pages(claim.doc):
+        found = re.search(claim.pattern, _text(page))
+        if found is not None:
+            said[page] = _shaped(claim, found)
+    assert said, f"no page of {claim.doc} says this any more (pattern {claim.pattern!r}): update the row"
+    return said
+
+
+def _said(claim: Claim) -> Any:
+    """The values the doc states for ``claim`` (the first page that states it), shaped as ``claim.code``."""
+    return next(iter(_said_everywhere(claim).values()))
 
 
 def _id(claim: Claim) -> str:
@@ -329,24 +352,26 @@ def _id(claim: Claim) -> str:
 
 @pytest.mark.parametrize("claim", CLAIMS, ids=_id)
 def test_the_doc_states_the_code_value(claim: Claim) -> None:
-    assert _said(claim) == claim.code, f"{claim.doc} drifted from the code"
+    said = _said_everywhere(claim)
+    assert said == dict.fromkeys(said, claim.code), "the docs drifted from the code"
 
 
-def test_the_readme_states_the_style_gate_s_thresholds() -> None:
+def test_the_docs_state_the_style_gate_s_thresholds() -> None:
     ruff = tomllib.loads(_text("pyproject.toml"))["tool"]["ruff"]
     body_lines = re.search(r"MAX_BODY_LINES = (\d+)", _text("tests/test_layers.py"))
     gate = (
         r"ruff lint \+ format at (\d+) columns.*?no function body outside\s+`fedfuse/bench/` is longer than (\d+) "
         r"lines; with ruff's C901 \(complexity ≤ (\d+)\) and PLR0915 \(≤ (\d+) statements\)"
     )
-    said = re.search(gate, _text(README), flags=re.DOTALL)
-    assert body_lines is not None and said is not None, "the README's style-gate sentence or MAX_BODY_LINES moved"
-    assert tuple(map(int, said.groups())) == (
+    said = {page: found for page in _pages(DOCS) if (found := re.search(gate, _text(page), flags=re.DOTALL))}
+    assert body_lines is not None and said, "the docs' style-gate sentence or MAX_BODY_LINES moved"
+    code = (
         ruff["line-length"],
         int(body_lines.group(1)),
         ruff["lint"]["mccabe"]["max-complexity"],
         ruff["lint"]["pylint"]["max-statements"],
     )
+    assert {page: tuple(map(int, found.groups())) for page, found in said.items()} == dict.fromkeys(said, code)
 
 
 def test_every_quoted_fedfuse_record_or_group_the_docs_name_is_the_code_s() -> None:
@@ -356,7 +381,7 @@ def test_every_quoted_fedfuse_record_or_group_the_docs_name_is_the_code_s() -> N
         for name, value in vars(module).items()
         if name.isupper() and isinstance(value, str)
     }
-    quoted = {name for doc in (README, ARCH) for name in re.findall(r'"(fedfuse\.[\w.-]+)"', _text(doc))}
+    quoted = {name for doc in _pages(DOCS) for name in re.findall(r'"(fedfuse\.[\w.-]+)"', _text(doc))}
     assert quoted and sorted(quoted - known) == []
 
 

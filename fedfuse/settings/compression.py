@@ -60,7 +60,7 @@ class CompressionSettings:
     seed_scope: str = setting("node", "DARE masks per `node` or one per `round` (aligned supports)")
     error_feedback: bool | str = setting(
         "auto",
-        "carry dropped mass to the next round (`auto`: for trim, not for DARE — see the quality benchmark)",
+        "carry dropped mass to the next round (`auto`: for trim, not for DARE — see docs/benchmarks)",
         auto=bool,
     )
     wire_dtype: str = setting("float32", f"value dtype on the wire ({', '.join(f'`{d}`' for d in WIRE_DTYPES)})")

@@ -50,7 +50,7 @@ class MergeSettings:
 
     strategy: str = setting(
         "fedavg",
-        "any registered strategy (plug-ins too): see the merge methods below",
+        "any registered strategy (plug-ins too): see docs/reference/methods.md",
     )
     lam: float = setting(1.0, "λ, the scale of the merged task vector")
     vote: str = setting("mass", "TIES sign election: `mass` (Σ wτ) or `count` (Σ sign τ); strategies that declare it")

@@ -35,7 +35,9 @@ class PrivacySettings:
         Seed of the noise for tests only; -1 (default) draws it from the operating system, as DP needs.
     """
 
-    dp: str = setting("none", "client-level differential privacy: `central`, `local` or `none` (see Privacy)")
+    dp: str = setting(
+        "none", "client-level differential privacy: `central`, `local` or `none` (docs/guides/security.md)"
+    )
     dp_clip_norm: float = setting(1.0, "C: every update is clipped to this L2 norm (DP runs)")
     dp_noise_multiplier: float = setting(1.0, "σ: Gaussian noise of standard deviation σ·C (DP runs)")
     dp_delta: float = setting(1e-5, "δ of the (ε, δ) reported each round (Opacus RDP accountant)")

@@ -68,7 +68,7 @@ class TrainingSettings:
     trainer: str = setting(
         "auto",
         "the local trainer: `auto` (built-in for the task), an entry point of group `fedfuse.trainers`, or"
-        ' `module:function` — see "Bring your trainer"',
+        " `module:function` — see the guide docs/guides/data.md",
     )
     client_device: str = setting("auto", "where clients train: `auto` (CUDA when present), `cpu`, `cuda`")
     precision: str = setting("auto", "mixed precision: `auto` (bf16 on CUDA, fp32 on CPU), `fp32`, `bf16`, `fp16`")
