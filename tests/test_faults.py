@@ -28,6 +28,7 @@ from fedfuse.rejections import Rejected
 from fedfuse.rounds import ModelChange
 from fedfuse.server.run_checkpoint import load_checkpoint
 from fedfuse.server.strategy import FedFuseStrategy
+from fedfuse.server.streaming import stream_replies
 from fedfuse.settings import RunSettings
 from fedfuse.simulation import simulate
 
@@ -177,3 +178,21 @@ def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(s
         with pytest.raises(Rejected) as raised:
             parse(lost)
         assert raised.value.reason == "node_unavailable" and "heartbeat" in str(raised.value)
+
+
+@pytest.mark.integration
+def test_a_node_reported_unavailable_is_dropped_once_when_the_replies_stream_in(server_identity) -> None:
+    """As above, with the replies streamed as the ServerApp gets them (``stream_replies``).
+
+    The grid pushes the instructions, and so gives them their message ids, only when the first reply is
+    asked for: the node a SuperLink-made reply answers for is known only from then on.
+    """
+    settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
+    base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", ModelChange("v:0"))
+    grid = SeededGrid(SHAPES)
+    grid.unavailable = {12}
+    messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))
+    arrays, metrics = strategy.aggregate_train(1, stream_replies(grid, messages, timeout=30), arrays=ArrayRecord(base))
+    assert arrays is not None and metrics["accepted"] == 2
+    assert [(r.node, r.reason) for r in strategy.last_rejections] == [("institution-12", "node_unavailable")]

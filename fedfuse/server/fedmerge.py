@@ -341,10 +341,12 @@ class FedMerge(FedAvg):
         self, engine: RoundEngine, replies: Iterator[Message], reference: RoundReference, server_round: int
     ) -> list[RecordDict]:
         """Offer every reply; the MetricRecords of accepted standard replies (Flower aggregates them)."""
-        destinations = instruction_destinations(self._instructions)
+        destinations: dict[str, int] = {}
         accepted: list[RecordDict] = []
         replied: set[str] = set()
         for index, reply in enumerate(replies):
+            if reply.metadata.reply_to_message_id not in destinations:  # streamed: pushed, so ids known, only now
+                destinations = instruction_destinations(self._instructions)
             self._on_reply(index + 1)
             sender = reply_sender(reply, destinations, index)
             replied.add(sender)
