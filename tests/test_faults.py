@@ -155,6 +155,16 @@ def test_a_server_killed_at_a_random_moment_resumes_to_bit_identical_weights(tmp
 SHAPES = {"layer.weight": (5, 4), "layer.bias": (4,)}
 
 
+def _round_with_node_12_lost() -> tuple[FedFuseStrategy, SeededGrid, list[Message], dict[str, torch.Tensor]]:
+    """A FedAvg round's strategy, its grid (node 12 missed its heartbeats), instructions and base weights."""
+    settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
+    base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", ModelChange("v:0"))
+    grid = SeededGrid(SHAPES)
+    grid.unavailable = {12}
+    return strategy, grid, list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid)), base
+
+
 @pytest.mark.integration
 def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(server_identity) -> None:
     """Flower's SuperLink answers for a node that missed its heartbeats, from the SuperLink's own id.
@@ -162,12 +172,7 @@ def test_a_node_the_superlink_reports_unavailable_is_dropped_once_as_that_node(s
     The node must be rejected once, as ``node_unavailable`` — not a ``client_error`` from "node 1" plus a
     ``timed_out`` for the silent node (what a deployed run recorded when the SuperLink noticed the loss first).
     """
-    settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
-    base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
-    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", ModelChange("v:0"))
-    grid = SeededGrid(SHAPES)
-    grid.unavailable = {12}
-    messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))
+    strategy, grid, messages, _ = _round_with_node_12_lost()
     replies = grid.pull_messages(grid.push_messages(messages))
     lost = next(reply for reply in replies if reply.has_error())
     assert lost.metadata.src_node_id not in grid.nodes  # the SuperLink's own id, as Flower sends it
@@ -187,12 +192,7 @@ def test_a_node_reported_unavailable_is_dropped_once_when_the_replies_stream_in(
     The grid pushes the instructions, and so gives them their message ids, only when the first reply is
     asked for: the node a SuperLink-made reply answers for is known only from then on.
     """
-    settings = RunSettings.from_run_config(mode="full", strategy="fedavg")
-    base = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
-    strategy = FedFuseStrategy(settings, settings.update_space(SHAPES, scale=1.0), "run", ModelChange("v:0"))
-    grid = SeededGrid(SHAPES)
-    grid.unavailable = {12}
-    messages = list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), grid))
+    strategy, grid, messages, base = _round_with_node_12_lost()
     arrays, metrics = strategy.aggregate_train(1, stream_replies(grid, messages, timeout=30), arrays=ArrayRecord(base))
     assert arrays is not None and metrics["accepted"] == 2
     assert [(r.node, r.reason) for r in strategy.last_rejections] == [("institution-12", "node_unavailable")]
