@@ -188,18 +188,16 @@ def test_the_docs_state_printed_results_to_check() -> None:
     assert SESSIONS, "the docs show no '$ command' with its output"
 
 
+def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """This interpreter run with ``args`` in ``cwd`` (the docs' environment, output captured, 300 s at most)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV)
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=lambda block: block.id)
 def test_a_python_block_runs_and_prints_what_it_says(block: Block, tmp_path: Path) -> None:
     workdir, record = tmp_path / "cwd", tmp_path / "printed.json"
     workdir.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-c", DRIVER, block.text, str(record)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
+    result = _python(["-c", DRIVER, block.text, str(record)], cwd=workdir)
     assert result.returncode == 0, f"{block.id} failed:\n{block.text}\n{result.stderr[-3000:]}"
     printed = json.loads(record.read_text(encoding="utf-8"))
     for span, text in expected_prints(block.text):
@@ -261,27 +259,13 @@ def test_a_command_prints_what_the_docs_say(block: Block, tmp_path: Path) -> Non
         assert setup is not None, f"{block.id}: no setup in this test for the command {command!r}"
         setup(tmp_path)
         assert words[0] == "fedfuse"
-        result = subprocess.run(
-            [sys.executable, "-c", "from fedfuse.cli.main import app; app(prog_name='fedfuse')", *words[1:]],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=ENV,
-        )
+        result = _python(["-c", "from fedfuse.cli.main import app; app(prog_name='fedfuse')", *words[1:]], tmp_path)
         printed = (result.stdout + result.stderr).strip()
         assert matches(shown, printed), f"{block.id} shows after `{command}`:\n{shown}\nbut it printed:\n{printed}"
 
 
 def test_the_site_builds_with_strict(tmp_path: Path) -> None:
     """``mkdocs build --strict``: every nav page exists, every link resolves, the API reference renders."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
+    result = _python(["-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")], cwd=ROOT)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert (tmp_path / "site" / "reference" / "methods" / "index.html").is_file()
