@@ -49,6 +49,10 @@ SYNC_CONFIG_RECORD = "fedfuse.sync.config"
 """The sync's versions (``version``, ``sources``, ``targets``), its kind and its bfloat16 arrays' keys."""
 SIGNATURE_RECORD = "fedfuse.signature"
 TIMING_RECORD = "fedfuse.timing"
+SECAGG_RECORD = "fedfuse.secagg"
+"""A secure-aggregation stage: the server's request (``stage``, setup, what it forwards) or a node's reply."""
+SECAGG_STATE_RECORD = "fedfuse.secagg.state"
+"""What a node keeps in ``Context.state`` between the stages of one secure round (its secrets, its input)."""
 PAYLOAD_RECORDS: dict[PayloadKind, str] = {"update": UPDATE_RECORD, "partial": PARTIAL_RECORD}
 
 

@@ -64,6 +64,8 @@ ROUND_REASONS: dict[str, str] = {
     "sender_mismatch": "an unsigned payload names another node than the transport peer that sent it",
     "timed_out": "the node sent no reply before the round's deadline (run config timeout); a late reply is dropped",
     "version_mismatch": "the node holds another model version than the round's broadcast applies to (re-synced next)",
+    "secagg_protocol": "a node's secure-aggregation reply broke the protocol (keys, shares, layout or masked input)",
+    "secagg_aborted": "secure aggregation could not unmask the round (under t survivors or shares): nothing merged",
 }
 """Decided by the round engine (:mod:`fedfuse.rounds`) and the server around it."""
 

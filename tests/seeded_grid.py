@@ -23,15 +23,15 @@ def train_content(config, version: str = "v:base") -> RecordDict:
     return RecordDict({SYNC_RECORD: arrays, SYNC_CONFIG_RECORD: sync_config, CONFIG_RECORD: config})
 
 
-class SeededGrid:
-    """An in-process Grid: nodes say their names and answer ``train`` with a seeded update (no training)."""
+class InProcessGrid:
+    """What Flower's Grid does on push and pull, in process: each pushed message is answered at once by ``_reply``."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], nodes: tuple[int, ...] = (11, 12, 13), tiers=None) -> None:
-        self.shapes, self.nodes, self.tiers = shapes, nodes, tiers or {}
-        self.pending: dict[str, Message] = {}
-        self.pushed = 0
-        self.unavailable: set[int] = set()
-        """Nodes whose train messages the SuperLink answers with NODE_UNAVAILABLE (missed heartbeats)."""
+    nodes: tuple[int, ...] | list[int]
+    pending: dict[str, Message]
+    pushed: int
+
+    def _reply(self, message: Message) -> Message | None:
+        raise NotImplementedError
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -42,11 +42,24 @@ class SeededGrid:
             self.pushed += 1
             ids.append(f"message-{self.pushed}")
             message.metadata.__dict__["_message_id"] = ids[-1]  # what Flower's in-memory Grid does on push
-            self.pending[ids[-1]] = self._reply(message)
+            reply = self._reply(message)
+            if reply is not None:  # a node that never answers: the server's deadline passes
+                self.pending[ids[-1]] = reply
         return ids
 
     def pull_messages(self, message_ids):
         return [self.pending.pop(i) for i in message_ids if i in self.pending]
+
+
+class SeededGrid(InProcessGrid):
+    """An in-process Grid: nodes say their names and answer ``train`` with a seeded update (no training)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], nodes: tuple[int, ...] = (11, 12, 13), tiers=None) -> None:
+        self.shapes, self.nodes, self.tiers = shapes, nodes, tiers or {}
+        self.pending: dict[str, Message] = {}
+        self.pushed = 0
+        self.unavailable: set[int] = set()
+        """Nodes whose train messages the SuperLink answers with NODE_UNAVAILABLE (missed heartbeats)."""
 
     def _reply(self, message: Message) -> Message:
         node = int(message.metadata.dst_node_id)

@@ -15,10 +15,11 @@ ALLOWED = {
     "rejections": set(),
     "timing": set(),
     "algebra": set(),
+    "secagg": set(),
     "strategies": {"algebra"},
     "wire": {"algebra", "strategies", "rejections"},
-    "rounds": {"algebra", "strategies", "wire", "rejections"},
-    "settings": {"algebra", "strategies", "wire", "rejections", "rounds", "checkpoints"},
+    "rounds": {"algebra", "strategies", "wire", "rejections", "secagg"},
+    "settings": {"algebra", "strategies", "wire", "rejections", "rounds", "checkpoints", "secagg"},
     "client": {
         "algebra",
         "strategies",
@@ -34,6 +35,7 @@ ALLOWED = {
         "checkpoints",
         "known_warnings",
         "timing",
+        "secagg",
     },
     "server": {
         "algebra",
@@ -50,8 +52,9 @@ ALLOWED = {
         "checkpoints",
         "known_warnings",
         "timing",
+        "secagg",
     },
-    "flower": {"client", "server"},
+    "flower": {"client", "server", "secagg"},
 }
 """For each layer, the fedfuse top-level modules/packages it may import (itself always)."""
 

@@ -5,11 +5,13 @@ separately gives (Σ pₖBₖ)(Σ pₖAₖ), which is not Σ pₖBₖAₖ: the c
 fedfuse merges ΔWₖ itself; the naive average stays here as a named baseline.
 
 Factors travel under ``"<module>.lora_A"`` / ``"<module>.lora_B"``; the ΔW of a module is merged
-under the name of the base weight it changes, ``"<module>.weight"``.
+under the name of the base weight it changes, ``"<module>.weight"``. With a frozen A shared by every node
+(:func:`frozen_lora_a`, FFA-LoRA) ΔWₖ = s·Bₖ·A, so a linear merge of the B's alone is the exact merged ΔW.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -17,9 +19,12 @@ from typing import cast
 import torch
 
 from fedfuse.algebra.low_rank import truncate
+from fedfuse.algebra.seeds import derive_seed
 
 LORA_A_SUFFIX = ".lora_A"
 LORA_B_SUFFIX = ".lora_B"
+FROZEN_A_TAG = "frozen-lora-A|"
+"""Prefix of the module name in a frozen A's seed (:func:`frozen_lora_a`), apart from any DARE mask's."""
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -30,6 +35,21 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
             "(need B: out×r, A: r×in)"
         )
     return (lora_b.float() @ lora_a.float()).mul_(scale)
+
+
+def frozen_lora_a(seed: int, round_number: int, module: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The A every node of round ``round_number`` shares for ``module`` (FFA-LoRA): float32, ``shape`` = (r, in).
+
+    PEFT's lora_A init, kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in), drawn on the CPU from a generator
+    seeded by (run seed, round, module), so every node and the server redraw the same matrix without sending it.
+    Rows are drawn in order: a rank-rₖ node's A is the first rₖ rows of the run's rank-r A.
+    """
+    rank, fan_in = shape
+    if rank < 1 or fan_in < 1:
+        raise ValueError(f"a LoRA A needs rank >= 1 and fan-in >= 1; got shape {tuple(shape)}")
+    generator = torch.Generator().manual_seed(derive_seed(seed, round_number, None, FROZEN_A_TAG + module))
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(rank, fan_in, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
 def factor_names(module: str) -> tuple[str, str]:

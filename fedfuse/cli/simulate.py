@@ -62,7 +62,14 @@ def simulate(
     density: float = typer.Option(None, "--density", "-d", help="Kept fraction of each task vector (trim/dare)."),
     mode: str = typer.Option(None, "--mode", help="Local training: lora (PEFT) or full."),
     lora_aggregation: str = typer.Option(
-        None, "--lora-aggregation", help="exact (merge ΔW = s·BA) or factors (naive A/B average)."
+        None,
+        "--lora-aggregation",
+        help="exact (merge ΔW = s·BA), factors (naive A/B average) or frozen-a (shared frozen A, only B trained).",
+    ),
+    secure_aggregation: str = typer.Option(
+        None,
+        "--secure-aggregation",
+        help="secagg+: nodes send masked statistics and the server learns only their sum (SecAgg+); or none.",
     ),
     model: str = typer.Option(
         None,
@@ -143,6 +150,7 @@ def simulate(
         "density": density,
         "mode": mode,
         "lora-aggregation": lora_aggregation,
+        "secure-aggregation": secure_aggregation,
         "model": model,
         "task": task,
         "partition": partition,

@@ -46,6 +46,7 @@ from fedfuse.client.local_round import (
 from fedfuse.client.mods import signing_mod, trained_content, uplink_mod
 from fedfuse.client.node_model import model_folder, round_weights, synced_change
 from fedfuse.client.residuals import ResidualSlot
+from fedfuse.client.secure_mod import secure_aggregation_mod
 from fedfuse.messages import (
     RESIDUAL_RECORD,
     TIMING_RECORD,
@@ -200,11 +201,11 @@ def _honest_only(overrides: Mapping[str, Any]) -> Mod:
 
 
 def client_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
-    """The mods of fedfuse's train handler: timing, signing (node config ``signing-key``), the run's uplink."""
+    """fedfuse's train mods: SecAgg+ stages, timing, signing (node config ``signing-key``), the run's uplink."""
     extra = dict(overrides or {})
     uplink = uplink_mod(lambda context: uplink_of(run_settings(context, extra)), resumable=True)
     signing = signing_mod(None, lambda context: shard_of(context).node_name)
-    return [_timed, signing, uplink]
+    return [secure_aggregation_mod, _timed, signing, uplink]
 
 
 def make_client_app(

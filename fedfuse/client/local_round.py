@@ -5,7 +5,8 @@ on the client's device; everything after training is fedfuse's. Full mode sends
 τ = θ_local − θ_round, sparsified on the client (with error feedback when enabled) and optionally
 with a diagonal Fisher. For RegMean either mode adds the Gram matrices of its linear layers' inputs.
 LoRA mode sends each module's A and B factors and the head's task vector dense (they are small);
-the server forms ΔW = s·B·A and sparsifies there, so TIES and DARE act on ΔW.
+the server forms ΔW = s·B·A and sparsifies there, so TIES and DARE act on ΔW. With a frozen shared A
+(``lora-aggregation = "frozen-a"``) only B and the head travel.
 A node may train at its own LoRA rank rₖ ≤ the run's ``lora-rank`` r (node config ``lora-rank``): it
 sends its factors at rank r (:func:`to_run_rank`), so every node's payload has the shapes the server expects.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from fedfuse.algebra import UpdateTensor, derive_seed, factor_names, lora_modules
-from fedfuse.algebra.lora import pad_factors
+from fedfuse.algebra.lora import LORA_A_SUFFIX, pad_factors
 from fedfuse.client.error_feedback import ErrorFeedback
 from fedfuse.client.uplink import LocalDP, TrainedUpdate, UpdateFacts, UpdateKind, Uplink, encode_uplink, locally_noised
 from fedfuse.data.files import DataSource
@@ -385,6 +386,9 @@ def _trained_tensors(
     if settings.training.mode == "lora":
         on_device = {n: t.to(device) for n, t in round_state.items()}
         factors = {name: t.cpu() for name, t in lora_update(model, on_device).items()}
-        return to_run_rank(factors, settings, node_settings(settings, shard).training.lora_rank), "factors"
+        factors = to_run_rank(factors, settings, node_settings(settings, shard).training.lora_rank)
+        if settings.merge.lora_aggregation == "frozen-a":  # A is the round's shared one: the server redraws it
+            factors = {name: t for name, t in factors.items() if not name.endswith(LORA_A_SUFFIX)}
+        return factors, "factors"
     current = dict(model.named_parameters())
     return {name: current[name].detach().float().cpu() - round_state[name] for name in round_state}, "task-vector"

@@ -40,7 +40,7 @@ from fedfuse.wire import (
     max_update_bytes,
 )
 
-PayloadKind = Literal["update", "partial"]
+PayloadKind = Literal["update", "partial", "secure"]
 PAYLOAD_KINDS = ("update", "partial")
 Weighting = Literal["num_examples", "uniform"]
 WEIGHTINGS = ("num_examples", "uniform")
@@ -278,6 +278,24 @@ class RoundEngine:
         self.contributions[node] = Contribution(node, "update", "", int(num_examples), weight, dict(metrics or {}))
         return None
 
+    def fold_secure_sum(
+        self, state: MergeState, nodes: Mapping[str, Mapping[str, int | float | str]], nbytes: int = 0
+    ) -> None:
+        """Fold the unmasked secure sum of ``nodes``' statistics (the engine never sees one node's update).
+
+        ``nodes`` maps each node whose input is in the sum to the facts it sent in the clear (its metrics).
+        Their weights are inside the sum only, so each is recorded with 0 examples; ``nbytes`` is what the
+        protocol's replies weighed (counted in ``uplink-bytes``).
+        """
+        for node in nodes:
+            refused = self._admit(node, None, node, "node")
+            if refused is not None:
+                raise ValueError(refused.message)
+        self.state.combine(state)
+        self.bytes_received += nbytes
+        for node, metrics in nodes.items():
+            self.contributions[node] = Contribution(node, "secure", "", 0, 0.0, dict(metrics))
+
     def _fold_partial(self, payload: bytes, signer: str | None, sender: str | None) -> Rejection | None:
         if not self.strategy.capabilities.mergeable:
             return self.reject(
@@ -318,6 +336,8 @@ class RoundEngine:
             **{f"rejected.{reason}": n for reason, n in counts_by_reason(self.rejections).items()},
         }
         loss = _example_weighted(self.contributions.values(), "train-loss")
+        if loss is None:  # a secure sum's contributions keep their weights inside it: their plain mean
+            loss = _mean(self.contributions.values(), "train-loss")
         if loss is not None:
             metrics["train-loss"] = loss
         return metrics
@@ -340,7 +360,7 @@ class RoundEngine:
         merged = {name: tensor.cpu() for name, tensor in self.state.finalize(release=True).items()}
         if self.privacy is not None:
             merged = self.privacy.apply(merged, len(self.contributions))
-        out: dict[str, torch.Tensor | LowRank] = {**self.space.task_vector(merged)}
+        out: dict[str, torch.Tensor | LowRank] = {**self.space.task_vector(merged, round_number=self.round_number)}
         return out
 
     def finalize(self, round_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -374,6 +394,12 @@ def _example_weighted(contributions: Iterable[Contribution], key: str) -> float 
             total += contribution.num_examples * float(value)
             weight += contribution.num_examples
     return total / weight if weight else None
+
+
+def _mean(contributions: Iterable[Contribution], key: str) -> float | None:
+    """Plain mean of a numeric header metric over the contributions that report it."""
+    values = [float(v) for c in contributions if isinstance(v := c.metrics.get(key), (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
 
 
 def to_dense_matrix(tensor: torch.Tensor | LowRank) -> torch.Tensor:

@@ -17,6 +17,7 @@ from fedfuse.rounds.dp import CentralDP, CentralPrivacy
 from fedfuse.rounds.engine import WEIGHTINGS, RoundEngine, SignatureCheck
 from fedfuse.rounds.server_optimizer import ServerOptimizer
 from fedfuse.rounds.space import UpdateSpace
+from fedfuse.secagg.protocol import SecAggParams
 from fedfuse.strategies import MergeStrategy
 
 DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
@@ -48,6 +49,9 @@ class RoundPolicy:
         FedAvgM / FedAdam / FedYogi on the merged task vector; None: the merge is applied as is.
     timeout : float
         Seconds a round waits for replies before the missing nodes count as timed out.
+    secure_aggregation : SecAggParams, optional
+        SecAgg+: nodes send masked statistics and the server folds only their sum; the weight, example cap
+        and clipping above are then applied by each node to its own update (the server never sees one).
     """
 
     weighting: str = "num_examples"
@@ -59,6 +63,7 @@ class RoundPolicy:
     central_dp: CentralDP | None = None
     server_optimizer: ServerOptimizerRule | None = None
     timeout: float = 3600.0
+    secure_aggregation: SecAggParams | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -75,6 +80,11 @@ class RoundPolicy:
             raise ValueError(f"timeout must be > 0 seconds; got {self.timeout}")
         if self.central_dp is not None:
             self._check_central_dp(self.central_dp)
+        if self.central_dp is not None and self.secure_aggregation is not None:
+            raise ValueError(
+                "central DP needs the server to clip each update, which secure aggregation hides from it: "
+                "use local DP (each node clips and adds noise) with secure aggregation"
+            )
 
     def _check_central_dp(self, dp: CentralDP) -> None:
         """Central DP clips at its C and weighs every update alike (more than 1/K of a mean is unbounded)."""
@@ -118,6 +128,7 @@ class RoundPolicy:
             check_sparsifier=self.check_sparsifier,
             bind_senders=self.bind_senders,
             privacy=privacy,
+            fold_factors=self.secure_aggregation is None,
         )
 
     def optimizer(self) -> ServerOptimizer:

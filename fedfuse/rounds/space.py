@@ -6,6 +6,10 @@
   merges in ΔW space and the merged ΔW is added to the base.
 - LoRA factors: A and B are merged like any tensor (FedIT / FlowerTune) and the merged factors are
   turned into s·B̄Ā afterwards; cross terms included, kept only for comparison.
+- LoRA frozen A (FFA-LoRA): every node shares the round's A (:func:`~fedfuse.algebra.lora.frozen_lora_a`,
+  redrawn here, never sent) and sends only B; the strategy merges the B's (and the head's τ) as sent, and
+  a linear merge B̄ gives the exact merged ΔW = s·B̄·A (Σ wₖ·s·Bₖ·A = s·(Σ wₖBₖ)·A), kept as
+  :class:`LowRank` factors under the base weight's name.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from fedfuse.algebra import (
     sparsify_update,
     to_dense,
 )
+from fedfuse.algebra.lora import LORA_A_SUFFIX, LORA_B_SUFFIX, frozen_lora_a
 from fedfuse.algebra.low_rank import FactoredUpdate, LowRank
 from fedfuse.wire import DecodedUpdate
 
-SpaceKind = Literal["full", "lora-exact", "lora-factors"]
-SPACE_KINDS = ("full", "lora-exact", "lora-factors")
+SpaceKind = Literal["full", "lora-exact", "lora-factors", "lora-frozen-a"]
+SPACE_KINDS = ("full", "lora-exact", "lora-factors", "lora-frozen-a")
 
 
 @dataclass(frozen=True)
@@ -39,17 +44,20 @@ class UpdateSpace:
 
     Parameters
     ----------
-    kind : {"full", "lora-exact", "lora-factors"}
+    kind : {"full", "lora-exact", "lora-factors", "lora-frozen-a"}
         How updates are merged (see the module docstring).
     wire_shapes : mapping of str to shape
-        The tensors an update carries (LoRA: each module's A and B factors, and the head).
+        The tensors an update carries (LoRA: each module's A and B factors, and the head; frozen A: B and the head).
     scale : float
         LoRA's s = alpha / rank (unused for full weights).
     sparsifier : Sparsifier
         Applied on the server to each ΔWₖ in LoRA-exact space, and to task vectors the server formed
         itself from plain weights (:meth:`server_sparsified`); clients sparsify their own full updates.
     seed, seed_scope
-        The run seed and DARE seed scope, so server-side DARE masks are seeded like a client's.
+        The run seed and DARE seed scope, so server-side DARE masks are seeded like a client's (and a frozen A
+        drawn like a node's).
+    lora_a_shapes : mapping of str to shape
+        Frozen A only: each module's ``"<module>.lora_A"`` shape (r, in), which nodes do not send.
     """
 
     kind: SpaceKind
@@ -58,11 +66,41 @@ class UpdateSpace:
     sparsifier: Sparsifier = field(default_factory=Sparsifier)
     seed: int = 0
     seed_scope: str = "node"
+    lora_a_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in SPACE_KINDS:
             raise ValueError(f"update space must be one of {', '.join(SPACE_KINDS)}; got {self.kind!r}")
         object.__setattr__(self, "wire_shapes", {name: tuple(shape) for name, shape in self.wire_shapes.items()})
+        object.__setattr__(self, "lora_a_shapes", {name: tuple(shape) for name, shape in self.lora_a_shapes.items()})
+        if self.kind == "lora-frozen-a":
+            self._check_frozen_a()
+
+    def _check_frozen_a(self) -> None:
+        """Frozen A: B on the wire, no A, every B with an A shape it chains with, and B merged as sent."""
+        if self.sparsifier.kind != "none":
+            raise ValueError("a frozen-A LoRA space merges B as sent: its sparsifier must be none")
+        sent_a = [name for name in self.wire_shapes if name.endswith(LORA_A_SUFFIX)]
+        if sent_a:
+            raise ValueError(f"frozen-A LoRA nodes do not send A, but the update space expects {sent_a[0]}")
+        for module in self.frozen_a_modules:
+            a_name, b_name = factor_names(module)
+            a_shape = self.lora_a_shapes.get(a_name)
+            if a_shape is None or len(a_shape) != 2 or a_shape[0] != self.wire_shapes[b_name][1]:
+                raise ValueError(
+                    f"frozen-A LoRA: {b_name} {self.wire_shapes[b_name]} needs the shape (r, in) of its A; "
+                    f"got {a_shape}"
+                )
+
+    @property
+    def frozen_a_modules(self) -> list[str]:
+        """Frozen A only: the modules whose B the nodes send (sorted)."""
+        return sorted(name.removesuffix(LORA_B_SUFFIX) for name in self.wire_shapes if name.endswith(LORA_B_SUFFIX))
+
+    def frozen_a(self, module: str, round_number: int) -> torch.Tensor:
+        """The A every node shared for ``module`` in round ``round_number`` (redrawn, as the nodes drew it)."""
+        r, fan_in = self.lora_a_shapes[factor_names(module)[0]]
+        return frozen_lora_a(self.seed, round_number, module, (r, fan_in))
 
     @classmethod
     def full(cls, shapes: Mapping[str, tuple[int, ...]]) -> UpdateSpace:
@@ -118,11 +156,25 @@ class UpdateSpace:
         seed_for = dare_seed_fn(self.seed, round_number, node, self.seed_scope)
         return sparsify_update({name: to_dense(t) for name, t in dense.items()}, self.sparsifier, seed_for)
 
-    def task_vector(self, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The merged change to the global weights, by parameter name."""
+    def task_vector(
+        self, merged: Mapping[str, torch.Tensor], *, round_number: int | None = None
+    ) -> dict[str, torch.Tensor | LowRank]:
+        """The merged change to the global weights, by parameter name.
+
+        Frozen A: each merged B̄ becomes ΔW = (s·B̄)·A, factored, under ``"<module>.weight"`` (A of ``round_number``).
+        """
         if self.kind == "lora-factors":
-            return factors_to_deltas(dict(merged), self.scale)
-        return dict(merged)
+            return {**factors_to_deltas(dict(merged), self.scale)}
+        if self.kind != "lora-frozen-a":
+            return dict(merged)
+        if round_number is None:
+            raise ValueError("a frozen-A LoRA merge needs the round number to redraw A")
+        modules = {factor_names(module)[1]: module for module in self.frozen_a_modules}
+        out: dict[str, torch.Tensor | LowRank] = {name: t for name, t in merged.items() if name not in modules}
+        for b_name, module in modules.items():
+            a = self.frozen_a(module, round_number)
+            out[module + ".weight"] = LowRank(merged[b_name].float() * self.scale, a)
+        return out
 
 
 def factored_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor | LowRank]:
@@ -139,3 +191,11 @@ def factored_deltas(tensors: Mapping[str, torch.Tensor], scale: float) -> dict[s
         out[module + ".weight"] = LowRank(b, tensors[a_name].float())
     out.update({name: t for name, t in tensors.items() if name not in paired})
     return out
+
+
+def split_frozen_a(
+    shapes: Mapping[str, tuple[int, ...]],
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """A LoRA adapter's shapes as (what a frozen-A node sends, each module's A shape, which it does not send)."""
+    a_shapes = {name: tuple(shape) for name, shape in shapes.items() if name.endswith(LORA_A_SUFFIX)}
+    return {name: tuple(shape) for name, shape in shapes.items() if name not in a_shapes}, a_shapes

@@ -41,10 +41,12 @@ from fedfuse.messages import (
 )
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import DEFAULT_MAX_NUM_EXAMPLES, CentralDP, RoundEngine, RoundPolicy, UpdateSpace
+from fedfuse.secagg.protocol import SecAggParams
 from fedfuse.security import Registry
 from fedfuse.server.flower_names import merge_arguments
 from fedfuse.server.round_loop import EvaluateFn, InitialCallback, LoopConfig, RoundCallback, run_rounds
 from fedfuse.server.round_state import RoundReference, merge_dtype, reply_sender
+from fedfuse.server.secure_round import SecureRound
 from fedfuse.strategies import MergeStrategy, build_strategy
 from fedfuse.timing import Phases
 
@@ -90,6 +92,10 @@ class FedMerge(FedAvg):
         A server optimizer on the merged task vector (``fedavgm``, ``fedadam``, ``fedyogi``).
     dp, dp_clip_norm, dp_noise_multiplier, dp_noise_seed
         ``dp="central"``: clip every update to ``dp_clip_norm`` and add Gaussian noise to the merge.
+    secure_aggregation : {"none", "secagg+"} or SecAggParams
+        SecAgg+: nodes (with :func:`fedfuse.client.secure_aggregation_mod` before the uplink mod) send
+        masked statistics and the server folds only their sum; a ``SecAggParams`` sets its threshold,
+        graph degree, bits and clipping range. Clipping and the example cap then run on the nodes.
     policy : RoundPolicy, optional
         The whole round policy at once (then the bound, optimizer and DP arguments must stay unset).
     """
@@ -132,6 +138,7 @@ class FedMerge(FedAvg):
         dp_clip_norm: float = 1.0,
         dp_noise_multiplier: float = 1.0,
         dp_noise_seed: int = -1,
+        secure_aggregation: str | SecAggParams | None = None,
         policy: RoundPolicy | None = None,
         **params: Any,
     ) -> None:
@@ -161,6 +168,7 @@ class FedMerge(FedAvg):
                 max_update_bytes=max_update_bytes != 0,
                 server_optimizer=self._rule is not None,
                 dp=dp != "none",
+                secure_aggregation=secure_aggregation not in (None, "none"),
             )
         else:
             central = _central_dp(dp, dp_clip_norm, dp_noise_multiplier, dp_noise_seed)
@@ -172,8 +180,10 @@ class FedMerge(FedAvg):
                 check_sparsifier=sparsifier is not None,
                 central_dp=central,
                 server_optimizer=self._rule,
+                secure_aggregation=_secure_params(secure_aggregation),
             )
         self.policy = policy
+        _check_secure_method(self.merge, policy)
         self.optimizer = policy.optimizer()
         self._init_round_state()
 
@@ -300,6 +310,23 @@ class FedMerge(FedAvg):
                 "weights: call configure_train, set current_arrays or pass arrays= to aggregate_train"
             )
         return RoundReference.zeros_like_first(replies, self.arrayrecord_key, self.fisher_key)
+
+    def aggregate_secure(
+        self, server_round: int, messages: list[Message], grid: Grid, timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A secure round: SecAgg+'s stages from the round's train messages, then the secure sum applied."""
+        secure = self.policy.secure_aggregation
+        if secure is None:
+            raise ValueError("this strategy's round policy has no secure aggregation")
+        reference, _ = self._round_reference(None, iter(()))
+        engine = self._round_engine(server_round, reference)
+        self.last_clients, self.last_phases, self.last_client_phases = {}, Phases(), {}
+        space = self._space(reference)
+        run = SecureRound(self, engine, space, grid, timeout, server_round, secure, reference.fingerprint)
+        with self.last_phases("secure_aggregation"):
+            notes = run.run(list(messages))
+        arrays, metrics = self._finish_round(server_round, engine, reference, [])
+        return arrays, MetricRecord({**dict(metrics or {}), **notes})
 
     def _reference_free(self) -> bool:
         """Whether this merge may take the replied weights for task vectors (the round's weights being unknown)."""
@@ -481,6 +508,27 @@ def _central_dp(dp: str, clip_norm: float, noise_multiplier: float, noise_seed: 
     if dp not in ("none", "central"):
         raise ValueError(f"dp must be 'none' or 'central' (local DP is the clients' own); got {dp!r}")
     return None if dp == "none" else CentralDP(clip_norm, noise_multiplier, noise_seed)
+
+
+def _check_secure_method(merge: MergeStrategy, policy: RoundPolicy) -> None:
+    """Secure aggregation sums statistics: the method's state must be that sum (no robust or offline-only method)."""
+    capabilities = merge.capabilities
+    if policy.secure_aggregation is not None and (not capabilities.mergeable or capabilities.needs_base):
+        raise ValueError(
+            f"secure aggregation needs a method whose state is a sum over nodes; {merge.name!r} is refused: "
+            "it looks at each update (a median or Krum score needs them one by one)"
+        )
+
+
+def _secure_params(secure_aggregation: str | SecAggParams | None) -> SecAggParams | None:
+    """SecAgg+'s knobs for ``secure_aggregation`` ("none", "secagg+" or the knobs themselves)."""
+    if isinstance(secure_aggregation, SecAggParams):
+        return secure_aggregation
+    if secure_aggregation in (None, "none"):
+        return None
+    if secure_aggregation != "secagg+":
+        raise ValueError(f"secure_aggregation must be 'none' or 'secagg+'; got {secure_aggregation!r}")
+    return SecAggParams()
 
 
 def _metric_record(reply: Message) -> MetricRecord:

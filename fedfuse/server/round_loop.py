@@ -124,10 +124,13 @@ def run_round(
     with phases("broadcast"):
         messages = list(strategy.configure_train(server_round, arrays, loop.train_config, loop.grid))
         downlink = message_bytes(messages)
-    replies = stream_replies(loop.grid, messages, timeout=loop.timeout, ordered=True)
-    del messages
     with phases("wait"):
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if strategy.policy.secure_aggregation is not None:
+            new_arrays, train_metrics = strategy.aggregate_secure(server_round, messages, loop.grid, loop.timeout)
+        else:
+            replies = stream_replies(loop.grid, messages, timeout=loop.timeout, ordered=True)
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    del messages
     for name, seconds in strategy.last_phases.seconds.items():  # decode+fold and finalize happened while waiting
         phases.add(name, seconds)
         phases.add("wait", -seconds)

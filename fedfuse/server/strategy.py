@@ -208,6 +208,18 @@ class FedFuseStrategy(FedMerge):
             self.versions.forget(int(sender))
         return rejection
 
+    def aggregate_secure(
+        self, server_round: int, messages: list[Message], grid: Grid, timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A secure round (FedMerge's); nodes that failed or vanished during it are re-synced whole next time."""
+        outcome = super().aggregate_secure(server_round, messages, grid, timeout)
+        ids = {name: node for node, name in self._names.items()}
+        for rejection in self.last_rejections:
+            node = rejection.node or ""
+            if rejection.reason in RESYNC_REASONS and (node in ids or node.isdigit()):
+                self.versions.forget(ids.get(node) or int(node))
+        return outcome
+
     def _reject_missing(self, engine: RoundEngine, replied: set[str]) -> None:
         for message in self._instructions:
             if str(message.metadata.dst_node_id) not in replied:

@@ -26,7 +26,7 @@ from fedfuse.strategies import (
 if TYPE_CHECKING:
     from fedfuse.settings.run_settings import RunSettings
 
-LORA_AGGREGATIONS = ("exact", "factors")
+LORA_AGGREGATIONS = ("exact", "factors", "frozen-a")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,7 +42,8 @@ class MergeSettings:
         λ; the TIES vote rule (only for strategies that declare ``vote``); the strategy's other
         declared parameters as ``"name=value,name=value"``.
     lora_aggregation : str
-        "exact" merges ΔW = s·BA; "factors" averages A and B (the baseline).
+        "exact" merges ΔW = s·BA; "factors" averages A and B (the baseline); "frozen-a" shares one A drawn
+        from the run seed and round, frozen, and merges only the trained B's (FFA-LoRA: exact for linear merges).
     server_optimizer, server_lr, server_momentum, server_beta2, server_tau : str, float or "auto", float
         The top server's optimizer on the merged task vector (``none``, ``fedavgm``, ``fedadam``,
         ``fedyogi``; :mod:`fedfuse.algebra.server_optim`), η ("auto": the optimizer's default), β₁, β₂, τ.
@@ -57,7 +58,11 @@ class MergeSettings:
     strategy_params: str = setting(
         "", "the strategy's other declared parameters, `name=value,...` (e.g. `eps=1e-8` for fisher)"
     )
-    lora_aggregation: str = setting("exact", "`exact` merges ΔW = s·B·A; `factors` averages A and B (baseline)")
+    lora_aggregation: str = setting(
+        "exact",
+        "`exact` merges ΔW = s·B·A; `factors` averages A and B (baseline); `frozen-a` (FFA-LoRA) shares a frozen A "
+        "drawn from the seed and round, trains and sends only B, and a linear strategy merges B: s·B̄·A is exact",
+    )
     weighting: str = setting("num_examples", "update weight: `num_examples` or `uniform`")
     device: str = setting("auto", "where the server's merge state lives (`auto`: CUDA when present)")
     clip_norm: float = setting(0.0, "clip every update to this L2 norm before merging, any strategy (0 = off)")

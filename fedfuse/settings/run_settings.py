@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedfuse.rounds import CentralDP, RoundEngine, RoundPolicy, UpdateSpace
+from fedfuse.rounds.space import split_frozen_a
 from fedfuse.settings.attack import AttackSettings
 from fedfuse.settings.compression import CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError, coerce, key, section_fields
@@ -81,6 +82,8 @@ class RunSettings:
             raise SettingsError(f"strategy {name!r} needs fisher-batches >= 1 (or 'auto')")
         if self.merge.spec.capabilities.needs_gram and self.gram_batch_count == 0:
             raise SettingsError(f"strategy {name!r} needs gram-batches >= 1 (or 'auto')")
+        if self.merge.lora_aggregation == "frozen-a":
+            self._check_frozen_a()
         if (
             self.merge.spec.capabilities.needs_gram
             and self.training.mode == "lora"
@@ -102,11 +105,13 @@ class RunSettings:
             raise SettingsError("error-feedback with round-scoped DARE seeds would drop the same entries every round")
         if self.privacy.enabled:
             self._check_privacy()
+        if self.privacy.secure is not None:
+            self._check_secure_aggregation()
         if c.broadcast == "factors" and not self.merges_low_rank:
             raise SettingsError(
-                f"broadcast 'factors' needs a low-rank merge: mode lora with lora-aggregation exact, a linear strategy "
-                f"(fedavg, task_arithmetic, linear), sparsifier none, no server optimizer and no central DP; "
-                f"{name!r} gives a full-rank change: use broadcast auto, dense or svd"
+                "broadcast 'factors' needs a low-rank merge: mode lora with lora-aggregation exact or frozen-a, a "
+                "linear strategy (fedavg, task_arithmetic, linear), sparsifier none, no server optimizer and no "
+                f"central DP; {name!r} gives a full-rank change: use broadcast auto, dense or svd"
             )
 
     @property
@@ -114,12 +119,31 @@ class RunSettings:
         """Whether every round's merged change of the adapted matrices is a product of stacked LoRA factors."""
         return (
             self.training.mode == "lora"
-            and self.merge.lora_aggregation == "exact"
+            and self.merge.lora_aggregation in ("exact", "frozen-a")
             and self.merge.spec.capabilities.linear
             and self.compression.sparsifier == "none"
             and self.merge.server_optimizer == "none"
             and self.privacy.dp != "central"
         )
+
+    def _check_frozen_a(self) -> None:
+        """Frozen A merges B alone: exact only for a linear merge of LoRA updates sent whole."""
+        name = self.merge.strategy
+        if self.training.mode != "lora":
+            raise SettingsError("lora-aggregation 'frozen-a' needs mode lora: it freezes the LoRA A and trains B")
+        capabilities = self.merge.spec.capabilities
+        if not capabilities.linear or capabilities.needs_gram:
+            raise SettingsError(
+                f"lora-aggregation 'frozen-a' needs a linear strategy (fedavg, task_arithmetic, linear); {name!r} is "
+                "refused: it merges B, and only a weighted sum of B's is the merge of ΔW = s·B·A. TIES's votes on "
+                "ΔW = s·B·A are not linear in B, Fisher and RegMean weight ΔW by statistics of a node's own, and "
+                "robust methods select among the ΔW's (use lora-aggregation exact)"
+            )
+        if self.compression.sparsifier != "none":
+            raise SettingsError(
+                f"lora-aggregation 'frozen-a' needs sparsifier none; got {self.compression.sparsifier!r}: a node sends "
+                "only B (out×r), merged as sent"
+            )
 
     def _check_privacy(self) -> None:
         """A DP run's merge must be a linear function of the clipped updates, on a support that reveals no one."""
@@ -154,6 +178,31 @@ class RunSettings:
         if p.dp == "central" and self.training.mode == "lora" and self.merge.lora_aggregation != "exact":
             raise SettingsError("dp 'central' with LoRA needs lora-aggregation exact (clipping and noise act on ΔW)")
 
+    def _check_secure_aggregation(self) -> None:
+        """Secure sums need additive statistics on supports that reveal no node (dense, or round-seeded DARE)."""
+        name, c = self.merge.strategy, self.compression
+        capabilities = self.merge.spec.capabilities
+        if not capabilities.mergeable or capabilities.needs_base:
+            raise SettingsError(
+                f"secure-aggregation needs a method whose state is a sum over nodes; {name!r} is refused: robust "
+                "methods look at each update (a median or Krum score needs them one by one)"
+            )
+        if c.sparsifier not in ("none", "dare") or (c.sparsifier == "dare" and c.seed_scope != "round"):
+            raise SettingsError(
+                f"secure-aggregation needs sparsifier none, or dare with seed-scope round; got {c.sparsifier!r} "
+                f"(seed-scope {c.seed_scope!r}): a node's own trim or DARE mask would reveal where its update is large "
+                "and who sent it"
+            )
+        if self.training.mode == "lora" and self.merge.lora_aggregation != "frozen-a":
+            raise SettingsError(
+                "secure-aggregation with mode lora needs lora-aggregation frozen-a: with a shared frozen A the sum of "
+                "the nodes' B's is the exact merge, while exact ΔW = s·B·A would need every node's dense ΔW summed"
+            )
+        if self.privacy.dp == "central":
+            raise SettingsError(
+                "secure-aggregation hides each update from the server, which central DP must clip: use dp local"
+            )
+
     @property
     def server_clip_norm(self) -> float:
         """The norm the server (and a gateway) clips each update to: C in central DP, else ``clip-norm``."""
@@ -172,16 +221,21 @@ class RunSettings:
             central_dp=central,
             server_optimizer=self.merge.server_rule,
             timeout=self.run.timeout,
+            secure_aggregation=self.privacy.secure,
         )
 
     def update_space(self, wire_shapes: Mapping[str, tuple[int, ...]], scale: float) -> UpdateSpace:
-        """The space this run merges in (mode, LoRA aggregation, sparsifier, seeds) for these wire tensors."""
-        if self.training.mode == "full":
-            kind = "full"
-        else:
-            kind = "lora-exact" if self.merge.lora_aggregation == "exact" else "lora-factors"
+        """The space this run merges in (mode, LoRA aggregation, sparsifier, seeds) for these wire tensors.
+
+        Frozen A: ``wire_shapes`` is the adapter's (:func:`fedfuse.training.run_model.update_shapes`), A included; its
+        A shapes are kept by the space to redraw A, and its ``wire_shapes`` are what nodes send (B and the head).
+        """
+        kind = "full" if self.training.mode == "full" else f"lora-{self.merge.lora_aggregation}"
         c = self.compression
-        return UpdateSpace(kind, wire_shapes, scale, c.sparsifier_spec, self.run.seed, c.seed_scope)  # type: ignore[arg-type]
+        a_shapes: dict[str, tuple[int, ...]] = {}
+        if kind == "lora-frozen-a":  # A is redrawn, not sent: its shapes go to the space, off the wire
+            wire_shapes, a_shapes = split_frozen_a(wire_shapes)
+        return UpdateSpace(kind, wire_shapes, scale, c.sparsifier_spec, self.run.seed, c.seed_scope, a_shapes)  # type: ignore[arg-type]
 
     def round_engine(self, space: UpdateSpace, *, bind_senders: bool = True, **round_facts: Any) -> RoundEngine:
         """A round engine with this run's strategy and policy (``round_facts``: see ``RoundPolicy.engine``).

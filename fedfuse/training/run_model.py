@@ -2,7 +2,8 @@
 
 In LoRA mode every client starts the round from the same fresh adapter (B = 0, A drawn from a seed
 shared by the round) on the round's merged weights; the classification head, new to the base model,
-trains fully and travels as an ordinary task vector.
+trains fully and travels as an ordinary task vector. With ``lora-aggregation = "frozen-a"`` each A is the
+round's :func:`~fedfuse.algebra.lora.frozen_lora_a`, which the server redraws, and is frozen: only B trains.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fedfuse.algebra import derive_seed, factor_names
+from fedfuse.algebra.lora import frozen_lora_a
 from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer, model_skeleton
 from fedfuse.settings import AUTO_TARGET_MODULES, RunSettings, SettingsError
 from fedfuse.training.client_datasets import run_label_names
@@ -115,7 +117,7 @@ def target_modules_for(model: torch.nn.Module, settings: RunSettings) -> list[st
 
 
 def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int) -> torch.nn.Module:
-    """Wrap ``model`` with fresh LoRA adapters (A seeded by the run and round), head trainable."""
+    """Wrap ``model`` with fresh LoRA adapters (A seeded by the run and round), head trainable; frozen-a: A frozen."""
     heads = set(head_names(model))
     config = LoraConfig(
         r=settings.training.lora_rank,
@@ -127,10 +129,22 @@ def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(settings.run.seed, round_number, None, "lora-init") % 2**63)
         peft_model = get_peft_model(model, config)
+    if settings.merge.lora_aggregation == "frozen-a":
+        freeze_shared_a(peft_model, settings.run.seed, round_number)
     for name, parameter in peft_model.named_parameters():
         if name.removeprefix(PEFT_PREFIX) in heads:
             parameter.requires_grad_(True)
     return peft_model
+
+
+def freeze_shared_a(peft_model: torch.nn.Module, seed: int, round_number: int) -> None:
+    """FFA-LoRA: every module's A set to the round's shared :func:`frozen_lora_a` and frozen, so only B trains."""
+    with torch.no_grad():
+        for module, layer in lora_layers(peft_model).items():
+            weight = cast(torch.Tensor, layer.lora_A["default"].weight)
+            if not weight.is_meta:  # a skeleton (update_shapes) needs only the shapes
+                weight.copy_(frozen_lora_a(seed, round_number, module, (weight.shape[0], weight.shape[1])))
+            weight.requires_grad_(False)
 
 
 def lora_scale(settings: RunSettings) -> float:
@@ -148,7 +162,7 @@ def lora_layers(peft_model: torch.nn.Module) -> dict[str, LoraLayer]:
 
 
 def lora_update(peft_model: torch.nn.Module, round_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a LoRA client sends: every module's A and B, and the head's task vector."""
+    """A LoRA client's trained adapter: every module's A and B, and the head's task vector (frozen-a sends no A)."""
     out: dict[str, torch.Tensor] = {}
     for module, layer in lora_layers(peft_model).items():
         a_name, b_name = factor_names(module)
@@ -180,7 +194,11 @@ def base_identity(settings: RunSettings) -> dict[str, str]:
 
 
 def update_shapes(settings: RunSettings) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor a client of this run sends (what the server expects), from the skeleton."""
+    """Name → shape of every tensor a client of this run sends (what the server expects), from the skeleton.
+
+    LoRA: the adapter's A and B and the head; frozen-a nodes do not send A, whose shape the run's update space
+    keeps to redraw it (:meth:`~fedfuse.settings.RunSettings.update_space`).
+    """
     model = skeleton(settings)
     if settings.training.mode == "full":
         return {name: tuple(p.shape) for name, p in model.named_parameters()}
