@@ -18,6 +18,7 @@ Built and parsed only here, by the server, the ClientApp and the tier gateway:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ SIGNATURE_RECORD = "fedfuse.signature"
 TIMING_RECORD = "fedfuse.timing"
 SECAGG_RECORD = "fedfuse.secagg"
 """A secure-aggregation stage: the server's request (``stage``, setup, what it forwards) or a node's reply."""
+SECAGG_VECTOR_RECORD = "fedfuse.secagg.vector"
+"""A ``mask`` reply's masked vector, as a uint8 Array (Flower's chunked transport carries large arrays)."""
 SECAGG_STATE_RECORD = "fedfuse.secagg.state"
 """What a node keeps in ``Context.state`` between the stages of one secure round (its secrets, its input)."""
 PAYLOAD_RECORDS: dict[PayloadKind, str] = {"update": UPDATE_RECORD, "partial": PARTIAL_RECORD}
@@ -336,3 +339,38 @@ class NodeName:
         config = message.content.config_records.get(CONFIG_RECORD)
         name = None if config is None else config.get("node")
         return cls(name) if isinstance(name, str) and name else None
+
+
+def secagg_records(record: Mapping[str, object]) -> RecordDict:
+    """A stage reply as content: its fields in a ConfigRecord, a masked vector moved into an ArrayRecord.
+
+    The ConfigRecord keeps the vector's SHA-256 (``masked-sha256``), so a signature over it binds the vector.
+    """
+    fields = dict(record)
+    masked = fields.pop("masked", None)
+    content = RecordDict()
+    if isinstance(masked, bytes):
+        fields["masked-sha256"] = hashlib.sha256(masked).hexdigest()
+        vector = Array(np.frombuffer(masked, dtype=np.uint8).copy())
+        content[SECAGG_VECTOR_RECORD] = ArrayRecord({PAYLOAD_KEY: vector})
+    content[SECAGG_RECORD] = ConfigRecord(fields)  # type: ignore[arg-type]
+    return content
+
+
+def read_secagg(content: RecordDict) -> dict[str, object] | None:
+    """A stage reply's fields (the masked vector back as bytes); None if absent.
+
+    Raises ``ValueError`` when the vector does not match the SHA-256 its (signed) fields name.
+    """
+    record = content.config_records.get(SECAGG_RECORD)
+    if record is None:
+        return None
+    fields: dict[str, object] = dict(record)
+    vector = content.array_records.get(SECAGG_VECTOR_RECORD)
+    digest = fields.get("masked-sha256")
+    if vector is not None and PAYLOAD_KEY in vector and isinstance(digest, str):
+        masked = vector[PAYLOAD_KEY].numpy().tobytes()
+        if hashlib.sha256(masked).hexdigest() != digest:
+            raise ValueError("the masked vector does not match its SHA-256 (changed in transit)")
+        fields["masked"] = masked
+    return fields

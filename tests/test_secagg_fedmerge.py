@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from mod_grid import ModGrid
 
 from fedfuse.flower import FedMerge, SecAggParams, secure_aggregation_mod, signing_mod, task_vector_mod
+from fedfuse.messages import SECAGG_RECORD, SECAGG_VECTOR_RECORD
 from fedfuse.security import Registry, write_institution_keys
 
 pytestmark = pytest.mark.integration
@@ -139,18 +140,23 @@ def _signed_grid(tmp_path, unsigned: int | None = None) -> tuple[ModGrid, Regist
     return ModGrid(NODES, _handler, mods, node_config=config), Registry(keys)
 
 
-def test_signed_stage_replies_are_checked_an_unsigned_node_is_refused_and_a_tampered_mask_is_dropped(
+def test_signed_stage_replies_are_checked_an_unsigned_node_is_refused_and_tampered_replies_are_dropped(
     server_identity, tmp_path
 ):
     grid, registry = _signed_grid(tmp_path, unsigned=NODES[0])
-    tampered = NODES[3]
+    altered, corrupted = NODES[3], -1
 
     def tamper(node: int, reply: Message) -> Message:
-        record = reply.content.config_records.get("fedfuse.secagg")
-        if node == tampered and record is not None and record["stage"] == "mask":
-            masked = bytearray(record["masked"])
-            masked[0] ^= 1  # changed in transit, after the node signed it
-            record["masked"] = bytes(masked)
+        record = reply.content.config_records.get(SECAGG_RECORD)
+        if record is None or record["stage"] != "mask":
+            return reply
+        if node == altered:  # a signed field changed in transit
+            record["unreadable"] = [str(NODES[1])]
+        if node == corrupted:  # the masked vector changed in transit: it no longer matches its signed SHA-256
+            record = reply.content.array_records[SECAGG_VECTOR_RECORD]
+            data = record["payload"].numpy().copy()
+            data[0] ^= 1
+            record["payload"] = Array(data)
         return reply
 
     grid.tamper = tamper
@@ -159,7 +165,17 @@ def test_signed_stage_replies_are_checked_an_unsigned_node_is_refused_and_a_tamp
     assert reasons == {"101": "unsigned", "inst-3": "bad_signature"}
     metrics = secure.train_metrics_clientapp[1]
     assert (metrics["secagg-survivors"], metrics["secagg-dropped"]) == (len(NODES) - 2, 1)
-    survivors = [n for n in NODES if n not in (NODES[0], tampered)]
+    _assert_merges_like_plain(secure, [n for n in NODES if n not in (NODES[0], altered)])
+    corrupt_only, registry = _signed_grid(tmp_path / "again")
+    corrupt_only.tamper = tamper
+    altered, corrupted = -1, NODES[4]  # this time only a masked vector is changed
+    strategy, secure = _run("fedavg", True, corrupt_only, registry=registry)
+    assert {r.node: r.reason for r in strategy.last_rejections} == {"inst-4": "secagg_protocol"}
+    assert "does not match its SHA-256" in strategy.last_rejections[0].message
+    _assert_merges_like_plain(secure, [n for n in NODES if n != corrupted])
+
+
+def _assert_merges_like_plain(secure, survivors: list[int]) -> None:
     _, plain = _run("fedavg", False, ModGrid(survivors, _handler, [task_vector_mod(sparsifier="none")]))
     for name, tensor in plain.arrays.to_torch_state_dict().items():
         torch.testing.assert_close(secure.arrays.to_torch_state_dict()[name], tensor, rtol=0, atol=1e-5)

@@ -29,6 +29,7 @@ from fedfuse.messages import (
     TrainReply,
     array_record,
     record_tensors,
+    secagg_records,
 )
 from fedfuse.rejections import Rejected
 from fedfuse.rounds import UpdateSpace
@@ -61,9 +62,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         else:
             answer = _later_stage(stage, context, request)
         kept = context.state.config_records[SECAGG_STATE_RECORD]
-        record = ConfigRecord({"stage": stage, **answer})
-        content = RecordDict({SECAGG_RECORD: record})
-        _sign(context, kept, record, content)
+        content = secagg_records({"stage": stage, **answer})
+        _sign(context, kept, content[SECAGG_RECORD], content)
         if stage == "unmask":
             del context.state.config_records[SECAGG_STATE_RECORD]
     except (ValueError, KeyError, SecAggAborted, Rejected) as exc:
@@ -157,7 +157,7 @@ def _later_stage(stage: str, context: Context, request: Mapping[str, Any]) -> di
     return answer
 
 
-def _sign(context: Context, kept: ConfigRecord, record: ConfigRecord, content: RecordDict) -> None:
+def _sign(context: Context, kept: ConfigRecord, record: Any, content: RecordDict) -> None:
     """Sign the stage reply with the node's ``signing-key`` (none: unsigned, as fedfuse's own app leaves it)."""
     key_path = str(context.node_config.get("signing-key", "") or "")
     if not key_path:

@@ -80,6 +80,8 @@ class RoundRecord(EvaluationRecord):
     finished_at: float = 0.0
     broadcast: dict[str, Any] = field(default_factory=dict)
     """How the round's change went to the nodes: mode, delta and per-node bytes, relative error, version."""
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)
+    """A secure round's counts: survivors, dropped, threshold, degree, clipped values, error bound, bytes."""
     dp_epsilon: float | None = None
 
     @classmethod
@@ -108,6 +110,7 @@ class RoundRecord(EvaluationRecord):
             client_phases=dict(outcome.client_phases),
             finished_at=time.time(),
             broadcast=dict(outcome.broadcast),
+            secure_aggregation=_prefixed(train, "secagg-"),
         )
 
 

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedfuse.algebra import derive_seed
-from fedfuse.messages import SECAGG_RECORD, SIGNATURE_RECORD, reply_error_reason, short_reason
+from fedfuse.messages import SECAGG_RECORD, SIGNATURE_RECORD, read_secagg, reply_error_reason, short_reason
 from fedfuse.rejections import Rejected
 from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.rounds.secure_sum import StatisticsLayout, round_supports, support_digest
@@ -198,24 +198,29 @@ class SecureRound:
                 self.engine.reject(self._name(node), "timed_out", f"no {stage!r} reply within {self.timeout:g} s")
 
     def _record(self, reply: Message, node: int, stage: str) -> dict[str, Any] | None:
+        """The reply's stage fields (its masked vector as bytes), or None after recording why it is refused."""
         if reply.has_error():
             self.engine.reject(self._name(node), reply_error_reason(reply), short_reason(reply.error.reason))
             return None
-        record = reply.content.config_records.get(SECAGG_RECORD)
-        if record is None or record.get("stage") != stage:
+        try:
+            values = read_secagg(reply.content)
+        except ValueError as exc:
+            self.engine.reject(self._name(node), "secagg_protocol", f"{stage}: {exc}")
+            return None
+        if values is None or values.get("stage") != stage:
             self.engine.reject(self._name(node), "secagg_protocol", f"reply carries no {stage!r} stage record")
             return None
-        values = dict(record)
         self.bytes_up += config_bytes(values)
         try:
-            self._verify(reply, node, values)
+            self._verify(reply, node, reply.content.config_records[SECAGG_RECORD])
         except Rejected as exc:
             self.engine.reject(self._name(node), exc.reason, str(exc))
             return None
         return values
 
     def _verify(self, reply: Message, node: int, record: Mapping[str, Any]) -> None:
-        """With a signer registry: the stage reply must be signed by the institution the node named."""
+        """With a signer registry: the reply's ConfigRecord (which binds a masked vector by its SHA-256) must be
+        signed by the institution the node named."""
         registry = self.strategy.registry
         if registry is None:
             return
