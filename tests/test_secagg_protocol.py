@@ -158,3 +158,18 @@ def test_the_server_only_ever_holds_masked_vectors_each_indistinguishable_from_u
         expected = vector.size / 16
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < 42.0  # chi-square(15) at 0.9999: zeros masked look uniform
+
+
+def test_with_three_nodes_one_dropping_after_sharing_is_recovered_because_nodes_hold_a_share_of_their_own():
+    setup = _setup(3)
+    assert (setup.threshold, setup.degree) == (2, 2)
+    inputs = _inputs(setup)
+    _, total = run_protocol(setup, inputs, drop_before_mask={setup.nodes[0]})
+    assert np.array_equal(total, _expected(setup, inputs, list(setup.nodes[1:])))
+
+
+def test_nodes_rebuild_the_graph_from_its_degree_and_seed_instead_of_downloading_it():
+    setup = _setup(40)
+    config = setup.to_config()
+    assert "graph" not in config and len(str(config)) < 2000
+    assert RoundSetup.from_config(config).neighbours == setup.neighbours

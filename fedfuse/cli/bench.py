@@ -39,6 +39,11 @@ BENCHMARKS = (
         "Round time and the server's peak RSS against institutions and clients sampled.",
     ),
     LazyCommand(
+        "secagg",
+        "fedfuse.bench.secagg:secagg",
+        "SecAgg+ against plain merging: bytes and time per node and server, accuracy.",
+    ),
+    LazyCommand(
         "llm-round",
         "fedfuse.bench.llm_round:llm_round",
         "Federated LoRA at LLM scale: dense, factor, SVD broadcast, FlowerTune.",

@@ -117,6 +117,8 @@ class Aggregator:
             s_commit = _bytes_list(reply.get("s-commitments"), "s-commitments")
             b_commit = _bytes_list(reply.get("b-commitments"), "b-commitments")
             b_seed_commit = _field_bytes(reply, "b-commitment", COMMITMENT_BYTES)
+            own = (_field_bytes(reply, "own-s-commitment", COMMITMENT_BYTES),
+                   _field_bytes(reply, "own-b-commitment", COMMITMENT_BYTES))  # fmt: skip
             if not len(sealed) == len(s_commit) == len(b_commit) == len(peers):
                 raise MalformedReply("one ciphertext and two commitments per neighbour")
             if any(len(c) != COMMITMENT_BYTES for c in s_commit + b_commit):
@@ -127,6 +129,7 @@ class Aggregator:
             self.sealed.setdefault(peer, {})[node] = box
             self.commitments[(node, peer, "s")], self.commitments[(node, peer, "b")] = s_c, b_c
         self.b_commitments[node] = b_seed_commit
+        self.commitments[(node, node, "s")], self.commitments[(node, node, "b")] = own
         self.shared.append(node)
         return None
 

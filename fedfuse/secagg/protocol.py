@@ -26,6 +26,7 @@ strings and lists of them, so the Flower glue carries them as ``ConfigRecord``s 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class SecAggParams:
 
     threshold: int = 0
     degree: int = 0
-    bits: int = 32
+    bits: int = 0
+    """0: the most that keeps the 32-bit ring (32 − ⌈log₂(n + 1)⌉), so the masked vector weighs as fp32 does."""
     clip_range: float = 1024.0
 
     def resolved(self, num_nodes: int) -> SecAggParams:
@@ -67,13 +69,14 @@ class SecAggParams:
         degree = self.degree or default_degree(num_nodes)
         degree = min(degree, num_nodes - 1)
         threshold = self.threshold or default_threshold(degree)
-        if not 1 <= threshold <= degree:
+        if not 1 <= threshold <= degree + 1:
             raise ValueError(
-                f"secure aggregation threshold must be in [1, {degree}] (the graph degree) for {num_nodes} nodes; "
-                f"got {threshold}"
+                f"secure aggregation threshold must be in [1, {degree + 1}] (the graph degree + the node itself) for "
+                f"{num_nodes} nodes; got {threshold}"
             )
-        FixedPoint.for_nodes(self.bits, self.clip_range, num_nodes)
-        return SecAggParams(threshold, degree, self.bits, self.clip_range)
+        bits = self.bits or 32 - num_nodes.bit_length()
+        FixedPoint.for_nodes(bits, self.clip_range, num_nodes)
+        return SecAggParams(threshold, degree, bits, self.clip_range)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class RoundSetup:
     fixed: FixedPoint
     length: int = 0
     """Ring elements in every node's input vector (set once the layout is known, before ``mask``)."""
+    degree: int = 0
+    graph_seed: int = 0
+    """The graph is ``neighbours(nodes, degree, graph_seed)``: nodes rebuild it instead of downloading it."""
 
     @classmethod
     def plan(cls, run_id: str, round_number: int, nodes: Iterable[int], params: SecAggParams, seed: int) -> RoundSetup:
@@ -96,7 +102,7 @@ class RoundSetup:
         knobs = params.resolved(len(ordered))
         graph = neighbours(ordered, knobs.degree, seed)
         fixed = FixedPoint.for_nodes(knobs.bits, knobs.clip_range, len(ordered))
-        return cls(run_id, round_number, ordered, graph, knobs.threshold, fixed)
+        return cls(run_id, round_number, ordered, graph, knobs.threshold, fixed, 0, knobs.degree, seed)
 
     def x(self, node: int) -> int:
         """The node's Shamir x-coordinate (its position among the participants, from 1)."""
@@ -112,7 +118,8 @@ class RoundSetup:
             "run-id": self.run_id,
             "round": self.round,
             "nodes": [str(node) for node in self.nodes],
-            "graph": json.dumps({str(n): [str(m) for m in peers] for n, peers in self.neighbours.items()}),
+            "degree": self.degree,
+            "graph-seed": self.graph_seed,
             "threshold": self.threshold,
             "bits": self.fixed.bits,
             "clip-range": float(self.fixed.clip_range),
@@ -124,15 +131,18 @@ class RoundSetup:
     def from_config(cls, config: Mapping[str, object]) -> RoundSetup:
         """Read it back (``ValueError`` naming what is missing or mistyped)."""
         try:
-            graph = json.loads(str(config["graph"]))
+            nodes = tuple(int(node) for node in _strings(config["nodes"]))
+            degree, seed = int(str(config["degree"])), int(str(config["graph-seed"]))
             return cls(
                 str(config["run-id"]),
                 int(str(config["round"])),
-                tuple(int(node) for node in _strings(config["nodes"])),
-                {int(n): tuple(int(m) for m in peers) for n, peers in graph.items()},
+                nodes,
+                neighbours(nodes, degree, seed),
                 int(str(config["threshold"])),
                 FixedPoint(int(str(config["bits"])), float(str(config["clip-range"])), int(str(config["ring-bits"]))),
                 int(str(config.get("length", 0))),
+                degree,
+                seed,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"secure-aggregation setup is malformed: {exc}") from None
@@ -212,7 +222,7 @@ class NodeSession:
     peers_s_public: dict[int, bytes] = field(default_factory=dict)
     peers_c_public: dict[int, bytes] = field(default_factory=dict)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    """Shares this node holds for each neighbour: (share of its s key, share of its b)."""
+    """Shares this node holds for each neighbour and itself: (share of the s key, share of b)."""
 
     def advertise(self) -> Message:
         """Stage 1: both public keys."""
@@ -228,15 +238,17 @@ class NodeSession:
         mine = set(self.setup.neighbours.get(self.node, ()))
         if not set(peers) <= mine:
             raise MalformedReply("the server named peers that are not this node's neighbours")
-        if len(peers) < self.setup.threshold:
+        if len(peers) + 1 < self.setup.threshold:
             raise SecAggAborted(
                 f"only {len(peers)} neighbours advertised keys; the threshold is {self.setup.threshold}"
             )
         self.peers_c_public = dict(zip(peers, c_keys, strict=True))
         self.peers_s_public = dict(zip(peers, s_keys, strict=True))
         xs = {peer: self.setup.x(peer) for peer in peers}
-        s_shares = split(self.s_key.private, self.setup.threshold, list(xs.values()))
-        b_shares = split(self.self_seed, self.setup.threshold, list(xs.values()))
+        own = self.setup.x(self.node)  # the node holds a share of its own secrets too (as Flower's SecAgg+ does)
+        s_shares = split(self.s_key.private, self.setup.threshold, [*xs.values(), own])
+        b_shares = split(self.self_seed, self.setup.threshold, [*xs.values(), own])
+        self.held[self.node] = (s_shares[own], b_shares[own])
         sealed, s_commit, b_commit = [], [], []
         for peer, x in xs.items():
             key = agree(
@@ -252,6 +264,8 @@ class NodeSession:
             "s-commitments": s_commit,
             "b-commitments": b_commit,
             "b-commitment": commitment(self.setup.context("b", self.node) + self.self_seed),
+            "own-s-commitment": share_commitment(self.setup, self.node, self.node, "s", s_shares[own]),
+            "own-b-commitment": share_commitment(self.setup, self.node, self.node, "b", b_shares[own]),
         }
 
     def masked_input(self, request: Mapping[str, object], vector: np.ndarray) -> Message:
@@ -294,7 +308,7 @@ class NodeSession:
         """Stage 4: b-shares of surviving neighbours, s-shares of dropped ones; never both for one node."""
         survivors = set(_node_list(request, "survivors"))
         dropped = set(_node_list(request, "dropped"))
-        if survivors & dropped:
+        if survivors & dropped or self.node in dropped:
             raise MalformedReply("the server named nodes both surviving and dropped (it would learn their input)")
         if len(survivors) < self.setup.threshold:
             raise SecAggAborted(f"only {len(survivors)} survivors; the threshold is {self.setup.threshold}")
@@ -348,4 +362,4 @@ def replace_length(setup: RoundSetup, length: int) -> RoundSetup:
     """The setup with the input vectors' length fixed."""
     if length < 1:
         raise MalformedReply(f"input length must be positive; got {length}")
-    return RoundSetup(setup.run_id, setup.round, setup.nodes, setup.neighbours, setup.threshold, setup.fixed, length)
+    return dataclasses.replace(setup, length=length)

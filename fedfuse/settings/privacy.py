@@ -60,7 +60,9 @@ class PrivacySettings:
         0, "shares a node's secrets need to be rebuilt (t); 0: a majority of its neighbours"
     )
     secagg_degree: int = setting(0, "neighbours per node in the masking graph (k, even); 0: O(log n) from the sample")
-    secagg_bits: int = setting(32, "bits of one statistic in SecAgg's fixed point (sign included)")
+    secagg_bits: int = setting(
+        0, "bits of one statistic in SecAgg's fixed point (sign included); 0: as many as keep a 32-bit ring"
+    )
     secagg_clip_range: float = setting(1024.0, "statistics are clipped to ±this before SecAgg's fixed point")
 
     def __post_init__(self) -> None:
@@ -74,8 +76,8 @@ class PrivacySettings:
         check_positive(self, "secagg_clip_range")
         if self.secagg_threshold < 0 or self.secagg_degree < 0:
             raise SettingsError("secagg-threshold and secagg-degree must be >= 0 (0: chosen from the sampled nodes)")
-        if not 2 <= self.secagg_bits <= 62:
-            raise SettingsError(f"secagg-bits must be in [2, 62]; got {self.secagg_bits}")
+        if self.secagg_bits != 0 and not 2 <= self.secagg_bits <= 62:
+            raise SettingsError(f"secagg-bits must be in [2, 62], or 0 for a 32-bit ring; got {self.secagg_bits}")
 
     @property
     def enabled(self) -> bool:
