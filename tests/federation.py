@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -82,6 +83,12 @@ sys.meta_path.insert(0, _Finder())
 '''
 
 
+def data_source(name: str) -> Path:
+    """The notes an institution trains on: its own file in tests/data/deploy/, else hospital-a's (a third site)."""
+    own = DATA / f"{name}.jsonl"
+    return own if own.is_file() else DATA / f"{INSTITUTIONS[0]}.jsonl"
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -131,8 +138,9 @@ def kill_tree(process: subprocess.Popen) -> None:
 class Federation:
     """Processes of one test federation, all stopped by ``close``."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, institutions: Sequence[str] = INSTITUTIONS) -> None:
         self.tmp = tmp
+        self.institutions = tuple(institutions)
         self.home = tmp / "flwr-home"
         self.home.mkdir(parents=True)
         self.tripwire = tmp / "tripwire"
@@ -150,16 +158,16 @@ class Federation:
         }
         # Each institution's own folder, as deploy/ lays it out: institutions/<name>/data/train.jsonl.
         self.data = {}
-        for name in INSTITUTIONS:
+        for name in self.institutions:
             folder = tmp / "institutions" / name / "data"
             folder.mkdir(parents=True)
             self.data[name] = folder / "train.jsonl"
-            shutil.copyfile(DATA / f"{name}.jsonl", self.data[name])
+            shutil.copyfile(data_source(name), self.data[name])
         self.processes: list[tuple[subprocess.Popen, Path]] = []
         self.certs = write_certificates(tmp / "certs", ["localhost", "127.0.0.1"])
-        self.keys = {name: write_institution_keys(tmp / "keys", name) for name in (*INSTITUTIONS, "intruder")}
+        self.keys = {name: write_institution_keys(tmp / "keys", name) for name in (*self.institutions, "intruder")}
         registry = Registry({})
-        for name in INSTITUTIONS:
+        for name in self.institutions:
             registry.add(name, self.keys[name]["update_signing_public"].read_text())
         self.registry = registry.save(tmp / "registry.json")
         self.port = free_port()
@@ -210,15 +218,21 @@ class Federation:
             ["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
 
-    def start_supernode(self, name: str, partition: int, max_retries: int | None = 3) -> subprocess.Popen:
-        """Start one institution's SuperNode; ``max_retries=None`` reconnects for as long as it takes."""
+    def start_supernode(
+        self, name: str, partition: int, max_retries: int | None = 3, extra: Mapping[str, str | int] | None = None
+    ) -> subprocess.Popen:
+        """Start one institution's SuperNode; ``max_retries=None`` reconnects for as long as it takes.
+
+        ``extra``: more node config entries (a test ClientApp's knobs)."""
         keys = self.keys[name]
         node_config = (
-            f"partition-id={partition} num-partitions=2 institution='{name}' "
+            f"partition-id={partition} num-partitions={len(self.institutions)} institution='{name}' "
             f"signing-key='{keys['update_signing_private']}'"
         )
         if name in self.data:
             node_config += f" data='{self.data[name]}'"
+        for key, value in (extra or {}).items():
+            node_config += f" {key}='{value}'" if isinstance(value, str) else f" {key}={value}"
         return self.start(
             f"supernode-{name}",
             [
@@ -264,3 +278,19 @@ def run_app(fed: Federation, app_dir: Path, out: Path, **changes: object) -> sub
     settings = {**TINY, "output-dir": str(out), "signer-registry": str(fed.registry), **changes}
     run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
     return fed.flwr("run", str(app_dir), "fed", "--stream", "--run-config", run_config, timeout=600)
+
+
+def write_app(app_dir: Path, module: Path, clientapp: str) -> Path:
+    """A Flower app folder for ``flwr run``: fedfuse's ServerApp, the ClientApp ``clientapp`` from ``module``."""
+    app_dir.mkdir(parents=True)
+    shutil.copyfile(module, app_dir / module.name)
+    (app_dir / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        f'[project]\nname = "fedfuse-{app_dir.name}"\nversion = "0.1.0"\ndescription = "test app"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "fedfuse-tests"\n\n'
+        f'[tool.flwr.app.components]\nserverapp = "fedfuse.server.app:app"\nclientapp = "{clientapp}"\n\n'
+        "[tool.flwr.app.config]\n" + app_config_toml()
+    )
+    return app_dir

@@ -488,7 +488,8 @@ def _bytes_target(bits: int, secure: Sequence[CostRow]) -> tuple[bool, str]:
     vector_ratio = max(r.vector_bytes / (r.bytes_up / r.bytes_ratio) for r in secure)
     overheads = ", ".join(f"K={r.nodes}: {r.overhead_bytes:,.0f} B (k={r.degree})" for r in secure)
     text = (
-        f"bits {bits or 'default'}: bytes per node ≤ plain + O(k·log n): overhead beyond the masked vector {overheads}; "
+        f"bits {bits or 'default'}: bytes per node ≤ plain + O(k·log n): overhead beyond the masked vector "
+        f"{overheads}; "
         f"per k·log₂K {first.overhead_per_k_log_n:.0f} → {last.overhead_per_k_log_n:.0f} B "
         f"({'not growing' if scaling else 'GROWING'}); the masked vector ({last.ring_bits}-bit ring) is "
         f"{vector_ratio:.2f}× the plain fp32 payload"
