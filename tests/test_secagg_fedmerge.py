@@ -164,6 +164,7 @@ def test_signed_stage_replies_are_checked_an_unsigned_node_is_refused_and_tamper
     reasons = {r.node: r.reason for r in strategy.last_rejections}
     assert reasons == {"101": "unsigned", "inst-3": "bad_signature"}
     metrics = secure.train_metrics_clientapp[1]
+    assert metrics["signatures-verified"] == 5 + 5 + 4 + 4  # advertise, share, mask (one altered), unmask
     assert (metrics["secagg-survivors"], metrics["secagg-dropped"]) == (len(NODES) - 2, 1)
     _assert_merges_like_plain(secure, [n for n in NODES if n not in (NODES[0], altered)])
     corrupt_only, registry = _signed_grid(tmp_path / "again")

@@ -560,7 +560,8 @@ def report(
     largest = max((r for r in rows if r.case == "secure"), key=lambda r: r.nodes)
     notes.append(
         f"down B/node includes the round setup on the train message: {largest.setup_bytes:,} B of "
-        f"{largest.bytes_down:,.0f} at K = {largest.nodes} (the node list, O(K) per node; nodes rebuild the graph from its degree and seed)"
+        f"{largest.bytes_down:,.0f} at K = {largest.nodes} "
+        "(the node list, O(K) per node; nodes rebuild the graph from its degree and seed)"
     )
     notes.append(
         f"vector: {work_label}; FedAvg; times best of {repeat}, every case once per repetition in turn "

@@ -234,6 +234,7 @@ class SecureRound:
         if claimed and signer != claimed:
             raise Rejected("signer_mismatch", f"stage reply names node {claimed} but {signer} signed it")
         self.names.setdefault(node, signer)
+        self.engine.signatures_verified += 1
 
     def _refused(self, aggregator: Aggregator) -> None:
         """Move the aggregator's new refusals into the round's rejections."""
