@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 from flwr.app import Context, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from seeded_grid import InProcessGrid
 
 from fedfuse.messages import SECAGG_RECORD
@@ -33,6 +34,8 @@ class ModGrid(InProcessGrid):
         self.pushed = 0
         self.silent: dict[int, str] = {}
         """node → the stage from which it no longer answers ("advertise", "share", "mask", "unmask")."""
+        self.unavailable: dict[int, str] = {}
+        """node → the stage from which the SuperLink answers for it: NODE_UNAVAILABLE (missed heartbeats)."""
         self.stages: list[str] = []
         self.tamper: Callable[[int, Message], Message] | None = None
 
@@ -45,6 +48,8 @@ class ModGrid(InProcessGrid):
         order = ["advertise", "share", "mask", "unmask"]
         if node in self.silent and stage and order.index(stage) >= order.index(self.silent[node]):
             return None
+        if node in self.unavailable and stage and order.index(stage) >= order.index(self.unavailable[node]):
+            return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
         call = self.handler
         for mod in reversed(self.mods):
             call = (lambda m, inner: lambda msg, ctx: m(msg, ctx, inner))(mod, call)

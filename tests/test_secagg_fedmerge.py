@@ -94,6 +94,14 @@ def test_a_node_killed_after_sharing_is_recovered_and_left_out(server_identity):
         torch.testing.assert_close(secure.arrays.to_torch_state_dict()[name], tensor, rtol=0, atol=1e-5)
 
 
+def test_a_node_the_superlink_reports_unavailable_is_dropped_once_under_its_own_id(server_identity):
+    grid = ModGrid(NODES, _handler, [secure_aggregation_mod, task_vector_mod(sparsifier="none")])
+    grid.unavailable[NODES[1]] = "mask"
+    strategy, secure = _run("fedavg", True, grid)
+    assert [(r.node, r.reason) for r in strategy.last_rejections] == [(str(NODES[1]), "node_unavailable")]
+    assert secure.train_metrics_clientapp[1]["secagg-dropped"] == 1
+
+
 def test_too_few_survivors_abort_the_round_and_nothing_is_merged(server_identity):
     grid = ModGrid(NODES, _handler, [secure_aggregation_mod, task_vector_mod(sparsifier="none")])
     for node in NODES[:5]:

@@ -23,7 +23,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedfuse.algebra import derive_seed
-from fedfuse.messages import SECAGG_RECORD, SIGNATURE_RECORD, read_secagg, reply_error_reason, short_reason
+from fedfuse.messages import (
+    SECAGG_RECORD,
+    SIGNATURE_RECORD,
+    instruction_destinations,
+    read_secagg,
+    reply_error_reason,
+    reply_node,
+    short_reason,
+)
 from fedfuse.rejections import Rejected
 from fedfuse.rounds import RoundEngine, UpdateSpace
 from fedfuse.rounds.secure_sum import StatisticsLayout, round_supports, support_digest
@@ -186,8 +194,11 @@ class SecureRound:
     def _replies(self, messages: list[Message], stage: str) -> Iterator[tuple[int, dict[str, Any]]]:
         """Each valid stage reply as (node, record); errors, missing and unsigned replies are rejected."""
         replied: set[int] = set()
+        destinations: dict[str, int] = {}
         for reply in stream_replies(self.grid, messages, timeout=self.timeout):
-            node = int(reply.metadata.src_node_id)
+            if reply.metadata.reply_to_message_id not in destinations:  # ids exist once the grid pushed them
+                destinations = instruction_destinations(messages)
+            node = reply_node(reply, destinations)  # a SuperLink-made error names the node it answers for
             replied.add(node)
             record = self._record(reply, node, stage)
             if record is not None:
