@@ -20,10 +20,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
+import pytest
 from tiny_runs import TINY_RUN
 
 from fedfuse.security import Registry, write_certificates, write_institution_keys
 from fedfuse.settings import RunSettings
+
+DEPLOYED = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(shutil.which(tool) is None for tool in ("flower-superlink", "flower-supernode", "flwr")),
+        reason="Flower's command-line tools are not installed",
+    ),
+]
+"""The marks of a test module that starts a real deployed federation (end to end, slow, Flower's CLI needed)."""
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "deploy"  # written by tests/data/deploy/generate.py

@@ -6,6 +6,7 @@ reply the SuperLink's own error instead (a node that stopped sending heartbeats)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import SimpleNamespace
 
 import torch
@@ -23,15 +24,16 @@ def train_content(config, version: str = "v:base") -> RecordDict:
     return RecordDict({SYNC_RECORD: arrays, SYNC_CONFIG_RECORD: sync_config, CONFIG_RECORD: config})
 
 
-class InProcessGrid:
+class InProcessGrid(ABC):
     """What Flower's Grid does on push and pull, in process: each pushed message is answered at once by ``_reply``."""
 
     nodes: tuple[int, ...] | list[int]
     pending: dict[str, Message]
     pushed: int
 
+    @abstractmethod
     def _reply(self, message: Message) -> Message | None:
-        raise NotImplementedError
+        """The node's answer to ``message``, or None when it never answers."""
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)

@@ -13,24 +13,16 @@ process is started by the test and stopped by it, also when an assertion fails.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from federation import INSTITUTIONS, ROOT, TINY, Federation, sha256
+from federation import DEPLOYED, INSTITUTIONS, ROOT, TINY, Federation, sha256
 
 from fedfuse.server.run_checkpoint import load_checkpoint
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        any(shutil.which(tool) is None for tool in ("flower-superlink", "flower-supernode", "flwr")),
-        reason="Flower's command-line tools are not installed",
-    ),
-]
+pytestmark = DEPLOYED
 
 DEADLINE_S = 45.0
 RUN = {**TINY, "num-server-rounds": 2, "min-train-nodes": 1, "timeout": DEADLINE_S}

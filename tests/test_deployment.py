@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from federation import (
+    DEPLOYED,
     INSTITUTIONS,
     LABELS,
     ROOT,
@@ -34,14 +34,7 @@ from federation import (
 )
 from safetensors import safe_open
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        any(shutil.which(tool) is None for tool in ("flower-superlink", "flower-supernode", "flwr")),
-        reason="Flower's command-line tools are not installed",
-    ),
-]
+pytestmark = DEPLOYED
 
 TAMPERING_CLIENT = '''"""A ClientApp that behaves, except that hospital-b's payload is changed after it was signed."""
 from flwr.clientapp import ClientApp

@@ -13,24 +13,16 @@ masks from the survivors' shares and merges the two survivors' sum. Every stage 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from federation import ROOT, TINY, Federation, write_app
+from federation import DEPLOYED, ROOT, TINY, Federation, write_app
 
 from fedfuse.server.run_checkpoint import load_checkpoint
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        any(shutil.which(tool) is None for tool in ("flower-superlink", "flower-supernode", "flwr")),
-        reason="Flower's command-line tools are not installed",
-    ),
-]
+pytestmark = DEPLOYED
 
 SITES = ("hospital-a", "hospital-b", "clinic-c")
 VICTIM = "hospital-b"
