@@ -52,6 +52,8 @@ SIGNATURE_RECORD = "fedfuse.signature"
 TIMING_RECORD = "fedfuse.timing"
 SECAGG_RECORD = "fedfuse.secagg"
 """A secure-aggregation stage: the server's request (``stage``, setup, what it forwards) or a node's reply."""
+SECAGG_CLEAR_METRICS = ("train-loss", "train-seconds")
+"""What a node tells the server in the clear beside its keys and name (documented in the security guide)."""
 SECAGG_VECTOR_RECORD = "fedfuse.secagg.vector"
 """A ``mask`` reply's masked vector, as a uint8 Array (Flower's chunked transport carries large arrays)."""
 SECAGG_STATE_RECORD = "fedfuse.secagg.state"

@@ -88,6 +88,14 @@ def _run_id(msg: Message) -> str:
     return _instruction(msg, "run-id") or str(msg.metadata.run_id)
 
 
+def round_base(msg: Message, sent: ArrayRecord | None) -> str:
+    """The model version a reply is signed for: as the server names it, else the fingerprint of ``sent`` weights."""
+    named = _instruction(msg, "base-fingerprint")
+    if named or sent is None:
+        return named
+    return fingerprint(record_tensors(sent))
+
+
 def _node_name(context: Context, explicit: str | None) -> str:
     """The name updates are sent under: the signing institution, ``explicit``, or the Flower node id."""
     identity = context.state.config_records.get(IDENTITY_RECORD)
@@ -344,7 +352,7 @@ def signing_mod(
         round_number = _server_round(msg)
         if sent is None or round_number is None:
             return _failed(msg, "signing_mod needs one ArrayRecord and a 'server-round' in the train message")
-        base = _instruction(msg, "base-fingerprint") or fingerprint(record_tensors(sent))
+        base = round_base(msg, sent)
         context.state.config_records[IDENTITY_RECORD] = ConfigRecord({"institution": name})
         reply = call_next(msg, context)
         if reply.has_error():

@@ -21,14 +21,14 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedfuse.client.mods import _failed, _instruction, _run_id
+from fedfuse.client.mods import _failed, _run_id, round_base
 from fedfuse.messages import (
+    SECAGG_CLEAR_METRICS,
     SECAGG_RECORD,
     SECAGG_STATE_RECORD,
     SIGNATURE_RECORD,
     TrainReply,
     array_record,
-    record_tensors,
     secagg_records,
 )
 from fedfuse.rejections import Rejected
@@ -39,13 +39,9 @@ from fedfuse.secagg.protocol import NodeSession, RoundSetup, SecAggAborted, cano
 from fedfuse.security import load_signing_key, sign_update
 from fedfuse.strategies import MergeStrategy, build_strategy
 from fedfuse.strategies.state import StatisticsState
-from fedfuse.wire import fingerprint
 from fedfuse.wire.container import unpack
 from fedfuse.wire.header import parse_header
 from fedfuse.wire.partial import PARTIAL_FORMAT
-
-CLEAR_METRICS = ("train-loss", "train-seconds")
-"""What the node tells the server in the clear beside its keys (its name too): nothing about its data."""
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -99,12 +95,12 @@ def _advertise(
             **session.to_state(),
             "input": vector.tobytes(),
             "run-id": _run_id(msg),
-            "base": _base_fingerprint(msg),
+            "base": round_base(msg, array_record(msg.content.array_records, "arrays")),
             "name": str(header.node_id),
         }
     )
     metrics = header.metrics
-    clear = {key: float(metrics[key]) for key in CLEAR_METRICS if isinstance(metrics.get(key), (int, float))}
+    clear = {key: float(metrics[key]) for key in SECAGG_CLEAR_METRICS if isinstance(metrics.get(key), (int, float))}
     return {**session.advertise(), "layout": layout.describe(), "node": str(header.node_id), **clear}
 
 
@@ -116,15 +112,6 @@ def _gateway_statistics(payload: bytes, strategy: MergeStrategy) -> tuple[Statis
     if not isinstance(state, StatisticsState):
         raise ValueError(f"strategy {strategy.name!r} keeps no summed statistics: it cannot be summed securely")
     return state, {}, header
-
-
-def _base_fingerprint(msg: Message) -> str:
-    """The model version the stage replies are signed for: as the server names it, else the received weights'."""
-    named = _instruction(msg, "base-fingerprint")
-    if named:
-        return named
-    sent = array_record(msg.content.array_records, "arrays")
-    return fingerprint(record_tensors(sent)) if sent is not None else ""
 
 
 def _strategy_arguments(identity_text: str) -> dict[str, Any]:

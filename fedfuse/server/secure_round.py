@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from fedfuse.algebra import derive_seed
 from fedfuse.messages import (
+    SECAGG_CLEAR_METRICS,
     SECAGG_RECORD,
     SIGNATURE_RECORD,
     instruction_destinations,
@@ -42,9 +43,6 @@ from fedfuse.server.streaming import stream_replies
 
 if TYPE_CHECKING:
     from fedfuse.server.fedmerge import FedMerge
-
-CLEAR_METRICS = ("train-loss", "train-seconds")
-"""What a node tells the server in the clear beside its masked statistics (documented in the security guide)."""
 
 
 def config_bytes(record: Mapping[str, Any]) -> int:
@@ -139,7 +137,7 @@ class SecureRound:
                 self._refused(aggregator)
                 continue
             layouts[node] = str(record.get("layout", ""))
-            self.clear[node] = {k: record[k] for k in CLEAR_METRICS if isinstance(record.get(k), (int, float))}
+            self.clear[node] = {k: record[k] for k in SECAGG_CLEAR_METRICS if isinstance(record.get(k), (int, float))}
             self.names[node] = str(record.get("node", "") or node)
             self.clear[node]["institution"] = self.names[node]
         return layouts
