@@ -36,6 +36,7 @@ ALLOWED = {
         "known_warnings",
         "timing",
         "secagg",
+        "automerge",
     },
     "server": {
         "algebra",
@@ -53,8 +54,21 @@ ALLOWED = {
         "known_warnings",
         "timing",
         "secagg",
+        "automerge",
     },
     "flower": {"client", "server", "secagg"},
+    "automerge": {
+        "algebra",
+        "strategies",
+        "wire",
+        "checkpoints",
+        "offline",
+        "training",
+        "models",
+        "data",
+        "settings",
+        "eval",  # the lm-eval scorer runs fedfuse eval's harness (eval imports only models)
+    },
 }
 """For each layer, the fedfuse top-level modules/packages it may import (itself always)."""
 
