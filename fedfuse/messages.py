@@ -13,7 +13,10 @@ Built and parsed only here, by the server, the ClientApp and the tier gateway:
   version: nothing, the broadcast deltas it lacks (dense or as factors), or the whole change;
 - :class:`NodeName` — a node's stable name (its institution or partition), asked once per node with a
   ``query`` message, so the server samples and folds nodes in an order that survives a resume
-  (Flower's node ids are drawn at random by each simulation).
+  (Flower's node ids are drawn at random by each simulation);
+- :class:`CoefficientRequest` / :class:`CoefficientReply` — the extra stages of a round that learns its merge
+  coefficients (the candidates once, then K×G coefficients per step; a value, a K×G gradient and a count back)
+  or picks its λ (the round's change once with the candidate λs; a loss per λ and a count back).
 """
 
 from __future__ import annotations
@@ -376,3 +379,148 @@ def read_secagg(content: RecordDict) -> dict[str, object] | None:
             raise ValueError("the masked vector does not match its SHA-256 (changed in transit)")
         fields["masked"] = masked
     return fields
+
+
+COEFFICIENTS_RECORD = "fedfuse.coefficients"
+"""A coefficient stage: the server's request (stage, round, coefficients, …) or a node's reply (values, gradient)."""
+COEFFICIENTS_ARRAYS = "fedfuse.coefficients.arrays"
+"""The candidates (``<k>/<name>``, factored ``<k>/<name>@B`` / ``@A``) or the round's change (``0/<name>``)."""
+COEFFICIENT_STAGES = ("setup", "step", "lambda")
+
+
+@dataclass(frozen=True)
+class CoefficientRequest:
+    """A coefficient stage sent to a contributing node (a ``train`` message that trains nothing).
+
+    ``setup`` carries the K candidates (one :class:`~fedfuse.rounds.Delta` each, with every name's layer group)
+    and the first coefficients; ``step`` only the K×G coefficients (row-major); ``lambda`` the round's change
+    (one Delta) and the candidate λs. ``version`` is the model version the node must hold (the round's).
+    """
+
+    stage: str
+    server_round: int
+    run_key: str
+    version: str
+    objective: str = "loss"
+    shape: tuple[int, int] = (0, 0)
+    coefficients: tuple[float, ...] = ()
+    lambdas: tuple[float, ...] = ()
+    labels: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    groups: tuple[int, ...] = ()
+    batch_size: int = 8
+    vectors: tuple[Delta, ...] = ()
+
+    def config(self) -> ConfigRecord:
+        """The request's fields as a ConfigRecord (everything but the arrays)."""
+        return ConfigRecord(
+            {
+                "stage": self.stage, "server-round": self.server_round, "run-key": self.run_key,
+                "version": self.version, "objective": self.objective, "shape": list(self.shape),
+                "coefficients": [float(v) for v in self.coefficients], "lambdas": [float(v) for v in self.lambdas],
+                "labels": list(self.labels), "names": list(self.names), "groups": list(self.groups),
+                "batch-size": self.batch_size,
+            }
+        )  # fmt: skip
+
+    def arrays(self) -> ArrayRecord:
+        """The vectors' arrays, ``<k>/<array name>`` (empty for a ``step``)."""
+        arrays = {f"{k}/{name}": _to_array(t) for k, v in enumerate(self.vectors) for name, t in v.arrays().items()}
+        return ArrayRecord(arrays)
+
+    def to_message(self, node: int, arrays: ArrayRecord | None = None) -> Message:
+        """The train message to ``node`` (``arrays``: the vectors' record, shared by every node's message)."""
+        content = RecordDict({COEFFICIENTS_RECORD: self.config()})
+        if self.vectors:
+            content[COEFFICIENTS_ARRAYS] = arrays if arrays is not None else self.arrays()
+        return Message(content=content, dst_node_id=node, message_type="train")
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> CoefficientRequest | None:
+        """The request a message carries, or None (any other message); ``ValueError`` when malformed."""
+        config = content.config_records.get(COEFFICIENTS_RECORD)
+        if config is None:
+            return None
+        try:
+            request = cls(
+                str(config["stage"]), int(cast(int, config["server-round"])), str(config["run-key"]),
+                str(config["version"]), str(config.get("objective", "loss")),
+                cast(tuple[int, int], tuple(int(v) for v in cast(list[int], config.get("shape", [0, 0])))),
+                tuple(float(v) for v in cast(list[float], config.get("coefficients", []))),
+                tuple(float(v) for v in cast(list[float], config.get("lambdas", []))),
+                tuple(str(v) for v in cast(list[str], config.get("labels", []))),
+                tuple(str(v) for v in cast(list[str], config.get("names", []))),
+                tuple(int(v) for v in cast(list[int], config.get("groups", []))),
+                int(cast(int, config.get("batch-size", 8))),
+                _vectors(content.array_records.get(COEFFICIENTS_ARRAYS)),
+            )  # fmt: skip
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed coefficient request: {exc}") from None
+        if request.stage not in COEFFICIENT_STAGES:
+            raise ValueError(f"unknown coefficient stage {request.stage!r}")
+        return request
+
+
+def _vectors(record: ArrayRecord | None) -> tuple[Delta, ...]:
+    """The ``<k>/<name>`` arrays of a request back as one Delta per k, in k order."""
+    if record is None:
+        return ()
+    grouped: dict[int, dict[str, torch.Tensor]] = {}
+    for key, array in record.items():
+        index, _, name = key.partition("/")
+        grouped.setdefault(int(index), {})[name] = torch.from_numpy(array.numpy())
+    if sorted(grouped) != list(range(len(grouped))):
+        raise ValueError(f"coefficient vectors are numbered {sorted(grouped)}, not 0..{len(grouped) - 1}")
+    return tuple(Delta.from_arrays(grouped[k]) for k in range(len(grouped)))
+
+
+@dataclass(frozen=True)
+class CoefficientReply:
+    """A node's answer to a coefficient stage: aggregate numbers only (no per-example output).
+
+    ``step``/``setup``: ``values`` = (the objective's mean,), ``gradient`` its K×G gradient (row-major);
+    ``lambda``: one mean loss per candidate λ. ``count`` is the positions (or rows) scored; ``rows`` says which
+    rows the node used (``validation``, or ``train`` when it holds none out).
+    """
+
+    stage: str
+    values: tuple[float, ...]
+    gradient: tuple[float, ...] = ()
+    count: int = 0
+    rows: str = "validation"
+
+    def reply_to(self, message: Message) -> Message:
+        """The Flower reply to ``message``."""
+        record = ConfigRecord(
+            {"stage": self.stage, "values": [float(v) for v in self.values],
+             "gradient": [float(v) for v in self.gradient], "count": int(self.count), "rows": self.rows}
+        )  # fmt: skip
+        return Message(content=RecordDict({COEFFICIENTS_RECORD: record}), reply_to=message)
+
+    @classmethod
+    def from_message(cls, message: Message, stage: str, values: int, gradient: int) -> CoefficientReply:
+        """Parse a reply expecting ``values`` values and ``gradient`` gradient entries (``ValueError`` otherwise)."""
+        if message.has_error():
+            raise ReplyRejected(reply_error_reason(message), short_reason(message.error.reason))
+        record = message.content.config_records.get(COEFFICIENTS_RECORD)
+        if record is None:
+            raise ValueError("the reply carries no coefficient record")
+        try:
+            reply = cls(
+                str(record["stage"]),
+                tuple(float(v) for v in cast(list[float], record["values"])),
+                tuple(float(v) for v in cast(list[float], record.get("gradient", []))),
+                int(cast(int, record["count"])),
+                str(record.get("rows", "validation")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed coefficient reply: {exc}") from None
+        numbers = reply.values + reply.gradient
+        if reply.stage != stage or len(reply.values) != values or len(reply.gradient) != gradient:
+            raise ValueError(
+                f"expected a {stage!r} reply with {values} values and {gradient} gradient entries; got a "
+                f"{reply.stage!r} reply with {len(reply.values)} and {len(reply.gradient)}"
+            )
+        if reply.count <= 0 or not all(np.isfinite(numbers)):
+            raise ValueError(f"the reply's count ({reply.count}) is not positive or its numbers are not finite")
+        return reply

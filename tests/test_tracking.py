@@ -246,7 +246,8 @@ def _serve(out: Path, **extra: object) -> dict:
     return run_server(grid, context, settings)  # type: ignore[arg-type]
 
 
-REPORT = {"report.json", "report.md", "accuracy.png", "uplink.png"}
+REPORT = {"report.json", "report.md", "accuracy.png", "uplink.png", "diagnostics.png"}
+"""A run's report files (diagnostics.png: the last round's pairwise cosines, issue 27)."""
 FINAL = {"checkpoint/state.json", "checkpoint/weights-round-0002.safetensors"}
 
 

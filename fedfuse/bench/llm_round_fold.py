@@ -39,7 +39,7 @@ def seeded_payloads(shapes: Mapping[str, tuple[int, ...]], clients: int) -> list
 def fold_seconds(settings: RunSettings, payloads: list[bytes], *, factors: bool) -> float:
     """Seconds one FedAvg engine takes to fold ``payloads`` and hand back the merged change."""
     space = settings.update_space(update_shapes(settings), lora_scale(settings))
-    engine = RoundEngine(get_strategy("fedavg"), space, round_number=1, fold_factors=factors)
+    engine = RoundEngine(get_strategy("fedavg"), space, round_number=1, fold_factors=factors, diagnostics=False)
     started = time.perf_counter()
     for payload in payloads:
         if engine.offer(payload) is not None:

@@ -22,9 +22,19 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
 
 from fedfuse.algebra import RESCALES, available_sparsifiers
-from fedfuse.offline import AdapterMergeResult, MergeInputError, MergeResult, combine_partials, merge_models
+from fedfuse.offline import (
+    AdapterMergeResult,
+    DiagnosisResult,
+    MergeInputError,
+    MergeResult,
+    combine_partials,
+    diagnose_adapters,
+    diagnose_models,
+    merge_models,
+)
 from fedfuse.offline import Progress as ProgressCallback
 from fedfuse.offline import merge_adapters as merge_lora_adapters
 from fedfuse.offline.recipe import load_recipe, recipe_request
@@ -39,7 +49,44 @@ from fedfuse.offline.request import (
 )
 
 
-def _report(result: MergeResult | AdapterMergeResult, console: Console) -> None:
+def _diagnosis_table(result: DiagnosisResult) -> Table:
+    """The diagnosis as a rich table: the inputs by outlier rank."""
+    report = result.report
+    table = Table(title=f"mergeability of {len(result.inputs)} input(s) under {result.method}")
+    for name in ("rank", "input", "weight", "norm", "cos to merged", "mean cos", "sign conflict", "outlier"):
+        table.add_column(name, justify="left" if name == "input" else "right")
+    rows = {u.label: u for u in report.updates}
+
+    def cell(value: float | None, spec: str = ".3f") -> str:
+        return "—" if value is None else format(value, spec)
+
+    for rank, label in enumerate(report.outlier_ranking, 1):
+        u = rows[label]
+        table.add_row(
+            str(rank), escape(label), cell(u.weight, ".4g"), cell(u.norm, ".4g"), cell(u.cosine_to_merged),
+            cell(u.mean_cosine), cell(u.sign_conflict), cell(u.outlier_score, ".2f"),
+        )  # fmt: skip
+    return table
+
+
+def _report_diagnosis(result: DiagnosisResult, console: Console) -> None:
+    report = result.report
+    console.print(_diagnosis_table(result))
+    mass = "—" if report.sign_conflict_mass is None else f"{report.sign_conflict_mass:.3f}"
+    console.print(
+        f"sign-conflict mass {mass}; norm max/min {report.norm_ratio:.3g}, coefficient of variation "
+        f"{report.norm_cv:.3f}; sketched cosines ±{report.tolerance:.3f}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    if result.out is not None:
+        console.print(f"[green]wrote[/green] {escape(', '.join(str(p) for p in result.files))}", soft_wrap=True)
+
+
+def _report(result: MergeResult | AdapterMergeResult | DiagnosisResult, console: Console) -> None:
+    if isinstance(result, DiagnosisResult):
+        _report_diagnosis(result, console)
+        return
     if isinstance(result, AdapterMergeResult):
         console.print(f"[green]wrote[/green] {escape(result.summary().removeprefix('wrote '))}", soft_wrap=True)
         return
@@ -129,6 +176,7 @@ FirstModelIndex = Annotated[int, typer.Option("--first-model-index", help=field_
 Force = Annotated[bool, typer.Option("--force", help=field_help("force"))]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
 AllowNonFinite = Annotated[bool, typer.Option("--allow-non-finite", help=field_help("allow_non_finite"))]
+Diagnose = Annotated[bool, typer.Option("--diagnose", help=field_help("diagnose"))]
 
 
 # ---------------------------------------------------------------- running a request
@@ -164,9 +212,9 @@ def _execute(request: Any, progress: ProgressCallback | None, errors: Console, q
     if isinstance(request, CombineRequest):
         return combine_partials(request, progress=progress)
     if isinstance(request, AdaptersRequest):
-        return merge_lora_adapters(request, progress=progress)
+        return (diagnose_adapters if request.diagnose else merge_lora_adapters)(request, progress=progress)
     assert isinstance(request, ModelsRequest)
-    return merge_models(request, progress=progress)
+    return (diagnose_models if request.diagnose else merge_models)(request, progress=progress)
 
 
 def _run(ctx: click.Context, mode: str | Callable[[Mapping[str, Any]], str]) -> None:
@@ -225,6 +273,7 @@ def merge_models_command(
     force: Force = False,
     quiet: Quiet = False,
     allow_non_finite: AllowNonFinite = False,
+    diagnose: Diagnose = False,
 ) -> None:
     """``fedfuse merge models``; its help is its declaration in :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, "models")
@@ -256,6 +305,7 @@ def merge_adapters_command(
     force: Force = False,
     quiet: Quiet = False,
     allow_non_finite: AllowNonFinite = False,
+    diagnose: Diagnose = False,
 ) -> None:
     """``fedfuse merge adapters``; its help is its declaration in :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""
     _run(ctx, "adapters")
@@ -338,6 +388,7 @@ def merge(
     config: Annotated[
         Path | None, typer.Option("--config", help="A mergekit recipe (YAML) to run instead of --base/--model.")
     ] = None,
+    diagnose: Diagnose = False,
 ) -> None:
     """Today's flag form (``fedfuse merge --base ...``); its help is its declaration in
     :data:`fedfuse.cli.merge_group.MERGE_COMMANDS`."""

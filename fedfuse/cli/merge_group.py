@@ -45,6 +45,21 @@ MERGE_COMMANDS = (
         "Example: fedfuse merge recipe recipe.yml --out OUT",
     ),
     LazyCommand(
+        "search",
+        "fedfuse.cli.merge_search:search_command",
+        "Search per-model (per-layer-group) weights, λ and density against a scorer, or cook a greedy soup.\n\n"
+        "Example: fedfuse merge search --base BASE -m M1 -m M2 --method ties --search weights,density\n"
+        "--scorer loss:val.jsonl --budget 30 --out OUT",
+    ),
+    LazyCommand(
+        "adamerging",
+        "fedfuse.cli.merge_adamerging:adamerging_command",
+        "Learn task- or layer-wise merge coefficients without labels (AdaMerging: Adam on the merged model's\n"
+        "prediction entropy over unlabeled prompts), then write the merged model, adamerging.json and a plot.\n\n"
+        "Example: fedfuse merge adamerging --base BASE -m M1 -m M2 --prompts prompts.jsonl --layer-wise\n"
+        "--steps 50 --out OUT",
+    ),
+    LazyCommand(
         FLAG_FORM,
         "fedfuse.cli.merge:merge",
         "Merge fine-tuned checkpoints of BASE into one model, tensor by tensor (memory: one tensor).\n\n"

@@ -30,33 +30,40 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fedfuse.automerge.objectives import Rows
+from fedfuse.client.coefficient_mod import NodeModel, coefficient_mod
 from fedfuse.client.gateway import run_gateway_round
 from fedfuse.client.local_round import (
     DatasetLoader,
     Shard,
     client_datasets,
     evaluate_locally,
+    round_model,
     train_locally,
     uplink_of,
 )
 from fedfuse.client.mods import signing_mod, trained_content, uplink_mod
-from fedfuse.client.node_model import model_folder, round_weights, synced_change
+from fedfuse.client.node_model import load_change, model_folder, round_weights, synced_change
 from fedfuse.client.residuals import ResidualSlot
 from fedfuse.client.secure_mod import secure_aggregation_mod
 from fedfuse.messages import (
     RESIDUAL_RECORD,
     TIMING_RECORD,
+    CoefficientRequest,
     EvaluateReply,
     NodeName,
     RoundInstruction,
     TrainReply,
 )
+from fedfuse.rounds import Delta, apply_delta
 from fedfuse.settings import RunSettings
 from fedfuse.training.client_datasets import NodeData
+from fedfuse.training.device import client_device
 from fedfuse.training.run_model import base_parameters
 
 CAUSAL_TASKS = ("lm", "sft")
@@ -200,12 +207,44 @@ def _honest_only(overrides: Mapping[str, Any]) -> Mod:
     return mod
 
 
-def client_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
-    """fedfuse's train mods: SecAgg+ stages, timing, signing (node config ``signing-key``), the run's uplink."""
+def node_model_loader(overrides: Mapping[str, Any] | None = None, *, datasets: DatasetLoader = client_datasets):
+    """The node's model at the round's version (base + the change it keeps, as training builds it) and its rows.
+
+    The rows are those local training holds out (``validation``); a node that holds none out scores its
+    training rows and says so (``rows = "train"`` in its replies).
+    """
+    extra = dict(overrides or {})
+
+    def load(msg: Message, context: Context, request: CoefficientRequest) -> NodeModel:
+        settings = run_settings(context, extra)
+        torch.set_num_threads(settings.training.client_threads)
+        shard = shard_of(context, settings)
+        change = load_change(model_folder(context, request.run_key, shard.node_name))
+        if change is None or change.version != request.version:
+            raise ValueError("this node does not hold the round's model version (it was not synced this round)")
+        base = base_parameters(settings)
+        model, _, tokenizer = round_model(settings, round_weights(base, change))
+        data = datasets(settings, shard, tokenizer)
+        tokens, source = (data.eval, "validation") if len(data.eval) else (data.train, "train")
+        rows = Rows(tokens.input_ids, tokens.attention_mask, tokens.labels, causal=tokens.labels.ndim == 2)
+
+        def land(delta: Delta) -> dict[str, torch.Tensor]:
+            moved = {name: t.clone() for name, t in change.tensors.items()}
+            apply_delta(moved, delta)
+            return round_weights(base, replace(change, tensors=moved))
+
+        return NodeModel(model.to(client_device(settings)), rows, source, land)
+
+    return load
+
+
+def client_mods(overrides: Mapping[str, Any] | None = None, *, datasets: DatasetLoader = client_datasets) -> list[Mod]:
+    """fedfuse's train mods: coefficient and SecAgg+ stages, timing, signing (node config ``signing-key``), uplink."""
     extra = dict(overrides or {})
     uplink = uplink_mod(lambda context: uplink_of(run_settings(context, extra)), resumable=True)
     signing = signing_mod(None, lambda context: shard_of(context).node_name)
-    return [secure_aggregation_mod, _timed, signing, uplink]
+    coefficients = coefficient_mod(node_model_loader(extra, datasets=datasets))
+    return [coefficients, secure_aggregation_mod, _timed, signing, uplink]
 
 
 def make_client_app(
@@ -223,7 +262,7 @@ def make_client_app(
     extra = dict(overrides or {})
 
     devices = list(simulated) or [_honest_only(extra)]
-    app.train(mods=[*client_mods(extra), *devices])(train_handler(extra, datasets=datasets))
+    app.train(mods=[*client_mods(extra, datasets=datasets), *devices])(train_handler(extra, datasets=datasets))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -11,6 +11,10 @@ or a gateway's payload saved to a file — into the model a flat merge gives.
 
 PEFT LoRA adapters: :func:`merge_adapters` merges them exactly in ΔW space (:mod:`.adapters`).
 
+Diagnostics: :func:`diagnose_models` / :func:`diagnose_adapters` (``fedfuse merge … --diagnose``) read the
+inputs as a merge would and report their mergeability (norms, sketched cosines, sign conflicts, outliers)
+without writing a model (:mod:`.diagnose`).
+
 Each mode's options are one validated request (:mod:`.request`: :class:`ModelsRequest`,
 :class:`AdaptersRequest`, :class:`CombineRequest`, :class:`RecipeRequest`); the functions take one,
 or its fields as keywords.
@@ -21,6 +25,7 @@ or its fields as keywords.
 
 from fedfuse.offline.adapter_merge import AdapterMergeResult, merge_adapters
 from fedfuse.offline.api import combine_partials, merge_models
+from fedfuse.offline.diagnose import DiagnosisResult, diagnose_adapters, diagnose_models
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress
 from fedfuse.offline.request import AdaptersRequest, CombineRequest, ModelsRequest, RecipeRequest, RequestError
@@ -30,6 +35,7 @@ __all__ = [
     "AdapterMergeResult",
     "AdaptersRequest",
     "CombineRequest",
+    "DiagnosisResult",
     "MergeInputError",
     "MergeResult",
     "ModelsRequest",
@@ -37,6 +43,8 @@ __all__ = [
     "RecipeRequest",
     "RequestError",
     "combine_partials",
+    "diagnose_adapters",
+    "diagnose_models",
     "merge_adapters",
     "merge_models",
 ]

@@ -35,7 +35,7 @@ from fedfuse.offline.adapters import (
 )
 from fedfuse.offline.execute import Progress, execute
 from fedfuse.offline.plan import Output, PathLike, plan_merge
-from fedfuse.offline.request import AdaptersRequest, as_request
+from fedfuse.offline.request import AdaptersRequest, RequestError, as_request
 from fedfuse.offline.sinks import MergeResult, ModelSink
 from fedfuse.offline.sources import base_layout, open_input
 from fedfuse.strategies import MergeState, MergeStrategy
@@ -180,6 +180,8 @@ def merge_adapters(
         before anything is written.
     """
     request = as_request(AdaptersRequest, base, "base", {"adapters": adapters, **fields} if adapters else fields)
+    if request.diagnose:
+        raise RequestError("{diagnose} writes a report, not a model: call fedfuse.offline.diagnose_adapters")
     plan = plan_merge(request)
     with ExitStack() as stack:
         base_ckpt = open_input(stack, "base", plan.base)

@@ -13,7 +13,7 @@ from fedfuse.checkpoints import CheckpointReader, TensorInfo
 from fedfuse.offline.errors import MergeInputError
 from fedfuse.offline.execute import Progress, execute
 from fedfuse.offline.plan import MergePlan, Output, PathLike, plan_combine, plan_merge
-from fedfuse.offline.request import OUT_DTYPES, CombineRequest, ModelsRequest, as_request
+from fedfuse.offline.request import OUT_DTYPES, CombineRequest, ModelsRequest, RequestError, as_request
 from fedfuse.offline.sinks import MergeResult, ModelSink, PartialSink
 from fedfuse.offline.sources import ModelSource, PartialSource, base_fingerprint, base_layout, open_input
 from fedfuse.strategies import MergeStrategy
@@ -71,6 +71,8 @@ def merge_models(
         bad options), before anything is written.
     """
     request = as_request(ModelsRequest, base, "base", {"models": models, **fields} if models else fields)
+    if request.diagnose:
+        raise RequestError("{diagnose} writes a report, not a model: call fedfuse.offline.diagnose_models")
     plan = plan_merge(request)
     with ExitStack() as stack:
         base_ckpt = open_input(stack, "base", plan.base)

@@ -166,6 +166,11 @@ class _Method(_OnBase):
     first_model_index: int = Field(
         0, description="Index of the first input in DARE seeds (for the groups of a tiered merge)."
     )
+    diagnose: bool = Field(
+        False,
+        description="Write no model: report the inputs' mergeability (norms, cosines, sign conflicts, outliers) "
+        "into out (diagnostics.json, .md, .png).",
+    )
 
     @classmethod
     def _normalize(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +186,14 @@ class _Method(_OnBase):
             else:
                 data["sparsifier_params"] = {**data.get("sparsifier_params", {}), name: value}
         return super()._normalize(data)
+
+    @model_validator(mode="after")
+    def _check_diagnose(self) -> _Method:
+        if self.diagnose and self.partial_out is not None:
+            raise RequestError("{diagnose} writes a report into {out}, not partial statistics ({partial_out})")
+        if self.diagnose and getattr(self, "out_adapter", False):
+            raise RequestError("{diagnose} writes a report into {out}, not an adapter ({out_adapter})")
+        return self
 
     @field_validator("params", "sparsifier_params", mode="before")
     @classmethod

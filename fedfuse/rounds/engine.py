@@ -21,8 +21,10 @@ from typing import Literal
 
 import torch
 
-from fedfuse.algebra import apply_task_vector, name_mismatch
+from fedfuse.algebra import apply_task_vector, derive_seed, name_mismatch
+from fedfuse.algebra.diagnostics import DiagnosticsReport, MergeDiagnostics
 from fedfuse.algebra.low_rank import LowRank
+from fedfuse.algebra.sketch import SketchInput
 from fedfuse.rejections import Rejected, Rejection, counts_by_reason
 from fedfuse.rounds.bounds import UpdateBounds
 from fedfuse.rounds.dp import CentralPrivacy
@@ -44,6 +46,8 @@ PayloadKind = Literal["update", "partial", "secure"]
 PAYLOAD_KINDS = ("update", "partial")
 Weighting = Literal["num_examples", "uniform"]
 WEIGHTINGS = ("num_examples", "uniform")
+DIAGNOSTICS_SEED = 27
+"""The constant a round's diagnostics seed is derived from (with the round number): deterministic sketches."""
 
 MetricValue = int | float | list[int] | list[float]
 """A round metric, typed as Flower's ``MetricRecord`` values are."""
@@ -63,6 +67,17 @@ class Contribution:
     num_examples: int
     weight: float
     metrics: Mapping[str, int | float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KeptUpdate:
+    """An accepted update's merge input as folded (``RoundEngine.keep_updates``: coefficient learning)."""
+
+    node: str
+    """The transport peer that sent it (a Flower node id), else the node its header names."""
+    label: str
+    weight: float
+    tensors: Mapping[str, object]
 
 
 class RoundEngine:
@@ -100,6 +115,10 @@ class RoundEngine:
     fold_factors : bool
         Fold exact LoRA updates as stacked factors when the strategy is linear and the space keeps
         them whole (:attr:`UpdateSpace.has_factors`): O(r·(in + out)) per update instead of forming ΔW.
+    diagnostics : bool
+        Sketch every folded update (exactly as folded, labelled by its node) into a
+        :class:`~fedfuse.algebra.diagnostics.MergeDiagnostics` (one fixed-size sketch per update); the round's
+        :meth:`diagnostics_report` is made when the merge is finalized. Partial states are counted, not seen.
     """
 
     def __init__(
@@ -119,6 +138,7 @@ class RoundEngine:
         bind_senders: bool = False,
         privacy: CentralPrivacy | None = None,
         fold_factors: bool = True,
+        diagnostics: bool = True,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
@@ -146,6 +166,12 @@ class RoundEngine:
         self.rejections: list[Rejection] = []
         self.bytes_received = 0
         self.signatures_verified = 0
+        seed = derive_seed(DIAGNOSTICS_SEED, round_number or 0, None, "diagnostics")
+        self.diagnostics: MergeDiagnostics | None = MergeDiagnostics(seed=seed) if diagnostics else None
+        self.last_diagnostics: DiagnosticsReport | None = None
+        self.keep_updates = False
+        """Keep each accepted update's merge input in :attr:`kept_updates` (coefficient learning sets it)."""
+        self.kept_updates: list[KeptUpdate] = []
 
     @property
     def tiers(self) -> dict[str, list[str]]:
@@ -226,6 +252,10 @@ class RoundEngine:
             self.state.add(clipped, weight=weight, fisher=fisher, gram=self.space.merge_grams(update))  # type: ignore[arg-type]
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
+        self._diagnose(str(header.metrics.get("institution") or node), clipped, weight)
+        if self.keep_updates:
+            label = str(header.metrics.get("institution") or node)
+            self.kept_updates.append(KeptUpdate(sender or node, label, weight, clipped))
         self.bounds.admitted(header.num_examples, norm)
         self._record(header, "update", weight)
         return None
@@ -274,6 +304,9 @@ class RoundEngine:
             self.state.add(clipped, weight=weight, fisher=fisher)  # type: ignore[arg-type]  # dense in, dense out
         except ValueError as exc:
             return self.reject(node, "incompatible_update", f"node {node}: {exc}")
+        self._diagnose(str((metrics or {}).get("institution") or node), clipped, weight)
+        if self.keep_updates:
+            self.kept_updates.append(KeptUpdate(node, str((metrics or {}).get("institution") or node), weight, clipped))
         self.bounds.admitted(num_examples, norm)
         self.contributions[node] = Contribution(node, "update", "", int(num_examples), weight, dict(metrics or {}))
         return None
@@ -312,8 +345,38 @@ class RoundEngine:
             self.state.combine(partial.state)
         except ValueError as exc:
             return self.reject(str(header.node_id), "incompatible_update", f"gateway {header.node_id}: {exc}")
+        if self.diagnostics is not None:
+            self.diagnostics.skip()
         self._record(header, "partial", partial.state.total_weight)
         return None
+
+    def _diagnose(self, label: str, tensors: Mapping[str, SketchInput], weight: float) -> None:
+        """Sketch an accepted update as folded; a failing sketch turns the round's diagnostics off, never the fold."""
+        if self.diagnostics is None:
+            return
+        try:
+            self.diagnostics.add(label, tensors, weight)
+        except (ValueError, RuntimeError):
+            self.diagnostics = None
+
+    def diagnostics_report(self, merged: Mapping[str, SketchInput] | None = None) -> DiagnosticsReport | None:
+        """The round's mergeability report: against ``merged`` when given, else the one made at finalize.
+
+        None when diagnostics are off, no individual update was seen (a secure sum, only partial states), or
+        the round has not been finalized yet.
+        """
+        if merged is None or self.diagnostics is None or not len(self.diagnostics):
+            return self.last_diagnostics
+        return self.diagnostics.report(merged)
+
+    def _diagnose_merged(self, merged: Mapping[str, SketchInput]) -> None:
+        """Make the round's report against the merged update, in the space the updates were folded in."""
+        if self.diagnostics is None or not len(self.diagnostics):
+            return
+        try:
+            self.last_diagnostics = self.diagnostics.report(merged)
+        except (ValueError, RuntimeError):
+            self.last_diagnostics = None
 
     def _record(self, header: UpdateHeader, kind: PayloadKind, weight: float) -> None:
         node = str(header.node_id)
@@ -356,10 +419,13 @@ class RoundEngine:
             raise ValueError(f"no update was accepted this round ({reasons})")
         if isinstance(self.state, FactoredState):
             factored = self.state.finalize_factored(release=True)
-            return {name: t if isinstance(t, LowRank) else t.cpu() for name, t in factored.items()}
+            result = {name: t if isinstance(t, LowRank) else t.cpu() for name, t in factored.items()}
+            self._diagnose_merged(result)
+            return result
         merged = {name: tensor.cpu() for name, tensor in self.state.finalize(release=True).items()}
         if self.privacy is not None:
             merged = self.privacy.apply(merged, len(self.contributions))
+        self._diagnose_merged(merged)
         out: dict[str, torch.Tensor | LowRank] = {**self.space.task_vector(merged, round_number=self.round_number)}
         return out
 

@@ -52,6 +52,9 @@ class RoundPolicy:
     secure_aggregation : SecAggParams, optional
         SecAgg+: nodes send masked statistics and the server folds only their sum; the weight, example cap
         and clipping above are then applied by each node to its own update (the server never sees one).
+    diagnostics : bool
+        Mergeability diagnostics of every round (norms, sketched cosines, sign conflicts, outlier scores:
+        :meth:`RoundEngine.diagnostics_report`); gateways never keep them. Off: nothing is sketched.
     """
 
     weighting: str = "num_examples"
@@ -64,6 +67,7 @@ class RoundPolicy:
     server_optimizer: ServerOptimizerRule | None = None
     timeout: float = 3600.0
     secure_aggregation: SecAggParams | None = None
+    diagnostics: bool = True
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -129,6 +133,7 @@ class RoundPolicy:
             bind_senders=self.bind_senders,
             privacy=privacy,
             fold_factors=self.secure_aggregation is None,
+            diagnostics=self.diagnostics and not gateway,
         )
 
     def optimizer(self) -> ServerOptimizer:

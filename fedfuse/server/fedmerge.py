@@ -29,7 +29,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedfuse.algebra import Sparsifier
+from fedfuse.algebra import Sparsifier, apply_task_vector
+from fedfuse.algebra.low_rank import densified
+from fedfuse.automerge import Candidates
 from fedfuse.messages import (
     PAYLOAD_RECORDS,
     TrainReply,
@@ -43,10 +45,12 @@ from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import DEFAULT_MAX_NUM_EXAMPLES, CentralDP, RoundEngine, RoundPolicy, UpdateSpace
 from fedfuse.secagg.protocol import SecAggParams
 from fedfuse.security import Registry
+from fedfuse.server.coefficient_round import CoefficientPlan, CoefficientRound
 from fedfuse.server.flower_names import merge_arguments
 from fedfuse.server.round_loop import EvaluateFn, InitialCallback, LoopConfig, RoundCallback, run_rounds
 from fedfuse.server.round_state import RoundReference, merge_dtype, reply_sender
 from fedfuse.server.secure_round import SecureRound
+from fedfuse.server.streaming import stream_replies
 from fedfuse.strategies import MergeStrategy, build_strategy
 from fedfuse.timing import Phases
 
@@ -98,6 +102,11 @@ class FedMerge(FedAvg):
         graph degree, bits and clipping range. Clipping and the example cap then run on the nodes.
     policy : RoundPolicy, optional
         The whole round policy at once (then the bound, optimizer and DP arguments must stay unset).
+    coefficients : CoefficientPlan, optional
+        Extra stages after each round's replies are folded (:mod:`fedfuse.server.coefficient_round`): learn the
+        merge coefficients with the contributing nodes, or pick the round's λ from their held-out losses
+        (nodes answer with :func:`fedfuse.client.coefficient_mod.coefficient_mod`). Linear methods only for the
+        former; not with secure aggregation.
     """
 
     evaluates_initial_model_on_clients: ClassVar[bool] = False
@@ -140,6 +149,7 @@ class FedMerge(FedAvg):
         dp_noise_seed: int = -1,
         secure_aggregation: str | SecAggParams | None = None,
         policy: RoundPolicy | None = None,
+        coefficients: CoefficientPlan | None = None,
         **params: Any,
     ) -> None:
         super().__init__(
@@ -185,6 +195,7 @@ class FedMerge(FedAvg):
         self.policy = policy
         _check_secure_method(self.merge, policy)
         self.optimizer = policy.optimizer()
+        self.coefficients = _check_coefficients(self.merge, policy, coefficients)
         self._init_round_state()
 
     def start(
@@ -258,6 +269,14 @@ class FedMerge(FedAvg):
         self.last_client_phases: dict[str, float] = {}
         self.last_broadcast: dict[str, Any] = {}
         """How the round's change was sent (fedfuse's own app: mode, bytes, relative error, version)."""
+        self.last_diagnostics: dict[str, Any] = {}
+        """The round's mergeability diagnostics (``DiagnosticsReport.to_json``); empty when none were made."""
+        self.last_coefficients: dict[str, Any] = {}
+        """The round's learned coefficients (labels, K×G values, objective per step, bytes); empty when off."""
+        self.last_lambda: dict[str, Any] = {}
+        """The round's λ search (candidates, weighted losses, the λ chosen, bytes); empty when off."""
+        self.last_candidates: Candidates | None = None
+        self._stages: CoefficientRound | None = None
         self._reference: RoundReference | None = None
         self._run_id = ""
         self._instructions: list[Message] = []
@@ -328,6 +347,31 @@ class FedMerge(FedAvg):
         arrays, metrics = self._finish_round(server_round, engine, reference, [])
         return arrays, MetricRecord({**dict(metrics or {}), **notes})
 
+    def aggregate_coefficients(
+        self, server_round: int, messages: list[Message], grid: Grid, timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A round with coefficient stages: replies folded as usual, then the stages run when its change is made."""
+        if self.coefficients is None:
+            raise ValueError("this strategy has no coefficient plan")
+        run_key, version = self._stage_identity()
+        self.last_coefficients, self.last_lambda = {}, {}
+        self._stages = CoefficientRound(self, grid, timeout, server_round, self.coefficients, run_key, version)
+        try:
+            return self.aggregate_train(server_round, stream_replies(grid, messages, timeout=timeout, ordered=True))
+        finally:
+            self._stages = None
+
+    def _stage_identity(self) -> tuple[str, str]:
+        """The run key and model version coefficient stages name (fedfuse's app: its run key and version)."""
+        reference = self._reference
+        return self._run_id, "" if reference is None else reference.fingerprint
+
+    def _round_change(self, engine: RoundEngine) -> dict[str, Any] | None:
+        """The round's change: the optimizer's step on the merge, or what the round's coefficient stages make."""
+        if self._stages is None:
+            return self.optimizer.round_change(engine)
+        return self._stages.round_change(engine)
+
     def _reference_free(self) -> bool:
         """Whether this merge may take the replied weights for task vectors (the round's weights being unknown)."""
         return self.merge.reference_free and self.sparsifier.kind == "none" and not self.policy.uses_reference
@@ -340,7 +384,7 @@ class FedMerge(FedAvg):
             check = self.registry.round_check(
                 run_id=self._run_id, round_number=server_round, base_fingerprint=reference.fingerprint
             )
-        return self.policy.engine(
+        engine = self.policy.engine(
             self._merge_for(merge_dtype(reference.tensors)),
             self._space(reference),
             round_number=server_round,
@@ -349,6 +393,8 @@ class FedMerge(FedAvg):
             check_signature=check,
             expected_updates=len(self._instructions) or None,
         )
+        engine.keep_updates = self._stages is not None and self._stages.plan.learns
+        return engine
 
     def _space(self, reference: RoundReference) -> UpdateSpace:
         """Full weights of the reference's names and shapes, shrunk on the server by ``sparsifier``."""
@@ -476,6 +522,8 @@ class FedMerge(FedAvg):
         counts = MetricRecord(engine.metrics())
         with self.last_phases("finalize"):
             arrays = self._merged_arrays(engine, reference)
+        report = engine.diagnostics_report()
+        self.last_diagnostics = report.to_json() if report is not None else {}
         if arrays is None:
             log(WARNING, "round %s: no reply accepted; the global model stays as it was", server_round)
             return None, counts
@@ -484,9 +532,10 @@ class FedMerge(FedAvg):
 
     def _merged_arrays(self, engine: RoundEngine, reference: RoundReference) -> ArrayRecord | None:
         """The round's new weights (through the server optimizer); None when it accepted nothing."""
-        new_state = self.optimizer.apply(engine, reference.tensors)
-        if new_state is None:
+        change = self._round_change(engine)
+        if change is None:
             return None
+        new_state = apply_task_vector(dict(reference.tensors), densified(change))
         arrays = reference.to_record(new_state)
         if not reference.implicit:
             self.current_arrays = arrays
@@ -494,6 +543,21 @@ class FedMerge(FedAvg):
 
     def _record_clients(self, engine: RoundEngine) -> None:
         """What each accepted contribution reported (the report's per-client table); fedfuse's app adds evaluation."""
+
+
+def _check_coefficients(
+    merge: MergeStrategy, policy: RoundPolicy, plan: CoefficientPlan | None
+) -> CoefficientPlan | None:
+    """Coefficient learning needs a linear method; both options need the updates (no secure sum, no central DP)."""
+    if plan is None:
+        return None
+    if plan.learns and (not merge.capabilities.linear or merge.capabilities.needs_gram):
+        raise ValueError(
+            f"coefficient learning needs a linear strategy (fedavg, task_arithmetic, linear); got {merge.name!r}"
+        )
+    if policy.secure_aggregation is not None or policy.central_dp is not None:
+        raise ValueError("coefficient stages need the merged change in the clear: no secure aggregation or central DP")
+    return plan
 
 
 def _check_no_policy_arguments(**given: bool) -> None:

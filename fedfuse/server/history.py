@@ -83,6 +83,12 @@ class RoundRecord(EvaluationRecord):
     secure_aggregation: dict[str, Any] = field(default_factory=dict)
     """A secure round's counts: survivors, dropped, threshold, degree, clipped values, error bound, bytes."""
     dp_epsilon: float | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """Mergeability diagnostics (``DiagnosticsReport.to_json``): absent from JSON when none were made."""
+    coefficients: dict[str, Any] = field(default_factory=dict)
+    """Learned merge coefficients (labels, K×G values, objective per step, bytes): absent from JSON when off."""
+    lambda_search: dict[str, Any] = field(default_factory=dict)
+    """The round's λ search (candidates, weighted losses, ``lambda`` chosen, bytes): absent from JSON when off."""
 
     @classmethod
     def of(cls, outcome: RoundOutcome) -> RoundRecord:
@@ -111,6 +117,9 @@ class RoundRecord(EvaluationRecord):
             finished_at=time.time(),
             broadcast=dict(outcome.broadcast),
             secure_aggregation=_prefixed(train, "secagg-"),
+            diagnostics=dict(outcome.diagnostics),
+            coefficients=dict(outcome.coefficients),
+            lambda_search=dict(outcome.lambda_search),
         )
 
 
@@ -144,6 +153,11 @@ class RunHistory:
         for record in document["rounds"]:
             if record["dp_epsilon"] is None:
                 del record["dp_epsilon"]
+            if not record["diagnostics"]:
+                del record["diagnostics"]
+            for optional in ("coefficients", "lambda_search"):
+                if not record[optional]:
+                    del record[optional]
         return {key: value for key, value in document.items() if value is not None or key == "initial"}
 
     @classmethod

@@ -21,7 +21,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 
+from fedfuse.algebra.diagnostics import heatmap_figure
+from fedfuse.algebra.diagnostics import markdown as diagnostics_markdown
 from fedfuse.checkpoints import atomic_output
+from fedfuse.server.coefficient_round import coefficients_markdown
 from fedfuse.server.report_clients import federated_section, federated_series
 
 MISSING = "—"
@@ -53,7 +56,8 @@ def write_report(history: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
 
     ``out_dir`` is created if needed and files of an earlier report there are replaced. Returns the
     paths under the keys ``json``, ``markdown``, ``accuracy_plot`` and ``uplink_plot`` (and
-    ``privacy_plot``, ε per round, for a differentially private run).
+    ``privacy_plot``, ε per round, for a differentially private run; ``diagnostics_plot``, the last
+    diagnosed round's pairwise cosines as ``diagnostics.png``, when a round has mergeability diagnostics).
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,6 +78,12 @@ def write_report(history: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
     if history.get("privacy"):
         paths["privacy_plot"] = folder / "privacy.png"
         writers["privacy_plot"] = lambda path: _save_png(_privacy_figure(history), path)
+    diagnosed = _last_with(_rounds(history), "diagnostics")
+    if diagnosed is not None:
+        number, record = diagnosed
+        title = f"Round {number}: pairwise cosines of the updates (sketched)"
+        paths["diagnostics_plot"] = folder / "diagnostics.png"
+        writers["diagnostics_plot"] = lambda path: _save_png(heatmap_figure(record["diagnostics"], title), path)
     for key, write in writers.items():
         with atomic_output(paths[key], directory=False, overwrite=True) as temp:
             write(temp)
@@ -112,7 +122,27 @@ def render_markdown(history: Mapping[str, Any]) -> str:
     lines += _domain_section(history, rounds)
     lines += _rejection_section(rounds)
     lines += _privacy_section(history, rounds)
+    lines += _diagnostics_section(rounds)
+    lines += coefficients_markdown(rounds)
     return "\n".join(lines)
+
+
+def _diagnostics_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The last diagnosed round's mergeability: updates by outlier rank, sign-conflict mass, disparity."""
+    diagnosed = _last_with(rounds, "diagnostics")
+    if diagnosed is None:
+        return []
+    number, record = diagnosed
+    return [
+        f"## Mergeability (round {number})",
+        "",
+        "Each update's norm, its cosine to the merged update and to the others (from seeded sketches), the "
+        "share of its mass against the elected sign, and an outlier score (robust z-scores of its mean cosine "
+        "and log-norm); the pairwise cosines are in `diagnostics.png`.",
+        "",
+        diagnostics_markdown(record["diagnostics"]),
+        "",
+    ]
 
 
 def _epsilons(history: Mapping[str, Any]) -> list[tuple[int, float]]:

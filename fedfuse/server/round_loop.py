@@ -51,6 +51,12 @@ class RoundOutcome:
     client_phases: dict[str, float]
     broadcast: dict[str, Any] = field(default_factory=dict)
     """How the round's change is sent to nodes (fedfuse's own app; empty for FedMerge's dense weights)."""
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """The round's mergeability diagnostics (empty when none: a secure round, or turned off)."""
+    coefficients: dict[str, Any] = field(default_factory=dict)
+    """The round's learned merge coefficients (``coefficient-learning``; empty when off)."""
+    lambda_search: dict[str, Any] = field(default_factory=dict)
+    """The round's λ search (``lambda-candidates``): candidates, weighted losses, the λ chosen; empty when off."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,8 @@ def run_round(
     with phases("wait"):
         if strategy.policy.secure_aggregation is not None:
             new_arrays, train_metrics = strategy.aggregate_secure(server_round, messages, loop.grid, loop.timeout)
+        elif strategy.coefficients is not None:
+            new_arrays, train_metrics = strategy.aggregate_coefficients(server_round, messages, loop.grid, loop.timeout)
         else:
             replies = stream_replies(loop.grid, messages, timeout=loop.timeout, ordered=True)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -160,6 +168,9 @@ def run_round(
                 phases=phases.as_dict(),
                 client_phases={name: round(value, 4) for name, value in strategy.last_client_phases.items()},
                 broadcast=dict(strategy.last_broadcast),
+                diagnostics=dict(strategy.last_diagnostics),
+                coefficients=dict(strategy.last_coefficients),
+                lambda_search=dict(strategy.last_lambda),
             )
         )
     return arrays

@@ -40,6 +40,7 @@ from fedfuse.messages import (
 from fedfuse.rejections import Rejected, Rejection
 from fedfuse.rounds import Broadcaster, Contribution, ModelChange, RoundEngine, Sync, UpdateSpace, VersionLog
 from fedfuse.security import Registry
+from fedfuse.server.coefficient_round import CoefficientPlan
 from fedfuse.server.fedmerge import FedMerge
 from fedfuse.server.report_clients import train_record
 from fedfuse.server.round_state import RoundReference
@@ -98,6 +99,7 @@ class FedFuseStrategy(FedMerge):
             min_train_nodes=settings.run.min_train_nodes,
             registry=registry,
             policy=settings.round_policy,
+            coefficients=CoefficientPlan.from_settings(settings),
         )
         # set after FedAvg's constructor, which would warn about 0.0 (a fedfuse run's report says it instead)
         self.fraction_evaluate = settings.run.fraction_evaluate
@@ -187,7 +189,7 @@ class FedFuseStrategy(FedMerge):
 
     def _merged_arrays(self, engine: RoundEngine, reference: RoundReference) -> ArrayRecord | None:
         """Send the round's change in its smallest form and apply exactly what is sent to the run's change."""
-        change = self.optimizer.round_change(engine)
+        change = self._round_change(engine)
         if change is None:
             return None
         delta, error = self.broadcaster.delta(change)
@@ -201,6 +203,10 @@ class FedFuseStrategy(FedMerge):
             "bytes_per_node": max(self._downlink.values(), default=0),
         }
         return ArrayRecord()
+
+    def _stage_identity(self) -> tuple[str, str]:
+        """Coefficient stages name the run key and the round's model version (what the nodes hold on disk)."""
+        return self.run_key, self.versions.version
 
     def _fold(self, engine: RoundEngine, reply: Message, sender: str, reference: RoundReference) -> Rejection | None:
         rejection = super()._fold(engine, reply, sender, reference)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 LORA_AGGREGATIONS = ("exact", "factors", "frozen-a")
 DEVICES = ("auto", "cpu", "cuda")
+COEFFICIENT_LEARNING = ("none", "loss", "entropy")
+"""``coefficient-learning``: off, or the institutions' local objective on their held-out rows."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,21 @@ class MergeSettings:
     server_momentum: float = setting(0.9, "β₁ in [0, 1): FedAvgM momentum, FedAdam/FedYogi first-moment decay")
     server_beta2: float = setting(0.99, "β₂ in [0, 1): FedAdam/FedYogi second-moment decay")
     server_tau: float = setting(1e-3, "τ > 0: FedAdam/FedYogi adaptivity, step η·m/(√v + τ)")
+    coefficient_learning: str = setting(
+        "none",
+        "learn each round's merge coefficients with the institutions: `none`, `loss` (their labelled held-out "
+        "loss) or `entropy` (of their predictions, labels unused); linear strategies only",
+    )
+    coefficient_steps: int = setting(20, "gradient steps (message rounds of K×G numbers) of coefficient learning")
+    coefficient_learning_rate: float = setting(0.05, "Adam's step size on the coefficients")
+    coefficient_groups: int = setting(
+        1, "coefficients per institution: 1 (task-wise) or G contiguous layer groups (layer-wise)"
+    )
+    lambda_candidates: str = setting(
+        "",
+        "per-round λ: scale each round's change by the candidate (e.g. `0.5,1,1.5,2`) with the least held-out "
+        "loss of the round's institutions (empty: off)",
+    )
 
     def __post_init__(self) -> None:
         check_choice(self, "strategy", tuple(available_strategies()))
@@ -94,6 +111,7 @@ class MergeSettings:
         if not math.isfinite(self.lam):
             raise SettingsError(f"lam must be finite; got {self.lam}")
         self._check_server_optimizer()
+        self._check_coefficients()
         try:  # every parameter checked now (types, choices, the constructor's ranges), not at the first merge
             strategy = build_strategy(self.strategy, self.strategy_arguments(), device="cpu")
         except ValueError as exc:
@@ -127,6 +145,53 @@ class MergeSettings:
                     f"{key(name)} applies only to server-optimizer {users}; server-optimizer is "
                     f"{self.server_optimizer!r}"
                 )
+
+    def _check_coefficients(self) -> None:
+        """Coefficient learning and per-round λ: their own values, and a merge they can work with."""
+        check_choice(self, "coefficient_learning", COEFFICIENT_LEARNING)
+        if self.coefficient_steps < 1 or self.coefficient_groups < 1:
+            raise SettingsError(
+                f"coefficient-steps and coefficient-groups must be >= 1; got {self.coefficient_steps}, "
+                f"{self.coefficient_groups}"
+            )
+        rate = self.coefficient_learning_rate
+        if not (math.isfinite(rate) and rate > 0):
+            raise SettingsError(f"coefficient-learning-rate must be > 0; got {rate}")
+        candidates = self.lambdas
+        if not self.learns_coefficients:
+            return
+        if candidates:
+            raise SettingsError("coefficient-learning and lambda-candidates both set: learned coefficients set λ too")
+        capabilities = self.spec.capabilities
+        if not capabilities.linear or capabilities.needs_gram:
+            raise SettingsError(
+                f"coefficient-learning needs a linear strategy (fedavg, task_arithmetic, linear); {self.strategy!r} "
+                "is refused: its merge is not a weighted sum of the updates, so there are no coefficients to learn"
+            )
+        if self.lora_aggregation == "factors":
+            raise SettingsError(
+                "coefficient-learning needs lora-aggregation exact or frozen-a: averaged factors are not a weighted "
+                "sum of the institutions' changes ΔW"
+            )
+
+    @property
+    def learns_coefficients(self) -> bool:
+        """Whether each round's coefficients are learned with the institutions (``coefficient-learning``)."""
+        return self.coefficient_learning != "none"
+
+    @property
+    def lambdas(self) -> tuple[float, ...]:
+        """The per-round λ candidates (empty: off), parsed and checked."""
+        text = self.lambda_candidates.strip()
+        if not text:
+            return ()
+        try:
+            values = tuple(float(part) for part in text.split(","))
+        except ValueError:
+            raise SettingsError(f"lambda-candidates must be numbers separated by commas; got {text!r}") from None
+        if len(values) < 2 or len(set(values)) != len(values) or not all(math.isfinite(v) for v in values):
+            raise SettingsError(f"lambda-candidates needs at least two distinct finite numbers; got {text!r}")
+        return values
 
     @property
     def server_rule(self) -> ServerOptimizerRule | None:
@@ -187,6 +252,21 @@ def _declares(strategy: str, name: str) -> bool:
         return method_spec(strategy).declares(name)
     except ValueError:  # a plug-in that fails to load declares nothing
         return False
+
+
+def check_coefficient_options(settings: RunSettings) -> None:
+    """Refuse coefficient learning or per-round λ where the server cannot see, or must not use, the updates."""
+    merge = settings.merge
+    if not (merge.learns_coefficients or merge.lambdas):
+        return
+    option = "coefficient-learning" if merge.learns_coefficients else "lambda-candidates"
+    if settings.privacy.secure is not None:
+        raise SettingsError(f"{option} needs the server to see the merged change; secure-aggregation hides it")
+    if settings.privacy.dp != "none":
+        raise SettingsError(
+            f"{option} with dp {settings.privacy.dp!r} is refused: the institutions' gradients and losses on their "
+            "held-out rows would be released outside the privacy accounting"
+        )
 
 
 def build_merge_strategy(settings: RunSettings | MergeSettings) -> MergeStrategy:

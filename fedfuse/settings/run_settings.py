@@ -19,7 +19,7 @@ from fedfuse.rounds.space import split_frozen_a
 from fedfuse.settings.attack import AttackSettings
 from fedfuse.settings.compression import CompressionSettings
 from fedfuse.settings.fields import Scalar, SettingsError, coerce, key, section_fields
-from fedfuse.settings.merge import MergeSettings, build_merge_strategy
+from fedfuse.settings.merge import MergeSettings, build_merge_strategy, check_coefficient_options
 from fedfuse.settings.privacy import DP_STRATEGIES, PrivacySettings
 from fedfuse.settings.run import RunControl
 from fedfuse.settings.source import SourceSettings
@@ -107,6 +107,7 @@ class RunSettings:
             self._check_privacy()
         if self.privacy.secure is not None:
             self._check_secure_aggregation()
+        check_coefficient_options(self)
         if c.broadcast == "factors" and not self.merges_low_rank:
             raise SettingsError(
                 "broadcast 'factors' needs a low-rank merge: mode lora with lora-aggregation exact or frozen-a, a "
