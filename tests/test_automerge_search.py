@@ -61,6 +61,16 @@ def test_search_weights_the_helpful_candidate_and_beats_the_default(setup, optim
 
 
 @pytest.mark.parametrize("optimizer", ["cma", "tpe"])
+def test_a_given_start_point_is_the_baseline_and_the_search_never_ends_below_it(setup, optimizer):
+    _, cmodel, scorer = _loaded(setup)
+    start = Point(((0.4,), (0.2,)))
+    space = SearchSpace()
+    result = search(cmodel, scorer, method="task_arithmetic", space=space, budget=4, optimizer=optimizer, start=start)
+    assert result.baseline.point == start and result.evaluations[0].point == start
+    assert result.best.score >= result.baseline.score
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "tpe"])
 def test_the_same_seed_gives_the_same_search_and_another_seed_another(setup, optimizer):
     def run(seed: int) -> list:
         _, cmodel, scorer = _loaded(setup)

@@ -130,6 +130,7 @@ TINY_ARGS = [
     "--skills", "repeat,arithmetic", "--steps", "2", "--seeds", "1", "--batch-size", "4", "--lora-rank", "2",
     "--train-rows", "8", "--validation-rows", "3", "--test-rows", "4", "--max-length", "96",
     "--threads", "1",  # the tests' one torch thread (tests/conftest.py): a second one only spins on tiny models
+    "--search-budget", "3", "--learn-steps", "2", "--layer-groups", "2",
     "--methods", "task_arithmetic,ties,dare_ties,regmean,naive_factor_average",  # last: the federated test swaps it
 ]  # fmt: skip
 
@@ -153,6 +154,20 @@ def test_bench_end_to_end_on_a_tiny_llama_writes_json_png_and_reuses_cached_expe
         assert all(0.0 <= a <= 1.0 for a in merged["test"].values())
     names = [row["name"] for row in report["rows"]]
     assert names[:2] == ["base model", "own expert"] and "ties" in names
+    for method, spent in [("greedy_soup", "validation evaluations"), ("searched", "3 validation evaluations"),
+                          ("adamerging", "2 gradient steps"), ("learned", "2 gradient steps")]:  # fmt: skip
+        row = next(r for r in report["rows"] if r["name"] == method)
+        normalized = row["normalized"][0]  # NaN when no tiny expert learned its own skill
+        assert spent in row["budget"] and (math.isnan(normalized) or 0.0 <= normalized <= 2.0), row
+        assert all(0.0 <= a <= 1.0 for a in seed["merges"][method]["test"].values())
+    assert (
+        seed["merges"]["searched"]["detail"]["scores"][0]
+        == seed["merges"]["searched"]["detail"]["validation"]["baseline"]
+    )
+    assert set(seed["merges"]["learned"]["detail"]["coefficients"]) == {"repeat", "arithmetic"}
+    assert all(len(v) == 2 for v in seed["merges"]["learned"]["detail"]["coefficients"].values())  # 2 layer groups
+    assert any("without Gram matrices" in c["check"] for c in report["checks"])
+    assert len(list((out / "auto").glob("*.json"))) == 4
     assert any("mean normalized retention" in c["check"] for c in report["checks"])
     assert any("task arithmetic" in c["check"] for c in report["checks"])
     assert "PASS" in result.output or "FAIL" in result.output
@@ -183,12 +198,20 @@ def test_bench_end_to_end_on_a_tiny_llama_writes_json_png_and_reuses_cached_expe
 @pytest.mark.e2e
 def test_federated_variant_merges_seed_0s_experts_through_a_fedfuse_round(tiny_model, tmp_path):
     out = tmp_path / "mq"
-    args = [*TINY_ARGS[:-1], "task_arithmetic"]
+    args = [*TINY_ARGS[:-1], "task_arithmetic", "--automated", "learned", "--federated-methods", "learned"]
     command = ["bench", "merge-quality", "--model", str(tiny_model), *args, "--federated", "--out", str(out)]
     result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     report = json.loads((out / "merge-quality.json").read_text())
-    federated = report["seeds"][0]["federated"]["task_arithmetic"]
-    assert set(federated) == {"repeat", "arithmetic"} and all(0.0 <= a <= 1.0 for a in federated.values())
-    assert "federated task_arithmetic" in [row["name"] for row in report["rows"]]
-    assert list((out / "federated").glob("task_arithmetic-seed0-*.json")), "the federated result is cached"
+    federated = report["seeds"][0]["federated"]
+    assert list(federated) == ["learned"]  # the institutions learned the coefficients; no fixed-λ run asked for
+    assert set(federated["learned"]) == {"repeat", "arithmetic"}
+    assert all(0.0 <= a <= 1.0 for a in federated["learned"].values())
+    row = next(r for r in report["rows"] if r["name"] == "federated learned")
+    assert "each institution's gradient" in row["budget"]
+    assert any("federated coefficient learning within" in c["check"] for c in report["checks"])
+    assert list((out / "federated").glob("learned-seed0-*.json")), "the federated result is cached"
+    run = next(p for p in (out / "federated").iterdir() if p.is_dir())
+    rounds = json.loads((run / "report.json").read_text())["rounds"]
+    learned = rounds[-1]["coefficients"]
+    assert learned["objective"] == "loss" and learned["labels"] and len(learned["history"]) == 2  # --learn-steps 2

@@ -287,8 +287,13 @@ def search(
     optimizer: str = "cma",
     seed: int = 0,
     on_evaluation: Callable[[Evaluation], None] | None = None,
+    start: Point | None = None,
 ) -> SearchResult:
-    """Search the point of ``method`` maximizing ``scorer``: ``budget`` evaluations, the default point first."""
+    """Search the point of ``method`` maximizing ``scorer``: ``budget`` evaluations, the start point first.
+
+    ``start`` (default: :func:`default_point`) is the baseline and where CMA-ES centres its first generation,
+    e.g. task arithmetic at a λ already chosen on a grid.
+    """
     if method not in SEARCH_METHODS:
         raise MergeInputError(f"--method {method!r} cannot be searched: choose {', '.join(SEARCH_METHODS)}")
     if optimizer not in OPTIMIZERS:
@@ -298,7 +303,7 @@ def search(
     require_optimizer(optimizer)
     candidates = cmodel.candidates
     result = SearchResult(method, candidates.labels)
-    start = default_point(method, candidates)
+    start = start or default_point(method, candidates)
 
     def evaluate(point: Point) -> float:
         began = time.perf_counter()

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +32,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedfuse.bench import merge_quality_auto as auto
 from fedfuse.bench import merge_quality_experts as experts
 from fedfuse.bench import merge_quality_report as report
 from fedfuse.bench.merge_quality_eval import Scorer
@@ -41,8 +43,9 @@ from fedfuse.simulation import simulate
 from fedfuse.strategies import method_spec
 from fedfuse.training.run_model import base_model
 
-FEDERATED_METHODS = ("task_arithmetic", "ties", "regmean")
-"""Methods the ``--federated`` variant runs through the fedfuse server (when among ``--methods``), on seed 0."""
+FEDERATED_METHODS = ("task_arithmetic", "ties", "regmean", "learned")
+"""Rows the ``--federated`` variant runs through the fedfuse server, on seed 0: the methods when among
+``--methods``, and ``learned`` (coefficient learning with the institutions) when the automated rows include it."""
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -68,29 +71,38 @@ def _choose_lambda(
     return best, scores
 
 
+def learning_config(settings: auto.AutoSettings) -> dict[str, Any]:
+    """The run config of the ``federated learned`` row: the offline ``learned`` row's objective, steps and groups."""
+    return {
+        "strategy": "task_arithmetic",
+        "coefficient-learning": "loss",
+        "coefficient-steps": settings.steps,
+        "coefficient-learning-rate": settings.learning_rate,
+        "coefficient-groups": settings.groups,
+    }
+
+
 def _federated(
     config: experts.ExpertConfig,
-    method: str,
-    lam: float,
+    run: dict[str, Any],
     seed: int,
     institutions: Path,
     folder: Path,
     scorer: Scorer,
     skills: Sequence[str],
 ) -> dict[str, float]:
-    """Test accuracy of the model one fedfuse round merges from one institution per skill."""
+    """Test accuracy of the model one fedfuse round merges from one institution per skill (``run``: the merge)."""
     simulate(
         {
             **config.run_config(seed),
             "data-dir": str(institutions),
             "num-server-rounds": 1,
-            "strategy": method,
-            "lam": lam,
             "lora-aggregation": "exact",
             "weighting": "uniform",
             "fraction-evaluate": 0.0,
             "validation-fraction": 0.05,
             "output-dir": str(folder),
+            **run,
         },
         num_clients=len(skills),
     )
@@ -113,24 +125,29 @@ def run_federated(
     out: Path,
     progress: Progress,
     task: Any,
+    learning: auto.AutoSettings | None = None,
 ) -> None:
     """Merge seed ``result.seed``'s experts again as institutions of a one-round simulation, per federated method.
 
     Each method runs at the λ the offline merge chose; its test accuracies are cached beside the run folder.
+    With ``learning`` (and task arithmetic's λ known), ``learned`` runs too: the institutions learn the
+    coefficients from task arithmetic's λ, with the offline ``learned`` row's objective, steps and groups.
     """
     institutions = out / "data" / "institutions"
     skill_data.write_institution_dir(institutions, skills, count=config.train_rows)
     seed = result.seed
-    for method in [m for m in FEDERATED_METHODS if m in methods]:
+    runs = {m: {"strategy": m, "lam": result.merges[m].lam} for m in methods if m in result.merges}
+    if learning is not None and "task_arithmetic" in result.merges:
+        runs["learned"] = {**learning_config(learning), "lam": result.merges["task_arithmetic"].lam}
+    for method, run in runs.items():
         progress.update(task, description=f"seed {seed}: federated {method}")
-        lam = result.merges[method].lam
-        spec = {"experts": [config.key(skill, seed) for skill in skills], "method": method, "lam": lam}
+        spec = {"experts": [config.key(skill, seed) for skill in skills], "method": method, **run}
         cache = out / "federated" / f"{method}-seed{seed}-{spec_digest(spec)}.json"
         if cache.is_file():
             result.federated[method] = json.loads(cache.read_text())
         else:
             folder = out / "federated" / f"{method}-seed{seed}"
-            result.federated[method] = _federated(config, method, lam, seed, institutions, folder, scorer, skills)
+            result.federated[method] = _federated(config, run, seed, institutions, folder, scorer, skills)
             with atomic_output(cache, directory=False, overwrite=True) as temp:
                 temp.write_text(json.dumps(result.federated[method]))
         progress.advance(task)
@@ -205,6 +222,76 @@ def run_seed(
     return result
 
 
+def run_automated(
+    result: report.SeedResult,
+    config: experts.ExpertConfig,
+    skills: list[str],
+    methods: list[str],
+    scorer: Scorer,
+    files: dict[str, dict[str, Path]],
+    out: Path,
+    settings: auto.AutoSettings,
+    progress: Progress,
+    task: Any,
+) -> None:
+    """Add the rows that choose their own coefficients to ``result`` (each cached under ``<out>/auto/``).
+
+    They start from task arithmetic's validation-chosen λ when that row ran (else 0.5).
+    """
+    seed = result.seed
+    scale = experts.expert_scale(config)
+    factors = [experts.train_expert(config, skill, seed, files[skill], out / "experts")[0] for skill in skills]
+    lam = result.merges["task_arithmetic"].lam if "task_arithmetic" in result.merges else 0.5
+    context = auto.AutoContext(
+        seed,
+        skills,
+        auto.expert_candidates(skills, factors, scale, settings.groups),
+        [experts.expert_deltas(f, scale) for f in factors],
+        scorer,
+        settings,
+        lam,
+    )
+    spec = {
+        "experts": [config.key(skill, seed) for skill in skills],
+        "lam": lam,
+        "rows": {s: [len(scorer.prompts[s]["validation"]), len(scorer.prompts[s]["test"])] for s in skills},
+        **settings.spec(),
+    }
+    for method in methods:
+        progress.update(task, description=f"seed {seed}: {method}")
+        started = time.perf_counter()
+        merged = auto.cached(
+            out, method, seed, spec_digest({**spec, "method": method}), partial(auto.RUNNERS[method], context)
+        )
+        result.merges[method] = merged
+        progress.console.print(
+            f"seed {seed} {method}: {merged.budget} → test geo-mean retention {result.score(merged.test):.3f}, "
+            f"mean normalized {result.normalized(merged.test):.3f} ({time.perf_counter() - started:.0f} s)"
+        )
+        progress.advance(task)
+    scorer.use(None)
+
+
+def _automated_names(text: str) -> list[str]:
+    names = [] if text.strip() in ("", "none") else _names(text, "automated method")
+    unknown = [n for n in names if n not in auto.AUTO_METHODS]
+    if unknown:
+        raise typer.BadParameter(f"--automated: choose among {', '.join(auto.AUTO_METHODS)} or none; got {unknown}")
+    return names
+
+
+def _federated_plan(federated: bool, text: str, automated: list[str], methods: list[str]) -> tuple[list[str], bool]:
+    """The methods ``--federated`` runs through the fedfuse server, and whether ``learned`` runs too."""
+    if not federated:
+        return [], False
+    named = _names(text, "federated method")
+    unknown = [m for m in named if m not in FEDERATED_METHODS]
+    if unknown:
+        raise typer.BadParameter(f"--federated-methods: choose among {', '.join(FEDERATED_METHODS)}; got {unknown}")
+    learns = "learned" in named and "learned" in automated and "task_arithmetic" in methods
+    return [m for m in named if m in methods], learns
+
+
 def merge_quality(
     model: Annotated[str, typer.Option("--model", help="Base chat model: smollm2, a local folder or a hub id.")] = (
         "smollm2"
@@ -241,6 +328,32 @@ def merge_quality(
             help="Also merge seed 0's experts as institutions of a one-round simulation (fedfuse server).",
         ),
     ] = False,
+    federated_methods: Annotated[
+        str,
+        typer.Option("--federated-methods", help="Comma list of the rows --federated runs (of the default)."),
+    ] = ",".join(FEDERATED_METHODS),
+    automated: Annotated[
+        str,
+        typer.Option(
+            "--automated",
+            help=f"Comma list of rows that choose their own coefficients ({', '.join(auto.AUTO_METHODS)}), or none.",
+        ),
+    ] = ",".join(auto.AUTO_METHODS),
+    automated_seeds: Annotated[
+        int, typer.Option("--automated-seeds", help="Seeds (0…N−1) the automated rows run on.", min=0)
+    ] = 1,
+    search_budget: Annotated[
+        int, typer.Option("--search-budget", help="Validation evaluations of the searched row (CMA-ES).", min=2)
+    ] = auto.AutoSettings.budget,
+    layer_groups: Annotated[
+        int, typer.Option("--layer-groups", help="Layer groups of the searched and learned rows.", min=1)
+    ] = auto.AutoSettings.groups,
+    learn_steps: Annotated[
+        int, typer.Option("--learn-steps", help="Gradient steps of the AdaMerging and learned rows.", min=1)
+    ] = auto.AutoSettings.steps,
+    learn_rows: Annotated[
+        int, typer.Option("--learn-rows", help="Validation rows per skill the learned rows train on.", min=1)
+    ] = auto.AutoSettings.learn_rows,
     out: Annotated[Path, typer.Option("--out", help="Folder for results and the expert cache.")] = Path(
         "bench-results/merge-quality"
     ),
@@ -261,6 +374,10 @@ def merge_quality(
         raise typer.BadParameter(str(exc)) from None
     config = experts.ExpertConfig(
         model, steps, batch_size, learning_rate, lora_rank, lora_alpha, max_length, train_rows, threads
+    )
+    auto_methods = _automated_names(automated)
+    auto_settings = auto.AutoSettings(
+        search_budget, layer_groups, learn_steps, learn_rows=min(learn_rows, validation_rows)
     )
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": train_rows, "validation": validation_rows, "test": test_rows}
@@ -285,10 +402,13 @@ def merge_quality(
         base = base or scorer.accuracies(names, "test")
     console.print("base model test exact match: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
     per_seed = 2 * len(names) + len(chosen)
-    federated_steps = len([m for m in FEDERATED_METHODS if m in chosen]) if federated else 0
+    federated_runs, learns = _federated_plan(federated, federated_methods, auto_methods, chosen)
+    federated_steps = len(federated_runs) + int(learns)
+    auto_seeds = min(automated_seeds, seeds) if auto_methods else 0
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("merge-quality", total=per_seed * results.count(None) + federated_steps)
+        total = per_seed * results.count(None) + federated_steps + auto_seeds * len(auto_methods)
+        task = progress.add_task("merge-quality", total=total)
         for seed, (cached, path) in enumerate(zip(results, caches, strict=True)):
             if cached is not None:
                 progress.console.print(f"seed {seed}: scores read from {path}")
@@ -298,15 +418,28 @@ def merge_quality(
                 temp.write_text(json.dumps(asdict(fresh), indent=2))
             results[seed] = fresh
         done = [r for r in results if r is not None]
+        for result in done[:auto_seeds]:
+            run_automated(result, config, names, auto_methods, scorer, files, out, auto_settings, progress, task)
         if federated:
-            run_federated(done[0], config, names, chosen, scorer, out, progress, task)
+            learning = auto_settings if learns else None
+            run_federated(done[0], config, names, federated_runs, scorer, out, progress, task, learning)
     rows = report.summarise(done)
     targets = report.checks(rows, done)
     console.print(report.main_table(rows, names, seeds))
     console.print(report.interference_table(done))
     for ok, text in targets:
         console.print(f"{'[green]PASS' if ok else '[red]FAIL'}[/] {text}")
-    settings = {**asdict(config), "seeds": seeds, "validation-rows": validation_rows, "test-rows": test_rows}
+    settings = {
+        **asdict(config),
+        "seeds": seeds,
+        "validation-rows": validation_rows,
+        "test-rows": test_rows,
+        **(
+            {"automated": ",".join(auto_methods), "automated-seeds": auto_seeds, **auto_settings.spec()}
+            if auto_methods
+            else {}
+        ),
+    }
     document = {
         "settings": settings,
         "skills": names,

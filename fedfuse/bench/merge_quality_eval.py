@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fedfuse.automerge.objectives import greedy_answers
 from fedfuse.data import skills as skill_data
 from fedfuse.training.tasks import ensure_pad_token
 
@@ -148,35 +149,10 @@ class Scorer:
             if name in self.parameters and not torch.equal(weight.float(), self.parameters[name].detach())
         }
 
-    @torch.no_grad()
     def answers(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers to ``prompts`` (chat template, left padding, batched)."""
-        tokenizer = self.tokenizer
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        out: list[str] = []
-        try:
-            for start in range(0, len(prompts), self.batch_size):
-                texts = [
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                    )
-                    for p in prompts[start : start + self.batch_size]
-                ]
-                encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                generated = self.model.generate(  # type: ignore[operator]
-                    input_ids=encoded["input_ids"],
-                    attention_mask=encoded["attention_mask"],
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,  # training turned the config's cache off (gradient checkpointing)
-                )
-                width = encoded["input_ids"].shape[1]
-                out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
-                self.generations += len(texts)
-        finally:
-            tokenizer.padding_side = side
+        """Greedy answers to ``prompts`` (:func:`fedfuse.automerge.objectives.greedy_answers`), counted."""
+        out = greedy_answers(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size)
+        self.generations += len(out)
         return out
 
     def accuracy(self, skill: str, split: str) -> float:

@@ -22,16 +22,30 @@ TARGET_TIES_MARGIN = 0.05
 """TIES or DARE-TIES over task arithmetic on that mean."""
 TARGET_EXPERT_GAIN = 0.20
 """Every expert beats the base model on its own skill by this much exact match."""
+TARGET_DATA_FREE_OR_SEARCHED = 0.75
+"""The best method that needs no Gram matrices: mean normalized accuracy (arithmetic mean over skills)."""
+TARGET_OVER_ARITHMETIC = 0.25
+"""… and at least this much above task arithmetic's."""
+TARGET_FEDERATED_GAP = 0.05
+"""Federated coefficient learning within this much of the same method run centrally (mean normalized accuracy)."""
+FEDERATED_BUDGETS: dict[str, str] = {"learned": "the offline row's steps; each institution's gradient per step"}
+"""The cost column of ``--federated`` rows that learn their coefficients (the others use the offline λ)."""
+GRAM_METHODS = frozenset({"regmean", "fisher"})
+"""Rows that need more than the experts' task vectors (Gram matrices, Fisher diagonals)."""
 
 
 @dataclass
 class MergeResult:
-    """One method on one seed: the chosen λ, validation accuracy per λ, test accuracy per skill."""
+    """One method on one seed: the chosen λ (NaN: none), validation scores, test accuracy per skill, cost."""
 
     lam: float
     validation: dict[str, float]
     test: dict[str, float]
     seconds: float
+    budget: str = ""
+    """What choosing the coefficients spent (validation evaluations or gradient steps); "" for a λ grid."""
+    detail: dict[str, Any] = field(default_factory=dict)
+    """Method-specific facts (chosen experts, coefficients, objective history)."""
 
 
 @dataclass
@@ -65,6 +79,11 @@ class SeedResult:
         """Geometric mean over skills of the retention of ``accuracy``."""
         return geometric_mean(list(self.retention(accuracy).values()))
 
+    def normalized(self, accuracy: dict[str, float]) -> float:
+        """FusionBench's summary: the arithmetic mean over skills of the retention of ``accuracy``."""
+        kept = [v for v in self.retention(accuracy).values() if not math.isnan(v)]
+        return sum(kept) / len(kept) if kept else math.nan
+
 
 @dataclass
 class Row:
@@ -75,14 +94,22 @@ class Row:
     retention: dict[str, list[float]]
     score: list[float]
     lams: list[float]
+    normalized: list[float] = field(default_factory=list)
+    """Arithmetic mean over skills of the retention, per seed (FusionBench's mean normalized accuracy)."""
+    budget: str = ""
 
     @property
     def mean_score(self) -> float:
         """Mean over seeds of the geometric-mean retention."""
         return mean_interval(self.score)[0]
 
+    @property
+    def mean_normalized(self) -> float:
+        """Mean over seeds of the mean normalized accuracy."""
+        return mean_interval(self.normalized)[0]
 
-def _row(name: str, seeds: list[SeedResult], pick: Any, lams: list[float] | None = None) -> Row:
+
+def _row(name: str, seeds: list[SeedResult], pick: Any, lams: list[float] | None = None, budget: str = "") -> Row:
     accuracies = [pick(s) for s in seeds]
     skills = list(seeds[0].base)
     return Row(
@@ -90,7 +117,9 @@ def _row(name: str, seeds: list[SeedResult], pick: Any, lams: list[float] | None
         {k: [a[k] for a in accuracies] for k in skills},
         {k: [s.retention(a)[k] for s, a in zip(seeds, accuracies, strict=True)] for k in skills},
         [s.score(a) for s, a in zip(seeds, accuracies, strict=True)],
-        lams or [],
+        [v for v in lams or [] if not math.isnan(v)],
+        [s.normalized(a) for s, a in zip(seeds, accuracies, strict=True)],
+        budget,
     )
 
 
@@ -101,10 +130,15 @@ def summarise(seeds: list[SeedResult]) -> list[Row]:
         _row("own expert", seeds, lambda s: {k: s.own(k) for k in s.base}),
     ]
     for method in seeds[0].merges:
-        rows.append(_row(method, seeds, lambda s, m=method: s.merges[m].test, [s.merges[method].lam for s in seeds]))
+        have = [s for s in seeds if method in s.merges]  # automated rows may run on fewer seeds
+        merge = have[0].merges[method]
+        budget = merge.budget or f"{len(merge.validation)} evaluations (λ grid)"
+        lams = [s.merges[method].lam for s in have]
+        rows.append(_row(method, have, lambda s, m=method: s.merges[m].test, lams, budget))
     federated = [s for s in seeds if s.federated]  # --federated runs seed 0 only
     for method in federated[0].federated if federated else ():
-        rows.append(_row(f"federated {method}", federated, lambda s, m=method: s.federated[m]))
+        budget = FEDERATED_BUDGETS.get(method, "λ of the offline row")
+        rows.append(_row(f"federated {method}", federated, lambda s, m=method: s.federated[m], budget=budget))
     return rows
 
 
@@ -127,6 +161,7 @@ def checks(rows: list[Row], seeds: list[SeedResult]) -> list[tuple[bool, str]]:
                 f"best method's mean normalized retention ≥ {TARGET_RETENTION:.2f}: {best.name} {best.mean_score:.3f}",
             )
         )
+    out += _automated_checks(rows, merges)
     arithmetic = merges.get("task_arithmetic")
     ties = [merges[n] for n in ("ties", "dare_ties") if n in merges]
     if arithmetic and ties:
@@ -142,19 +177,59 @@ def checks(rows: list[Row], seeds: list[SeedResult]) -> list[tuple[bool, str]]:
     return out
 
 
+def _automated_checks(rows: list[Row], merges: dict[str, Row]) -> list[tuple[bool, str]]:
+    """The targets of the rows that choose coefficients: a data-free-or-searched row ≥ 0.75 and ≥ TA + 0.25;
+    federated coefficient learning within 0.05 of the same method run centrally."""
+    out: list[tuple[bool, str]] = []
+    eligible = [r for name, r in merges.items() if name not in GRAM_METHODS]
+    arithmetic = merges.get("task_arithmetic")
+    if eligible and arithmetic is not None:
+        best = max(eligible, key=lambda r: -1.0 if math.isnan(r.mean_normalized) else r.mean_normalized)
+        floor = arithmetic.mean_normalized + TARGET_OVER_ARITHMETIC
+        out.append(
+            (
+                best.mean_normalized >= TARGET_DATA_FREE_OR_SEARCHED and best.mean_normalized >= floor,
+                f"best method without Gram matrices ≥ {TARGET_DATA_FREE_OR_SEARCHED:.2f} mean normalized accuracy "
+                f"and ≥ task arithmetic + {TARGET_OVER_ARITHMETIC:.2f}: {best.name} {best.mean_normalized:.3f} "
+                f"(task arithmetic {arithmetic.mean_normalized:.3f})",
+            )
+        )
+    central = merges.get("learned")
+    federated = next((r for r in rows if r.name == "federated learned"), None)
+    if central is not None and federated is not None:
+        gap = abs(federated.mean_normalized - central.mean_normalized)
+        out.append(
+            (
+                gap <= TARGET_FEDERATED_GAP,
+                f"federated coefficient learning within {TARGET_FEDERATED_GAP:.2f} of the central run: "
+                f"{federated.mean_normalized:.3f} vs {central.mean_normalized:.3f} (gap {gap:.3f})",
+            )
+        )
+    return out
+
+
 def _cells(row: Row, skills: list[str]) -> list[str]:
     lam = "—" if not row.lams else " ".join(f"{v:g}" for v in row.lams)
     return [
         row.name,
         *[format_interval(row.accuracy[k]) for k in skills],
         format_interval(row.score),
+        format_interval(row.normalized),
         lam,
+        row.budget or "—",
     ]
 
 
 def headers(skills: list[str]) -> list[str]:
     """Column names of the main table."""
-    return ["method", *[f"{k} acc" for k in skills], "geo-mean retention", "λ (per seed)"]
+    return [
+        "method",
+        *[f"{k} acc" for k in skills],
+        "geo-mean retention",
+        "mean normalized acc",
+        "λ (per seed)",
+        "spent choosing coefficients",
+    ]
 
 
 def main_table(rows: list[Row], skills: list[str], seeds: int) -> Table:
@@ -191,7 +266,8 @@ def markdown(
         "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
         "",
         f"Test exact match per skill, {len(seeds)} seed(s), mean ± 95% t-interval; retention = merged / own"
-        " expert, geometric mean over skills; λ chosen on the validation split.",
+        " expert, summarised by its geometric mean over skills and by its arithmetic mean (FusionBench's mean"
+        " normalized accuracy); λ and every searched or learned coefficient chosen on the validation split.",
         "",
         "| " + " | ".join(names) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(names) - 1)) + "|",
