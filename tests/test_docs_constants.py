@@ -282,6 +282,16 @@ CLAIMS = (
         tuple(_default(merge_quality, k) for k in ("lora_rank", "lora_alpha", "steps", "batch_size", "learning_rate")),
     ),
     Claim(DOCS, r"Gram matrices over (\d+) batches of its own training prompts", merge_quality_experts.GRAM_BATCHES),
+    Claim(
+        DOCS,
+        r"best method without Gram matrices ≥ ([\d.]+) mean normalized accuracy and ≥ task arithmetic \+ ([\d.]+)",
+        (merge_quality_report.TARGET_DATA_FREE_OR_SEARCHED, merge_quality_report.TARGET_OVER_ARITHMETIC),
+    ),
+    Claim(
+        DOCS,
+        r"federated coefficient learning within ([\d.]+) of the central run",
+        merge_quality_report.TARGET_FEDERATED_GAP,
+    ),
     Claim(DOCS, r"the test split \((\d+) prompts per skill\)", _default(merge_quality, "test_rows")),
     Claim(
         DOCS,
