@@ -213,5 +213,9 @@ def test_federated_variant_merges_seed_0s_experts_through_a_fedfuse_round(tiny_m
     assert list((out / "federated").glob("learned-seed0-*.json")), "the federated result is cached"
     run = next(p for p in (out / "federated").iterdir() if p.is_dir())
     rounds = json.loads((run / "report.json").read_text())["rounds"]
-    learned = rounds[-1]["coefficients"]
-    assert learned["objective"] == "loss" and learned["labels"] and len(learned["history"]) == 2  # --learn-steps 2
+    learned = rounds[-1]["coefficients"]  # the one real simulate run of coefficient learning in the suite
+    assert learned["objective"] == "loss" and len(learned["history"]) == 2  # --learn-steps 2
+    assert learned["labels"] == ["partition-0", "partition-1"] and learned["nodes"] == 2 and not learned["dropped"]
+    assert [len(row) for row in learned["coefficients"]] == [2, 2]  # 2 institutions × --layer-groups 2
+    assert learned["bytes_down_candidates"] > 0 and learned["bytes_up"] > 0
+    assert "Learned merge coefficients" in (run / "report.md").read_text()
