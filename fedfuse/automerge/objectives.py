@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from fedfuse.automerge.coefficients import CoefficientModel
-from fedfuse.training.tasks import IGNORE, assistant_spans, ensure_pad_token
+from fedfuse.training.tasks import IGNORE, encode_chats, ensure_pad_token
 
 Objective = Literal["loss", "entropy"]
 OBJECTIVES: tuple[Objective, ...] = ("loss", "entropy")
@@ -51,21 +51,10 @@ class Rows:
 def chat_rows(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int = 128) -> Rows:
     """(prompt, answer) chats through the tokenizer's chat template; the answer's tokens are the scored ones."""
     ensure_pad_token(tokenizer)
-    ids = torch.full((len(pairs), max_length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), max_length), dtype=torch.long)
-    targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(pairs):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        text, spans = assistant_spans(tokenizer, messages)
-        encoded = tokenizer(
-            text, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True
-        )
-        n = len(encoded["input_ids"])
-        ids[row, :n] = torch.tensor(encoded["input_ids"])
-        mask[row, :n] = 1
-        for position, (start, _) in enumerate(encoded["offset_mapping"]):
-            if any(lo <= start < hi for lo, hi in spans):
-                targets[row, position] = encoded["input_ids"][position]
+    chats = [
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}] for prompt, answer in pairs
+    ]
+    ids, mask, targets = encode_chats(tokenizer, chats, max_length)
     if len(pairs) and int((targets != IGNORE).sum()) == 0:
         raise ValueError(f"max_length {max_length} cuts off every answer; raise it")
     return Rows(ids, mask, targets, causal=True)

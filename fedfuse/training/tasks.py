@@ -81,6 +81,28 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
     return text, spans
 
 
+def encode_chats(
+    tokenizer: Any, conversations: Sequence[list[dict[str, str]]], length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chats through the chat template at a fixed ``length``: ids, attention mask, and the assistant turns'
+    token ids as labels (−100 elsewhere, so only the answers are learned or scored)."""
+    ids = torch.full((len(conversations), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(conversations), length), dtype=torch.long)
+    labels = torch.full((len(conversations), length), IGNORE, dtype=torch.long)
+    for number, messages in enumerate(conversations):
+        text, spans = assistant_spans(tokenizer, messages)
+        encoded = tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=length, return_offsets_mapping=True
+        )
+        n = len(encoded["input_ids"])
+        ids[number, :n] = torch.tensor(encoded["input_ids"])
+        mask[number, :n] = 1
+        for position, (start, _) in enumerate(encoded["offset_mapping"]):
+            if any(lo <= start < hi for lo, hi in spans):
+                labels[number, position] = encoded["input_ids"][position]
+    return ids, mask, labels
+
+
 def _tokenize_chats(
     rows: datasets.Dataset, tokenizer: Any, settings: RunSettings, source: str, domains: np.ndarray
 ) -> Tokenized:
@@ -101,12 +123,8 @@ def _tokenize_chats(
         source=source,
     )
     length = settings.source.sequence_length
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    learnable = 0
-    for number, row in enumerate(rows):
-        messages = conversation(
+    conversations = [
+        conversation(
             row,
             messages=settings.source.messages_column,
             prompt=settings.source.prompt_column,
@@ -114,17 +132,9 @@ def _tokenize_chats(
             source=source,
             number=number,
         )
-        text, spans = assistant_spans(tokenizer, messages)
-        encoded = tokenizer(
-            text, add_special_tokens=False, truncation=True, max_length=length, return_offsets_mapping=True
-        )
-        n = len(encoded["input_ids"])
-        ids[number, :n] = torch.tensor(encoded["input_ids"])
-        mask[number, :n] = 1
-        for position, (start, _) in enumerate(encoded["offset_mapping"]):
-            if any(lo <= start < hi for lo, hi in spans):
-                labels[number, position] = encoded["input_ids"][position]
-        learnable += int((labels[number] != IGNORE).any())
-    if learnable == 0 and len(rows):
+        for number, row in enumerate(rows)
+    ]
+    ids, mask, labels = encode_chats(tokenizer, conversations, length)
+    if len(rows) and int((labels != IGNORE).any(dim=1).sum()) == 0:
         raise DataError(f"{source}: max-length {length} cuts off every assistant answer; raise max-length")
     return Tokenized(ids, mask, labels, domains)
