@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_runs import SEEDED_RUN
 from typer.testing import CliRunner
 
 from fedfuse.algebra.diagnostics import DiagnosticsReport, MergeDiagnostics, outlier_scores, sign_conflicts
@@ -313,16 +314,7 @@ def test_report_json_has_each_rounds_diagnostics(server_identity, tmp_path: Path
     from fedfuse.settings import RunSettings
     from fedfuse.training.run_model import lora_scale, update_shapes
 
-    config = {
-        "task": "classify",
-        "labels": "cardiac,respiratory,musculoskeletal",
-        "lora-rank": 2,
-        "max-length": 16,
-        "fraction-evaluate": 0.0,
-        "num-server-rounds": 2,
-        "timeout": 30.0,
-        "output-dir": str(tmp_path / "run"),
-    }
+    config = {**SEEDED_RUN, "output-dir": str(tmp_path / "run")}
     settings = RunSettings.from_run_config(config)
     grid = SeededGrid(dict(settings.update_space(update_shapes(settings), lora_scale(settings)).wire_shapes))
     context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config={})

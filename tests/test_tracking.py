@@ -22,7 +22,7 @@ from flwr.app import Context, RecordDict
 from mlflow.tracking import MlflowClient
 from seeded_grid import SeededGrid
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # type: ignore[import-untyped]
-from tiny_runs import TINY_RUN
+from tiny_runs import SEEDED_RUN, TINY_RUN
 from typer.testing import CliRunner
 
 import fedfuse.settings.run as run_settings
@@ -227,15 +227,7 @@ def test_simulate_refuses_tracking_it_cannot_do_before_anything_starts(args, mon
     assert expected in " ".join(result.output.split()).replace("│", "").replace("  ", " ")
 
 
-SEEDED = {
-    "task": "classify",
-    "labels": "cardiac,respiratory,musculoskeletal",
-    "lora-rank": 2,
-    "max-length": 16,
-    "fraction-evaluate": 0.0,
-    "num-server-rounds": 2,
-    "timeout": 30.0,
-}
+SEEDED = SEEDED_RUN
 """Two rounds of fedfuse's ServerApp over the seeded grid (three nodes send seeded updates, no training)."""
 
 

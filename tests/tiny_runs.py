@@ -15,3 +15,15 @@ TINY_RUN: dict[str, object] = {
     "fraction-evaluate": 0.0,
 }
 """Training and evaluation small enough for CI; federated evaluation off."""
+
+
+SEEDED_RUN: dict[str, object] = {
+    "task": "classify",
+    "labels": "cardiac,respiratory,musculoskeletal",
+    "lora-rank": 2,
+    "max-length": 16,
+    "fraction-evaluate": 0.0,
+    "num-server-rounds": 2,
+    "timeout": 30.0,
+}
+"""Two server rounds of the built-in three-label task on the in-process seeded grid (no Ray)."""
