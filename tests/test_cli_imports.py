@@ -124,3 +124,18 @@ def test_version_prints_without_a_command() -> None:
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == __version__
+
+
+APP_DEFERRED = ("opacus", "datasets", "flwr_datasets", "pandas", "pyarrow", "ray", "flwr.simulation", "fedfuse.bench")
+"""Modules a Flower process of fedfuse loads only when a run uses them (DP accounting, reading or partitioning
+data files, Ray): every ClientApp process of a deployed run (one per message) and every Ray actor imports
+the client app first, so each second here is paid per message and per actor."""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("module", ["fedfuse.client.app", "fedfuse.server.app"])
+def test_the_apps_import_no_module_that_a_run_may_not_use(module: str) -> None:
+    probe = f"import importlib, json, sys; importlib.import_module({module!r}); print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    modules = json.loads(done.stdout.splitlines()[-1])
+    assert [m for m in modules if any(m == name or m.startswith(name + ".") for name in APP_DEFERRED)] == []

@@ -128,12 +128,43 @@ def test_cache_dir_stores_the_dataset_and_reads_it_back(tmp_path: Path, dataset:
 
 
 @pytest.mark.unit
-def test_a_damaged_cache_file_is_named(tmp_path: Path) -> None:
+def test_a_damaged_cache_file_is_rebuilt(tmp_path: Path, dataset: TopicDataset) -> None:
     load_stdlib_topics(cache_dir=tmp_path)
     (cache,) = tmp_path.iterdir()
     cache.write_text("{not json")
-    with pytest.raises(ValueError, match=f"{cache.name}.*delete it to rebuild"):
-        load_stdlib_topics(cache_dir=tmp_path)
+    assert load_stdlib_topics(cache_dir=tmp_path).texts == dataset.texts
+    assert json.loads(cache.read_text())["texts"] == list(dataset.texts)
+    assert list(tmp_path.iterdir()) == [cache]
+
+
+@pytest.mark.unit
+def test_an_unwritable_cache_folder_is_skipped(tmp_path: Path, dataset: TopicDataset) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert load_stdlib_topics(cache_dir=blocker / "cache").texts == dataset.texts
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.unit
+def test_the_cache_key_changes_with_the_builders_source(tmp_path: Path, monkeypatch) -> None:
+    before = topics._cache_file(tmp_path, 30, 300)
+    changed = tmp_path / "stdlib_topics.py"
+    changed.write_text(Path(topics.__file__).read_text() + "\n# changed\n")
+    monkeypatch.setattr(topics, "__file__", str(changed))
+    assert topics._cache_file(tmp_path, 30, 300) != before
+
+
+@pytest.mark.unit
+def test_runs_read_the_built_in_task_from_fedfuses_cache_folder(tmp_path: Path, monkeypatch) -> None:
+    from fedfuse.training import federated_dataset
+
+    monkeypatch.setenv("FEDFUSE_CACHE_DIR", str(tmp_path))
+    federated_dataset.federated_data.cache_clear()
+    try:
+        federated_dataset.federated_data(0, "iid", 0.5, 2)
+    finally:
+        federated_dataset.federated_data.cache_clear()
+    assert [path.name.split("-")[0] for path in (tmp_path / "datasets").iterdir()] == ["stdlib_topics"]
 
 
 @pytest.mark.unit

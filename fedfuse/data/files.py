@@ -14,9 +14,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:  # imported where a file is read: datasets costs a second at start-up
+    import datasets
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 """File suffix → the ``datasets`` builder that reads it."""
@@ -59,6 +60,8 @@ def read_table(path: str | Path) -> datasets.Dataset:
 
 
 def _read(path: Path) -> datasets.Dataset:
+    import datasets
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if path.is_dir():
@@ -83,6 +86,8 @@ def _read_saved(path: Path) -> datasets.Dataset:
         raise DataError(
             f"{path} is a folder but not a datasets save_to_disk folder (no {' / '.join(SAVED_MARKERS[:2])})"
         )
+    import datasets
+
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:

@@ -16,20 +16,15 @@ import io
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
-from datasets.table import InMemoryTable
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    ShardPartitioner,
-)
 
 from fedfuse.data.files import FORMATS, SAVED_MARKERS, DataError
+
+if TYPE_CHECKING:  # datasets and flwr-datasets are imported where rows are partitioned: they cost seconds at start-up
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 SCHEMES = ("iid", "dirichlet", "shards", "natural")
 """Partition schemes :func:`partition_indices` accepts."""
@@ -90,6 +85,9 @@ def partition_indices(
     list of numpy.ndarray
         ``num_partitions`` sorted ``int64`` arrays, disjoint, together covering every row.
     """
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
     if not isinstance(dataset, datasets.Dataset):
         raise PartitionError(f"partition needs one datasets.Dataset (a single split), got {type(dataset).__name__}")
     if scheme not in SCHEMES:
@@ -175,6 +173,8 @@ def _check_column(dataset: datasets.Dataset, scheme: str, column: str | None) ->
         )
     if column not in dataset.column_names:
         raise PartitionError(f"partition {scheme!r}: no column {column!r}; the data's columns are {available}")
+    import datasets
+
     feature = dataset.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return column
@@ -207,6 +207,10 @@ def _check_sizes(parts: list[np.ndarray], scheme: str, column: str | None, min_s
 
 def _rows_table(dataset: datasets.Dataset, column: str | None) -> datasets.Dataset:
     """An in-memory dataset of ``column`` (if any) and the row number, in ``dataset``'s row order."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
     numbers = pa.array(np.arange(len(dataset), dtype=np.int64))
     if column is None:
         return datasets.Dataset(InMemoryTable(pa.table({ROW: numbers})))
@@ -229,6 +233,8 @@ def _column_partitioner(
     seed: int,
     min_size: int,
 ) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
+
     if scheme == "dirichlet":
         if (
             isinstance(alpha, bool)
@@ -257,6 +263,8 @@ def _shard_partitioner(num_rows: int, column: str, num_partitions: int, per_clie
     with ``keep_incomplete_shard`` covers every row and still deals each client at most ``per_client``
     shards.
     """
+    from flwr_datasets.partitioner import ShardPartitioner
+
     if isinstance(per_client, bool) or not isinstance(per_client, (int, np.integer)) or per_client < 1:
         raise PartitionError(f"partition 'shards': shards_per_client must be a positive integer, got {per_client!r}")
     shard_size = math.ceil(num_rows / (num_partitions * int(per_client)))

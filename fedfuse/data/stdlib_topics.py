@@ -5,12 +5,14 @@ labelled by the domain of the module it comes from (networking, email, concurren
 source files are *parsed* with :mod:`ast`, never imported, so building has no side effects (no GUI
 opened, nothing downloaded). The walk is sorted, so the same Python version gives the same list on
 every machine. The CPython test suite (``test``/``tests``/``idle_test`` folders) and
-``site-packages`` are skipped. Nothing is written to disk unless a ``cache_dir`` is given.
+``site-packages`` are skipped. Nothing is written to disk unless a ``cache_dir`` is given (runs give
+fedfuse's cache folder, so each process of a simulation reads the list instead of parsing the stdlib).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import json
@@ -256,6 +258,7 @@ def _cache_file(cache_dir: Path, min_chars: int, max_chars: int) -> Path:
     fingerprint = json.dumps(
         {
             "format": _CACHE_FORMAT,
+            "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # a changed extraction rebuilds
             "python": sys.version,
             "stdlib": str(stdlib_dir()),
             "domains": sorted(MODULE_DOMAINS.items()),
@@ -293,7 +296,8 @@ def load_stdlib_topics(cache_dir: str | Path | None = None, min_chars: int = 30,
     ----------
     cache_dir : str or Path, optional
         Folder where the built dataset is stored as JSON and read back on later calls (keyed by the
-        Python version and the build parameters). Without it nothing touches the disk; the
+        Python version, this module's source and the build parameters; a damaged or unwritable cache
+        file is rebuilt or skipped, never an error). Without it nothing touches the disk; the
         extraction is still memoized for the life of the process (each call returns its own copy).
     min_chars : int
         Cleaned texts shorter than this are dropped (default 30).
@@ -305,29 +309,44 @@ def load_stdlib_topics(cache_dir: str | Path | None = None, min_chars: int = 30,
     if cache_dir is None:
         return _build(min_chars, max_chars)
     cache = _cache_file(Path(cache_dir), min_chars, max_chars)
-    if cache.is_file():
-        try:
-            stored = json.loads(cache.read_text(encoding="utf-8"))
-            return TopicDataset(
-                texts=tuple(stored["texts"]),
-                labels=np.array(stored["labels"], dtype=np.int64),
-                label_names=tuple(stored["label_names"]),
-                sources=tuple(stored["sources"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cached dataset {cache} is unreadable ({exc!r}); delete it to rebuild") from exc
+    stored = _read_cache(cache)
+    if stored is not None:
+        return stored
     dataset = _build(min_chars, max_chars)
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_cache(cache, dataset)
+    return dataset
+
+
+def _read_cache(cache: Path) -> TopicDataset | None:
+    """The dataset stored at ``cache``, or None when it is missing or damaged (it is then rebuilt)."""
+    try:
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        return TopicDataset(
+            texts=tuple(stored["texts"]),
+            labels=np.array(stored["labels"], dtype=np.int64),
+            label_names=tuple(stored["label_names"]),
+            sources=tuple(stored["sources"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(cache: Path, dataset: TopicDataset) -> None:
+    """Store ``dataset`` at ``cache`` atomically (a per-process temp file, renamed); an unwritable folder is skipped."""
     payload = {
         "texts": list(dataset.texts),
         "labels": dataset.labels.tolist(),
         "label_names": list(dataset.label_names),
         "sources": list(dataset.sources),
     }
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    tmp.replace(cache)
-    return dataset
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload), encoding="utf-8")
+        tmp.replace(cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def train_test_split(

@@ -1,6 +1,7 @@
 """Model loading: the embedded default classifier (all-MiniLM-L6-v2), the embedded chat LLM (SmolLM2-135M-Instruct),
 local folders, hub ids, causal LMs."""
 
+from fedfuse.defaults import default_cache_dir
 from fedfuse.models.loading import (
     DEFAULT_MODEL,
     EMBEDDED_MODEL_PACKAGE,
@@ -17,7 +18,6 @@ from fedfuse.models.loading import (
 )
 from fedfuse.models.smollm2 import (
     SMOLLM2_INSTALL,
-    default_cache_dir,
     is_prepared,
     prepare_smollm2,
     smollm2_dir,

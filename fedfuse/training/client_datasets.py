@@ -14,9 +14,8 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 
 from fedfuse.data import LABEL_NAMES
@@ -34,6 +33,9 @@ from fedfuse.data.partitioners import one_file_per_client, partition_indices
 from fedfuse.settings import RunSettings
 from fedfuse.training.federated_dataset import Tokenized, client_split, data_for, tokenize
 from fedfuse.training.tasks import tokenize_rows
+
+if TYPE_CHECKING:  # imported where rows are made: datasets costs a second at start-up
+    import datasets
 
 FILE_DOMAIN = ("all",)
 
@@ -288,6 +290,8 @@ def _builtin(
     )
     if members > 1:
         train_pos = np.array_split(train_pos, members)[member]
+
+    import datasets
 
     def rows(positions: np.ndarray) -> datasets.Dataset:
         return datasets.Dataset.from_dict(

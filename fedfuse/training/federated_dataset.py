@@ -20,6 +20,7 @@ from fedfuse.data import (
     load_stdlib_topics,
     train_test_split,
 )
+from fedfuse.defaults import default_cache_dir
 from fedfuse.settings import RunSettings
 
 TEST_FRACTION = 0.2
@@ -68,7 +69,7 @@ class FederatedData:
 @functools.lru_cache(maxsize=4)
 def federated_data(seed: int, partition: str, alpha: float, num_partitions: int) -> FederatedData:
     """The standard-library topic task split and partitioned as the settings say (memoized per process)."""
-    dataset = load_stdlib_topics()
+    dataset = load_stdlib_topics(cache_dir=default_cache_dir() / "datasets")  # read, not re-parsed, by each process
     train, test = train_test_split(dataset, TEST_FRACTION, seed=seed)
     if partition == "dirichlet":
         floor = min(MIN_CLIENT_EXAMPLES, len(train) // num_partitions)  # 1,000 clients share ~4.6k examples

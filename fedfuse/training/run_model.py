@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 
 from fedfuse.algebra import derive_seed, factor_names
 from fedfuse.algebra.lora import frozen_lora_a
 from fedfuse.models import load_causal_lm, load_classifier, load_tokenizer, model_skeleton
 from fedfuse.settings import AUTO_TARGET_MODULES, RunSettings, SettingsError
 from fedfuse.training.client_datasets import run_label_names
+
+if TYPE_CHECKING:  # PEFT is imported where LoRA is attached: it costs seconds, and a name query never trains
+    from peft.tuners.lora import LoraLayer
 
 HEAD_PREFIXES = ("classifier.", "score.")
 PEFT_PREFIX = "base_model.model."
@@ -118,6 +119,8 @@ def target_modules_for(model: torch.nn.Module, settings: RunSettings) -> list[st
 
 def attach_lora(model: torch.nn.Module, settings: RunSettings, round_number: int) -> torch.nn.Module:
     """Wrap ``model`` with fresh LoRA adapters (A seeded by the run and round), head trainable; frozen-a: A frozen."""
+    from peft import LoraConfig, get_peft_model
+
     heads = set(head_names(model))
     config = LoraConfig(
         r=settings.training.lora_rank,
@@ -154,6 +157,8 @@ def lora_scale(settings: RunSettings) -> float:
 
 def lora_layers(peft_model: torch.nn.Module) -> dict[str, LoraLayer]:
     """Module name (without PEFT's prefix) → its LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
     return {
         name.removeprefix(PEFT_PREFIX): module
         for name, module in peft_model.named_modules()

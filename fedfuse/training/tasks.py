@@ -9,9 +9,8 @@ label; every other token (system, user, template markup, padding) is -100 and ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 
@@ -24,6 +23,9 @@ from fedfuse.data.files import (
 )
 from fedfuse.settings import RunSettings
 from fedfuse.training.federated_dataset import Tokenized
+
+if TYPE_CHECKING:
+    import datasets
 
 IGNORE = -100
 
