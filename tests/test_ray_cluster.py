@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
+import fedfuse.simulation
 from fedfuse.cli.main import app
 from fedfuse.client.app import make_client_app
 from fedfuse.simulation import ClientResourcesError, RayClusterError, backend_config, simulate
@@ -198,7 +199,8 @@ def test_an_address_where_no_cluster_answers_is_one_line_from_the_cli(tmp_path) 
 
 
 @pytest.mark.e2e
-def test_a_port_that_answers_but_is_no_ray_gcs_is_refused_within_seconds(tmp_path) -> None:
+def test_a_port_that_answers_but_is_no_ray_gcs_is_refused_within_seconds(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(fedfuse.simulation, "RAY_PROBE_TIMEOUT_S", 1.0)  # the claim needs a deadline, not 5 s of one
     with socket.socket() as listener:
         listener.bind((HEAD_IP, 0))
         listener.listen()
