@@ -1,7 +1,8 @@
 """The docs' examples run as written and print what the docs say they print; the site builds with --strict.
 
 The pages are README.md, CONTRIBUTING.md and every docs/**/*.md, found when the tests are collected. Every
-```python block runs in a fresh interpreter in an empty folder. A ``print(...)`` whose line ends in
+```python block runs in an empty folder, in a new ``__main__`` of its own process, forked from one warm
+interpreter (tests/docs_runner.py). A ``print(...)`` whose line ends in
 ``# prints TEXT`` (or is followed by a line ``# prints: TEXT``) must print exactly TEXT (``…`` stands for
 any text). Every block of ``$ command`` lines, each followed by its output, runs those commands on files
 the test makes, and each must print the output shown. A block right after ``<!-- not run: reason -->`` or
@@ -12,13 +13,17 @@ Test ids name the page and the block's index among the page's fenced blocks: ``g
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
+import select
 import shlex
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -123,29 +128,6 @@ def all_blocks() -> tuple[Block, ...]:
 PYTHON = [block for block in all_blocks() if block.lang == "python" and not block.marked]
 SESSIONS = [block for block in all_blocks() if block.is_session]
 
-DRIVER = """
-import builtins, io, json, sys
-source, record = sys.argv[1], sys.argv[2]
-sys.argv = sys.argv[:1]
-_printed, _print = [], builtins.print
-
-def _recording_print(*args, **kwargs):
-    frame = sys._getframe(1)
-    if frame.f_code.co_filename == "<docs>" and kwargs.get("file") in (None, sys.stdout):
-        buffer = io.StringIO()
-        _print(*args, **{**kwargs, "file": buffer})
-        _printed.append((frame.f_lineno, buffer.getvalue()))
-    _print(*args, **kwargs)
-
-builtins.print = _recording_print
-try:
-    exec(compile(source, "<docs>", "exec"), sys.modules["__main__"].__dict__)
-finally:
-    with open(record, "w", encoding="utf-8") as out:
-        json.dump(_printed, out)
-"""
-"""Runs a block as ``__main__`` (so ``"__main__:name"`` references work) and records each print's line."""
-
 
 def expected_prints(block: str) -> list[tuple[range, str]]:
     """For each ``print(...)  # prints TEXT`` in ``block``: the lines its call spans, and TEXT."""
@@ -193,13 +175,78 @@ def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV)
 
 
+class BlockRunner:
+    """tests/docs_runner.py, started once: each block runs in a child forked from its warm interpreter."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        with log.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "docs_runner.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=ENV,
+                cwd=ROOT,
+                bufsize=0,
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.stdin, self.stdout = self.process.stdin, self.process.stdout.fileno()
+        self.buffer = b""
+
+    def run(self, source: str, folder: Path, timeout: float = 300) -> tuple[int | str, str]:
+        """Run ``source`` in ``folder/cwd``: its exit code (or ``"timed out"``) and its stderr; prints recorded."""
+        (folder / "cwd").mkdir(parents=True)
+        request = {name: str(folder / name) for name in ("cwd", "stdout", "stderr")}
+        self.stdin.write(
+            (json.dumps({**request, "source": source, "record": str(folder / "printed.json")}) + "\n").encode()
+        )
+        self.stdin.flush()
+        pid = self._answer(120)["pid"]
+        try:
+            code: int | str = self._answer(timeout)["exit"]
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self._answer(60)
+            code = "timed out"
+        return code, (folder / "stderr").read_text(errors="replace")
+
+    def _answer(self, timeout: float) -> dict:
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = end - time.monotonic()
+            if remaining <= 0 or not select.select([self.stdout], [], [], remaining)[0]:
+                raise TimeoutError
+            chunk = os.read(self.stdout, 65536)
+            assert chunk, f"the docs runner stopped:\n{self.log.read_text(errors='replace')[-3000:]}"
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def block_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockRunner]:
+    runner = BlockRunner(tmp_path_factory.mktemp("docs-runner") / "runner.log")
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=lambda block: block.id)
-def test_a_python_block_runs_and_prints_what_it_says(block: Block, tmp_path: Path) -> None:
-    workdir, record = tmp_path / "cwd", tmp_path / "printed.json"
-    workdir.mkdir()
-    result = _python(["-c", DRIVER, block.text, str(record)], cwd=workdir)
-    assert result.returncode == 0, f"{block.id} failed:\n{block.text}\n{result.stderr[-3000:]}"
-    printed = json.loads(record.read_text(encoding="utf-8"))
+def test_a_python_block_runs_and_prints_what_it_says(block: Block, tmp_path: Path, block_runner: BlockRunner) -> None:
+    code, stderr = block_runner.run(block.text, tmp_path)
+    assert code == 0, f"{block.id} failed ({code}):\n{block.text}\n{stderr[-3000:]}"
+    printed = json.loads((tmp_path / "printed.json").read_text(encoding="utf-8"))
     for span, text in expected_prints(block.text):
         outputs = [output for line, output in printed if line in span]
         assert len(outputs) == 1, f"{block.id}, line {span.start}: printed {len(outputs)} times"
@@ -269,3 +316,15 @@ def test_the_site_builds_with_strict(tmp_path: Path) -> None:
     result = _python(["-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")], cwd=ROOT)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert (tmp_path / "site" / "reference" / "methods" / "index.html").is_file()
+
+
+def test_a_block_runs_in_a_main_of_its_own_and_a_stuck_one_is_stopped(
+    tmp_path: Path, block_runner: BlockRunner
+) -> None:
+    """The warm interpreter's own names do not leak into a block, and a block past its time is killed."""
+    code, stderr = block_runner.run("print(json.dumps(1))\n", tmp_path / "forgot-an-import")
+    assert code == 1 and "NameError: name 'json' is not defined" in stderr
+    code, _ = block_runner.run("import time\ntime.sleep(600)\n", tmp_path / "stuck", timeout=1)
+    assert code == "timed out"
+    code, _ = block_runner.run("import sys\nprint(sys.argv)  # prints ['-c']\n", tmp_path / "after")
+    assert code == 0 and json.loads((tmp_path / "after" / "printed.json").read_text()) == [[2, "['-c']\n"]]

@@ -34,7 +34,7 @@ def warning_lines(text: str) -> list[str]:
 
 
 # The first screen of a real run (no warning, the rounds counted) is checked on the README's first command
-# itself, ``fedfuse simulate`` with no arguments: tests/test_default_simulation.py.
+# itself, ``fedfuse simulate`` with no arguments, installed from the wheel: tests/test_wheel.py.
 
 
 @pytest.mark.unit
