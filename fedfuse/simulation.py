@@ -75,6 +75,8 @@ def backend_config(
         An existing Ray cluster to join (``HOST:PORT`` of its head, or ``auto``) instead of starting a local
         Ray: ``init_args`` then carry the address and no CPU or GPU counts (Ray refuses them when joining);
         clients at once follow the cluster's nodes, each client taking one CPU and ``client_gpus`` GPUs.
+        Without it the address is Ray's ``"local"``: a new Ray of this run's own, even where a ``ray start``
+        cluster runs on this machine (a bare ``ray.init`` would try to join that one and refuse the counts).
 
     Raises
     ------
@@ -95,7 +97,8 @@ def backend_config(
     if ray_address is not None:
         init_args: dict[str, Any] = {"address": ray_address, **logging_args}
     else:
-        init_args = {"num_cpus": parallel, "num_gpus": gpus if client_gpus > 0 else 0, **logging_args}
+        init_args = {"address": "local", "num_cpus": parallel, "num_gpus": gpus if client_gpus > 0 else 0}
+        init_args.update(logging_args)
     return {"client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)}, "init_args": init_args}
 
 

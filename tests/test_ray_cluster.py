@@ -172,6 +172,26 @@ def test_clients_asking_for_gpus_the_cluster_lacks_are_refused_in_one_line(clust
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_local_simulation_starts_its_own_ray_where_ray_address_names_a_running_cluster(cluster, monkeypatch):
+    """``$RAY_ADDRESS`` (or a ``ray start`` here) is for ``--ray-address auto``: without the flag a run is local.
+
+    A bare ``ray.init(num_cpus=...)`` would try to join that cluster and refuse the CPU count.
+    """
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+        ray.init(**backend_config(parallel=1)["init_args"])
+    try:
+        own = ray.get_runtime_context().gcs_address
+        assert own != cluster.address and ray.cluster_resources()["CPU"] == 1
+        assert cluster.node_ids.keys().isdisjoint(node["NodeManagerAddress"] for node in ray.nodes())
+    finally:
+        ray.shutdown()
+    assert all(process.poll() is None for process in cluster.processes)
+
+
 def _free_loopback_port(host: str) -> int:
     """A port nothing listens on at ``host``."""
     port = free_port()
