@@ -126,10 +126,15 @@ def test_version_prints_without_a_command() -> None:
     assert result.exit_code == 0 and result.output.strip() == __version__
 
 
-APP_DEFERRED = ("opacus", "datasets", "flwr_datasets", "pandas", "pyarrow", "ray", "flwr.simulation", "fedfuse.bench")
+APP_DEFERRED = (
+    *("opacus", "datasets", "flwr_datasets", "pandas", "pyarrow", "ray", "flwr.simulation", "fedfuse.bench"),
+    *("transformers", "peft"),
+)
 """Modules a Flower process of fedfuse loads only when a run uses them (DP accounting, reading or partitioning
-data files, Ray): every ClientApp process of a deployed run (one per message) and every Ray actor imports
-the client app first, so each second here is paid per message and per actor."""
+data files, Ray, loading a model, attaching LoRA): every ClientApp process of a deployed run (one per message)
+and every Ray actor imports the client app first, so each second here is paid per message and per actor; a
+message that loads no model (the node-name query, SecAgg+'s share, mask and unmask stages) never pays for
+transformers."""
 
 
 @pytest.mark.e2e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,17 @@ class RecordingLoader:
         return self.real.from_pretrained(str(self.folder), **kwargs)
 
 
+def _transformers() -> Any:
+    """The transformers module fedfuse imports from now (another test may have re-imported it)."""
+    return importlib.import_module("transformers")
+
+
 def test_hub_id_goes_to_from_pretrained_unchanged(monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path) -> None:
-    model_loader = RecordingLoader(loading.AutoModelForSequenceClassification, tiny_bert_dir)
-    tokenizer_loader = RecordingLoader(loading.AutoTokenizer, tiny_bert_dir)
-    monkeypatch.setattr(loading, "AutoModelForSequenceClassification", model_loader)
-    monkeypatch.setattr(loading, "AutoTokenizer", tokenizer_loader)
+    transformers = _transformers()
+    model_loader = RecordingLoader(transformers.AutoModelForSequenceClassification, tiny_bert_dir)
+    tokenizer_loader = RecordingLoader(transformers.AutoTokenizer, tiny_bert_dir)
+    monkeypatch.setattr(transformers, "AutoModelForSequenceClassification", model_loader)
+    monkeypatch.setattr(transformers, "AutoTokenizer", tokenizer_loader)
     _model, _ = load_classifier("sentence-transformers/all-MiniLM-L6-v2", num_labels=3, seed=0)
     assert model_loader.calls == [
         ("sentence-transformers/all-MiniLM-L6-v2", {"num_labels": 3, "output_loading_info": True})
@@ -185,7 +192,7 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch)
         def from_pretrained(name: str, **kwargs: Any) -> Any:
             raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr(loading, "AutoModelForSequenceClassification", Offline)
+    monkeypatch.setattr(_transformers(), "AutoModelForSequenceClassification", Offline)
     with pytest.raises(ModelLoadError, match=r"hub id 'org/missing' \(offline, private or unknown\?\).*connect"):
         load_classifier("org/missing", num_labels=2)
 
@@ -214,7 +221,7 @@ def test_causal_lm_folder_with_one_gguf_file_loads_that_file(monkeypatch: pytest
             calls.append((name, kwargs))
             return "model"
 
-    monkeypatch.setattr(loading, "AutoModelForCausalLM", Recording)
+    monkeypatch.setattr(_transformers(), "AutoModelForCausalLM", Recording)
     assert load_causal_lm(tmp_path) == "model"
     assert calls == [(str(tmp_path), {"local_files_only": True, "gguf_file": "model-q8_0.gguf"})]
     (tmp_path / "other.gguf").write_bytes(b"GGUF")

