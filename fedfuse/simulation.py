@@ -97,8 +97,8 @@ def backend_config(
     if ray_address is not None:
         init_args: dict[str, Any] = {"address": ray_address, **logging_args}
     else:
-        init_args = {"address": "local", "num_cpus": parallel, "num_gpus": gpus if client_gpus > 0 else 0}
-        init_args.update(logging_args)
+        local_gpus = gpus if client_gpus > 0 else 0
+        init_args = {"address": "local", "num_cpus": parallel, "num_gpus": local_gpus, **logging_args}
     return {"client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)}, "init_args": init_args}
 
 
