@@ -47,7 +47,7 @@ def _silent_past_the_deadline(out: Path, longest_s: float = 90.0) -> None:
     """Answer nothing until the round is over (its checkpoint is written), at most ``longest_s``.
 
     The simulation waits for this client before it shuts down, so sleeping a fixed 90 s would add the
-    rest of the 45 s to the run; the reply still comes after the round's deadline closed the round.
+    rest of the 90 s to the run; the reply still comes after the round's deadline closed the round.
     """
     end = time.monotonic() + longest_s
     while time.monotonic() < end and not (out / "checkpoint" / "state.json").exists():
